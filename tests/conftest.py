@@ -1,0 +1,58 @@
+"""Shared test fixtures: offline environment, a local WordPiece tokenizer, a small real-prose corpus."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Never touch a model or dataset hub from a test.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+for p in (ROOT, ROOT / "scripts"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_fixtures() -> Path:
+    """`../shared/fixtures`, or skip when the folder is absent (a user's fresh clone)."""
+    path = SHARED / "fixtures"
+    if not path.is_dir():
+        pytest.skip("../shared/fixtures is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_lines() -> list[str]:
+    """About 2,000 paragraphs of English prose from the standard library's docstrings."""
+    from stdlib_corpus import stdlib_documents
+
+    return stdlib_documents()
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory, corpus_lines) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(corpus_lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_lines) -> Path:
+    """A BERT-style uncased WordPiece tokenizer (about 2,000 entries) trained on the corpus, saved as an HF folder."""
+    from helpers import train_wordpiece
+
+    return train_wordpiece(corpus_lines, tmp_path_factory.mktemp("tokenizer"), vocab_size=2000)

@@ -1,0 +1,224 @@
+"""Shared plumbing: logging, seeding, distributed set-up, run records, atomic writes, CLI errors."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+logging.basicConfig(
+    format="%(asctime)s - %(levelname)s - %(name)s - PID: %(process)d - %(message)s",
+    datefmt="%m/%d/%Y %H:%M:%S",
+    level=logging.INFO,
+)
+logger = logging.getLogger("causal_distill")
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+class CliError(Exception):
+    """A user-facing error: bad input, a missing file, an inconsistent configuration.
+
+    Scripts let it propagate to `run_cli`, which logs the message (no traceback) and exits non-zero.
+    The message must name the culprit (the file, flag or entry at fault).
+    """
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's `main`, turning `CliError` into one clear message and exit status 2."""
+    try:
+        main()
+    except CliError as err:
+        logger.error("%s", err)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        sys.exit(130)
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """Return `path` as a Path if it is a readable file (or folder), else raise CliError naming `what`."""
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"{what}: {p} does not exist")
+    if not os.access(p, os.R_OK):
+        raise CliError(f"{what}: {p} is not readable")
+    return p
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's `random`, NumPy and torch (all CUDA devices too).
+
+    The original seeded only NumPy and torch, so `--seed` reproduced neither the base/source pairs
+    nor the interchange positions; every random draw in this project goes through one of these.
+    """
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def init_gpu_params(params) -> None:
+    """Fill the distributed fields of `params` from torchrun's environment and start the process group.
+
+    Reads `RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`
+    (set by `torchrun`). Without them the run is single-process: on one GPU when `--n_gpu` > 0
+    and CUDA is available, on the CPU otherwise. Sets `params.multi_gpu`, `is_master`,
+    `global_rank`, `world_size`, `local_rank`, `n_nodes`, `node_id`, `multi_node` and `device`.
+    The backend is nccl on CUDA and gloo on the CPU.
+    """
+    import torch
+
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = params.n_gpu > 0 and torch.cuda.is_available()
+    if params.n_gpu > 0 and not torch.cuda.is_available():
+        logger.warning("--n_gpu %d asked for but CUDA is not available: training on the CPU", params.n_gpu)
+    if env_world > 1:
+        params.global_rank = int(os.environ["RANK"])
+        params.world_size = env_world
+        params.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(env_world)))
+        params.n_nodes = max(1, env_world // local_world)
+        params.node_id = params.global_rank // local_world
+        params.multi_gpu = True
+    else:
+        params.global_rank = 0
+        params.world_size = 1
+        params.local_rank = 0 if params.local_rank in (-1, None) else params.local_rank
+        params.n_nodes = 1
+        params.node_id = 0
+        params.multi_gpu = False
+        if params.n_gpu > 1:
+            logger.warning(
+                "--n_gpu %d without torchrun runs on one device; launch with "
+                "`torchrun --nproc_per_node %d causal_train.py ...` for data parallelism",
+                params.n_gpu,
+                params.n_gpu,
+            )
+    params.multi_node = params.n_nodes > 1
+    params.is_master = params.global_rank == 0
+    if use_cuda:
+        torch.cuda.set_device(params.local_rank)
+        params.device = torch.device("cuda", params.local_rank)
+    else:
+        params.device = torch.device("cpu")
+    if params.multi_gpu:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+    logger.info(
+        "node %d/%d, rank %d/%d, local rank %d, device %s, host %s",
+        params.node_id,
+        params.n_nodes,
+        params.global_rank,
+        params.world_size,
+        params.local_rank,
+        params.device,
+        socket.gethostname(),
+    )
+
+
+def git_info(folder: str | os.PathLike = REPO_ROOT) -> dict:
+    """The commit and branch of the checkout holding `folder`, read with the git CLI ({} outside git)."""
+
+    def _git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=folder, capture_output=True, text=True, timeout=10, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    sha = _git("rev-parse", "HEAD")
+    if sha is None:
+        return {}
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {"repo_sha": sha, "branch": _git("rev-parse", "--abbrev-ref", "HEAD"), "dirty": bool(dirty)}
+
+
+def git_log(folder_path: str | os.PathLike) -> None:
+    """Write `git_log.json` (commit, branch, dirty flag) into `folder_path`."""
+    atomic_write_text(Path(folder_path) / "git_log.json", json.dumps(git_info(), indent=2))
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator:
+    """Open a temporary file beside `path`; on success fsync and rename it onto `path`.
+
+    On an exception the temporary file is removed and `path` is left as it was, so a crash never
+    leaves a half-written file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically (see `atomic_open`)."""
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success replace `path` with it.
+
+    An existing `path` is only removed after the new folder is complete. On an exception the
+    temporary folder is deleted and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_args(params, folder: str | os.PathLike, name: str = "parameters.json") -> None:
+    """Record the run's arguments (JSON-serialisable fields only) and the git commit in `folder`."""
+    record = {k: v for k, v in sorted(vars(params).items()) if _jsonable(v)}
+    record["git"] = git_info()
+    atomic_write_text(Path(folder) / name, json.dumps(record, indent=2))
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
