@@ -1,0 +1,218 @@
+"""Turn a collated batch into model inputs: MLM masking or CLM targets, selected rows, interchange positions.
+
+Everything here runs on the CPU, vectorised, before the batch is moved to the device, so that the
+training step needs no host synchronisation (no `.item()`, no `nonzero` on the GPU).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Prepared:
+    """Model inputs of one base/source batch (CPU tensors until `.to(device)`).
+
+    input_ids, attention_mask: (B, L) base input (MLM-masked when training MLM).
+    source_ids, source_mask: (B, L) source input, or None without a causal objective.
+    real_idx: (R,) flat indices (into B*L) of every real base token (for `cos`).
+    logit_idx: (N,) flat indices of the base positions where logits are compared (`ce`, `mse`).
+    lm_rows: (M,) rows of logit_idx that carry an LM target; lm_targets: (M,) their target ids.
+    batch_idx, base_pos, source_pos: (I,) aligned interchange positions.
+    mlm_mask: (B, L) bool, the MLM-chosen tokens (None for CLM).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    real_idx: torch.Tensor
+    logit_idx: torch.Tensor
+    lm_rows: torch.Tensor
+    lm_targets: torch.Tensor
+    source_ids: torch.Tensor | None = None
+    source_mask: torch.Tensor | None = None
+    batch_idx: torch.Tensor | None = None
+    base_pos: torch.Tensor | None = None
+    source_pos: torch.Tensor | None = None
+    mlm_mask: torch.Tensor | None = None
+    n_real_tokens: int = 0
+
+    def to(self, device: torch.device) -> "Prepared":
+        if device.type == "cpu":
+            return self
+        moved = {}
+        for key, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                value = value.pin_memory().to(device, non_blocking=True)
+            moved[key] = value
+        return Prepared(**moved)
+
+
+
+def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.arange(width)[None, :] < lengths[:, None]
+
+
+class BatchPreparer:
+    """Prepares batches for `CausalDistiller`; holds the masking and interchange settings.
+
+    token_probs: (V,) masking weight of each token id (frequency-smoothed; 0 for special tokens).
+    pred_probs: (3,) probabilities of [MASK] / keep / random for a chosen token.
+    interchange_mode: "random" or "consecutive"; masked_only: base positions among MLM-masked tokens.
+    """
+
+    def __init__(
+        self,
+        *,
+        mlm: bool,
+        vocab_size: int,
+        mask_id: int | None = None,
+        token_probs: torch.Tensor | None = None,
+        mlm_mask_prop: float = 0.15,
+        pred_probs: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        restrict_ce_to_mask: bool = False,
+        interchange_prop: float = 0.3,
+        interchange_max_token: int = -1,
+        interchange_mode: str = "random",
+        masked_only: bool = False,
+    ):
+        self.mlm = mlm
+        self.vocab_size = vocab_size
+        self.mask_id = mask_id
+        self.token_probs = token_probs.float() if token_probs is not None else None
+        self.mlm_mask_prop = mlm_mask_prop
+        self.pred_probs = torch.tensor(pred_probs, dtype=torch.float)
+        self.restrict_ce_to_mask = restrict_ce_to_mask
+        self.interchange_prop = interchange_prop
+        self.interchange_max_token = interchange_max_token
+        self.interchange_mode = interchange_mode
+        self.masked_only = masked_only
+        if mlm and (token_probs is None or mask_id is None):
+            raise ValueError("MLM needs token_probs and mask_id")
+
+    # --- masking -------------------------------------------------------------------------------
+    def mask_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose ceil(mlm_mask_prop * real tokens) positions by smoothed frequency, then 80/10/10.
+
+        Returns (masked ids, chosen (B, L) bool). Padding and special tokens are never chosen.
+        """
+        weights = self.token_probs[ids] * mask
+        n_real = int(mask.sum())
+        n_candidates = int((weights > 0).sum())
+        n_tgt = min(math.ceil(self.mlm_mask_prop * n_real), n_candidates)
+        chosen = torch.zeros(ids.numel(), dtype=torch.bool)
+        if n_tgt > 0:
+            picked = torch.multinomial(weights.flatten(), n_tgt, replacement=False)
+            chosen[picked] = True
+        chosen = chosen.view_as(ids)
+        action = torch.multinomial(self.pred_probs, ids.numel(), replacement=True).view_as(ids)
+        random_ids = torch.randint(0, self.vocab_size, ids.shape)
+        out = ids.clone()
+        out = torch.where(chosen & (action == 0), torch.full_like(ids, self.mask_id), out)
+        out = torch.where(chosen & (action == 2), random_ids, out)
+        return out, chosen
+
+    # --- interchange positions -----------------------------------------------------------------
+    def interchange_counts(self, base_len: torch.Tensor, source_len: torch.Tensor) -> torch.Tensor:
+        """Per example: int(min(len_base, len_source) * prop), capped by interchange_max_token."""
+        counts = (torch.minimum(base_len, source_len).double() * self.interchange_prop).long()
+        if self.interchange_max_token != -1:
+            counts = counts.clamp(max=self.interchange_max_token)
+        return counts
+
+    def _pick(self, eligible: torch.Tensor, lengths: torch.Tensor, counts: torch.Tensor, consecutive: bool):
+        """A (B, L) bool with counts[b] True entries per row, among `eligible` ones."""
+        bsz, width = eligible.shape
+        cols = torch.arange(width)[None, :]
+        if consecutive:
+            room = (lengths - counts + 1).clamp(min=1)
+            start = (torch.rand(bsz) * room).long()
+            return (cols >= start[:, None]) & (cols < (start + counts)[:, None])
+        scores = torch.rand(bsz, width).masked_fill(~eligible, 2.0)
+        order = scores.argsort(dim=1)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, cols.expand(bsz, width).contiguous())
+        return rank < counts[:, None]
+
+    def interchange_positions(
+        self,
+        base_len: torch.Tensor,
+        source_len: torch.Tensor,
+        width: int,
+        mlm_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Aligned (batch_idx, base_pos, source_pos): the k-th chosen base position of an example
+        takes the k-th chosen source position. Only real tokens are chosen, never padding."""
+        counts = self.interchange_counts(base_len, source_len)
+        consecutive = self.interchange_mode == "consecutive"
+        base_ok = length_mask(base_len, width)
+        if self.masked_only and mlm_mask is not None:
+            base_ok = base_ok & mlm_mask
+            counts = torch.minimum(counts, base_ok.sum(1))
+            base_sel = self._pick(base_ok, base_len, counts, consecutive=False)
+        else:
+            base_sel = self._pick(base_ok, base_len, counts, consecutive)
+        source_sel = self._pick(length_mask(source_len, width), source_len, counts, consecutive)
+        batch_idx, base_pos = base_sel.nonzero(as_tuple=True)
+        _, source_pos = source_sel.nonzero(as_tuple=True)
+        return batch_idx, base_pos, source_pos
+
+    # --- the whole batch -----------------------------------------------------------------------
+    def prepare(self, batch: dict, causal: bool, augment: bool = False, reverse: bool = False) -> Prepared:
+        """Prepare a collated batch (`base_ids`, `base_lengths`[, `source_ids`, `source_lengths`]).
+
+        causal: sample interchange positions and keep the source input.
+        reverse: use the source as base and the base as source (--include_crossway).
+        """
+        base_ids, base_len = batch["base_ids"], batch["base_lengths"]
+        source_ids, source_len = batch.get("source_ids"), batch.get("source_lengths")
+        if reverse:
+            base_ids, source_ids, base_len, source_len = source_ids, base_ids, source_len, base_len
+        width = base_ids.shape[1]
+        base_mask = length_mask(base_len, width)
+        flat_real = base_mask.flatten().nonzero(as_tuple=True)[0]
+        mlm_mask = None
+        if self.mlm:
+            input_ids, mlm_mask = self.mask_tokens(base_ids, base_mask)
+            flat_lm = mlm_mask.flatten().nonzero(as_tuple=True)[0]
+            lm_targets = base_ids.flatten()[flat_lm]
+            if self.restrict_ce_to_mask:
+                logit_idx = flat_lm
+                lm_rows = torch.arange(flat_lm.numel())
+            else:
+                logit_idx = flat_real
+                rank_in_real = base_mask.flatten().long().cumsum(0) - 1
+                lm_rows = rank_in_real[flat_lm]
+        else:
+            input_ids = base_ids
+            # Row t predicts token t+1: every real token that has a real successor.
+            has_next = base_mask & length_mask(base_len - 1, width)
+            logit_idx = flat_real
+            rank_in_real = base_mask.flatten().long().cumsum(0) - 1
+            flat_lm = has_next.flatten().nonzero(as_tuple=True)[0]
+            lm_rows = rank_in_real[flat_lm]
+            lm_targets = base_ids.flatten()[flat_lm + 1]
+        prepared = Prepared(
+            input_ids=input_ids,
+            attention_mask=base_mask.long(),
+            real_idx=flat_real,
+            logit_idx=logit_idx,
+            lm_rows=lm_rows,
+            lm_targets=lm_targets,
+            mlm_mask=mlm_mask,
+            n_real_tokens=int(base_len.sum()),
+        )
+        if causal:
+            if source_ids is None:
+                raise ValueError("a causal objective needs paired batches (source_ids)")
+            source_mask = length_mask(source_len, width)
+            if self.mlm:
+                source_input, _ = self.mask_tokens(source_ids, source_mask)
+            else:
+                source_input = source_ids
+            prepared.source_ids = source_input
+            prepared.source_mask = source_mask.long()
+            batch_idx, base_pos, source_pos = self.interchange_positions(base_len, source_len, width, mlm_mask)
+            prepared.batch_idx, prepared.base_pos, prepared.source_pos = batch_idx, base_pos, source_pos
+        return prepared

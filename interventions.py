@@ -1,0 +1,202 @@
+"""Interchange interventions on stock HuggingFace models, through forward hooks.
+
+A *site* is the output of transformer block `layer` restricted to some hidden dimensions. One
+function reads a site (`run_model(..., capture=...)` keeps block outputs), one writes it
+(`interchange`, applied by a forward hook at the same block's output).
+
+`run_model` can also run a slice of the stack: stop after a block (the source run of DIITO needs
+nothing above its deepest site), or start above a block from a given activation (the
+counterfactual run shares the base run's computation below its lowest site). Slicing swaps the
+block list for the duration of the call and replaces the output of the module that feeds block 0
+(the embeddings), so the stock forward (masks, positions) runs unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
+
+from neuron_mapping import ModelShape
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps its parts. One row per family; no if-chains elsewhere."""
+
+    name: str
+    model_class: type
+    config_class: type
+    backbone: str  # attribute of the LM model holding the base model
+    blocks: str  # attribute of the base model holding the block list (dotted)
+    entry: str  # module of the base model whose output is block 0's input (dotted)
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (lm model, hidden) -> logits
+    head_modules: tuple[str, ...]  # attributes of the LM model used by `head`
+    mlm: bool  # masked LM (True) or causal LM (False)
+    position_embeddings: str  # dotted path from the LM model (for --freeze_pos_embs)
+    token_type_embeddings: str | None  # dotted path from the LM model (for --freeze_token_type_embds)
+
+
+def _distilbert_head(model, hidden):
+    x = model.activation(model.vocab_transform(hidden))
+    return model.vocab_projector(model.vocab_layer_norm(x))
+
+
+FAMILIES: dict[str, Family] = {
+    "bert": Family("bert", BertForMaskedLM, BertConfig, "bert", "encoder.layer", "embeddings",
+                   lambda m, h: m.cls(h), ("cls",), True,
+                   "bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings"),
+    "roberta": Family("roberta", RobertaForMaskedLM, RobertaConfig, "roberta", "encoder.layer", "embeddings",
+                      lambda m, h: m.lm_head(h), ("lm_head",), True,
+                      "roberta.embeddings.position_embeddings", "roberta.embeddings.token_type_embeddings"),
+    "distilbert": Family("distilbert", DistilBertForMaskedLM, DistilBertConfig, "distilbert", "transformer.layer",
+                         "embeddings", _distilbert_head,
+                         ("vocab_transform", "vocab_layer_norm", "vocab_projector"), True,
+                         "distilbert.embeddings.position_embeddings", None),
+    "gpt2": Family("gpt2", GPT2LMHeadModel, GPT2Config, "transformer", "h", "drop",
+                   lambda m, h: m.lm_head(h), ("lm_head",), False,
+                   "transformer.wpe", None),
+}
+
+
+def family_of(model: nn.Module) -> Family:
+    """The Family row of a loaded model (by its config's model_type)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model type {model_type!r}; supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def model_shape(model: nn.Module) -> ModelShape:
+    c = model.config
+    return ModelShape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads)
+
+
+def get_submodule(module: nn.Module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        module = getattr(module, part)
+    setattr(module, last, value)
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output, new):
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def interchange(
+    base: torch.Tensor,
+    source: torch.Tensor,
+    dims: torch.Tensor,
+    batch_idx: torch.Tensor,
+    base_pos: torch.Tensor,
+    source_pos: torch.Tensor,
+) -> torch.Tensor:
+    """Write `source[b, source_pos, dims]` into a copy of `base` at `[b, base_pos, dims]`.
+
+    `base`, `source`: (batch, length, hidden) activations of one site; `dims`: (D,) hidden
+    dimensions; `batch_idx`, `base_pos`, `source_pos`: (N,) aligned positions. Differentiable with
+    respect to both activations; everything else of `base` passes through unchanged.
+    """
+    rows = batch_idx[:, None]
+    values = source[rows, source_pos[:, None], dims[None, :]]
+    return base.index_put((rows, base_pos[:, None], dims[None, :]), values)
+
+
+@contextlib.contextmanager
+def _hooks(modules_and_fns):
+    handles = [m.register_forward_hook(fn) for m, fn in modules_and_fns]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_model(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    capture: tuple[int, ...] = (),
+    writes: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    stop_after: int | None = None,
+    start_after: tuple[int, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+    """Run the base model of an LM (no vocabulary head) with interventions.
+
+    capture: blocks whose outputs are returned (reading a site).
+    writes: block -> function applied to that block's output (writing a site).
+    stop_after: run blocks 0..stop_after only; the last hidden state is then not returned.
+    start_after: (layer, activation): skip the embeddings and blocks 0..layer, using `activation`
+        as block `layer`'s output.
+    Returns (last hidden state (batch, length, hidden) or None, {block: output}).
+    """
+    fam = family_of(model)
+    base = getattr(model, fam.backbone)
+    blocks = get_submodule(base, fam.blocks)
+    n = len(blocks)
+    lo = 0 if start_after is None else start_after[0] + 1
+    hi = n if stop_after is None else stop_after + 1
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture_hook(layer):
+        def hook(module, args, output):
+            captured[layer] = _first(output)
+
+        return hook
+
+    def write_hook(fn):
+        def hook(module, args, output):
+            return _replace_first(output, fn(_first(output)))
+
+        return hook
+
+    hooks = []
+    for layer, fn in (writes or {}).items():
+        if lo <= layer < hi:
+            hooks.append((blocks[layer], write_hook(fn)))
+    for layer in capture:  # after writes: a captured site is what the block finally emits
+        if lo <= layer < hi:
+            hooks.append((blocks[layer], capture_hook(layer)))
+    if start_after is not None:
+        activation = start_after[1]
+        hooks.append((get_submodule(base, fam.entry), lambda module, args, output: activation))
+
+    sliced = lo > 0 or hi < n
+    if sliced:
+        _set(base, fam.blocks, nn.ModuleList(list(blocks)[lo:hi]))
+    try:
+        with _hooks(hooks):
+            out = base(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        if sliced:
+            _set(base, fam.blocks, blocks)
+    last = None if stop_after is not None and hi < n else out.last_hidden_state
+    return last, captured
+
+
+def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the model's vocabulary head to hidden states of any leading shape."""
+    return family_of(model).head(model, hidden)

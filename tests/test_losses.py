@@ -1,0 +1,44 @@
+"""Each loss equals its formula on hand-made tensors."""
+import math
+
+import torch
+
+from losses import hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl
+
+
+def test_soft_target_kl_formula():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[0.5, 0.0, 2.0], [1.0, 1.0, 1.0]])
+    T = 2.0
+    total = 0.0
+    for i in range(2):
+        ps = [math.exp(x / T) for x in s[i].tolist()]
+        pt = [math.exp(x / T) for x in t[i].tolist()]
+        ps = [x / sum(ps) for x in ps]
+        pt = [x / sum(pt) for x in pt]
+        total += sum(b * math.log(b / a) for a, b in zip(ps, pt))
+    want = total / 2 * T * T
+    assert math.isclose(soft_target_kl(s, t, T).item(), want, rel_tol=1e-6)
+    assert soft_target_kl(t, t, T).abs().item() < 1e-6
+
+
+def test_lm_cross_entropy_formula():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3]])
+    targets = torch.tensor([0, 2])
+    want = 0.0
+    for row, y in zip(logits.tolist(), targets.tolist()):
+        want += -(row[y] - math.log(sum(math.exp(x) for x in row)))
+    assert math.isclose(lm_cross_entropy(logits, targets).item(), want / 2, rel_tol=1e-6)
+    assert lm_cross_entropy(logits[:0], targets[:0]).item() == 0.0
+
+
+def test_logits_mse_formula():
+    s = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, 0.0]])
+    t = torch.tensor([[0.0, 2.0], [1.0, 4.0], [1.0, 1.0]])
+    assert math.isclose(logits_mse(s, t).item(), (1 + 4 + 1 + 1) / 3, rel_tol=1e-6)
+
+
+def test_hidden_cosine_formula():
+    s = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    t = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    assert math.isclose(hidden_cosine(s, t).item(), ((1 - 0) + (1 - 1)) / 2, abs_tol=1e-6)
