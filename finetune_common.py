@@ -1,0 +1,353 @@
+"""What run_mlm.py, run_glue.py, run_ner.py and run_qa.py share.
+
+Argument parsing (HfArgumentParser over dataclasses), the model arguments, model/config/tokenizer
+loading with a vocabulary check, local-or-hub data loading, column checks, checkpoint resumption
+and the `*_results.json` files. Every user mistake surfaces as a `utils.CliError` naming the
+culprit; `utils.run_cli` turns it into one log line and exit status 2.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from utils import CliError, atomic_write_text, require_file
+
+logger = logging.getLogger("causal_distill.finetune")
+
+# Legacy hub dataset names -> where the dataset lives now; tried after the name as given.
+HUB_ALIASES = {
+    "glue": "nyu-mll/glue",
+    "squad": "rajpurkar/squad",
+    "squad_v2": "rajpurkar/squad_v2",
+    "conll2003": "eriktks/conll2003",
+    "wikitext": "Salesforce/wikitext",
+}
+# File extension -> `datasets` packaged builder.
+FILE_BUILDERS = {"txt": "text", "text": "text", "csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json"}
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to fine-tune or evaluate."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The model to start from: a local save_pretrained folder (e.g. a student written by "
+            "causal_train.py) or a hub name. Task heads missing from it are initialised fresh."
+        },
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "Config name or path, if not the same as --model_name_or_path."}
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer name or path, if not the same as --model_name_or_path (needed for student "
+            "folders, which hold no tokenizer)."
+        },
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where to cache models and datasets downloaded from the hub."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "The hub revision (branch, tag or commit) of the model to use."}
+    )
+
+
+@dataclass
+class FinetuneTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus `--overwrite_output_dir`, which transformers 5 dropped."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train afresh even if --output_dir holds checkpoint-* folders (they are deleted). "
+            "Without it, --do_train resumes from the last checkpoint found there, as HF's examples do. "
+            "An existing output folder is never an error."
+        },
+    )
+
+
+def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None, description: str):
+    """Parse `argv` (default: sys.argv[1:]) into the dataclasses; a single `.json` argument is read as a file.
+
+    Validation errors raised by the dataclasses (ValueError) become CliError.
+    """
+    parser = HfArgumentParser(tuple(dataclass_types), description=description)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return parser.parse_json_file(json_file=os.path.abspath(require_file(argv[0], "arguments file")))
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:
+        raise CliError(f"bad arguments: {err}") from None
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """Align the verbosity of transformers and datasets with `--log_level` and log the run's device."""
+    import datasets
+    import transformers
+
+    log_level = training_args.get_process_log_level()
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info(
+        "device %s, n_gpu %d, distributed %s, bf16 %s, fp16 %s, seed %d",
+        training_args.device,
+        training_args.n_gpu,
+        training_args.parallel_mode.value,
+        training_args.bf16,
+        training_args.fp16,
+        training_args.seed,
+    )
+
+
+def require_action(training_args: TrainingArguments, allowed: Iterable[str] = ("do_train", "do_eval", "do_predict")) -> None:
+    """Raise CliError unless at least one of the `allowed` --do_* flags is set."""
+    allowed = list(allowed)
+    if not any(getattr(training_args, name) for name in allowed):
+        raise CliError("nothing to do: pass " + " and/or ".join(f"--{name}" for name in allowed))
+
+
+def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
+    """The checkpoint folder to resume training from, or None to train from the start.
+
+    `--resume_from_checkpoint PATH` resumes from PATH; `True`, `latest` or `last` mean the last
+    `checkpoint-*` folder in --output_dir. Without the flag, --do_train resumes from the last
+    checkpoint in --output_dir if there is one, unless --overwrite_output_dir (which deletes the old
+    checkpoint folders so they do not mix with the new run's).
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and str(resume).strip().lower() in ("false", "none", ""):
+        resume = None
+    if resume is not None:
+        if str(resume).strip().lower() in ("true", "latest", "last"):
+            last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+            if last is None:
+                raise CliError(f"--resume_from_checkpoint {resume}: no checkpoint-* folder in {output_dir}")
+            logger.info("resuming from the last checkpoint in %s: %s", output_dir, last)
+            return last
+        path = require_file(resume, "--resume_from_checkpoint")
+        if not (path / "trainer_state.json").is_file():
+            raise CliError(f"--resume_from_checkpoint {path}: not a Trainer checkpoint (no trainer_state.json)")
+        return str(path)
+    if not training_args.do_train or not output_dir.is_dir():
+        return None
+    if training_args.overwrite_output_dir:
+        for old in sorted(output_dir.glob("checkpoint-*")):
+            if old.is_dir():
+                logger.info("--overwrite_output_dir: removing old checkpoint %s", old)
+                shutil.rmtree(old)
+        return None
+    last = get_last_checkpoint(str(output_dir))
+    if last is not None:
+        logger.info(
+            "checkpoint detected, resuming training at %s; pass --overwrite_output_dir to train afresh", last
+        )
+    return last
+
+
+# ------------------------------------------------------------------------------ models, tokenizers
+
+
+def load_tokenizer(model_args: ModelArguments, **kwargs):
+    """AutoTokenizer from --tokenizer_name, else --model_name_or_path; CliError if it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    if not name:
+        raise CliError("no tokenizer: pass --tokenizer_name (or a --model_name_or_path folder holding one)")
+    try:
+        return AutoTokenizer.from_pretrained(
+            name, cache_dir=model_args.cache_dir, revision=model_args.model_revision, **kwargs
+        )
+    except (OSError, ValueError, TypeError) as err:
+        flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+        hint = "" if model_args.tokenizer_name else " (a student folder holds no tokenizer: pass --tokenizer_name)"
+        raise CliError(f"could not load a tokenizer from {flag} {name}{hint}: {err}") from None
+
+
+def load_config(model_args: ModelArguments, **overrides):
+    """AutoConfig from --config_name, else --model_name_or_path, with `overrides` applied."""
+    from transformers import AutoConfig
+
+    name = model_args.config_name or model_args.model_name_or_path
+    if not name:
+        raise CliError("no model: pass --model_name_or_path")
+    try:
+        return AutoConfig.from_pretrained(
+            name, cache_dir=model_args.cache_dir, revision=model_args.model_revision, **overrides
+        )
+    except (OSError, ValueError, KeyError) as err:
+        flag = "--config_name" if model_args.config_name else "--model_name_or_path"
+        raise CliError(f"could not load a model config from {flag} {name}: {err}") from None
+
+
+def check_vocab(tokenizer, config, model_args: ModelArguments) -> None:
+    """CliError when the tokenizer can emit ids the model has no embedding for."""
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        tok_name = model_args.tokenizer_name or model_args.model_name_or_path
+        model_name = model_args.model_name_or_path or model_args.config_name or "the new model"
+        raise CliError(
+            f"tokenizer {tok_name} has {len(tokenizer)} entries but model {model_name} has vocab_size "
+            f"{vocab_size}: they do not belong together (pass the tokenizer the model was trained with)"
+        )
+
+
+def load_model(auto_class, model_args: ModelArguments, config):
+    """`auto_class.from_pretrained(--model_name_or_path, config=config)`; CliError if it fails to load."""
+    try:
+        return auto_class.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CliError(f"could not load model weights from --model_name_or_path {model_args.model_name_or_path}: {err}") from None
+
+
+def resolve_max_length(requested: int | None, tokenizer, config, default: int = 512) -> int:
+    """The sequence length to use: `requested` (or `default`), capped by the tokenizer and the position table."""
+    limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
+    limits = [int(x) for x in limits if x is not None and x < 1_000_000]
+    cap = min(limits) if limits else None
+    if requested is None:
+        return min([default] + ([cap] if cap else []))
+    if requested <= 0:
+        raise CliError(f"--max_seq_length must be positive, got {requested}")
+    if cap is not None and requested > cap:
+        logger.warning("--max_seq_length %d exceeds what the model handles (%d): using %d", requested, cap, cap)
+        return cap
+    return requested
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+def _load_file(path: str, split: str, cache_dir: str | None):
+    """One local csv/tsv/json/jsonl/txt file as a Dataset."""
+    from datasets import load_dataset
+
+    p = require_file(path, f"the {split} file")
+    ext = p.name.rsplit(".", 1)[-1].lower() if "." in p.name else ""
+    builder = FILE_BUILDERS.get(ext)
+    if builder is None:
+        raise CliError(f"{p}: unsupported file type {ext!r} (use one of {', '.join(sorted(FILE_BUILDERS))})")
+    kwargs = {"delimiter": "\t"} if ext == "tsv" else {}
+    try:
+        return load_dataset(builder, data_files={split: str(p)}, split=split, cache_dir=cache_dir, **kwargs)
+    except Exception as err:  # the datasets builders raise many types for a malformed file
+        raise CliError(f"could not read {p} as {builder}: {err}") from None
+
+
+def load_hub_dataset(names: Sequence[str], config_name: str | None, cache_dir: str | None):
+    """`load_dataset(name, config_name)` for the first name in `names` that loads; CliError if none does."""
+    from datasets import load_dataset
+
+    errors = []
+    for name in names:
+        try:
+            return load_dataset(name, config_name, cache_dir=cache_dir)
+        except Exception as err:  # offline, unknown name, missing config: all reported the same way
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+    raise CliError(
+        f"could not load dataset {names[0]!r}"
+        + (f" (config {config_name!r})" if config_name else "")
+        + " from the hub ("
+        + "; ".join(errors)
+        + "). Without a network, pass local files with --train_file/--validation_file"
+    )
+
+
+def load_raw_datasets(
+    *,
+    data_files: dict[str, str | None],
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    hub_names: Sequence[str] | None = None,
+    cache_dir: str | None = None,
+    file_loader=None,
+):
+    """Load the splits from local files when any is given, else from the hub.
+
+    Returns `(DatasetDict, sources)` where `sources[split]` names the file (or hub dataset) a
+    split came from, for error messages. Local files may differ in format; each split is loaded
+    on its own. `file_loader(path, split)` replaces the csv/json/text loader (e.g. SQuAD json).
+    """
+    from datasets import DatasetDict
+
+    files = {split: path for split, path in data_files.items() if path}
+    raw, sources = DatasetDict(), {}
+    if files:
+        for split, path in files.items():
+            raw[split] = file_loader(path, split) if file_loader else _load_file(path, split, cache_dir)
+            sources[split] = str(path)
+        return raw, sources
+    if not dataset_name:
+        flags = ", ".join(f"--{split}_file" for split in data_files)
+        raise CliError(f"no data: pass --dataset_name or local files ({flags})")
+    names = list(hub_names or [dataset_name, HUB_ALIASES.get(dataset_name)])
+    raw = load_hub_dataset([n for n in dict.fromkeys(names) if n], dataset_config_name, cache_dir)
+    for split in raw:
+        sources[split] = f"dataset {dataset_name}" + (f"/{dataset_config_name}" if dataset_config_name else "") + f" split {split}"
+    return raw, sources
+
+
+def check_columns(dataset, required: Iterable[str], source: str) -> None:
+    """CliError naming `source` and the missing columns if `dataset` lacks any of `required`."""
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise CliError(
+            f"{source} lacks the column(s) {', '.join(missing)} (it has: {', '.join(dataset.column_names)})"
+        )
+
+
+def take(dataset, n: int | None):
+    """The first `n` rows of `dataset` (all when `n` is None)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return dataset.select(range(n))
+
+
+# ----------------------------------------------------------------------------------------- results
+
+
+def save_metrics(output_dir: str | os.PathLike, split: str, metrics: dict, is_main: bool = True) -> None:
+    """Write `<split>_results.json` and merge `metrics` into `all_results.json`, atomically, as HF's Trainer does."""
+    logger.info("***** %s metrics *****", split)
+    for key, value in sorted(metrics.items()):
+        logger.info("  %s = %s", key, value)
+    if not is_main:
+        return
+    out = Path(output_dir)
+    atomic_write_text(out / f"{split}_results.json", json.dumps(metrics, indent=4, sort_keys=True))
+    all_path = out / "all_results.json"
+    combined = json.loads(all_path.read_text()) if all_path.is_file() else {}
+    combined.update(metrics)
+    atomic_write_text(all_path, json.dumps(combined, indent=4, sort_keys=True))
+
+
+def train_and_save(trainer, checkpoint: str | None, n_train: int) -> dict:
+    """Train (resuming from `checkpoint`), save the model, tokenizer and trainer state, write train_results.json."""
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    metrics = dict(result.metrics)
+    metrics["train_samples"] = n_train
+    save_metrics(trainer.args.output_dir, "train", metrics, trainer.is_world_process_zero())
+    trainer.save_state()
+    return metrics
+
