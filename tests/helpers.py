@@ -57,3 +57,74 @@ def tiny_gpt2(n_layers=2, hidden=32, heads=4, vocab=120, seed=2):
     cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=n_layers, n_head=heads, n_positions=128,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg).eval()
+
+
+def make_distill_setup(root: Path, tokenizer_dir: Path, lines, *, t_layers=4, s_layers=2, hidden=32, heads=4):
+    """Everything `causal_train.py` needs, built locally and small.
+
+    Returns a dict of paths: teacher (BERT folder with its tokenizer), data (binarized corpus),
+    counts (token counts pickle), student_config, student_weights (.pth), mapping (.nm).
+    """
+    import json
+    import pickle
+
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, DistilBertConfig
+
+    from binarized_io import CorpusWriter
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = len(tok)
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=t_layers, num_attention_heads=heads,
+        intermediate_size=hidden * 2, max_position_embeddings=128))
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    data = root / "data.bin"
+    counts = np.zeros(vocab, dtype=np.int64)
+    with CorpusWriter(data, fmt="mmap", vocab_size=vocab, tokenizer_name="tok", seed=0) as writer:
+        for ids in tok(list(lines), add_special_tokens=True)["input_ids"]:
+            arr = np.asarray(ids if len(ids) <= 120 else ids[:119] + ids[-1:], dtype=np.int64)
+            writer.add(arr)
+            np.add.at(counts, arr, 1)
+    with open(root / "counts.pickle", "wb") as fh:
+        pickle.dump(counts.tolist(), fh)
+    cfg = DistilBertConfig(vocab_size=vocab, dim=hidden, n_layers=s_layers, n_heads=heads, hidden_dim=hidden * 2,
+                           max_position_embeddings=128, sinusoidal_pos_embds=False)
+    cfg.to_json_file(root / "student.json")
+    from transformers import DistilBertForMaskedLM
+
+    torch.manual_seed(1)
+    torch.save(DistilBertForMaskedLM(cfg).state_dict(), root / "student.pth")
+    head_dim = hidden // heads
+    mapping = {"interchange_variable_mappings": [
+        {"teacher_variable_names": [f"$L:{t_layers // 2}$H:[0:{heads}]$[0:{head_dim}]"],
+         "student_variable_names": [f"$L:{s_layers // 2}$H:[0:{heads}]$[0:{head_dim}]"]},
+        {"teacher_variable_names": [f"$L:{t_layers - 1}$H:0$[0:{head_dim}]"],
+         "student_variable_names": [f"$L:{s_layers - 1}$H:0$[0:{head_dim}]"]},
+    ]}
+    (root / "mapping.nm").write_text(json.dumps(mapping))
+    return {"teacher": root / "teacher", "data": data, "counts": root / "counts.pickle",
+            "student_config": root / "student.json", "student_weights": root / "student.pth",
+            "mapping": root / "mapping.nm"}
+
+
+def train_argv(setup: dict, dump: Path, *extra: str, causal: bool = True) -> list[str]:
+    """A causal_train.py command line for a `make_distill_setup` folder (CPU, a few steps)."""
+    argv = [
+        "--dump_path", str(dump), "--data_file", str(setup["data"]), "--token_counts", str(setup["counts"]),
+        "--student_type", "distilbert", "--student_config", str(setup["student_config"]),
+        "--student_pretrained_weights", str(setup["student_weights"]),
+        "--teacher_type", "bert", "--teacher_name", str(setup["teacher"]),
+        "--mlm", "--alpha_ce", "0.5", "--alpha_mlm", "0.5", "--alpha_clm", "0.0", "--alpha_cos", "0.1",
+        "--n_gpu", "0", "--batch_size", "8", "--gradient_accumulation_steps", "1", "--n_epoch", "1",
+        "--learning_rate", "1e-3", "--warmup_prop", "0.0", "--log_interval", "5", "--num_workers", "0",
+        "--no_progress", "--seed", "3",
+    ]
+    if causal:
+        argv += ["--neuron_mapping", str(setup["mapping"]), "--alpha_causal_ce", "0.5", "--alpha_causal_cos", "0.1"]
+    return argv + list(extra)

@@ -1,0 +1,641 @@
+"""CausalDistiller: trains a student against a teacher with the standard and the DIITO objectives.
+
+One training step on a base/source batch:
+  teacher (no gradients)   base run -> logits, last hidden state
+                           source run (stops at the deepest site) -> site activations
+                           counterfactual run (base input, source activations at the sites)
+  student (with gradients) the same three runs
+  loss = sum of alpha_* x each loss of `losses.py`
+
+With `--shared_prefix` (the default) the counterfactual run starts from the base run's activation
+at the lowest site instead of recomputing the blocks below it: with dropout off this is the same
+computation, so the same losses and gradients. When both causal weights are 0 no source or
+counterfactual run happens at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from batching import BatchPreparer, Prepared
+from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
+from interventions import family_of, interchange, lm_logits, run_model
+from losses import hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl
+from neuron_mapping import MappingEntry
+from utils import CliError, atomic_dir, logger
+
+LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "causal_ce", "causal_cos")
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class Needs:
+    """Which outputs the active losses use, so nothing else is computed."""
+
+    logits: bool
+    hidden: bool
+    cf_logits: bool
+    cf_hidden: bool
+    teacher_logits: bool
+
+    @property
+    def causal(self) -> bool:
+        return self.cf_logits or self.cf_hidden
+
+
+def needs_from_alphas(alphas: dict[str, float]) -> Needs:
+    return Needs(
+        logits=any(alphas[k] > 0 for k in ("ce", "mlm", "clm", "mse")),
+        hidden=alphas["cos"] > 0,
+        cf_logits=alphas["causal_ce"] > 0,
+        cf_hidden=alphas["causal_cos"] > 0,
+        teacher_logits=alphas["ce"] > 0 or alphas["mse"] > 0,
+    )
+
+
+@dataclass
+class Outputs:
+    """What one model produced for one prepared batch, gathered at the selected rows."""
+
+    logits: torch.Tensor | None = None  # (N, V) at logit_idx
+    hidden: torch.Tensor | None = None  # (R, H) at real_idx
+    cf_logits: torch.Tensor | None = None
+    cf_hidden: torch.Tensor | None = None
+    forwards: dict = field(default_factory=dict)  # run name -> count (for tests and logs)
+
+
+def model_outputs(
+    model: nn.Module,
+    p: Prepared,
+    sites: dict[int, torch.Tensor] | None,
+    needs: Needs,
+    *,
+    want_logits: bool,
+    data_augment: bool = False,
+    shared_prefix: bool = True,
+) -> Outputs:
+    """Run base, and when `sites` is given, source and counterfactual runs of `model` on `p`.
+
+    sites: block -> (D,) dims tensor of this model's variables for the step's mapping entry.
+    """
+    out = Outputs()
+    causal = sites is not None and needs.causal
+    layers = sorted(sites) if causal else []
+    prefix = causal and shared_prefix and not data_augment
+    base_last, base_sites = run_model(model, p.input_ids, p.attention_mask, capture=(layers[0],) if prefix else ())
+    out.forwards["base"] = 1
+    hidden_size = base_last.shape[-1]
+    flat = base_last.reshape(-1, hidden_size)
+    if want_logits:
+        out.logits = lm_logits(model, flat.index_select(0, p.logit_idx))
+    if needs.hidden:
+        out.hidden = flat.index_select(0, p.real_idx)
+    if not causal:
+        return out
+
+    if data_augment:
+        tokens = p.source_ids[p.batch_idx, p.source_pos]
+        cf_ids = p.input_ids.index_put((p.batch_idx, p.base_pos), tokens)
+        cf_last, _ = run_model(model, cf_ids, p.attention_mask)
+    else:
+        _, source_sites = run_model(
+            model, p.source_ids, p.source_mask, capture=tuple(layers),
+            stop_after=layers[-1] if shared_prefix else None,
+        )
+        out.forwards["source"] = 1
+        write = {
+            layer: partial(
+                interchange, source=source_sites[layer], dims=sites[layer],
+                batch_idx=p.batch_idx, base_pos=p.base_pos, source_pos=p.source_pos,
+            )
+            for layer in layers
+        }
+        if prefix:
+            lowest = layers[0]
+            start = (lowest, write[lowest](base_sites[lowest]))
+            upper = {layer: fn for layer, fn in write.items() if layer != lowest}
+            cf_last, _ = run_model(model, p.input_ids, p.attention_mask, writes=upper, start_after=start)
+        else:
+            cf_last, _ = run_model(model, p.input_ids, p.attention_mask, writes=write)
+    out.forwards["counterfactual"] = 1
+    cf_flat = cf_last.reshape(-1, hidden_size)
+    if needs.cf_logits:
+        out.cf_logits = lm_logits(model, cf_flat.index_select(0, p.logit_idx))
+    if needs.cf_hidden:
+        out.cf_hidden = cf_flat.index_select(0, p.real_idx)
+    return out
+
+
+class StudentStep(nn.Module):
+    """All of the student's runs of one step in a single forward, so DDP sees one forward per backward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batches, sites, needs: Needs, data_augment: bool, shared_prefix: bool):
+        return [
+            model_outputs(self.model, p, sites, needs, want_logits=needs.logits,
+                          data_augment=data_augment, shared_prefix=shared_prefix)
+            for p in batches
+        ]
+
+
+def compute_losses(
+    s: Outputs, t: Outputs, p: Prepared, alphas: dict[str, float], temperature: float
+) -> dict[str, torch.Tensor]:
+    """Every active loss (weight > 0) of one prepared batch."""
+    losses = {}
+    if alphas["ce"] > 0:
+        losses["ce"] = soft_target_kl(s.logits, t.logits, temperature)
+    for name in ("mlm", "clm"):
+        if alphas[name] > 0:
+            losses[name] = lm_cross_entropy(s.logits.index_select(0, p.lm_rows), p.lm_targets)
+    if alphas["mse"] > 0:
+        losses["mse"] = logits_mse(s.logits, t.logits)
+    if alphas["cos"] > 0:
+        losses["cos"] = hidden_cosine(s.hidden, t.hidden)
+    if alphas["causal_ce"] > 0:
+        losses["causal_ce"] = soft_target_kl(s.cf_logits, t.cf_logits, temperature)
+    if alphas["causal_cos"] > 0:
+        losses["causal_cos"] = hidden_cosine(s.cf_hidden, t.cf_hidden)
+    return losses
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class CausalDistiller:
+    """Owns the data order, the optimisation, logging and checkpoints of a distillation run."""
+
+    def __init__(self, params, dataset, token_probs, student: nn.Module, teacher: nn.Module,
+                 mappings: list[MappingEntry] | None):
+        self.params = params
+        self.dataset = dataset
+        self.device = params.device
+        self.is_master = params.is_master
+        self.multi_gpu = params.multi_gpu
+        self.dump_path = Path(params.dump_path)
+        self.student = student
+        self.teacher = teacher
+        self.alphas = {name: float(getattr(params, f"alpha_{name}")) for name in LOSS_NAMES}
+        self.needs = needs_from_alphas(self.alphas)
+        self.temperature = params.temperature
+        self.mappings = mappings or []
+        if self.needs.causal and not self.mappings:
+            raise CliError("a causal objective (--alpha_causal_ce/--alpha_causal_cos > 0) needs --neuron_mapping")
+        self.data_augment = params.data_augment
+        self.shared_prefix = not params.no_shared_prefix
+        self.include_crossway = params.include_crossway and self.needs.causal
+        self.grad_acc = params.gradient_accumulation_steps
+
+        family = family_of(student)
+        self.preparer = BatchPreparer(
+            mlm=params.mlm,
+            vocab_size=student.config.vocab_size,
+            mask_id=params.special_tok_ids.get("mask_token"),
+            token_probs=token_probs,
+            mlm_mask_prop=params.mlm_mask_prop,
+            pred_probs=(params.word_mask, params.word_keep, params.word_rand),
+            restrict_ce_to_mask=params.restrict_ce_to_mask,
+            interchange_prop=params.interchange_prop,
+            interchange_max_token=params.interchange_max_token,
+            interchange_mode="consecutive" if params.interchange_consecutive_only else "random",
+            masked_only=params.interchange_masked_token_only,
+        )
+        self._site_cache: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+
+        # Precision: one context, chosen once.
+        self.amp_dtype = torch.bfloat16 if params.bf16 else torch.float16 if params.fp16 else None
+        if self.amp_dtype is None:
+            self.autocast = contextlib.nullcontext
+        else:
+            self.autocast = partial(torch.autocast, device_type=self.device.type, dtype=self.amp_dtype)
+            self.teacher.to(self.amp_dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(params.fp16))
+
+        # Optimiser and schedule.
+        self.batches_per_epoch = self._count_batches()
+        steps_per_epoch = math.ceil(self.batches_per_epoch / self.grad_acc)
+        self.total_steps = steps_per_epoch * params.n_epoch
+        if params.max_steps > 0:
+            self.total_steps = min(self.total_steps, params.max_steps)
+        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")
+        named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if not any(nd in n for nd in no_decay)], "weight_decay": params.weight_decay},
+            {"params": [p for n, p in named if any(nd in n for nd in no_decay)], "weight_decay": 0.0},
+        ]
+        logger.info("student: %d parameters, %d trainable", sum(p.numel() for p in student.parameters()),
+                    sum(p.numel() for _, p in named))
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=params.learning_rate, eps=params.adam_epsilon, betas=(0.9, 0.98),
+            fused=self.device.type == "cuda",
+        )
+        warmup = math.ceil(self.total_steps * params.warmup_prop)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, max(self.total_steps, 1))
+
+        self.step_module: nn.Module = StudentStep(student)
+        if self.multi_gpu:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_module = DistributedDataParallel(
+                self.step_module, device_ids=device_ids, find_unused_parameters=not self.needs.logits,
+            )
+
+        # Counters (a checkpoint restores them).
+        self.epoch = 0
+        self.n_step = 0  # optimiser steps
+        self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
+        self.n_skipped_nonfinite = 0
+        self.n_tokens = 0
+        self._stop_signal = None
+        self.forward_counts = {"teacher": {}, "student": {}}
+        self.tb = None
+        if self.is_master:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.dump_path / "log" / "train"), flush_secs=30)
+            if params.is_wandb:
+                import wandb
+
+                wandb.init(project="causal-distill", name=params.run_name, config=vars(params))
+
+    # --- data ----------------------------------------------------------------------------------
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch`, in order; the same on every call (seeded by seed and epoch)."""
+        p = self.params
+        if self.multi_gpu:
+            sampler = DistributedSampler(self.dataset, num_replicas=p.world_size, rank=p.global_rank,
+                                         shuffle=True, seed=p.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            gen = torch.Generator().manual_seed(p.seed * 1000003 + epoch)
+            sampler = RandomSampler(self.dataset, generator=gen)
+        if p.group_by_size:
+            groups = create_lengths_groups(lengths=self.dataset.lengths, k=p.max_model_input_size)
+            batch_sampler = GroupedBatchSampler(sampler=sampler, group_ids=groups, batch_size=p.batch_size)
+        else:
+            batch_sampler = BatchSampler(sampler, batch_size=p.batch_size, drop_last=False)
+        batches = list(batch_sampler)
+        if self.multi_gpu:  # every rank must run the same number of steps
+            n = torch.tensor([len(batches)])
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            batches = batches[: int(n)]
+        return batches
+
+    def _count_batches(self) -> int:
+        return len(self._epoch_batches(0))
+
+    def _loader(self, batches: list[list[int]]) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            collate_fn=self.dataset.batch_sequences,
+            num_workers=self.params.num_workers,
+            persistent_workers=False,
+        )
+
+    def _sites(self, entry: MappingEntry, side: str) -> dict[int, torch.Tensor]:
+        key = (entry.index, side)
+        if key not in self._site_cache:
+            sites = entry.teacher if side == "teacher" else entry.student
+            self._site_cache[key] = {
+                layer: torch.tensor(dims, dtype=torch.long, device=self.device) for layer, dims in sites.items()
+            }
+        return self._site_cache[key]
+
+    # --- one step ------------------------------------------------------------------------------
+    def losses_for_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Forward every run of one collated batch and return the active losses (with gradients).
+
+        With --include_crossway the reversed pair is added and each loss is the mean of both.
+        """
+        causal = self.needs.causal
+        prepared = [self.preparer.prepare(batch, causal=causal)]
+        if self.include_crossway:
+            prepared.append(self.preparer.prepare(batch, causal=True, reverse=True))
+        prepared = [p.to(self.device) for p in prepared]
+        entry = random.choice(self.mappings) if causal else None
+        t_sites = self._sites(entry, "teacher") if entry else None
+        s_sites = self._sites(entry, "student") if entry else None
+        with self.autocast():
+            with torch.inference_mode():
+                t_outs = [
+                    model_outputs(self.teacher, p, t_sites, self.needs, want_logits=self.needs.teacher_logits,
+                                  data_augment=self.data_augment, shared_prefix=self.shared_prefix)
+                    for p in prepared
+                ]
+            t_outs = [_usable_outside_inference(o) for o in t_outs]
+            s_outs = self.step_module(prepared, s_sites, self.needs, self.data_augment, self.shared_prefix)
+            per_pair = [compute_losses(s, t, p, self.alphas, self.temperature) for s, t, p in zip(s_outs, t_outs, prepared)]
+        for who, outs in (("teacher", t_outs), ("student", s_outs)):
+            for o in outs:
+                for run, n in o.forwards.items():
+                    self.forward_counts[who][run] = self.forward_counts[who].get(run, 0) + n
+        self.n_tokens += sum(p.n_real_tokens for p in prepared)
+        return {name: sum(d[name] for d in per_pair) / len(per_pair) for name in per_pair[0]}
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.alphas[name] * value for name, value in losses.items())
+
+    def _micro_step(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
+        no_sync = self.step_module.no_sync if (self.multi_gpu and not sync) else contextlib.nullcontext
+        with no_sync():
+            losses = self.losses_for_batch(batch)
+            total = self.total_loss(losses)
+            self.scaler.scale(total / self.grad_acc).backward()
+        losses = {k: v.detach() for k, v in losses.items()}
+        losses["loss"] = total.detach()
+        return losses
+
+    def _optimizer_step(self, window: dict[str, torch.Tensor]) -> bool:
+        """Clip, step, schedule. Returns False when the step was dropped for a non-finite loss."""
+        finite = torch.isfinite(window["loss"])
+        if self.multi_gpu:
+            flag = finite.float().reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag[0] > 0
+        if not bool(finite):  # one host sync per optimiser step: a bad step must never update the weights
+            bad = [k for k, v in window.items() if k != "loss" and not torch.isfinite(v)]
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.params.fp16:
+                self.scaler.update()
+            if self.n_skipped_nonfinite < self.params.skip_nonfinite_steps:
+                self.n_skipped_nonfinite += 1
+                logger.warning("step %d: non-finite loss (%s); step skipped (%d/%d skips used)", self.n_step + 1,
+                               ", ".join(bad) or "loss", self.n_skipped_nonfinite, self.params.skip_nonfinite_steps)
+                return False
+            raise NonFiniteLoss(
+                f"step {self.n_step + 1}: non-finite loss in {', '.join(bad) or 'loss'}; "
+                f"stopping with the last good state (allow skips with --skip_nonfinite_steps N)"
+            )
+        self.scaler.unscale_(self.optimizer)
+        if self.params.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.params.max_grad_norm)
+        scale_before = self.scaler.get_scale() if self.params.fp16 else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.params.fp16 and self.scaler.get_scale() < scale_before:
+            logger.info("step %d: fp16 overflow, the grad scaler skipped this update (normal)", self.n_step + 1)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    # --- the loop ------------------------------------------------------------------------------
+    def train(self) -> None:
+        p = self.params
+        self.student.train()
+        self.teacher.eval()
+        self._install_signal_handlers()
+        if self.is_master:
+            logger.info("training for %d optimiser steps (%d batches per epoch, %d epochs, accumulation %d)",
+                        self.total_steps, self.batches_per_epoch, p.n_epoch, self.grad_acc)
+        bar = tqdm(total=self.total_steps, initial=self.n_step, disable=not self.is_master or p.no_progress,
+                   desc="distilling", dynamic_ncols=True)
+        window: dict[str, torch.Tensor] = {}
+        log_sums: dict[str, torch.Tensor] = {}
+        n_log = 0
+        self.last_log = time.time()
+        tokens_at_log = self.n_tokens
+        done = self.n_step >= self.total_steps
+        try:
+            while self.epoch < p.n_epoch and not done:
+                self.dataset.set_epoch(self.epoch)
+                batches = self._epoch_batches(self.epoch)
+                remaining = batches[self.batch_in_epoch:]
+                n_micro = 0
+                for batch in self._loader(remaining):
+                    n_micro += 1
+                    sync = n_micro % self.grad_acc == 0 or self.batch_in_epoch + 1 == len(batches)
+                    losses = self._micro_step(batch, sync)
+                    self.batch_in_epoch += 1
+                    for k, v in losses.items():
+                        window[k] = window.get(k, 0.0) + v / self.grad_acc
+                    if not sync:
+                        continue
+                    stepped = self._optimizer_step(window)
+                    if stepped:
+                        self.n_step += 1
+                        for k, v in window.items():
+                            log_sums[k] = log_sums.get(k, 0.0) + v
+                        n_log += 1
+                    window = {}
+                    n_micro = 0
+                    bar.update(1 if stepped else 0)
+                    if stepped and self.n_step % p.log_interval == 0:
+                        self._log(log_sums, n_log, tokens_at_log, bar)
+                        log_sums, n_log, tokens_at_log = {}, 0, self.n_tokens
+                    if stepped and p.checkpoint_interval > 0 and self.n_step % p.checkpoint_interval == 0:
+                        self.save_checkpoint()
+                    if self.n_step >= self.total_steps:
+                        done = True
+                        break
+                    if self._should_stop():
+                        self.save_checkpoint()
+                        raise Preempted(self._stop_signal)
+                if not done or self.batch_in_epoch >= len(batches):
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    if self.is_master:
+                        logger.info("epoch %d done (step %d)", self.epoch, self.n_step)
+                    self.save_checkpoint()
+        except NonFiniteLoss:
+            bar.close()
+            raise
+        bar.close()
+        if n_log:
+            self._log(log_sums, n_log, tokens_at_log, None)
+        self.save_final()
+
+    # --- signals -------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            if self._stop_signal is None:
+                logger.warning("received %s: finishing the current step, then writing a checkpoint",
+                               signal.Signals(signum).name)
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                signal.signal(sig, handler)
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        if self.multi_gpu:  # every rank stops at the same step
+            flag = flag.to(self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    # --- logging -------------------------------------------------------------------------------
+    def _log(self, sums, n, tokens_at_log, bar) -> None:
+        now = time.time()
+        values = {k: float(v) / max(n, 1) for k, v in sums.items()}  # the host sync of a log interval
+        elapsed = max(now - self.last_log, 1e-9)
+        tok_s = (self.n_tokens - tokens_at_log) / elapsed
+        self.last_log = now
+        if not self.is_master:
+            return
+        lr = self.scheduler.get_last_lr()[0]
+        for k, v in values.items():
+            self.tb.add_scalar(f"losses/{k}", v, self.n_step)
+        self.tb.add_scalar("learning_rate/lr", lr, self.n_step)
+        self.tb.add_scalar("speed/real_tokens_per_s", tok_s * self.params.world_size, self.n_step)
+        self.tb.add_scalar("memory/rss_gib", psutil.Process().memory_info().rss / 2**30, self.n_step)
+        if self.device.type == "cuda":
+            self.tb.add_scalar("memory/cuda_max_allocated_gib", torch.cuda.max_memory_allocated() / 2**30, self.n_step)
+        if self.n_skipped_nonfinite:
+            self.tb.add_scalar("faults/skipped_nonfinite_steps", self.n_skipped_nonfinite, self.n_step)
+        if self.params.is_wandb:
+            import wandb
+
+            wandb.log({**{f"loss/{k}": v for k, v in values.items()}, "lr": lr, "tok_s": tok_s}, step=self.n_step)
+        if bar is not None:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
+        logger.info("step %d | %s | lr %.2e | %.0f tok/s", self.n_step,
+                    " ".join(f"{k} {v:.4f}" for k, v in values.items()), lr, tok_s)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _training_state(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "n_step": self.n_step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "n_tokens": self.n_tokens,
+            "n_skipped_nonfinite": self.n_skipped_nonfinite,
+            "pairing": getattr(self.dataset, "pairing", None),
+            "world_size": self.params.world_size,
+            "rng": _rng_states_all_ranks(self.multi_gpu),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write `checkpoint-<step>/` atomically (student folder + training state) and prune old ones."""
+        state = self._training_state()  # collective: every rank takes part
+        if not self.is_master:
+            return None
+        target = self.dump_path / f"{CHECKPOINT_PREFIX}{self.n_step}"
+        try:
+            with atomic_dir(target) as tmp:
+                self.student.save_pretrained(tmp, safe_serialization=True)
+                torch.save(state, tmp / STATE_FILE)
+        except OSError as err:
+            raise CliError(f"could not write checkpoint {target}: {err} (the previous checkpoint is intact)") from None
+        logger.info("checkpoint written: %s", target)
+        limit = self.params.save_total_limit
+        if limit and limit > 0:
+            for old in list_checkpoints(self.dump_path)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def save_final(self) -> None:
+        """The student as a plain HF model folder at --dump_path (config.json + model.safetensors)."""
+        if not self.is_master:
+            return
+        self.student.save_pretrained(self.dump_path, safe_serialization=True)
+        logger.info("student saved to %s", self.dump_path)
+        if self.tb is not None:
+            self.tb.flush()
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Restore a checkpoint written by `save_checkpoint` (weights, optimiser, data order, RNG)."""
+        from safetensors.torch import load_file
+
+        state_path = folder / STATE_FILE
+        if not state_path.is_file():
+            raise CliError(f"checkpoint {folder} is incomplete: {STATE_FILE} is missing")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        weights = load_file(str(folder / "model.safetensors"), device="cpu")
+        missing, unexpected = self.student.load_state_dict(weights, strict=False)
+        tied = set(getattr(self.student, "_tied_weights_keys", None) or {})
+        if unexpected or [k for k in missing if k not in tied]:
+            raise CliError(f"checkpoint {folder} does not match the student: missing {missing}, unexpected {unexpected}")
+        if state["world_size"] != self.params.world_size:
+            raise CliError(f"checkpoint {folder} was written by {state['world_size']} processes; "
+                           f"resume with the same number (now {self.params.world_size})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.n_step = state["epoch"], state["n_step"]
+        self.batch_in_epoch, self.n_tokens = state["batch_in_epoch"], state["n_tokens"]
+        self.n_skipped_nonfinite = state["n_skipped_nonfinite"]
+        _set_rng_state(state["rng"][self.params.global_rank])
+        logger.info("resumed from %s: epoch %d, step %d, batch %d of the epoch", folder, self.epoch, self.n_step,
+                    self.batch_in_epoch)
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after writing a checkpoint."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def list_checkpoints(dump_path: Path) -> list[Path]:
+    """Complete checkpoints in `dump_path`, oldest first (a folder without its state file is skipped)."""
+    found = []
+    for child in Path(dump_path).glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = child.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit() and (child / STATE_FILE).is_file() and (child / "model.safetensors").is_file():
+            found.append((int(suffix), child))
+    return [c for _, c in sorted(found)]
+
+
+def _usable_outside_inference(o: Outputs) -> Outputs:
+    """Teacher hidden states are saved by the cosine loss's backward: make them normal tensors."""
+    for name in ("hidden", "cf_hidden"):
+        value = getattr(o, name)
+        if value is not None:
+            setattr(o, name, value.clone())
+    return o
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _rng_states_all_ranks(multi_gpu: bool) -> list[dict]:
+    mine = _rng_state()
+    if not multi_gpu:
+        return [mine]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,369 @@
+"""Distil a student from a teacher with the standard and the causal (DIITO) objectives.
+
+Parse, build, check, train, save. Single process (one GPU or the CPU) or
+`torchrun --nproc_per_node N causal_train.py ...` (DDP, one node or several).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from binarized_io import load_corpus
+from causal_distiller import CausalDistiller, NonFiniteLoss, Preempted, list_checkpoints
+from interventions import FAMILIES, family_of, get_submodule, model_shape
+from lm_seqs_dataset import LmSeqsDataset
+from neuron_mapping import load_neuron_mapping
+from utils import CliError, git_log, init_gpu_params, logger, require_file, run_cli, save_args, set_seed
+
+STUDENT_TYPES = ("distilbert", "roberta", "gpt2")
+TEACHER_TYPES = ("bert", "roberta", "gpt2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--force", action="store_true", help="Overwrite --dump_path if it already exists.")
+    a("--dump_path", required=True, help="Output folder: the student (HF model folder), checkpoints, logs.")
+    a("--data_file", required=True, help="Binarized corpus (scripts/binarized_data.py output, either format).")
+    a("--student_type", choices=STUDENT_TYPES, required=True, help="Student architecture.")
+    a("--student_config", required=True, help="Student config JSON (see training_configs/).")
+    a("--student_pretrained_weights", default=None,
+      help="Initial student weights: a .pth state dict (scripts/extract_distilbert.py) or an HF model folder.")
+    a("--teacher_type", choices=TEACHER_TYPES, required=True, help="Teacher architecture.")
+    a("--teacher_name", required=True, help="Teacher: a hub name (bert-base-uncased) or a local HF model folder.")
+    a("--tokenizer_name", default=None,
+      help="Tokenizer giving the special token ids (default: --teacher_name).")
+    a("--neuron_mapping", default=None, help="Neuron-mapping .nm file aligning teacher and student sites (DIITO).")
+    a("--temperature", type=float, default=2.0, help="Softmax temperature of the soft-target losses.")
+    a("--alpha_ce", type=float, default=0.5, help="Weight of the soft-target KL loss.")
+    a("--alpha_mlm", type=float, default=0.0, help="Weight of the masked-LM loss (requires --mlm).")
+    a("--alpha_clm", type=float, default=0.5, help="Weight of the causal-LM loss (without --mlm).")
+    a("--alpha_mse", type=float, default=0.0, help="Weight of the MSE between student and teacher logits.")
+    a("--alpha_cos", type=float, default=0.0, help="Weight of the cosine loss between last hidden states.")
+    a("--alpha_causal_ce", type=float, default=0.0, help="Weight of the DIITO soft-target loss on counterfactual runs.")
+    a("--alpha_causal_cos", type=float, default=0.0, help="Weight of the DIITO cosine loss on counterfactual hidden states.")
+    a("--mlm", action="store_true", help="Masked-LM training (BERT/RoBERTa); otherwise causal LM (GPT-2).")
+    a("--mlm_mask_prop", type=float, default=0.15, help="Proportion of tokens chosen for MLM prediction.")
+    a("--word_mask", type=float, default=0.8, help="Of the chosen tokens: proportion replaced by [MASK].")
+    a("--word_keep", type=float, default=0.1, help="Of the chosen tokens: proportion kept.")
+    a("--word_rand", type=float, default=0.1, help="Of the chosen tokens: proportion replaced by a random token.")
+    a("--mlm_smoothing", type=float, default=0.7,
+      help="Smoothing exponent: tokens are chosen with weight count^-smoothing (favours rare tokens).")
+    a("--token_counts", default=None, help="Token counts pickle (scripts/token_counts.py), required with --mlm.")
+    a("--interchange_prop", type=float, default=0.3,
+      help="Interchanged positions per example: int(min(len_base, len_source) * prop).")
+    a("--interchange_max_token", type=int, default=-1, help="Cap on interchanged positions per example (-1: none).")
+    a("--interchange_consecutive_only", action="store_true", help="Interchange one consecutive span per example.")
+    a("--interchange_masked_token_only", action="store_true",
+      help="Choose base positions only among the MLM-masked tokens.")
+    a("--data_augment", action="store_true",
+      help="Swap the tokens themselves at the input instead of hidden states.")
+    a("--include_crossway", action="store_true",
+      help="Also train on the reversed pair (source as base) in the same step; losses are averaged.")
+    a("--restrict_ce_to_mask", action="store_true", help="Soft-target losses only on MLM-masked tokens.")
+    a("--no_shared_prefix", action="store_true",
+      help="Run three full forwards per model (plain path, for checking) instead of sharing the base run's prefix.")
+    a("--freeze_pos_embs", action="store_true", help="Freeze the student's position embeddings.")
+    a("--freeze_token_type_embds", action="store_true", help="Freeze the student's token type embeddings (RoBERTa).")
+    a("--n_epoch", type=int, default=3, help="Number of epochs.")
+    a("--max_steps", type=int, default=-1, help="Stop after this many optimiser steps (-1: run all epochs).")
+    a("--batch_size", type=int, default=5, help="Sequences per micro-batch (per process).")
+    a("--group_by_size", action="store_true", help="Batch sequences of similar lengths together.")
+    a("--gradient_accumulation_steps", type=int, default=50, help="Micro-batches per optimiser step.")
+    a("--warmup_prop", type=float, default=0.05, help="Linear warm-up, as a proportion of all steps.")
+    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and LayerNorms).")
+    a("--learning_rate", type=float, default=5e-4, help="Peak learning rate.")
+    a("--adam_epsilon", type=float, default=1e-6, help="AdamW epsilon.")
+    a("--max_grad_norm", type=float, default=5.0, help="Gradient clipping norm (0: off).")
+    a("--initializer_range", type=float, default=0.02, help="Initialisation range of a student built from scratch.")
+    a("--fp16", action="store_true", help="fp16 autocast with a grad scaler (CUDA only).")
+    a("--bf16", action="store_true", help="bf16 autocast (CUDA or CPU); the teacher runs in bf16.")
+    a("--n_gpu", type=int, default=1, help="GPUs per node (0: CPU). Use torchrun for several.")
+    a("--local_rank", type=int, default=-1, help="Set by the launcher; kept for the original's interface.")
+    a("--seed", type=int, default=56, help="Seed of every random draw (pairs, masks, positions, init).")
+    a("--log_interval", type=int, default=500, help="Optimiser steps between logs (the only host syncs).")
+    a("--checkpoint_interval", type=int, default=4000, help="Optimiser steps between checkpoints (0: epoch ends only).")
+    a("--save_total_limit", type=int, default=0, help="Keep only the newest N checkpoints (0: keep all).")
+    a("--resume", action="store_true", help="Continue from the newest complete checkpoint in --dump_path.")
+    a("--resume_from", default=None, help="Continue from this checkpoint folder.")
+    a("--skip_nonfinite_steps", type=int, default=0,
+      help="Skip up to N steps whose loss is NaN/inf instead of stopping.")
+    a("--num_workers", type=int, default=1, help="DataLoader worker processes for collation.")
+    a("--max_model_input_size", type=int, default=None,
+      help="Longest sequence fed to the models (default: the smaller of teacher and student positions).")
+    a("--no_progress", action="store_true", help="No progress bar.")
+    a("--is_wandb", action="store_true", help="Log to Weights & Biases.")
+    a("--run_name", default=None, help="Run name (wandb).")
+    a("--cache_dir", default=None, help="Cache folder for hub downloads.")
+    return p
+
+
+def sanity_checks(args) -> None:
+    """Argument checks that need no model."""
+    if args.mlm:
+        if args.alpha_clm > 0:
+            raise CliError("--alpha_clm must be 0 with --mlm (use --alpha_mlm)")
+        if args.teacher_type == "gpt2" or args.student_type == "gpt2":
+            raise CliError("--mlm needs masked-LM models (bert/roberta teacher, distilbert/roberta student)")
+        if not args.token_counts:
+            raise CliError("--mlm needs --token_counts (scripts/token_counts.py)")
+    else:
+        if args.alpha_mlm > 0:
+            raise CliError("--alpha_mlm needs --mlm")
+        if args.teacher_type != "gpt2" or args.student_type != "gpt2":
+            raise CliError("causal-LM training (no --mlm) needs --teacher_type gpt2 and --student_type gpt2")
+    if abs(args.word_mask + args.word_keep + args.word_rand - 1.0) > 1e-6:
+        raise CliError("--word_mask + --word_keep + --word_rand must sum to 1")
+    if not 0.0 <= args.mlm_mask_prop <= 1.0:
+        raise CliError("--mlm_mask_prop must be in [0, 1]")
+    if not 0.0 <= args.interchange_prop <= 1.0:
+        raise CliError("--interchange_prop must be in [0, 1]")
+    if args.temperature <= 0:
+        raise CliError("--temperature must be > 0")
+    if min(getattr(args, f"alpha_{n}") for n in ("ce", "mlm", "clm", "mse", "cos", "causal_ce", "causal_cos")) < 0:
+        raise CliError("the --alpha_* weights must be >= 0")
+    if args.alpha_ce + args.alpha_mlm + args.alpha_clm + args.alpha_mse + args.alpha_cos + args.alpha_causal_ce \
+            + args.alpha_causal_cos <= 0:
+        raise CliError("every --alpha_* weight is 0: nothing to train")
+    if (args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0) and not args.neuron_mapping:
+        raise CliError("--alpha_causal_ce/--alpha_causal_cos need --neuron_mapping")
+    if args.fp16 and args.bf16:
+        raise CliError("choose one of --fp16 and --bf16")
+    if args.gradient_accumulation_steps < 1 or args.batch_size < 1:
+        raise CliError("--batch_size and --gradient_accumulation_steps must be >= 1")
+    if args.interchange_masked_token_only and not args.mlm:
+        raise CliError("--interchange_masked_token_only needs --mlm")
+
+
+def prepare_dump_path(args) -> None:
+    path = Path(args.dump_path)
+    if args.resume or args.resume_from:
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    if path.exists() and any(path.iterdir()):
+        if not args.force:
+            raise CliError(f"--dump_path {path} already exists; add --force to overwrite or --resume to continue")
+        if args.is_master:
+            shutil.rmtree(path)
+    if args.is_master:
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def load_teacher(args):
+    family = FAMILIES[args.teacher_type]
+    try:
+        teacher = family.model_class.from_pretrained(args.teacher_name, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as err:
+        raise CliError(f"--teacher_name {args.teacher_name}: cannot load a {args.teacher_type} teacher ({err})") from None
+    return teacher
+
+
+def load_special_tokens(args) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    name = args.tokenizer_name or args.teacher_name
+    try:
+        tok = AutoTokenizer.from_pretrained(name, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as err:
+        raise CliError(f"cannot load the tokenizer {name} (set --tokenizer_name): {err}") from None
+    ids = {}
+    for key in ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token", "bos_token", "eos_token"):
+        tid = getattr(tok, f"{key}_id", None)
+        if tid is not None:
+            ids[key] = int(tid)
+    if args.mlm:
+        missing = [k for k in ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token") if k not in ids]
+        if missing:
+            raise CliError(f"tokenizer {name} lacks {missing}, needed for MLM")
+    else:
+        ids.setdefault("pad_token", ids.get("eos_token", 0))
+        ids.setdefault("unk_token", ids.get("eos_token", 0))
+        ids.setdefault("cls_token", ids.get("bos_token", ids.get("eos_token", 0)))
+        ids.setdefault("sep_token", ids.get("eos_token", 0))
+    return ids
+
+
+def build_student(args):
+    family = FAMILIES[args.student_type]
+    require_file(args.student_config, "--student_config")
+    try:
+        config = family.config_class.from_pretrained(args.student_config)
+    except (OSError, ValueError) as err:
+        raise CliError(f"--student_config {args.student_config}: not a {args.student_type} config ({err})") from None
+    if getattr(config, "model_type", None) != family.name:
+        raise CliError(f"--student_config {args.student_config} is a {config.model_type!r} config, "
+                       f"not {args.student_type!r}")
+    config.initializer_range = args.initializer_range
+    if args.student_pretrained_weights is None:
+        logger.info("student initialised at random from %s", args.student_config)
+        return family.model_class(config)
+    weights = Path(require_file(args.student_pretrained_weights, "--student_pretrained_weights"))
+    if weights.is_dir():
+        from safetensors.torch import load_file
+
+        files = sorted(weights.glob("*.safetensors")) or sorted(weights.glob("pytorch_model*.bin"))
+        if not files:
+            raise CliError(f"--student_pretrained_weights {weights}: no model weights in this folder")
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu"))
+    else:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 -- any unreadable file gets one clear message
+            raise CliError(f"--student_pretrained_weights {weights}: not a torch state dict ({err})") from None
+    model = family.model_class(config)
+    expected = model.state_dict()
+    # The MLM head's transform is copied only with --vocab_transform at extraction.
+    optional = {k for k in expected if k.startswith(("vocab_transform", "vocab_layer_norm", "lm_head.dense",
+                                                      "lm_head.layer_norm"))}
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in expected if k not in state and k not in optional and k not in tied]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CliError(
+            f"--student_pretrained_weights {weights} does not match --student_config {args.student_config} "
+            f"({config.num_hidden_layers} layers): missing {_short(missing)}, unexpected {_short(unexpected)}. "
+            f"Extract with --num_layers {config.num_hidden_layers} or use the config of that depth."
+        )
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+           if k in state and state[k].shape != v.shape]
+    if bad:
+        raise CliError(f"--student_pretrained_weights {weights}: shapes differ from the config: {_short(bad)}")
+    model.load_state_dict(state, strict=False)
+    not_loaded = sorted(k for k in optional if k not in state)
+    if not_loaded:
+        logger.info("student keys initialised at random (not in the weights): %s", not_loaded)
+    logger.info("student initialised from %s", weights)
+    return model
+
+
+def _short(items, n=6):
+    items = list(items)
+    return str(items[:n])[:-1] + (f", ... {len(items) - n} more]" if len(items) > n else "]")
+
+
+def load_token_probs(args, vocab_size: int, special_ids: dict[str, int]) -> torch.Tensor:
+    path = require_file(args.token_counts, "--token_counts")
+    try:
+        with open(path, "rb") as fh:
+            counts = np.asarray(pickle.load(fh), dtype=np.float64)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+        raise CliError(f"--token_counts {path}: not a token counts pickle ({err})") from None
+    if counts.ndim != 1 or len(counts) != vocab_size:
+        raise CliError(f"--token_counts {path} has {counts.size} entries but the vocabulary has {vocab_size}")
+    probs = np.maximum(counts, 1) ** -args.mlm_smoothing
+    for tid in special_ids.values():
+        probs[tid] = 0.0
+    return torch.from_numpy(probs).float()
+
+
+def model_checks(args, student, teacher) -> None:
+    s_vocab, t_vocab = student.config.vocab_size, teacher.config.vocab_size
+    if s_vocab != t_vocab:
+        raise CliError(f"vocabulary sizes differ: student config {args.student_config} has {s_vocab}, "
+                       f"teacher {args.teacher_name} has {t_vocab}")
+    if (args.alpha_cos > 0 or args.alpha_causal_cos > 0) and student.config.hidden_size != teacher.config.hidden_size:
+        raise CliError(f"--alpha_cos/--alpha_causal_cos need equal hidden sizes: student "
+                       f"{student.config.hidden_size}, teacher {teacher.config.hidden_size}")
+
+
+def max_positions(model) -> int:
+    c = model.config
+    n = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions")
+    return n - 2 if c.model_type == "roberta" else n
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    sanity_checks(args)
+    init_gpu_params(args)
+    set_seed(args.seed)
+    prepare_dump_path(args)
+    require_file(args.data_file, "--data_file")
+
+    args.special_tok_ids = load_special_tokens(args)
+    teacher = load_teacher(args)
+    student = build_student(args)
+    model_checks(args, student, teacher)
+    if args.max_model_input_size is None:
+        args.max_model_input_size = min(max_positions(teacher), max_positions(student))
+
+    mappings = None
+    if args.neuron_mapping:
+        mappings = load_neuron_mapping(args.neuron_mapping, model_shape(teacher), model_shape(student))
+        logger.info("neuron mapping %s: %d entries", args.neuron_mapping, len(mappings))
+
+    token_probs = None
+    if args.mlm:
+        token_probs = load_token_probs(args, student.config.vocab_size, args.special_tok_ids)
+
+    vocab = student.config.vocab_size
+    corpus = load_corpus(args.data_file)
+    if corpus.vocab_size is not None and corpus.vocab_size > vocab:
+        raise CliError(f"--data_file {args.data_file} was binarized with a vocabulary of {corpus.vocab_size} "
+                       f"entries but the models have {vocab}: binarized with another tokenizer?")
+    if len(corpus) and corpus.max_id() >= vocab:
+        raise CliError(f"--data_file {args.data_file} holds token id {corpus.max_id()} but the models' "
+                       f"vocabulary has {vocab} entries: binarized with another tokenizer?")
+    ids = args.special_tok_ids
+    dataset = LmSeqsDataset(
+        data=corpus,
+        max_model_input_size=args.max_model_input_size,
+        cls_id=ids["cls_token"], sep_id=ids["sep_token"], pad_id=ids["pad_token"], unk_id=ids["unk_token"],
+        seed=args.seed,
+        paired=args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0,
+    )
+
+    family = family_of(student)
+    if args.freeze_pos_embs:
+        get_submodule(student, family.position_embeddings).weight.requires_grad = False
+    if args.freeze_token_type_embds and family.token_type_embeddings:
+        get_submodule(student, family.token_type_embeddings).weight.requires_grad = False
+
+    student.to(args.device)
+    teacher.to(args.device)
+    teacher.eval()
+    for param in teacher.parameters():
+        param.requires_grad = False
+
+    if args.is_master:
+        save_args(args, args.dump_path)
+        git_log(args.dump_path)
+        student.config.save_pretrained(args.dump_path)
+
+    distiller = CausalDistiller(args, dataset, token_probs, student, teacher, mappings)
+    resume = Path(args.resume_from) if args.resume_from else None
+    if args.resume and resume is None:
+        found = list_checkpoints(args.dump_path)
+        if not found:
+            raise CliError(f"--resume: no complete checkpoint in {args.dump_path}")
+        resume = found[-1]
+    if resume is not None:
+        distiller.load_checkpoint(require_file(resume, "--resume_from"))
+    try:
+        distiller.train()
+    except Preempted as stop:
+        logger.error("stopped by signal %d; resume with the same command plus --resume", stop.signum)
+        sys.exit(128 + stop.signum)
+    except NonFiniteLoss as err:
+        logger.error("%s", err)
+        distiller.save_checkpoint()
+        sys.exit(3)
+    finally:
+        if args.multi_gpu:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,153 @@
+"""causal_train.py end to end on tiny local models: training lowers the loss, the saved student
+reloads equal, standard KD runs no causal forwards, and every pre-training check gives its error."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import make_distill_setup, train_argv
+
+import causal_train
+from utils import CliError
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_dir, corpus_lines):
+    return make_distill_setup(tmp_path_factory.mktemp("distill"), tokenizer_dir, corpus_lines[:600])
+
+
+def _losses_from_log(caplog):
+    out = []
+    for rec in caplog.records:
+        msg = rec.getMessage()
+        if msg.startswith("step ") and "| loss " not in msg and " loss " in msg:
+            parts = msg.split("|")[1].split()
+            out.append(dict(zip(parts[::2], map(float, parts[1::2]))))
+    return out
+
+
+def test_diito_run_lowers_loss_and_saves_a_reloadable_student(setup, tmp_path, caplog):
+    from transformers import AutoModelForMaskedLM
+
+    dump = tmp_path / "run"
+    caplog.set_level("INFO")
+    causal_train.main(train_argv(setup, dump, "--max_steps", "30", "--interchange_consecutive_only",
+                                 "--learning_rate", "5e-3", "--checkpoint_interval", "10", "--mlm_smoothing", "0"))
+    logged = _losses_from_log(caplog)
+    assert len(logged) >= 5
+    assert set(logged[0]) >= {"ce", "mlm", "cos", "causal_ce", "causal_cos", "loss"}
+    assert all(math.isfinite(v) for row in logged for v in row.values())
+    assert logged[-1]["loss"] < logged[0]["loss"] * 0.9
+    # plain HF folder that AutoModelForMaskedLM loads, with identical outputs
+    reloaded = AutoModelForMaskedLM.from_pretrained(dump).eval()
+    assert type(reloaded).__name__ == "DistilBertForMaskedLM"
+    ckpts = sorted(p.name for p in dump.glob("checkpoint-*"))
+    assert ckpts, "an epoch-end or final checkpoint is written"
+    params = json.loads((dump / "parameters.json").read_text())
+    assert params["alpha_causal_ce"] == 0.5 and "git" in params
+    assert list((dump / "log" / "train").glob("events.*"))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(dump / "model.safetensors"))
+    for k, v in reloaded.state_dict().items():
+        if k in saved:
+            torch.testing.assert_close(v, saved[k])
+    ids = torch.randint(5, 100, (2, 9))
+    with torch.no_grad():
+        a = reloaded(input_ids=ids).logits
+        b = AutoModelForMaskedLM.from_pretrained(dump).eval()(input_ids=ids).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_standard_kd_runs_no_source_or_counterfactual_forward(setup, tmp_path, monkeypatch):
+    from causal_distiller import CausalDistiller
+
+    seen = {}
+    original = CausalDistiller.train
+
+    def spy(self):
+        original(self)
+        seen.update(self.forward_counts)
+
+    monkeypatch.setattr(CausalDistiller, "train", spy)
+    causal_train.main(train_argv(setup, tmp_path / "kd", "--max_steps", "3", causal=False))
+    assert seen["teacher"] == {"base": 3} and seen["student"] == {"base": 3}
+
+
+def test_diito_counts_three_runs_per_model(setup, tmp_path, monkeypatch):
+    from causal_distiller import CausalDistiller
+
+    seen = {}
+    original = CausalDistiller.train
+
+    def spy(self):
+        original(self)
+        seen.update(self.forward_counts)
+
+    monkeypatch.setattr(CausalDistiller, "train", spy)
+    causal_train.main(train_argv(setup, tmp_path / "diito", "--max_steps", "2", "--include_crossway"))
+    # crossway: two pairs per step, each with base, source and counterfactual runs
+    assert seen["student"] == {"base": 4, "source": 4, "counterfactual": 4} == seen["teacher"]
+
+
+def _expect_error(argv, fragment):
+    with pytest.raises(CliError) as err:
+        causal_train.main(argv)
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_checks_before_training(setup, tmp_path):
+    import pickle
+
+    from transformers import DistilBertConfig
+
+    # dump path exists without --force
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "f").write_text("x")
+    _expect_error(train_argv(setup, tmp_path / "exists"), "--force")
+    # vocabulary sizes differ
+    cfg = DistilBertConfig.from_json_file(setup["student_config"])
+    cfg.vocab_size += 7
+    cfg.to_json_file(tmp_path / "bigvocab.json")
+    argv = train_argv(setup, tmp_path / "a")
+    i = argv.index("--student_pretrained_weights")
+    del argv[i:i + 2]  # a student built at random from the config
+    i = argv.index("--student_config")
+    argv[i + 1] = str(tmp_path / "bigvocab.json")
+    _expect_error(argv, "vocabulary sizes differ")
+    # hidden sizes differ with cos on
+    cfg = DistilBertConfig.from_json_file(setup["student_config"])
+    cfg.dim, cfg.hidden_dim = 16, 32
+    cfg.to_json_file(tmp_path / "narrow.json")
+    argv[i + 1] = str(tmp_path / "narrow.json")
+    _expect_error(argv, "equal hidden sizes")
+    # token counts of the wrong length
+    with open(tmp_path / "counts.pickle", "wb") as fh:
+        pickle.dump([1, 2, 3], fh)
+    _expect_error(train_argv(setup, tmp_path / "b", "--token_counts", str(tmp_path / "counts.pickle")),
+                  "has 3 entries")
+    # student weights of another depth than the config
+    cfg = DistilBertConfig.from_json_file(setup["student_config"])
+    cfg.n_layers = 3
+    cfg.to_json_file(tmp_path / "deeper.json")
+    _expect_error(train_argv(setup, tmp_path / "c", "--student_config", str(tmp_path / "deeper.json")),
+                  "does not match --student_config")
+    # malformed mapping
+    (tmp_path / "bad.nm").write_text('{"interchange_variable_mappings": [{"teacher_variable_names": ["$L:9$H:0$[0:1]"], '
+                                     '"student_variable_names": ["$L:0$H:0$[0:1]"]}]}')
+    _expect_error(train_argv(setup, tmp_path / "d", "--neuron_mapping", str(tmp_path / "bad.nm")), "layer 9")
+    # missing data file
+    _expect_error(train_argv(setup, tmp_path / "e", "--data_file", str(tmp_path / "nope.bin")), "nope.bin")
+    # causal weight without a mapping
+    argv = train_argv(setup, tmp_path / "f", causal=False) + ["--alpha_causal_ce", "0.5"]
+    _expect_error(argv, "--neuron_mapping")
+
+
+def test_cli_error_exits_nonzero_without_traceback(setup, tmp_path):
+    argv = train_argv(setup, tmp_path / "g", "--teacher_name", str(tmp_path / "no_teacher"))
+    out = subprocess.run([sys.executable, "causal_train.py", *argv], capture_output=True, text=True,
+                         cwd=causal_train.__file__.rsplit("/", 1)[0])
+    assert out.returncode == 2
+    assert "no_teacher" in out.stderr and "Traceback" not in out.stderr
