@@ -1,0 +1,77 @@
+"""Count every token id of a binarized corpus, for smoothing the MLM masking probabilities (cf. XLM, word2vec).
+
+Reads either format (memory-mapped .bin or the original pickle) and writes, as the original did,
+a pickled Python list of --vocab_size ints: the number of occurrences of each id. The count runs
+with np.bincount over large chunks, so a memory-mapped corpus is never loaded whole.
+
+Example:
+  python scripts/token_counts.py --data_file data/binarized_text.train.bert-base-uncased.bin \\
+      --token_counts_dump data/token_counts.bert-base-uncased.pickle
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from binarized_io import Corpus, load_corpus  # noqa: E402
+from utils import CliError, atomic_open, logger, run_cli  # noqa: E402
+
+# The original's default, used for a pickle (which records no vocabulary size) without --vocab_size.
+DEFAULT_VOCAB_SIZE = 30522
+
+
+def count_tokens(corpus: Corpus, vocab_size: int) -> np.ndarray:
+    """Occurrences of each id in [0, vocab_size) over the corpus (int64); an id >= vocab_size is a CliError."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for _, chunk in corpus.iter_flat():
+        if not len(chunk):
+            continue
+        top = int(chunk.max())
+        if top >= vocab_size or int(chunk.min()) < 0:
+            bad = top if top >= vocab_size else int(chunk.min())
+            raise CliError(f"{corpus.path}: token id {bad} is outside the vocabulary of --vocab_size {vocab_size}")
+        counts += np.bincount(chunk, minlength=vocab_size)
+    return counts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_file", required=True, help="The binarized corpus (.bin or .pickle).")
+    parser.add_argument("--token_counts_dump", required=True, help="The pickle to write (a list of vocab_size ints).")
+    parser.add_argument(
+        "--vocab_size",
+        type=int,
+        default=None,
+        help="Vocabulary size (default: the one the .bin file records; for a pickle, 30522 as in the original).",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    corpus = load_corpus(args.data_file)
+    vocab_size = args.vocab_size
+    if vocab_size is None:
+        vocab_size = corpus.vocab_size or DEFAULT_VOCAB_SIZE
+        logger.info("vocabulary size %d (%s)", vocab_size, "recorded in the file" if corpus.vocab_size else "default")
+    elif corpus.vocab_size is not None and corpus.vocab_size != vocab_size:
+        logger.warning("--vocab_size %d differs from the %d recorded in %s", vocab_size, corpus.vocab_size, corpus.path)
+    if vocab_size < 1:
+        raise CliError(f"--vocab_size must be positive, not {vocab_size}")
+    logger.info("counting tokens of %s", corpus.describe())
+    counts = count_tokens(corpus, vocab_size)
+    out = Path(args.token_counts_dump)
+    with atomic_open(out, "wb") as fh:
+        pickle.dump(counts.tolist(), fh, protocol=pickle.HIGHEST_PROTOCOL)
+    logger.info("wrote %s: %d tokens, %d distinct ids", out, int(counts.sum()), int(np.count_nonzero(counts)))
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)
