@@ -314,6 +314,9 @@ class CausalDistiller:
             collate_fn=self.dataset.batch_sequences,
             num_workers=self.params.num_workers,
             persistent_workers=False,
+            # Its own generator: creating an iterator must not draw from the global RNG, or a
+            # resumed run would see different masks and positions than the run that never stopped.
+            generator=torch.Generator().manual_seed(self.params.seed + self.epoch),
         )
 
     def _sites(self, entry: MappingEntry, side: str) -> dict[int, torch.Tensor]:
@@ -361,10 +364,18 @@ class CausalDistiller:
 
     def _micro_step(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
         no_sync = self.step_module.no_sync if (self.multi_gpu and not sync) else contextlib.nullcontext
-        with no_sync():
-            losses = self.losses_for_batch(batch)
-            total = self.total_loss(losses)
-            self.scaler.scale(total / self.grad_acc).backward()
+        try:
+            with no_sync():
+                losses = self.losses_for_batch(batch)
+                total = self.total_loss(losses)
+                self.scaler.scale(total / self.grad_acc).backward()
+        except torch.OutOfMemoryError:
+            shape = tuple(batch["base_ids"].shape)
+            raise CliError(
+                f"out of memory at step {self.n_step + 1} on a batch of shape {shape} (sequences x tokens); "
+                f"lower --batch_size (now {self.params.batch_size}) and raise --gradient_accumulation_steps "
+                f"(now {self.grad_acc}) to keep the effective batch, or use --bf16"
+            ) from None
         losses = {k: v.detach() for k, v in losses.items()}
         losses["loss"] = total.detach()
         return losses
@@ -421,6 +432,7 @@ class CausalDistiller:
         done = self.n_step >= self.total_steps
         try:
             while self.epoch < p.n_epoch and not done:
+                check_fingerprint(p.data_file, getattr(p, "data_fingerprint", None))
                 self.dataset.set_epoch(self.epoch)
                 batches = self._epoch_batches(self.epoch)
                 remaining = batches[self.batch_in_epoch:]
@@ -528,6 +540,7 @@ class CausalDistiller:
             "n_skipped_nonfinite": self.n_skipped_nonfinite,
             "pairing": getattr(self.dataset, "pairing", None),
             "world_size": self.params.world_size,
+            "data_fingerprint": getattr(self.params, "data_fingerprint", None),
             "rng": _rng_states_all_ranks(self.multi_gpu),
         }
 
@@ -541,7 +554,7 @@ class CausalDistiller:
             with atomic_dir(target) as tmp:
                 self.student.save_pretrained(tmp, safe_serialization=True)
                 torch.save(state, tmp / STATE_FILE)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
             raise CliError(f"could not write checkpoint {target}: {err} (the previous checkpoint is intact)") from None
         logger.info("checkpoint written: %s", target)
         limit = self.params.save_total_limit
@@ -550,11 +563,31 @@ class CausalDistiller:
                 shutil.rmtree(old, ignore_errors=True)
         return target
 
+    def check_replicas(self) -> None:
+        """Under DDP, check that every rank holds the same student weights (bitwise), and say so."""
+        if not self.multi_gpu:
+            return
+        flat = torch.cat([p.detach().reshape(-1).double() for p in self.student.parameters()])
+        digest = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(flat.numel(), device=flat.device,
+                                                                                    dtype=torch.float64)).sum()])
+        gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, digest)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(f"student weights differ across ranks: {[g.tolist() for g in gathered]}")
+        if self.is_master:
+            logger.info("all %d ranks hold identical student weights (digest %s)", len(gathered),
+                        [f"{x:.6e}" for x in gathered[0].tolist()])
+
     def save_final(self) -> None:
         """The student as a plain HF model folder at --dump_path (config.json + model.safetensors)."""
+        self.check_replicas()
         if not self.is_master:
             return
-        self.student.save_pretrained(self.dump_path, safe_serialization=True)
+        # Each file lands complete (written aside, then renamed into place).
+        with atomic_dir(self.dump_path / ".final") as tmp:
+            self.student.save_pretrained(tmp, safe_serialization=True)
+            for f in tmp.iterdir():
+                os.replace(f, self.dump_path / f.name)
         logger.info("student saved to %s", self.dump_path)
         if self.tb is not None:
             self.tb.flush()
@@ -566,7 +599,11 @@ class CausalDistiller:
         state_path = folder / STATE_FILE
         if not state_path.is_file():
             raise CliError(f"checkpoint {folder} is incomplete: {STATE_FILE} is missing")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 -- a damaged state file gets one clear message
+            raise CliError(f"checkpoint {folder}: cannot read {STATE_FILE} ({err})") from None
+        check_fingerprint(self.params.data_file, state.get("data_fingerprint"))
         weights = load_file(str(folder / "model.safetensors"), device="cpu")
         missing, unexpected = self.student.load_state_dict(weights, strict=False)
         tied = set(getattr(self.student, "_tied_weights_keys", None) or {})
@@ -584,6 +621,34 @@ class CausalDistiller:
         _set_rng_state(state["rng"][self.params.global_rank])
         logger.info("resumed from %s: epoch %d, step %d, batch %d of the epoch", folder, self.epoch, self.n_step,
                     self.batch_in_epoch)
+
+
+def file_fingerprint(path) -> dict:
+    """Size and checksums of the head and tail of a file: cheap, and catches truncation and rewrites."""
+    import hashlib
+
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(1 << 20))
+        if size > 1 << 20:
+            fh.seek(max(size - (1 << 20), 1 << 20))
+            digest.update(fh.read())
+    return {"size": size, "sha256_head_tail": digest.hexdigest()}
+
+
+def check_fingerprint(path, recorded: dict | None) -> None:
+    """Raise CliError if `path` no longer matches the fingerprint recorded when the run started."""
+    if recorded is None:
+        return
+    try:
+        now = file_fingerprint(path)
+    except OSError as err:
+        raise CliError(f"--data_file {path} can no longer be read: {err}") from None
+    if now != recorded:
+        raise CliError(f"--data_file {path} changed while the run used it (recorded {recorded}, now {now}); "
+                       f"restore the original file or start a new run")
 
 
 class Preempted(Exception):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from binarized_io import load_corpus
-from causal_distiller import CausalDistiller, NonFiniteLoss, Preempted, list_checkpoints
+from causal_distiller import CausalDistiller, NonFiniteLoss, Preempted, file_fingerprint, list_checkpoints
 from interventions import FAMILIES, family_of, get_submodule, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import load_neuron_mapping
@@ -288,6 +288,7 @@ def main(argv=None) -> None:
     set_seed(args.seed)
     prepare_dump_path(args)
     require_file(args.data_file, "--data_file")
+    args.data_fingerprint = file_fingerprint(args.data_file)
 
     args.special_tok_ids = load_special_tokens(args)
     teacher = load_teacher(args)
