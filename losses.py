@@ -8,16 +8,45 @@ import torch
 import torch.nn.functional as F
 
 
+KL_CHUNK_ROWS = 256  # rows per chunk: a chunk's temporaries (rows x vocabulary) stay in cache
+
+
 def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """`ce`/`causal_ce`: KL(teacher || student) of the temperature-softened distributions, times T².
 
-    Inputs are (N, V) logits at N selected positions; the result is averaged over positions.
+    Inputs are (N, V) logits at N selected positions; the result is averaged over positions:
+
+        T² / N * sum_i sum_v p_t(v) * (log p_t(v) - log p_s(v)),   p = softmax(logits / T)
+
+    Computed in row chunks, in float32, with the gradient formed in the same pass
+    (d/ds = T * (p_s - p_t) / N), so no (N, V) temporaries beyond the one saved gradient.
     """
-    t = temperature
-    s_log = F.log_softmax(student_logits.float() / t, dim=-1)
-    t_log = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = F.kl_div(s_log, t_log, reduction="sum", log_target=True)
-    return kl / max(student_logits.shape[0], 1) * t * t
+    return _SoftTargetKL.apply(student_logits, teacher_logits, float(temperature))
+
+
+class _SoftTargetKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, temperature):
+        n = student_logits.shape[0]
+        needs_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(student_logits) if needs_grad else None
+        total = student_logits.new_zeros((), dtype=torch.float32)
+        scale = temperature / max(n, 1)
+        for start in range(0, n, KL_CHUNK_ROWS):
+            rows = slice(start, start + KL_CHUNK_ROWS)
+            s_log = F.log_softmax(student_logits[rows].float() / temperature, dim=-1)
+            t_log = F.log_softmax(teacher_logits[rows].float() / temperature, dim=-1)
+            t_prob = t_log.exp()
+            total += (t_prob * (t_log - s_log)).sum()
+            if needs_grad:
+                grad[rows] = (s_log.exp_().sub_(t_prob)).mul_(scale)
+        ctx.save_for_backward(grad)
+        return total * (temperature * temperature / max(n, 1))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output.to(grad.dtype)) if grad is not None else None, None, None
 
 
 def lm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -42,3 +42,21 @@ def test_hidden_cosine_formula():
     s = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     t = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
     assert math.isclose(hidden_cosine(s, t).item(), ((1 - 0) + (1 - 1)) / 2, abs_tol=1e-6)
+
+
+def test_soft_target_kl_gradient_matches_autograd_reference():
+    import losses
+
+    torch.manual_seed(0)
+    s = torch.randn(600, 37, requires_grad=True)  # more rows than one chunk
+    t = torch.randn(600, 37)
+    T = 1.5
+    soft_target_kl(s, t, T).backward()
+    got = s.grad.clone()
+    s.grad = None
+    ref = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1),
+                                     reduction="sum", log_target=True) / 600 * T * T
+    ref.backward()
+    assert losses.KL_CHUNK_ROWS < 600
+    torch.testing.assert_close(got, s.grad, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(soft_target_kl(s, t, T), ref.detach(), atol=1e-6, rtol=1e-6)
