@@ -36,8 +36,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from batching import BatchPreparer, Prepared
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
-from interventions import family_of, interchange, lm_logits, run_model
-from losses import hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl
+from interventions import head_features, head_projection, interchange, run_model
+from losses import head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl
 from neuron_mapping import MappingEntry
 from utils import CliError, atomic_dir, logger
 
@@ -73,13 +73,22 @@ def needs_from_alphas(alphas: dict[str, float]) -> Needs:
 
 @dataclass
 class Outputs:
-    """What one model produced for one prepared batch, gathered at the selected rows."""
+    """What one model produced for one prepared batch, gathered at the selected rows.
 
-    logits: torch.Tensor | None = None  # (N, V) at logit_idx
-    hidden: torch.Tensor | None = None  # (R, H) at real_idx
-    cf_logits: torch.Tensor | None = None
+    The LM head is applied up to its vocabulary projection only: the losses project chunk by
+    chunk (`losses.head_losses`), so no (rows x vocabulary) logits are kept.
+    """
+
+    projection: nn.Linear | None = None  # the vocabulary projection of the model's LM head
+    features: torch.Tensor | None = None  # (N, H) head features at logit_idx
+    hidden: torch.Tensor | None = None  # (R, H) last hidden states at real_idx
+    cf_features: torch.Tensor | None = None
     cf_hidden: torch.Tensor | None = None
     forwards: dict = field(default_factory=dict)  # run name -> count (for tests and logs)
+
+    def logits(self, counterfactual: bool = False) -> torch.Tensor:
+        """Materialised (N, V) logits (only the `mse` loss needs them)."""
+        return self.projection(self.cf_features if counterfactual else self.features)
 
 
 def model_outputs(
@@ -96,7 +105,7 @@ def model_outputs(
 
     sites: block -> (D,) dims tensor of this model's variables for the step's mapping entry.
     """
-    out = Outputs()
+    out = Outputs(projection=head_projection(model))
     causal = sites is not None and needs.causal
     layers = sorted(sites) if causal else []
     prefix = causal and shared_prefix and not data_augment
@@ -105,7 +114,7 @@ def model_outputs(
     hidden_size = base_last.shape[-1]
     flat = base_last.reshape(-1, hidden_size)
     if want_logits:
-        out.logits = lm_logits(model, flat.index_select(0, p.logit_idx))
+        out.features = head_features(model, flat.index_select(0, p.logit_idx))
     if needs.hidden:
         out.hidden = flat.index_select(0, p.real_idx)
     if not causal:
@@ -138,7 +147,7 @@ def model_outputs(
     out.forwards["counterfactual"] = 1
     cf_flat = cf_last.reshape(-1, hidden_size)
     if needs.cf_logits:
-        out.cf_logits = lm_logits(model, cf_flat.index_select(0, p.logit_idx))
+        out.cf_features = head_features(model, cf_flat.index_select(0, p.logit_idx))
     if needs.cf_hidden:
         out.cf_hidden = cf_flat.index_select(0, p.real_idx)
     return out
@@ -161,23 +170,45 @@ class StudentStep(nn.Module):
 
 def compute_losses(
     s: Outputs, t: Outputs, p: Prepared, alphas: dict[str, float], temperature: float
-) -> dict[str, torch.Tensor]:
-    """Every active loss (weight > 0) of one prepared batch."""
-    losses = {}
-    if alphas["ce"] > 0:
-        losses["ce"] = soft_target_kl(s.logits, t.logits, temperature)
-    for name in ("mlm", "clm"):
-        if alphas[name] > 0:
-            losses[name] = lm_cross_entropy(s.logits.index_select(0, p.lm_rows), p.lm_targets)
-    if alphas["mse"] > 0:
-        losses["mse"] = logits_mse(s.logits, t.logits)
-    if alphas["cos"] > 0:
-        losses["cos"] = hidden_cosine(s.hidden, t.hidden)
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every active loss (weight > 0) of one prepared batch.
+
+    Returns (the value of each loss, the weighted total with gradients). The vocabulary-wide
+    losses go through `head_losses` (no logits stored) unless `mse` needs the logits themselves.
+    """
+    values, total = {}, 0.0
+    lm_name = "mlm" if alphas["mlm"] > 0 else "clm" if alphas["clm"] > 0 else None
+    if alphas["mse"] > 0:  # the plain path: materialise the logits once
+        s_logits, t_logits = s.logits(), t.logits()
+        parts = {"mse": logits_mse(s_logits, t_logits)}
+        if alphas["ce"] > 0:
+            parts["ce"] = soft_target_kl(s_logits, t_logits, temperature)
+        if lm_name:
+            parts[lm_name] = lm_cross_entropy(s_logits.index_select(0, p.lm_rows), p.lm_targets)
+        for name, value in parts.items():
+            total = total + alphas[name] * value
+            values[name] = value.detach()
+    elif alphas["ce"] > 0 or lm_name:
+        head_total, ce, lm = head_losses(
+            s.features, s.projection, t.features, t.projection, p.lm_labels, p.lm_targets.numel(), temperature,
+            alphas["ce"], alphas[lm_name] if lm_name else 0.0,
+        )
+        total = total + head_total
+        if alphas["ce"] > 0:
+            values["ce"] = ce
+        if lm_name:
+            values[lm_name] = lm
     if alphas["causal_ce"] > 0:
-        losses["causal_ce"] = soft_target_kl(s.cf_logits, t.cf_logits, temperature)
-    if alphas["causal_cos"] > 0:
-        losses["causal_cos"] = hidden_cosine(s.cf_hidden, t.cf_hidden)
-    return losses
+        head_total, ce, _ = head_losses(s.cf_features, s.projection, t.cf_features, t.projection, None, 0,
+                                        temperature, alphas["causal_ce"], 0.0)
+        total = total + head_total
+        values["causal_ce"] = ce
+    for name, (a, b) in (("cos", (s.hidden, t.hidden)), ("causal_cos", (s.cf_hidden, t.cf_hidden))):
+        if alphas[name] > 0:
+            value = hidden_cosine(a, b)
+            total = total + alphas[name] * value
+            values[name] = value.detach()
+    return values, total
 
 
 class NonFiniteLoss(RuntimeError):
@@ -208,7 +239,6 @@ class CausalDistiller:
         self.include_crossway = params.include_crossway and self.needs.causal
         self.grad_acc = params.gradient_accumulation_steps
 
-        family = family_of(student)
         self.preparer = BatchPreparer(
             mlm=params.mlm,
             vocab_size=student.config.vocab_size,
@@ -329,8 +359,8 @@ class CausalDistiller:
         return self._site_cache[key]
 
     # --- one step ------------------------------------------------------------------------------
-    def losses_for_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Forward every run of one collated batch and return the active losses (with gradients).
+    def losses_for_batch(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Forward every run of one collated batch; return (each active loss's value, weighted total).
 
         With --include_crossway the reversed pair is added and each loss is the mean of both.
         """
@@ -357,17 +387,15 @@ class CausalDistiller:
                 for run, n in o.forwards.items():
                     self.forward_counts[who][run] = self.forward_counts[who].get(run, 0) + n
         self.n_tokens += sum(p.n_real_tokens for p in prepared)
-        return {name: sum(d[name] for d in per_pair) / len(per_pair) for name in per_pair[0]}
-
-    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.alphas[name] * value for name, value in losses.items())
+        values = {name: sum(v[name] for v, _ in per_pair) / len(per_pair) for name in per_pair[0][0]}
+        total = sum(t for _, t in per_pair) / len(per_pair)
+        return values, total
 
     def _micro_step(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
         no_sync = self.step_module.no_sync if (self.multi_gpu and not sync) else contextlib.nullcontext
         try:
             with no_sync():
-                losses = self.losses_for_batch(batch)
-                total = self.total_loss(losses)
+                losses, total = self.losses_for_batch(batch)
                 self.scaler.scale(total / self.grad_acc).backward()
         except torch.OutOfMemoryError:
             shape = tuple(batch["base_ids"].shape)
@@ -670,8 +698,8 @@ def list_checkpoints(dump_path: Path) -> list[Path]:
 
 
 def _usable_outside_inference(o: Outputs) -> Outputs:
-    """Teacher hidden states are saved by the cosine loss's backward: make them normal tensors."""
-    for name in ("hidden", "cf_hidden"):
+    """Teacher tensors saved by a loss's backward must be normal tensors, not inference tensors."""
+    for name in ("hidden", "cf_hidden", "features", "cf_features"):
         value = getattr(o, name)
         if value is not None:
             setattr(o, name, value.clone())

@@ -42,31 +42,34 @@ class Family:
     backbone: str  # attribute of the LM model holding the base model
     blocks: str  # attribute of the base model holding the block list (dotted)
     entry: str  # module of the base model whose output is block 0's input (dotted)
-    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (lm model, hidden) -> logits
-    head_modules: tuple[str, ...]  # attributes of the LM model used by `head`
+    features: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (lm model, hidden) -> input of the projection
+    projection: str  # dotted path of the vocabulary projection (an nn.Linear) in the LM model
     mlm: bool  # masked LM (True) or causal LM (False)
     position_embeddings: str  # dotted path from the LM model (for --freeze_pos_embs)
     token_type_embeddings: str | None  # dotted path from the LM model (for --freeze_token_type_embds)
 
 
-def _distilbert_head(model, hidden):
-    x = model.activation(model.vocab_transform(hidden))
-    return model.vocab_projector(model.vocab_layer_norm(x))
+def _distilbert_features(model, hidden):
+    return model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+
+
+def _roberta_features(model, hidden):
+    head = model.lm_head
+    return head.layer_norm(torch.nn.functional.gelu(head.dense(hidden)))
 
 
 FAMILIES: dict[str, Family] = {
     "bert": Family("bert", BertForMaskedLM, BertConfig, "bert", "encoder.layer", "embeddings",
-                   lambda m, h: m.cls(h), ("cls",), True,
+                   lambda m, h: m.cls.predictions.transform(h), "cls.predictions.decoder", True,
                    "bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings"),
     "roberta": Family("roberta", RobertaForMaskedLM, RobertaConfig, "roberta", "encoder.layer", "embeddings",
-                      lambda m, h: m.lm_head(h), ("lm_head",), True,
+                      _roberta_features, "lm_head.decoder", True,
                       "roberta.embeddings.position_embeddings", "roberta.embeddings.token_type_embeddings"),
     "distilbert": Family("distilbert", DistilBertForMaskedLM, DistilBertConfig, "distilbert", "transformer.layer",
-                         "embeddings", _distilbert_head,
-                         ("vocab_transform", "vocab_layer_norm", "vocab_projector"), True,
+                         "embeddings", _distilbert_features, "vocab_projector", True,
                          "distilbert.embeddings.position_embeddings", None),
     "gpt2": Family("gpt2", GPT2LMHeadModel, GPT2Config, "transformer", "h", "drop",
-                   lambda m, h: m.lm_head(h), ("lm_head",), False,
+                   lambda m, h: h, "lm_head", False,
                    "transformer.wpe", None),
 }
 
@@ -197,6 +200,16 @@ def run_model(
     return last, captured
 
 
+def head_features(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head up to (not including) the vocabulary projection: (..., hidden) -> (..., hidden)."""
+    return family_of(model).features(model, hidden)
+
+
+def head_projection(model: nn.Module) -> nn.Linear:
+    """The vocabulary projection of the LM head (weight (V, H), bias (V,) or None)."""
+    return get_submodule(model, family_of(model).projection)
+
+
 def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Apply the model's vocabulary head to hidden states of any leading shape."""
-    return family_of(model).head(model, hidden)
+    return head_projection(model)(head_features(model, hidden))

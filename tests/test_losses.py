@@ -57,6 +57,40 @@ def test_soft_target_kl_gradient_matches_autograd_reference():
     ref = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1),
                                      reduction="sum", log_target=True) / 600 * T * T
     ref.backward()
-    assert losses.KL_CHUNK_ROWS < 600
+    assert losses.CHUNK_ROWS["cpu"] < 600
     torch.testing.assert_close(got, s.grad, atol=1e-7, rtol=1e-5)
     torch.testing.assert_close(soft_target_kl(s, t, T), ref.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_head_losses_equal_the_plain_losses_on_materialised_logits():
+    import losses
+    from losses import head_losses
+
+    torch.manual_seed(0)
+    n, h, v = 530, 16, 300  # more rows than one CPU chunk
+    proj = torch.nn.Linear(h, v)
+    t_proj = torch.nn.Linear(h, v)
+    s_feat = torch.randn(n, h, requires_grad=True)
+    t_feat = torch.randn(n, h)
+    labels = torch.full((n,), -1)
+    rows = torch.randperm(n)[:80]
+    labels[rows] = torch.randint(0, v, (80,))
+    T, a_kl, a_lm = 2.0, 0.3, 0.7
+    total, kl, lm = head_losses(s_feat, proj, t_feat, t_proj, labels, 80, T, a_kl, a_lm)
+    total.backward()
+    got = (s_feat.grad.clone(), proj.weight.grad.clone(), proj.bias.grad.clone())
+    for p in (s_feat, proj.weight, proj.bias):
+        p.grad = None
+
+    logits = proj(s_feat)
+    with torch.no_grad():
+        t_logits = t_proj(t_feat)
+    ref_kl = torch.nn.functional.kl_div(torch.log_softmax(logits / T, -1), torch.log_softmax(t_logits / T, -1),
+                                        reduction="sum", log_target=True) / n * T * T
+    ref_lm = torch.nn.functional.cross_entropy(logits[labels >= 0], labels[labels >= 0])
+    (a_kl * ref_kl + a_lm * ref_lm).backward()
+    assert losses.CHUNK_ROWS["cpu"] < n
+    torch.testing.assert_close(kl, ref_kl.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lm, ref_lm.detach(), atol=1e-5, rtol=1e-5)
+    for g, p in zip(got, (s_feat, proj.weight, proj.bias)):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)

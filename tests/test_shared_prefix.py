@@ -4,7 +4,7 @@ import torch
 from helpers import tiny_bert, tiny_distilbert
 
 from batching import BatchPreparer, length_mask
-from causal_distiller import compute_losses, model_outputs, needs_from_alphas
+from causal_distiller import _usable_outside_inference, compute_losses, model_outputs, needs_from_alphas
 
 VOCAB = 120
 
@@ -28,22 +28,20 @@ def _losses_and_grads(shared_prefix, sites_t, sites_s, alphas, mode="random"):
                          interchange_mode=mode)
     p = prep.prepare(_batch(), causal=True)
     teacher, student = tiny_bert(n_layers=4), tiny_distilbert(n_layers=3)
+    teacher.requires_grad_(False)
     student.train()  # dropout is 0 in the tiny configs
     needs = needs_from_alphas(alphas)
     with torch.inference_mode():
         t = model_outputs(teacher, p, sites_t, needs, want_logits=True, shared_prefix=shared_prefix)
-    for name in ("hidden", "cf_hidden"):
-        if getattr(t, name) is not None:
-            setattr(t, name, getattr(t, name).clone())
+    t = _usable_outside_inference(t)
     s = model_outputs(student, p, sites_s, needs, want_logits=True, shared_prefix=shared_prefix)
-    losses = compute_losses(s, t, p, alphas, temperature=2.0)
-    total = sum(alphas[k] * v for k, v in losses.items())
+    losses, total = compute_losses(s, t, p, alphas, temperature=2.0)
     total.backward()
     grads = {n: q.grad.clone() for n, q in student.named_parameters() if q.grad is not None}
     return {k: v.detach() for k, v in losses.items()}, grads, s.forwards
 
 
-ALPHAS = {"ce": 0.25, "mlm": 0.25, "clm": 0.0, "mse": 0.1, "cos": 0.25, "causal_ce": 0.25, "causal_cos": 0.25}
+ALPHAS = {"ce": 0.25, "mlm": 0.25, "clm": 0.0, "mse": 0.0, "cos": 0.25, "causal_ce": 0.25, "causal_cos": 0.25}
 
 
 @pytest.mark.parametrize("sites", [
@@ -51,11 +49,13 @@ ALPHAS = {"ce": 0.25, "mlm": 0.25, "clm": 0.0, "mse": 0.1, "cos": 0.25, "causal_
     ({1: torch.arange(8, 24), 3: torch.arange(0, 32)}, {0: torch.arange(0, 8), 2: torch.arange(4, 12)}),
 ])
 @pytest.mark.parametrize("mode", ["random", "consecutive"])
-def test_shared_prefix_equals_plain_path(sites, mode):
-    plain_l, plain_g, plain_f = _losses_and_grads(False, *sites, ALPHAS, mode)
-    fast_l, fast_g, fast_f = _losses_and_grads(True, *sites, ALPHAS, mode)
+@pytest.mark.parametrize("mse", [0.0, 0.1], ids=["fused-head", "logits"])
+def test_shared_prefix_equals_plain_path(sites, mode, mse):
+    alphas = dict(ALPHAS, mse=mse)
+    plain_l, plain_g, plain_f = _losses_and_grads(False, *sites, alphas, mode)
+    fast_l, fast_g, fast_f = _losses_and_grads(True, *sites, alphas, mode)
     assert plain_f == fast_f == {"base": 1, "source": 1, "counterfactual": 1}
-    assert plain_l.keys() == fast_l.keys() == {k for k, v in ALPHAS.items() if v > 0}
+    assert plain_l.keys() == fast_l.keys() == {k for k, v in alphas.items() if v > 0}
     for k in plain_l:
         torch.testing.assert_close(fast_l[k], plain_l[k], atol=1e-5, rtol=1e-5)
     assert plain_g.keys() == fast_g.keys()
@@ -69,3 +69,15 @@ def test_no_causal_runs_without_causal_weights():
     alphas = dict(ALPHAS, causal_ce=0.0, causal_cos=0.0)
     _, _, forwards = _losses_and_grads(True, {2: torch.arange(4)}, {1: torch.arange(4)}, alphas)
     assert forwards == {"base": 1}
+
+
+def test_fused_head_losses_equal_the_logits_path():
+    """The same step through head_losses (no logits kept) and through materialised logits."""
+    sites = ({2: torch.arange(0, 16)}, {1: torch.arange(0, 16)})
+    tiny_mse = dict(ALPHAS, mse=1e-12)  # forces the logits path; its own contribution is negligible
+    fused_l, fused_g, _ = _losses_and_grads(True, *sites, dict(ALPHAS, mse=0.0))
+    plain_l, plain_g, _ = _losses_and_grads(True, *sites, tiny_mse)
+    for k in fused_l:
+        torch.testing.assert_close(fused_l[k], plain_l[k], atol=1e-5, rtol=1e-5)
+    for k in fused_g:
+        torch.testing.assert_close(fused_g[k], plain_g[k], atol=1e-5, rtol=1e-4)
