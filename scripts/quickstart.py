@@ -1,0 +1,879 @@
+"""Offline quickstart: the whole pipeline end to end on a small machine, ending with a report.
+
+Chains the project's real scripts as a user would, each as its own command (logged, and collected
+in `<out>/commands.sh`), with no model or dataset hub:
+
+  1 corpus      English prose every Python has (the standard library's docstrings via
+                scripts/stdlib_corpus.py, plus the prose of pydoc's topic help), or your own text
+                (--text); split into train and held-out parts that share no document
+  2 tokenizer   a WordPiece tokenizer trained on the train part (or --tokenizer)
+  3 teacher     a small BERT pretrained from scratch: run_mlm.py --do_train
+  4 data        scripts/binarized_data.py and scripts/token_counts.py
+  5 student     scripts/extract_distilbert.py, the student config and a DIITO neuron mapping (.nm)
+  6 students    causal_train.py per seed: standard distillation and DIITO, same init, data, steps
+  7 evaluation  run_mlm.py --do_eval on the held-out part, same masking for every model
+  8 report      <out>/report.md with a table and plots (<out>/plots/*.png)
+
+Each stage writes a `.done` marker last, recording the settings it ran with; a re-run skips every
+stage (and every training run) whose marker matches, so an interrupted quickstart resumes where it
+stopped. --force redoes everything.
+
+    python scripts/quickstart.py                      # about 9 minutes on a 2-core CPU (budget: 15)
+    python scripts/quickstart.py --preset test --seeds 1 --out /tmp/qs_test
+    python scripts/quickstart.py --text my_book.txt --out ./qs_book
+    python scripts/quickstart.py --preset gpu         # bigger models, longer runs, --n_gpu 1 --bf16
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils import REPO_ROOT, CliError, atomic_write_text, logger, run_cli  # noqa: E402
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+    "PYTHONUNBUFFERED": "1",
+}
+N_STAGES = 8
+MIN_DOCUMENTS = 20  # fewer cannot be split into a training part and a held-out part worth evaluating on
+SPLIT_SEED = "quickstart-split-v1"
+TEACHER_SEED = 0
+EVAL_MASK_SEED = 12345
+# The distillation objective of the original recipe (README of Causal-Distill); DIITO adds the causal term.
+ALPHAS = {"alpha_ce": 0.25, "alpha_mlm": 0.25, "alpha_cos": 0.25, "alpha_clm": 0.0}
+ALPHA_CAUSAL_CE = 0.25
+OBJECTIVES = ("standard", "diito")
+LABELS = {"teacher": "teacher (BERT)", "standard": "standard distillation", "diito": "DIITO"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model sizes and run lengths of one quickstart size."""
+
+    vocab_size: int
+    teacher_layers: int
+    hidden: int
+    heads: int
+    ffn: int
+    max_seq_length: int
+    teacher_steps: int
+    teacher_batch: int
+    teacher_lr: float
+    student_layers: int
+    student_steps: int
+    student_batch: int
+    student_lr: float
+    eval_batch: int
+    gpu: bool = False
+    max_documents: int | None = None
+
+
+# Sizes measured on a 2-core CPU shared with another job (see the README): a 128-wide teacher gets
+# well past the unigram plateau in the time a 256-wide one needs to reach it.
+PRESETS = {
+    "small": Preset(vocab_size=2000, teacher_layers=4, hidden=128, heads=4, ffn=512, max_seq_length=128,
+                    teacher_steps=1200, teacher_batch=32, teacher_lr=2e-3,
+                    student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64),
+    "gpu": Preset(vocab_size=8000, teacher_layers=6, hidden=512, heads=8, ffn=2048, max_seq_length=128,
+                  teacher_steps=6000, teacher_batch=128, teacher_lr=5e-4,
+                  student_layers=3, student_steps=3000, student_batch=64, student_lr=5e-4, eval_batch=256,
+                  gpu=True),
+    "test": Preset(vocab_size=400, teacher_layers=2, hidden=32, heads=2, ffn=64, max_seq_length=64,
+                   teacher_steps=20, teacher_batch=16, teacher_lr=2e-3,
+                   student_layers=1, student_steps=6, student_batch=8, student_lr=5e-4, eval_batch=64,
+                   max_documents=400),
+}
+
+
+# --- corpus ------------------------------------------------------------------------------------
+_BULLET = re.compile(r"^(?:[*\-+]|\d+\.|\(\d+\)|[a-z][.)])\s+")
+_UNDERLINE = re.compile(r"^\s*([*=\-~^\"#+])\1{2,}\s*$")
+_NOT_PROSE = re.compile(r">>>|::=|[{}\\|]|-\[")
+
+
+def clean_topic_paragraph(paragraph: str) -> str | None:
+    """One paragraph of `pydoc_data.topics` as a line of prose, or None for code, grammar, tables, headings.
+
+    Prose there is plain text wrapped at 70 columns, sometimes indented as a whole (a method's
+    description) or opened by a list bullet; code and grammar blocks have ragged indentation or
+    markers such as `>>>` and `::=`.
+    """
+    lines = [line.rstrip() for line in paragraph.splitlines() if line.strip()]
+    if not lines or any(_UNDERLINE.match(line) for line in lines):
+        return None
+    indents = [len(line) - len(line.lstrip()) for line in lines]
+    bullet = _BULLET.match(lines[0].lstrip())
+    body_indent = indents[0] + (bullet.end() if bullet else 0)
+    if any(indent != body_indent for indent in indents[1:]):
+        return None
+    text = " ".join(line.strip() for line in lines)
+    if bullet:
+        text = text[bullet.end():]
+    text = re.sub(r"\*\*?([^*]+)\*\*?", r"\1", text)  # *emphasis*
+    text = re.sub(r"\s*\[\d+\]", "", text)  # footnote references
+    text = re.sub(r"\s+", " ", text).strip()
+    if not text or _NOT_PROSE.search(text):
+        return None
+    if len(text.split()) < 8 or not text[0].isupper() or text[-1] not in ".?!:":
+        return None
+    letters = sum(ch.isalpha() or ch == " " for ch in text)
+    return text if letters / len(text) > 0.85 else None
+
+
+def pydoc_topic_documents() -> list[str]:
+    """The prose paragraphs of the interpreter's topic help (`pydoc_data.topics`), in topic order."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # a trimmed Python without pydoc_data: the docstrings alone will do
+        return []
+    docs = []
+    for name in sorted(topics):
+        for paragraph in re.split(r"\n\s*\n", topics[name]):
+            text = clean_topic_paragraph(paragraph)
+            if text:
+                docs.append(text)
+    return docs
+
+
+def split_documents(text: str) -> list[str]:
+    """A user's text as documents: paragraphs separated by blank lines if it has any, else one per line."""
+    text = text.replace("\r\n", "\n").strip()
+    blocks = re.split(r"\n\s*\n", text) if re.search(r"\n\s*\n", text) else text.splitlines()
+    return [" ".join(block.split()) for block in blocks if block.strip()]
+
+
+def read_text_files(paths: list[str]) -> list[str]:
+    """The documents of the --text files; CliError for a missing, unreadable or empty file."""
+    docs = []
+    for name in paths:
+        path = Path(name)
+        if not path.exists():
+            raise CliError(f"--text {name}: no such file")
+        if not path.is_file():
+            raise CliError(f"--text {name}: not a file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise CliError(f"--text {name}: not UTF-8 text ({err})") from None
+        except OSError as err:
+            raise CliError(f"--text {name}: cannot read it ({err.strerror})") from None
+        found = split_documents(text)
+        if not found:
+            raise CliError(f"--text {name} is empty")
+        docs.extend(found)
+    return docs
+
+
+def split_corpus(docs: list[str], heldout_fraction: float, source: str) -> tuple[list[str], list[str]]:
+    """Deduplicate `docs` and split them into (train, held-out), sharing no document.
+
+    The held-out part is the documents with the smallest hashes, so the split does not depend on
+    their order and moves little when a few documents come or go. Raises CliError when there are
+    too few documents to split.
+    """
+    unique = list(dict.fromkeys(docs))
+    if len(unique) < MIN_DOCUMENTS:
+        raise CliError(
+            f"{source}: {len(unique)} distinct document(s), too few to split into a training part and a "
+            f"held-out part; give at least {MIN_DOCUMENTS} (one per line, or paragraphs separated by blank lines)"
+        )
+    n_heldout = max(1, round(len(unique) * heldout_fraction))
+    ranked = sorted(unique, key=lambda d: hashlib.sha256(f"{SPLIT_SEED}\n{d}".encode()).hexdigest())
+    heldout = set(ranked[:n_heldout])
+    return [d for d in unique if d not in heldout], [d for d in unique if d in heldout]
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+def train_wordpiece(lines: list[str], out_dir: Path, vocab_size: int) -> Path:
+    """Train an uncased BERT-style WordPiece tokenizer on `lines`; save it as a `BertTokenizerFast` folder."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(lines, trainer=trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    BertTokenizerFast(tokenizer_object=tok, do_lower_case=True).save_pretrained(out_dir)
+    return out_dir
+
+
+def copy_tokenizer(name: str, out_dir: Path) -> None:
+    """Save the --tokenizer (local folder or cached hub name) into `out_dir`; CliError if it cannot serve MLM."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, use_fast=True)
+    except Exception as err:  # noqa: BLE001 -- transformers raises many types; all mean "cannot load"
+        raise CliError(f"--tokenizer {name}: cannot load it offline ({type(err).__name__}: {err})") from None
+    if not getattr(tok, "is_fast", False):
+        raise CliError(f"--tokenizer {name}: no fast (Rust) implementation, which scripts/binarized_data.py needs")
+    missing = [t for t in ("cls_token", "sep_token", "pad_token", "mask_token", "unk_token") if getattr(tok, t, None) is None]
+    if missing:
+        raise CliError(f"--tokenizer {name}: lacks {', '.join(missing)}, which a BERT-style masked LM needs")
+    tok.save_pretrained(out_dir)
+
+
+# --- stage bookkeeping -------------------------------------------------------------------------
+def fingerprint(settings: dict) -> str:
+    """A short stable hash of a stage's settings (upstream fingerprints included)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The `.done` record of `folder`, or None if it has none (or an unreadable one)."""
+    try:
+        return json.loads((folder / ".done").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+
+
+class StageFailed(Exception):
+    """A command of the pipeline exited with an error."""
+
+
+class Pipeline:
+    """Runs stages and commands, skipping what a matching `.done` marker says is finished."""
+
+    def __init__(self, out: Path, force: bool, env: dict[str, str]):
+        self.out = out
+        self.force = force
+        self.env = env
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.commands = out / "commands.sh"
+        self.skipped: list[str] = []
+        self.ran: list[str] = []
+
+    def banner(self, k: int, title: str) -> None:
+        print(f"\n[stage {k}/{N_STAGES}] {title}", flush=True)
+
+    def complete(self, folder: Path, key: str, outputs: tuple[str, ...] = ()) -> dict | None:
+        """The marker of `folder` if it records `key` and every one of `outputs` exists, else None."""
+        if self.force:
+            return None
+        marker = read_marker(folder)
+        if marker is None or marker.get("key") != key:
+            return None
+        if not all((folder / name).exists() for name in outputs):
+            return None
+        return marker
+
+    def unit(self, name: str, folder: Path, settings: dict, work, outputs: tuple[str, ...] = ()) -> dict:
+        """Run `work(folder) -> dict` unless `folder` holds a matching marker; write the marker last.
+
+        The folder is emptied first, so no output of an older run survives into the new one.
+        Returns the marker: the key, the settings, the seconds the work took and what it returned.
+        """
+        key = fingerprint(settings)
+        marker = self.complete(folder, key, outputs)
+        if marker is not None:
+            print(f"  {name}: done already ({format_seconds(marker['seconds'])} on {marker['finished']}); skipping",
+                  flush=True)
+            self.skipped.append(name)
+            return marker
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        result = work(folder) or {}
+        marker = {"name": name, "key": key, "settings": settings, "seconds": round(time.time() - start, 2),
+                  "finished": dt.datetime.now().isoformat(timespec="seconds"), **result}
+        atomic_write_text(folder / ".done", json.dumps(marker, indent=2, default=str))
+        self.ran.append(name)
+        return marker
+
+    def command(self, log_name: str, script: str, args: list[str]) -> float:
+        """Run `python <script> <args>` from the repository root, echoing and logging its output.
+
+        Returns the wall time in seconds; raises StageFailed on a non-zero exit.
+        """
+        argv = [sys.executable, script, *map(str, args)]
+        shown = shlex.join(["python", script, *map(str, args)])
+        logger.info("$ %s", shown)
+        with open(self.commands, "a", encoding="utf-8") as fh:
+            fh.write(shown + "\n")
+        log_path = self.logs / f"{log_name}.log"
+        start = time.time()
+        with open(log_path, "wb") as log:
+            log.write(f"$ {shown}\n".encode())
+            proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+            echo = getattr(sys.stdout, "buffer", None)
+            try:
+                while chunk := os.read(proc.stdout.fileno(), 65536):
+                    log.write(chunk)
+                    if echo is not None:
+                        echo.write(chunk)
+                        echo.flush()
+                    else:
+                        sys.stdout.write(chunk.decode("utf-8", "replace"))
+                rc = proc.wait()
+            except BaseException:
+                proc.terminate()
+                proc.wait()
+                raise
+        if rc != 0:
+            raise StageFailed(f"{script} exited with status {rc}; its output is in {log_path}. The command was:\n  {shown}")
+        return time.time() - start
+
+
+# --- the quickstart ----------------------------------------------------------------------------
+class Quickstart:
+    def __init__(self, args: argparse.Namespace, preset: Preset, user_docs: list[str] | None):
+        self.args = args
+        self.preset = preset
+        self.user_docs = user_docs
+        self.out = Path(args.out).resolve()
+        self.seeds = list(range(1, args.seeds + 1))
+        env = dict(os.environ, **OFFLINE_ENV)
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+        self.pipe = Pipeline(self.out, args.force, env)
+        self.device_args = ["--n_gpu", "1", "--bf16"] if preset.gpu else ["--n_gpu", "0"]
+        self.trainer_device_args = ["--bf16"] if preset.gpu else ["--use_cpu", "--no_dataloader_pin_memory"]
+
+    # 1
+    def corpus(self) -> dict:
+        p, args = self.preset, self.args
+        self.pipe.banner(1, "corpus: real English prose, split into train and held-out parts")
+        if self.user_docs is not None:
+            source = {"text": [str(Path(t).resolve()) for t in args.text],
+                      "sha256": hashlib.sha256("\n".join(self.user_docs).encode()).hexdigest()}
+        else:
+            source = {"stdlib": sys.version, "max_documents": p.max_documents}
+        settings = {"source": source, "heldout_fraction": args.heldout_fraction, "split": SPLIT_SEED}
+
+        def work(folder: Path) -> dict:
+            if self.user_docs is not None:
+                docs, origin = self.user_docs, "your --text files: " + ", ".join(args.text)
+            else:
+                stdlib = folder / "stdlib_docstrings.txt"
+                self.pipe.command("corpus_stdlib", "scripts/stdlib_corpus.py", ["--out", stdlib])
+                docs = stdlib.read_text(encoding="utf-8").splitlines()
+                topics = pydoc_topic_documents()
+                atomic_write_text(folder / "pydoc_topics.txt", "\n".join(topics) + "\n")
+                docs += topics
+                if p.max_documents:
+                    docs = docs[: p.max_documents]
+                origin = (f"the standard library's docstrings (scripts/stdlib_corpus.py) and the prose of "
+                          f"pydoc's topic help ({len(topics)} paragraphs), Python {platform.python_version()}")
+            train, heldout = split_corpus(docs, args.heldout_fraction, "the corpus")
+            atomic_write_text(folder / "train.txt", "\n".join(train) + "\n")
+            atomic_write_text(folder / "heldout.txt", "\n".join(heldout) + "\n")
+            stats = {"origin": origin, "train_documents": len(train), "heldout_documents": len(heldout),
+                     "train_words": sum(len(d.split()) for d in train),
+                     "heldout_words": sum(len(d.split()) for d in heldout)}
+            print(f"  {stats['train_documents']} training documents ({stats['train_words']} words), "
+                  f"{stats['heldout_documents']} held-out documents ({stats['heldout_words']} words)", flush=True)
+            return stats
+
+        return self.pipe.unit("corpus", self.out / "corpus", settings, work, ("train.txt", "heldout.txt"))
+
+    # 2
+    def tokenizer(self, corpus: dict) -> dict:
+        self.pipe.banner(2, "tokenizer: " + (f"--tokenizer {self.args.tokenizer}" if self.args.tokenizer
+                                              else f"WordPiece ({self.preset.vocab_size} entries) on the train part"))
+        settings = {"corpus": corpus["key"], "vocab_size": self.preset.vocab_size, "tokenizer": self.args.tokenizer}
+
+        def work(folder: Path) -> dict:
+            os.environ.update(OFFLINE_ENV)
+            if self.args.tokenizer:
+                copy_tokenizer(self.args.tokenizer, folder)
+            else:
+                lines = (self.out / "corpus" / "train.txt").read_text(encoding="utf-8").splitlines()
+                train_wordpiece(lines, folder, self.preset.vocab_size)
+            saved = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+            size = len(set(saved["model"]["vocab"]) | {t["content"] for t in saved.get("added_tokens", [])})
+            print(f"  {size} entries, saved to {folder}", flush=True)
+            return {"vocab_size": size}
+
+        return self.pipe.unit("tokenizer", self.out / "tokenizer", settings, work, ("tokenizer.json",))
+
+    # 3
+    def teacher(self, corpus: dict, tokenizer: dict) -> dict:
+        p = self.preset
+        steps = self.args.teacher_steps or p.teacher_steps
+        self.pipe.banner(3, f"teacher: BERT {p.teacher_layers} layers x {p.hidden} from scratch, {steps} steps "
+                            f"(run_mlm.py --do_train)")
+        overrides = (f"num_hidden_layers={p.teacher_layers},hidden_size={p.hidden},num_attention_heads={p.heads},"
+                     f"intermediate_size={p.ffn},max_position_embeddings={p.max_seq_length}")
+        argv = [
+            "--model_type", "bert", "--config_overrides", overrides,
+            "--tokenizer_name", self.out / "tokenizer", "--train_file", self.out / "corpus" / "train.txt",
+            "--line_by_line", "--max_seq_length", p.max_seq_length,
+            "--do_train", "--max_steps", steps, "--per_device_train_batch_size", p.teacher_batch,
+            "--learning_rate", p.teacher_lr, "--warmup_steps", max(1, steps // 16), "--weight_decay", 0.01,
+            "--adam_beta2", 0.98, "--train_sampling_strategy", "group_by_length",
+            "--logging_steps", max(1, steps // 40), "--save_strategy", "no", "--report_to", "none",
+            "--seed", TEACHER_SEED, "--dataloader_num_workers", 0, *self.trainer_device_args,
+        ]
+        settings = {"corpus": corpus["key"], "tokenizer": tokenizer["key"], "argv": [str(a) for a in argv]}
+
+        def work(folder: Path) -> dict:
+            seconds = self.pipe.command("teacher", "run_mlm.py", [*argv, "--output_dir", folder, "--overwrite_output_dir"])
+            return {"train_seconds": round(seconds, 2), "steps": steps}
+
+        return self.pipe.unit("teacher", self.out / "teacher", settings, work, ("model.safetensors", "config.json"))
+
+    # 4
+    def data(self, corpus: dict, tokenizer: dict) -> dict:
+        self.pipe.banner(4, "data: binarize the train part and count its tokens "
+                            "(scripts/binarized_data.py, scripts/token_counts.py)")
+        settings = {"corpus": corpus["key"], "tokenizer": tokenizer["key"]}
+
+        def work(folder: Path) -> dict:
+            self.pipe.command("binarize", "scripts/binarized_data.py", [
+                "--file_path", self.out / "corpus" / "train.txt", "--tokenizer_type", "bert",
+                "--tokenizer_name", self.out / "tokenizer", "--dump_file", folder / "binarized_text", "--seed", 0])
+            found = sorted(folder.glob("binarized_text.*.bin"))
+            if len(found) != 1:
+                raise StageFailed(f"scripts/binarized_data.py left {len(found)} .bin files in {folder}, expected one")
+            self.pipe.command("token_counts", "scripts/token_counts.py", [
+                "--data_file", found[0], "--token_counts_dump", folder / "token_counts.pickle"])
+            return {"data_file": found[0].name}
+
+        return self.pipe.unit("data", self.out / "data", settings, work, ("token_counts.pickle",))
+
+    # 5
+    def student_init(self, teacher: dict) -> dict:
+        p = self.preset
+        self.pipe.banner(5, f"student initialisation: {p.student_layers} of the teacher's {p.teacher_layers} blocks "
+                            f"(scripts/extract_distilbert.py), config and DIITO mapping")
+        settings = {"teacher": teacher["key"], "student_layers": p.student_layers}
+
+        def work(folder: Path) -> dict:
+            weights = folder / "student_init.pth"
+            self.pipe.command("extract", "scripts/extract_distilbert.py", [
+                "--model_type", "bert", "--model_name", self.out / "teacher", "--dump_checkpoint", weights,
+                "--num_layers", p.student_layers, "--vocab_transform"])
+            record = json.loads(weights.with_name(weights.name + ".json").read_text())
+            atomic_write_text(folder / "student_config.json", json.dumps(record["student_config"], indent=2) + "\n")
+            atomic_write_text(folder / "diito.nm", json.dumps(neuron_mapping(record["teacher_layers"], p.heads,
+                                                                             p.hidden // p.heads), indent=2) + "\n")
+            print(f"  student block i <- teacher block {record['teacher_layers']}; DIITO aligns the outputs of "
+                  f"each pair, full width ({folder / 'diito.nm'})", flush=True)
+            return {"teacher_layers": record["teacher_layers"]}
+
+        return self.pipe.unit("student_init", self.out / "student_init", settings, work,
+                              ("student_init.pth", "student_config.json", "diito.nm"))
+
+    # 6
+    def students(self, data: dict, init: dict) -> dict[str, dict]:
+        p = self.preset
+        steps = self.args.steps or p.student_steps
+        runs = [(objective, seed) for seed in self.seeds for objective in OBJECTIVES]
+        self.pipe.banner(6, f"students: causal_train.py, standard and DIITO, {steps} steps each, "
+                            f"seeds {', '.join(map(str, self.seeds))} ({len(runs)} runs)")
+        common = [
+            "--data_file", self.out / "data" / data["data_file"],
+            "--token_counts", self.out / "data" / "token_counts.pickle",
+            "--student_type", "distilbert", "--student_config", self.out / "student_init" / "student_config.json",
+            "--student_pretrained_weights", self.out / "student_init" / "student_init.pth",
+            "--teacher_type", "bert", "--teacher_name", self.out / "teacher", "--tokenizer_name", self.out / "tokenizer",
+            "--mlm", *[x for k, v in ALPHAS.items() for x in (f"--{k}", v)],
+            "--interchange_prop", 0.3, "--interchange_consecutive_only", "--freeze_pos_embs",
+            "--max_steps", steps, "--n_epoch", 1000, "--batch_size", p.student_batch,
+            "--gradient_accumulation_steps", 1, "--learning_rate", p.student_lr, "--warmup_prop", 0.05,
+            "--group_by_size", "--log_interval", max(1, steps // 25), "--checkpoint_interval", 0,
+            "--save_total_limit", 1, "--num_workers", 0, *self.device_args,
+        ]
+        records = {}
+        for i, (objective, seed) in enumerate(runs, 1):
+            name = f"{objective}_seed{seed}"
+            causal = ["--alpha_causal_ce", ALPHA_CAUSAL_CE, "--neuron_mapping", self.out / "student_init" / "diito.nm"] \
+                if objective == "diito" else ["--alpha_causal_ce", 0.0]
+            argv = [*common, *causal, "--seed", seed]
+            settings = {"data": data["key"], "init": init["key"], "argv": [str(a) for a in argv]}
+            print(f"  run {i}/{len(runs)}: {LABELS[objective]}, seed {seed}", flush=True)
+
+            def work(folder: Path, argv=argv, name=name, objective=objective, seed=seed) -> dict:
+                seconds = self.pipe.command(f"student_{name}", "causal_train.py",
+                                            ["--dump_path", folder, "--force", *argv])
+                for checkpoint in folder.glob("checkpoint-*"):  # the final student is what the report needs
+                    shutil.rmtree(checkpoint, ignore_errors=True)
+                return {"train_seconds": round(seconds, 2), "objective": objective, "seed": seed, "steps": steps}
+
+            records[name] = self.pipe.unit(name, self.out / "students" / name, settings, work,
+                                           ("model.safetensors", "config.json"))
+        return records
+
+    # 7
+    def evaluate(self, teacher: dict, students: dict[str, dict]) -> dict[str, dict]:
+        p = self.preset
+        models = {"teacher": (self.out / "teacher", teacher)}
+        models.update({name: (self.out / "students" / name, rec) for name, rec in students.items()})
+        self.pipe.banner(7, f"evaluation: held-out perplexity of {len(models)} models (run_mlm.py --do_eval, "
+                            f"--eval_mask_seed {EVAL_MASK_SEED}, --max_seq_length {p.max_seq_length})")
+        common = [
+            "--tokenizer_name", self.out / "tokenizer", "--validation_file", self.out / "corpus" / "heldout.txt",
+            "--line_by_line", "--max_seq_length", p.max_seq_length, "--do_eval",
+            "--per_device_eval_batch_size", p.eval_batch, "--eval_mask_seed", EVAL_MASK_SEED, "--seed", 0,
+            "--report_to", "none", "--dataloader_num_workers", 0,
+            *(["--use_cpu", "--no_dataloader_pin_memory"] if not p.gpu else []),
+        ]
+        records = {}
+        for name, (model_dir, model_record) in models.items():
+            argv = ["--model_name_or_path", model_dir, *common]
+            settings = {"model": model_record["key"], "argv": [str(a) for a in argv]}
+
+            def work(folder: Path, argv=argv, name=name) -> dict:
+                self.pipe.command(f"eval_{name}", "run_mlm.py", [*argv, "--output_dir", folder])
+                metrics = json.loads((folder / "eval_results.json").read_text())
+                print(f"  {name}: held-out perplexity {metrics['perplexity']:.2f}", flush=True)
+                return {"perplexity": metrics["perplexity"], "eval_loss": metrics["eval_loss"],
+                        "eval_samples": metrics.get("eval_samples")}
+
+            records[name] = self.pipe.unit(f"eval {name}", self.out / "eval" / name, settings, work,
+                                           ("eval_results.json",))
+        return records
+
+    # 8
+    def report(self, stages: dict, students: dict, evals: dict) -> dict:
+        self.pipe.banner(8, "report: table and plots")
+        # Keyed on when each input was made too, so that anything redone upstream is reported afresh.
+        settings = {group: {k: (v["key"], v["finished"]) for k, v in records.items()}
+                    for group, records in (("stages", stages), ("students", students), ("evals", evals))}
+        settings["version"] = 3
+
+        def work(folder: Path) -> dict:
+            summary = write_report(self.out, self.preset, self.args, stages, students, evals, self.seeds)
+            print(f"  {self.out / 'report.md'}", flush=True)
+            return {"verdict": summary["verdict"]}
+
+        return self.pipe.unit("report", self.out / "plots", settings, work,
+                              ("heldout_perplexity.png", "training_losses.png", "../report.md", "../summary.json"))
+
+    def run(self) -> dict:
+        start = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.pipe.commands, "a", encoding="utf-8") as fh:
+            fh.write(f"# quickstart {dt.datetime.now().isoformat(timespec='seconds')}: "
+                     f"{shlex.join(['python', 'scripts/quickstart.py', *sys.argv[1:]])}\n"
+                     f"cd {shlex.quote(str(REPO_ROOT))}\n"
+                     + "".join(f"export {k}={v}\n" for k, v in OFFLINE_ENV.items())
+                     + f"export OMP_NUM_THREADS={self.args.threads} MKL_NUM_THREADS={self.args.threads}\n")
+        stages = {}
+        stages["corpus"] = corpus = self.corpus()
+        stages["tokenizer"] = tokenizer = self.tokenizer(corpus)
+        stages["teacher"] = teacher = self.teacher(corpus, tokenizer)
+        stages["data"] = data = self.data(corpus, tokenizer)
+        stages["student_init"] = init = self.student_init(teacher)
+        students = self.students(data, init)
+        evals = self.evaluate(teacher, students)
+        report = self.report(stages, students, evals)
+        elapsed = time.time() - start
+        print(f"\nquickstart finished in {format_seconds(elapsed)} "
+              f"(ran {len(self.pipe.ran)}, skipped {len(self.pipe.skipped)} found done already)")
+        print((self.out / "report_table.md").read_text(encoding="utf-8"))
+        print(report["verdict"])
+        print(f"report: {self.out / 'report.md'}")
+        return {"seconds": elapsed, "ran": self.pipe.ran, "skipped": self.pipe.skipped}
+
+
+def neuron_mapping(teacher_layers: list[int], heads: int, head_dim: int) -> dict:
+    """A DIITO mapping that aligns the output of student block i with that of the teacher block copied into it."""
+    width = f"$H:[0:{heads}]$[0:{head_dim}]"
+    return {"interchange_variable_mappings": [
+        {"teacher_variable_names": [f"$L:{t}{width}"], "student_variable_names": [f"$L:{i}{width}"]}
+        for i, t in enumerate(teacher_layers)
+    ]}
+
+
+# --- report ------------------------------------------------------------------------------------
+def count_parameters(model_dir: Path) -> int:
+    """Parameters stored in `model.safetensors` (read from its header; tied weights are stored once)."""
+    with open(model_dir / "model.safetensors", "rb") as fh:
+        header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+
+
+def read_loss_curves(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The `losses/<name>` scalars causal_train.py wrote under `<dump_path>/log/train`."""
+    import logging
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one "No path found after" line per file
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag.split("/", 1)[1]: [(e.step, e.value) for e in acc.Scalars(tag)]
+            for tag in acc.Tags().get("scalars", []) if tag.startswith("losses/")}
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def verdict(ppl: dict[str, dict[int, float]], seeds: list[int]) -> str:
+    """One honest sentence: did DIITO reach a lower held-out perplexity than standard distillation?"""
+    std_mean, diito_mean = statistics.fmean(ppl["standard"].values()), statistics.fmean(ppl["diito"].values())
+    wins = [s for s in seeds if ppl["diito"][s] < ppl["standard"][s]]
+    seed_text = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    numbers = f"mean held-out perplexity {diito_mean:.2f} for DIITO against {std_mean:.2f} for standard distillation"
+    if diito_mean < std_mean and len(wins) == len(seeds):
+        head = "DIITO won at this scale" if len(seeds) > 1 else "DIITO won on the single seed run"
+        return f"{head}: {numbers}, lower on every one of {seed_text}."
+    if diito_mean < std_mean:
+        return (f"Mixed result at this scale: {numbers}, but DIITO was lower on only {len(wins)} of "
+                f"{len(seeds)} seeds ({seed_text}).")
+    return f"DIITO did not win at this scale: {numbers}; DIITO was lower on {len(wins)} of {len(seeds)} ({seed_text})."
+
+
+def write_report(out: Path, preset: Preset, args, stages: dict, students: dict, evals: dict, seeds: list[int]) -> dict:
+    """Write `report.md`, `report_table.md`, `summary.json` and the plots; return the summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vocab = stages["tokenizer"]["vocab_size"]
+    corpus = stages["corpus"]
+    ppl = {obj: {s: evals[f"{obj}_seed{s}"]["perplexity"] for s in seeds} for obj in OBJECTIVES}
+    train_s = {obj: [students[f"{obj}_seed{s}"]["train_seconds"] for s in seeds] for obj in OBJECTIVES}
+    params = {"teacher": count_parameters(out / "teacher"),
+              "student": count_parameters(out / "students" / f"standard_seed{seeds[0]}")}
+    teacher_steps = stages["teacher"]["steps"]
+    student_steps = students[f"standard_seed{seeds[0]}"]["steps"]
+    plots = out / "plots"
+
+    def pm(values, fmt="{:.2f}"):
+        mean, std = mean_std(values)
+        return fmt.format(mean) + (" ± " + fmt.format(std) if std is not None else "")
+
+    rows = [
+        "| model | layers x width | parameters | held-out perplexity | per seed | training steps | training time |",
+        "|---|---|---|---|---|---|---|",
+        f"| {LABELS['teacher']} | {preset.teacher_layers} x {preset.hidden} | {params['teacher'] / 1e6:.2f} M | "
+        f"{evals['teacher']['perplexity']:.2f} | one teacher | {teacher_steps} | "
+        f"{format_seconds(stages['teacher']['train_seconds'])} |",
+    ]
+    for obj in OBJECTIVES:
+        rows.append(
+            f"| {LABELS[obj]} | {preset.student_layers} x {preset.hidden} | {params['student'] / 1e6:.2f} M | "
+            f"{pm(list(ppl[obj].values()))} | {', '.join(f'{ppl[obj][s]:.2f}' for s in seeds)} | "
+            f"{student_steps} per run | {pm(train_s[obj], '{:.0f}')} s per run |")
+    table = "\n".join(rows) + "\n"
+    sentence = verdict(ppl, seeds)
+    chance_ratio = vocab / evals["teacher"]["perplexity"]
+    cost_ratio = statistics.fmean(train_s["diito"]) / statistics.fmean(train_s["standard"])
+
+    # Plots: loss curves of every objective, and held-out perplexity per model.
+    curves = {name: read_loss_curves(out / "students" / name / "log" / "train") for name in students}
+    names = [n for n in ("loss", "ce", "mlm", "cos", "causal_ce") if any(n in c for c in curves.values())]
+    names += sorted({n for c in curves.values() for n in c} - set(names))
+    teacher_log = json.loads((out / "teacher" / "trainer_state.json").read_text()).get("log_history", [])
+    teacher_curve = [(e["step"], e["loss"]) for e in teacher_log if "loss" in e]
+    panels = len(names) + 1
+    ncols = min(3, panels)
+    nrows = math.ceil(panels / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    axes = [ax for row in axes for ax in row]
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    colors = {"standard": "tab:blue", "diito": "tab:orange"}
+    axes[0].plot([s for s, _ in teacher_curve], [v for _, v in teacher_curve], color="black")
+    axes[0].set_title("teacher: MLM loss (run_mlm.py)")
+    axes[0].set_xlabel("step")
+    for ax, loss in zip(axes[1:], names):
+        for name, curve in sorted(curves.items()):
+            if loss in curve:
+                obj = students[name]["objective"]
+                ax.plot(*zip(*curve[loss]), color=colors[obj], alpha=0.8, lw=1,
+                        label=LABELS[obj] if students[name]["seed"] == seeds[0] else None)
+        ax.set_title(f"students: {loss}")
+        ax.set_xlabel("step")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("training losses (students: one line per seed)")
+    fig.tight_layout()
+    fig.savefig(plots / "training_losses.png", dpi=110)
+    plt.close(fig)
+
+    # A dot plot, not bars: the axis need not start at zero to show differences between students.
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    models = [("teacher", [evals["teacher"]["perplexity"]], "0.3")] + \
+        [(obj, [ppl[obj][s] for s in seeds], colors[obj]) for obj in OBJECTIVES]
+    for x, (model, values, color) in enumerate(models):
+        mean, std = mean_std(values)
+        ax.errorbar([x], [mean], yerr=[std or 0.0], fmt="D", color=color, capsize=6, ms=8)
+        ax.scatter([x + 0.12] * len(values), values, color=color, s=14, alpha=0.7)
+        ax.annotate(f"{mean:.1f}", (x, mean), textcoords="offset points", xytext=(-14, 9), fontsize=8)
+    ax.set_xticks(range(len(models)), [LABELS[m] for m, _, _ in models])
+    ax.set_xlim(-0.5, len(models) - 0.5)
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"held-out masked-LM perplexity (chance: {vocab})\nlarge marker: mean ± std; dots: seeds", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plots / "heldout_perplexity.png", dpi=110)
+    plt.close(fig)
+
+    stage_rows = [f"| {k} | {format_seconds(v['seconds'])} | {v['finished']} |" for k, v in stages.items()]
+    stage_rows += [f"| students: {k} | {format_seconds(v['seconds'])} | {v['finished']} |" for k, v in students.items()]
+    stage_rows += [f"| evaluation: {k} | {format_seconds(v['seconds'])} | {v['finished']} |" for k, v in evals.items()]
+    try:
+        from importlib.metadata import version
+
+        versions = f"torch {version('torch')}, transformers {version('transformers')}"
+    except Exception:  # noqa: BLE001 -- versions are a courtesy
+        versions = ""
+    machine = (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
+               + ("GPU preset (--n_gpu 1 --bf16)" if preset.gpu else f"CPU only, {args.threads} thread(s) per process")
+               + f", Python {platform.python_version()}" + (f", {versions}" if versions else ""))
+    student_seconds = sum(v["seconds"] for v in students.values())
+    total = sum(v["seconds"] for v in stages.values()) + student_seconds + sum(v["seconds"] for v in evals.values())
+    report = f"""# Quickstart report
+
+{dt.date.today().isoformat()}, preset `{args.preset}`, {machine}.
+
+## Result
+
+{table}
+{sentence}
+
+- Held-out perplexity is `run_mlm.py --do_eval` on {corpus['heldout_documents']} held-out documents
+  ({corpus['heldout_words']} words), one sequence per document truncated to {preset.max_seq_length} tokens,
+  15% of tokens masked with the same `--eval_mask_seed {EVAL_MASK_SEED}` for every model. Chance is the
+  vocabulary size, {vocab}: the teacher is {chance_ratio:.1f} times better than chance.
+- Standard distillation: `--alpha_ce 0.25 --alpha_mlm 0.25 --alpha_cos 0.25`. DIITO adds
+  `--alpha_causal_ce {ALPHA_CAUSAL_CE}` with `student_init/diito.nm`: the output of each student block is aligned,
+  full width, with that of the teacher block it was copied from (teacher blocks
+  {stages['student_init']['teacher_layers']} for student blocks 0 to {preset.student_layers - 1}). Both start from the
+  same extracted student and run {student_steps} steps of {preset.student_batch} sequences with the same seed.
+- Training time is the wall time of the training command, start-up included. The comparison is at equal
+  steps, not equal compute: a DIITO step runs extra counterfactual forward passes (here its runs took
+  {cost_ratio:.1f} times as long), and its objective carries one more loss term.
+- Std is the sample standard deviation over seeds {', '.join(map(str, seeds))}.
+
+![held-out perplexity](plots/heldout_perplexity.png)
+
+![training losses](plots/training_losses.png)
+
+## Set-up
+
+- Corpus: {corpus['origin']}. Train part: {corpus['train_documents']} documents ({corpus['train_words']} words);
+  held-out part: {corpus['heldout_documents']} documents ({corpus['heldout_words']} words); no document in both.
+- Tokenizer: {vocab} entries ({'--tokenizer ' + args.tokenizer if args.tokenizer else 'WordPiece trained on the train part'}).
+- Teacher: BERT, {preset.teacher_layers} layers, hidden {preset.hidden}, {preset.heads} heads, FFN {preset.ffn},
+  {teacher_steps} steps of {preset.teacher_batch} sequences, learning rate {preset.teacher_lr}.
+- Students: DistilBERT, {preset.student_layers} layer(s) of the same width, initialised from teacher blocks
+  {stages['student_init']['teacher_layers']} (`scripts/extract_distilbert.py --vocab_transform`),
+  learning rate {preset.student_lr}.
+- Every command is in `commands.sh`, its output in `logs/`.
+
+## Time per stage
+
+| stage | wall time | finished |
+|---|---|---|
+{chr(10).join(stage_rows)}
+
+Sum: {format_seconds(total)} (stages skipped on a re-run keep the time of the run that did them).
+"""
+    atomic_write_text(out / "report.md", report)
+    atomic_write_text(out / "report_table.md", table)
+    summary = {
+        "preset": args.preset, "seeds": seeds, "vocab_size": vocab, "verdict": sentence,
+        "teacher": {"perplexity": evals["teacher"]["perplexity"], "parameters": params["teacher"],
+                    "train_seconds": stages["teacher"]["train_seconds"], "steps": teacher_steps},
+        **{obj: {"perplexity": ppl[obj], "mean": mean_std(list(ppl[obj].values()))[0],
+                 "std": mean_std(list(ppl[obj].values()))[1], "parameters": params["student"],
+                 "train_seconds": dict(zip(seeds, train_s[obj])), "steps": student_steps} for obj in OBJECTIVES},
+        "stage_seconds": {k: v["seconds"] for k, v in {**stages, **students, **evals}.items()},
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+# --- command line ------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="./quickstart_out", help="Output folder (default: ./quickstart_out).")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                        help="small: about 15 min on a 2-core CPU (default); gpu: bigger models and longer runs "
+                             "with --n_gpu 1 --bf16; test: the smallest size, for the test suite.")
+    parser.add_argument("--seeds", type=int, default=3, help="Seeds per objective (default 3).")
+    parser.add_argument("--steps", type=int, default=None, help="Optimiser steps per student run (default: the preset's).")
+    parser.add_argument("--teacher_steps", type=int, default=None, help="Teacher training steps (default: the preset's).")
+    parser.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                        help="Your own corpus instead of the standard library's prose: UTF-8 text files, "
+                             "paragraphs separated by blank lines (if a file has any) or one document per line.")
+    parser.add_argument("--tokenizer", default=None,
+                        help="Use this tokenizer (local folder, or a hub name already in the cache) instead of "
+                             "training one.")
+    parser.add_argument("--heldout_fraction", type=float, default=0.1, help="Share of documents held out (default 0.1).")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="Threads per training process (default: half the cores; two processes fighting "
+                             "over the same cores run several times slower).")
+    parser.add_argument("--force", action="store_true", help="Redo every stage, even those already done.")
+    args = parser.parse_args(argv)
+    for flag in ("seeds", "steps", "teacher_steps", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CliError(f"--{flag} must be at least 1, got {value}")
+    if not 0.0 < args.heldout_fraction <= 0.5:
+        raise CliError(f"--heldout_fraction must lie in (0, 0.5], got {args.heldout_fraction}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"--out {args.out} is a file, not a folder")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the quickstart as `argv` asks; returns what ran, what was skipped and the wall time."""
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    user_docs = None
+    if args.text:  # bad input fails here, before anything is written or trained
+        user_docs = read_text_files(args.text)
+        split_corpus(user_docs, args.heldout_fraction, "--text " + " ".join(args.text))
+        if preset.max_documents:
+            preset = replace(preset, max_documents=None)
+    if args.tokenizer and args.tokenizer.startswith((".", "/", "~")) and not Path(args.tokenizer).expanduser().exists():
+        raise CliError(f"--tokenizer {args.tokenizer}: no such folder")
+    if preset.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError("--preset gpu trains with --n_gpu 1 --bf16 and needs a CUDA GPU, which torch does not see "
+                           "here; use --preset small on a CPU")
+    os.environ.update(OFFLINE_ENV)
+    logger.info("quickstart: preset %s %s", args.preset, json.dumps(asdict(preset)))
+    try:
+        return Quickstart(args, preset, user_docs).run()
+    except StageFailed as err:
+        logger.error("%s", err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,175 @@
+"""The offline quickstart: the whole pipeline at its smallest size, resumption, and bad input."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import quickstart
+from utils import CliError
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "quickstart.py"
+SEEDS = 2
+
+
+def run_quickstart(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **quickstart.OFFLINE_ENV)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def prose_lines(n: int) -> list[str]:
+    return [f"Document number {i} says that the quick brown fox jumps over the lazy dog {i} times." for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def test_run(tmp_path_factory):
+    """The quickstart at its smallest size, run once for the module: (output folder, completed process)."""
+    out = tmp_path_factory.mktemp("quickstart") / "out"
+    proc = run_quickstart("--preset", "test", "--seeds", str(SEEDS), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, proc
+
+
+def test_every_stage_announced_and_its_output_written(test_run):
+    out, proc = test_run
+    for k in range(1, quickstart.N_STAGES + 1):
+        assert f"[stage {k}/{quickstart.N_STAGES}]" in proc.stdout
+    runs = [f"{objective}_seed{seed}" for seed in range(1, SEEDS + 1) for objective in quickstart.OBJECTIVES]
+    expected = [
+        "corpus/train.txt", "corpus/heldout.txt", "tokenizer/tokenizer.json",
+        "teacher/model.safetensors", "teacher/config.json", "teacher/trainer_state.json",
+        "data/token_counts.pickle", "student_init/student_init.pth", "student_init/student_config.json",
+        "student_init/diito.nm", "eval/teacher/eval_results.json", "report.md", "summary.json",
+        "plots/heldout_perplexity.png", "plots/training_losses.png", "commands.sh",
+    ]
+    expected += [f"students/{r}/model.safetensors" for r in runs] + [f"eval/{r}/eval_results.json" for r in runs]
+    missing = [p for p in expected if not (out / p).is_file()]
+    assert not missing
+    assert len(list((out / "data").glob("*.bin"))) == 1
+    for run in runs:
+        assert list((out / "students" / run / "log" / "train").glob("events.out.tfevents.*")), run
+    for folder in ["corpus", "tokenizer", "teacher", "data", "student_init", "plots"] + \
+            [f"students/{r}" for r in runs] + [f"eval/{r}" for r in runs] + ["eval/teacher"]:
+        assert json.loads((out / folder / ".done").read_text())["key"], folder
+    for png in (out / "plots").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_and_heldout_share_no_document(test_run):
+    out, _ = test_run
+    train = set((out / "corpus" / "train.txt").read_text().splitlines())
+    heldout = set((out / "corpus" / "heldout.txt").read_text().splitlines())
+    assert train and heldout and not train & heldout
+
+
+def test_report_numbers_are_finite(test_run):
+    out, _ = test_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == list(range(1, SEEDS + 1))
+    values = [summary["teacher"]["perplexity"]]
+    for objective in quickstart.OBJECTIVES:
+        values += list(summary[objective]["perplexity"].values()) + [summary[objective]["mean"], summary[objective]["std"]]
+        values += list(summary[objective]["train_seconds"].values())
+        assert summary[objective]["parameters"] < summary["teacher"]["parameters"]
+    assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in values), values
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ") and "perplexity" not in line]
+    rows = {quickstart.LABELS[k]: k for k in ("teacher", *quickstart.OBJECTIVES)}
+    assert [line.split("|")[1].strip() for line in table if line.split("|")[1].strip() in rows] == list(rows)
+    for line in table:
+        if line.split("|")[1].strip() in rows:
+            cell = line.split("|")[4]
+            numbers = [float(x) for x in re.findall(r"\d+\.\d+", cell)]
+            assert numbers and all(math.isfinite(x) for x in numbers), line
+    assert not re.search(r"\b(nan|inf)\b", "\n".join(table), re.IGNORECASE)
+    assert summary["verdict"] in report and "DIITO" in summary["verdict"]
+    # The mapping aligns each student block with the teacher block it was copied from, full width.
+    mapping = json.loads((out / "student_init" / "diito.nm").read_text())["interchange_variable_mappings"]
+    sidecar = json.loads((out / "student_init" / "student_init.pth.json").read_text())
+    assert [m["teacher_variable_names"][0].split("$")[1] for m in mapping] == [f"L:{t}" for t in sidecar["teacher_layers"]]
+
+
+def test_rerun_skips_finished_stages_and_redoes_only_what_is_missing(test_run):
+    out, _ = test_run
+    args = ["--preset", "test", "--seeds", str(SEEDS), "--out", str(out)]
+    commands_before = (out / "commands.sh").read_text().count("\npython ")
+    again = run_quickstart(*args)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (out / "commands.sh").read_text().count("\npython ") == commands_before  # nothing was run again
+    assert again.stdout.count("skipping") == 5 + 2 * SEEDS + (2 * SEEDS + 1) + 1
+
+    # Lose one evaluation: only it and the report are redone.
+    (out / "eval" / f"diito_seed{SEEDS}" / ".done").unlink()
+    third = run_quickstart(*args)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    new = (out / "commands.sh").read_text().split("\npython ")[commands_before + 1:]
+    assert len(new) == 1 and new[0].startswith("run_mlm.py") and f"diito_seed{SEEDS}" in new[0]
+    assert re.search(r"report: done already", third.stdout) is None
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file"),
+    ("empty", "is empty"),
+    ("too_small", "too few to split"),
+])
+def test_bad_corpus_fails_before_training(tmp_path, case, message):
+    path = tmp_path / "corpus.txt"
+    if case == "empty":
+        path.write_text("\n  \n")
+    elif case == "too_small":
+        path.write_text("\n".join(prose_lines(5)) + "\n")
+    out = tmp_path / "out"
+    proc = run_quickstart("--preset", "test", "--text", str(path), "--out", str(out), timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and str(path) in proc.stderr
+    assert not out.exists()  # nothing written, nothing trained
+
+
+def test_bad_flags_are_cli_errors(tmp_path):
+    with pytest.raises(CliError, match="--seeds"):
+        quickstart.parse_args(["--seeds", "0"])
+    with pytest.raises(CliError, match="--heldout_fraction"):
+        quickstart.parse_args(["--heldout_fraction", "0.9"])
+    with pytest.raises(CliError, match="--tokenizer"):
+        quickstart.main(["--tokenizer", str(tmp_path / "no_such_tokenizer"), "--out", str(tmp_path / "o")])
+
+
+def test_user_text_corpus_stage(tmp_path):
+    """--text: paragraphs separated by blank lines become documents; the split shares none."""
+    paragraphs = [f"{line}\nIt goes on for a second line, wrapped." for line in prose_lines(40)]
+    text = tmp_path / "book.txt"
+    text.write_text("\n\n".join(paragraphs) + "\n")
+    args = quickstart.parse_args(["--preset", "test", "--text", str(text), "--out", str(tmp_path / "out")])
+    docs = quickstart.read_text_files(args.text)
+    assert len(docs) == 40 and all("\n" not in d and d.endswith("wrapped.") for d in docs)
+    record = quickstart.Quickstart(args, quickstart.PRESETS["test"], docs).corpus()
+    assert record["train_documents"] + record["heldout_documents"] == 40 and record["heldout_documents"] == 4
+    train = (tmp_path / "out" / "corpus" / "train.txt").read_text().splitlines()
+    heldout = (tmp_path / "out" / "corpus" / "heldout.txt").read_text().splitlines()
+    assert not set(train) & set(heldout) and len(train) == 36
+    # Which documents are held out does not depend on their order or on duplicates.
+    assert set(quickstart.split_corpus(docs, 0.1, "x")[1]) == set(quickstart.split_corpus(docs[::-1] + docs[:3], 0.1, "x")[1])
+
+
+def test_split_documents_lines_or_paragraphs():
+    assert quickstart.split_documents("one doc\ntwo doc\n\n") == ["one doc", "two doc"]
+    assert quickstart.split_documents("first para\nwrapped\n\nsecond  para\n") == ["first para wrapped", "second para"]
+
+
+def test_topic_prose_is_cleaned():
+    assert quickstart.clean_topic_paragraph(
+        "   Called after the instance has been created, but before it is\n   returned to the caller.") \
+        == "Called after the instance has been created, but before it is returned to the caller."
+    assert quickstart.clean_topic_paragraph("The \"if\" statement\n******************") is None
+    assert quickstart.clean_topic_paragraph("   >>> x = 1\n   >>> print(x)") is None
+    assert quickstart.clean_topic_paragraph('   if_stmt ::= "if" assignment_expression ":" suite') is None
+    docs = quickstart.pydoc_topic_documents()
+    assert len(docs) > 500 and sum(len(d.split()) for d in docs) > 20000
