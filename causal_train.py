@@ -20,7 +20,8 @@ from causal_distiller import CausalDistiller, NonFiniteLoss, Preempted, file_fin
 from interventions import FAMILIES, family_of, get_submodule, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import load_neuron_mapping
-from utils import CliError, git_log, init_gpu_params, logger, require_file, run_cli, save_args, set_seed
+from utils import (CliError, git_log, init_gpu_params, logger, require_file, run_cli, save_args, set_seed,
+                   tune_cpu_allocator)
 
 STUDENT_TYPES = ("distilbert", "roberta", "gpt2")
 TEACHER_TYPES = ("bert", "roberta", "gpt2")
@@ -284,6 +285,7 @@ def max_positions(model) -> int:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     sanity_checks(args)
+    tune_cpu_allocator()
     init_gpu_params(args)
     set_seed(args.seed)
     prepare_dump_path(args)

@@ -90,8 +90,8 @@ def _docstrings(module_name: str):
             if getattr(obj, "__module__", root.__name__) != root.__name__ and obj is not root:
                 continue
             doc = inspect.getdoc(obj) if not isinstance(obj, type(root)) else obj.__doc__
-            if doc and id(doc) not in seen:
-                seen.add(id(doc))
+            if doc and doc not in seen:  # by text: ids of freed strings are reused
+                seen.add(doc)
                 yield inspect.cleandoc(doc)
 
 

@@ -1,0 +1,273 @@
+"""Benchmark of the distillation training step: standard KD, DIITO plain path, DIITO shared prefix.
+
+Not a test: it prints figures. Each (mode, precision) runs in a fresh subprocess so its peak
+memory is its own. Per mode: median step time, sequences/s, real tokens/s, peak memory (RSS on the
+CPU, max_memory_allocated on CUDA), model FLOPs per step (counted by torch's FlopCounterMode from
+the shapes of every matmul the step actually runs, forward and backward) and utilisation: achieved
+FLOP/s over a yardstick measured in the same run (a large fp32 / bf16 matmul on the CPU; the
+device's bf16 dense peak on CUDA).
+
+    python bench/bench_train_step.py --preset tiny --data_file ../shared/fixtures/wikitext-demo/binarized_text.train.bert-base-uncased.pickle
+    python bench/bench_train_step.py --preset base --device cuda --dtypes bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PRESETS = {
+    # The issue's reference configuration: teacher 6 x 256, student 3 x 256, vocabulary 30,522, batch 16.
+    "tiny": dict(t_layers=6, s_layers=3, hidden=256, heads=4, ffn=1024, vocab=30522, batch=16, max_len=512,
+                 t_site=3, s_site=1),
+    # BERT-base teacher -> 6-layer DistilBERT student, batch 40, lengths up to 512.
+    "base": dict(t_layers=12, s_layers=6, hidden=768, heads=12, ffn=3072, vocab=30522, batch=40, max_len=512,
+                 t_site=6, s_site=3),
+}
+MODES = {
+    "kd": dict(alpha_causal_ce=0.0, no_shared_prefix=False),
+    "diito_plain": dict(alpha_causal_ce=0.25, no_shared_prefix=True),
+    "diito_shared": dict(alpha_causal_ce=0.25, no_shared_prefix=False),
+}
+# H100 SXM / H200 bf16 dense peak (FLOP/s); other GPUs fall back to a measured matmul.
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def _synthetic_sequences(n: int, vocab: int, seed: int):
+    """Lengths like the WikiText fixture (log-normal, mean about 62, 12..466 tokens)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(mean=3.8, sigma=0.8, size=n).astype(int), 12, 466)
+    seqs = []
+    for length in lengths:
+        body = rng.integers(1000, vocab, size=length - 2)
+        seqs.append(np.concatenate([[101], body, [102]]).astype(np.uint16))
+    return seqs
+
+
+def _models(cfg, seed=0):
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+
+    torch.manual_seed(seed)
+    teacher = BertForMaskedLM(BertConfig(
+        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_hidden_layers=cfg["t_layers"],
+        num_attention_heads=cfg["heads"], intermediate_size=cfg["ffn"], max_position_embeddings=512,
+    ))
+    student = DistilBertForMaskedLM(DistilBertConfig(
+        vocab_size=cfg["vocab"], dim=cfg["hidden"], n_layers=cfg["s_layers"], n_heads=cfg["heads"],
+        hidden_dim=cfg["ffn"], max_position_embeddings=512, sinusoidal_pos_embds=False,
+    ))
+    return teacher, student
+
+
+def run_single(args) -> dict:
+    """One (mode, dtype) in this process; returns its figures."""
+    import numpy as np
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from causal_distiller import CausalDistiller
+    from lm_seqs_dataset import LmSeqsDataset
+    from neuron_mapping import MappingEntry
+
+    from utils import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as causal_train.py does
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = PRESETS[args.preset]
+    device = torch.device(args.device)
+    data = _synthetic_sequences(2000, cfg["vocab"], 0)
+    if args.data_file:
+        from binarized_io import load_corpus
+
+        corpus = load_corpus(args.data_file)
+        data = [np.asarray(corpus[i]) for i in range(len(corpus))]
+    dataset = LmSeqsDataset(data=data, max_model_input_size=cfg["max_len"], cls_id=101, sep_id=102, pad_id=0,
+                            unk_id=100, seed=0, paired=True)
+    teacher, student = _models(cfg)
+    teacher.to(device).eval()
+    student.to(device).train()
+    for p in teacher.parameters():
+        p.requires_grad = False
+    mode = MODES[args.mode]
+    params = SimpleNamespace(
+        device=device, is_master=True, multi_gpu=False, dump_path=args.tmp, world_size=1, global_rank=0,
+        alpha_ce=0.5, alpha_mlm=0.5, alpha_clm=0.0, alpha_mse=0.0, alpha_cos=0.0, alpha_causal_cos=0.0,
+        temperature=2.0, data_augment=False, include_crossway=False, gradient_accumulation_steps=1,
+        mlm=True, special_tok_ids={"mask_token": 103, "pad_token": 0, "cls_token": 101, "sep_token": 102,
+                                   "unk_token": 100},
+        mlm_mask_prop=0.15, word_mask=0.8, word_keep=0.1, word_rand=0.1, restrict_ce_to_mask=False,
+        interchange_prop=0.3, interchange_max_token=-1, interchange_consecutive_only=False,
+        interchange_masked_token_only=False, bf16=args.dtype == "bf16", fp16=False, n_epoch=1, max_steps=-1,
+        seed=0, group_by_size=False, batch_size=cfg["batch"], max_model_input_size=cfg["max_len"],
+        weight_decay=0.0, learning_rate=1e-4, adam_epsilon=1e-6, warmup_prop=0.0, max_grad_norm=5.0,
+        num_workers=0, is_wandb=False, skip_nonfinite_steps=0, save_total_limit=0, log_interval=10**9,
+        checkpoint_interval=0, no_progress=True, run_name=None, **mode,
+    )
+    token_probs = torch.ones(cfg["vocab"])
+    token_probs[[0, 100, 101, 102, 103]] = 0
+    t, s = cfg["t_site"], cfg["s_site"]
+    hidden = cfg["hidden"]
+    entry = MappingEntry(0, {t: tuple(range(hidden))}, {s: tuple(range(hidden))}, (), ())
+    distiller = CausalDistiller(params, dataset, token_probs, student, teacher, [entry])
+    rng = np.random.default_rng(1)
+    n_batches = args.warmup + args.steps
+    batches = []
+    for _ in range(n_batches):
+        idx = rng.choice(len(dataset), size=cfg["batch"], replace=False)
+        batches.append(dataset.batch_sequences([dataset[int(i)] for i in idx]))
+
+    def step(batch):
+        losses = distiller._micro_step(batch, sync=True)
+        distiller._optimizer_step(losses)
+        return losses
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, tokens, seqs, losses_seen = [], 0, 0, []
+    for i, batch in enumerate(batches):
+        sync()
+        start = time.perf_counter()
+        losses = step(batch)
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+            tokens += int(batch["base_lengths"].sum())
+            seqs += len(batch["base_lengths"])
+            losses_seen.append(float(losses["loss"]))
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # FLOPs of one representative step (the batch of median real-token count), forward and backward.
+    counted = []
+    for batch in batches[args.warmup:][:3]:
+        with FlopCounterMode(display=False) as counter:
+            step(batch)
+        counted.append((counter.get_total_flops(), int(batch["base_lengths"].sum())))
+    flops_per_token = sum(f for f, _ in counted) / sum(n for _, n in counted)
+    median = statistics.median(times)
+    tok_s = tokens / sum(times)
+    return dict(
+        mode=args.mode, dtype=args.dtype, median_step_s=median, seq_s=seqs / sum(times), tok_s=tok_s,
+        peak_gib=peak, gflop_per_token=flops_per_token / 1e9, flop_s=flops_per_token * tok_s,
+        mean_loss=statistics.mean(losses_seen), forwards=distiller.forward_counts,
+    )
+
+
+def yardstick(device: str, dtype: str, threads: int | None) -> float:
+    """Achieved FLOP/s of the device's matrix units: a large matmul (or the bf16 dense peak on known GPUs)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, peak in GPU_BF16_PEAK.items():
+            if key in name and dtype == "bf16":
+                return peak
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    n = 4096 if device == "cuda" else 2048
+    a = torch.randn(n, n, dtype=dt, device=device)
+    b = torch.randn(n, n, dtype=dt, device=device)
+    for _ in range(2):
+        a @ b
+    reps = 20 if device == "cuda" else 5
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="Model sizes and batch size.")
+    parser.add_argument("--data_file", default=None,
+                        help="Binarized corpus to draw batches from (default: synthetic lengths like WikiText).")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where to run.")
+    parser.add_argument("--modes", default="kd,diito_plain,diito_shared", help="Comma-separated modes.")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="Comma-separated precisions (fp32, bf16).")
+    parser.add_argument("--steps", type=int, default=8, help="Timed steps per mode.")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    parser.add_argument("--json_out", default=None, help="Also write the figures to this JSON file.")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", default="/tmp/bench_train_step", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:  # child process
+        print(json.dumps(run_single(args)))
+        return
+
+    import torch
+    import transformers
+
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for mode in args.modes.split(","):
+            cmd = [sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--mode", mode,
+                   "--dtype", dtype, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            if args.data_file:
+                cmd += ["--data_file", args.data_file]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            print(f"running {mode} {dtype} ...", file=sys.stderr, flush=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                sys.exit(f"{mode} {dtype} failed")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    sticks = {d: yardstick(args.device, d, args.threads) for d in args.dtypes.split(",")}
+    by = {(r["mode"], r["dtype"]): r for r in rows}
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if args.device == "cuda":
+        machine = torch.cuda.get_device_name()
+    print(f"\n## bench_train_step --preset {args.preset} ({args.device}; {machine}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')})\n")
+    print(f"yardstick: " + ", ".join(f"{d} {v / 1e12:.3f} TFLOP/s" for d, v in sticks.items()) + "\n")
+    print("| mode | dtype | median step (s) | seq/s | real tok/s | peak mem (GiB) | GFLOP/token | util | loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        util = r["flop_s"] / sticks[r["dtype"]]
+        print(f"| {r['mode']} | {r['dtype']} | {r['median_step_s']:.3f} | {r['seq_s']:.1f} | {r['tok_s']:.0f} | "
+              f"{r['peak_gib']:.2f} | {r['gflop_per_token']:.3f} | {util:.0%} | {r['mean_loss']:.3f} |")
+    print("\n| ratio | measured (tok/s) | FLOP-count prediction |")
+    print("|---|---|---|")
+    for dtype in args.dtypes.split(","):
+        pairs = [("diito_shared", "diito_plain", "shared prefix speed-up over plain"),
+                 ("kd", "diito_shared", "standard KD over DIITO shared prefix"),
+                 ("kd", "diito_plain", "standard KD over DIITO plain")]
+        for fast, slow, label in pairs:
+            if (fast, dtype) in by and (slow, dtype) in by:
+                a, b = by[(fast, dtype)], by[(slow, dtype)]
+                print(f"| {label} ({dtype}) | {a['tok_s'] / b['tok_s']:.2f}x | "
+                      f"{b['gflop_per_token'] / a['gflop_per_token']:.2f}x |")
+        if ("diito_shared", "fp32") in by and ("diito_shared", "bf16") in by and dtype == "bf16":
+            a, b = by[("diito_shared", "bf16")], by[("diito_shared", "fp32")]
+            print(f"| bf16 over fp32 (diito_shared) | {a['tok_s'] / b['tok_s']:.2f}x | - |")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"rows": rows, "yardstick": sticks}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
