@@ -287,6 +287,8 @@ def main(argv=None) -> None:
     sanity_checks(args)
     tune_cpu_allocator()
     init_gpu_params(args)
+    if args.fp16 and args.device.type != "cuda":
+        raise CliError("--fp16 needs a CUDA device; use --bf16 on the CPU")
     set_seed(args.seed)
     prepare_dump_path(args)
     require_file(args.data_file, "--data_file")
