@@ -61,7 +61,8 @@ def test_diito_run_lowers_loss_and_saves_a_reloadable_student(setup, tmp_path, c
     torch.testing.assert_close(a, b)
 
 
-def test_standard_kd_runs_no_source_or_counterfactual_forward(setup, tmp_path, monkeypatch):
+def _forward_counts(monkeypatch, argv) -> dict:
+    """Run causal_train.main(argv) and return the distiller's count of forward runs per model."""
     from causal_distiller import CausalDistiller
 
     seen = {}
@@ -72,22 +73,17 @@ def test_standard_kd_runs_no_source_or_counterfactual_forward(setup, tmp_path, m
         seen.update(self.forward_counts)
 
     monkeypatch.setattr(CausalDistiller, "train", spy)
-    causal_train.main(train_argv(setup, tmp_path / "kd", "--max_steps", "3", causal=False))
+    causal_train.main(argv)
+    return seen
+
+
+def test_standard_kd_runs_no_source_or_counterfactual_forward(setup, tmp_path, monkeypatch):
+    seen = _forward_counts(monkeypatch, train_argv(setup, tmp_path / "kd", "--max_steps", "3", causal=False))
     assert seen["teacher"] == {"base": 3} and seen["student"] == {"base": 3}
 
 
 def test_diito_counts_three_runs_per_model(setup, tmp_path, monkeypatch):
-    from causal_distiller import CausalDistiller
-
-    seen = {}
-    original = CausalDistiller.train
-
-    def spy(self):
-        original(self)
-        seen.update(self.forward_counts)
-
-    monkeypatch.setattr(CausalDistiller, "train", spy)
-    causal_train.main(train_argv(setup, tmp_path / "diito", "--max_steps", "2", "--include_crossway"))
+    seen = _forward_counts(monkeypatch, train_argv(setup, tmp_path / "diito", "--max_steps", "2", "--include_crossway"))
     # crossway: two pairs per step, each with base, source and counterfactual runs
     assert seen["student"] == {"base": 4, "source": 4, "counterfactual": 4} == seen["teacher"]
 
