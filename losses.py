@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_ROWS = {"cpu": 512, "cuda": 4096}  # rows per chunk: temporaries of rows x vocabulary
+CHUNK_ROWS = {"cpu": 256, "cuda": 4096}  # rows per chunk: temporaries of rows x vocabulary
 
 
 def _chunk_rows(t: torch.Tensor) -> int:
