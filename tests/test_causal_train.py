@@ -147,3 +147,14 @@ def test_cli_error_exits_nonzero_without_traceback(setup, tmp_path):
                          cwd=causal_train.__file__.rsplit("/", 1)[0])
     assert out.returncode == 2
     assert "no_teacher" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_data_augment_swaps_tokens_without_a_source_run(setup, tmp_path, monkeypatch):
+    seen = _forward_counts(monkeypatch, train_argv(setup, tmp_path / "aug", "--max_steps", "2", "--data_augment"))
+    assert seen["student"] == {"base": 2, "counterfactual": 2} == seen["teacher"]
+
+
+def test_masked_token_only_interchange_trains(setup, tmp_path, monkeypatch):
+    seen = _forward_counts(monkeypatch, train_argv(setup, tmp_path / "masked", "--max_steps", "2",
+                                                   "--interchange_masked_token_only", "--restrict_ce_to_mask"))
+    assert seen["student"] == {"base": 2, "source": 2, "counterfactual": 2}
