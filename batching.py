@@ -19,8 +19,7 @@ class Prepared:
     source_ids, source_mask: (B, L) source input, or None without a causal objective.
     real_idx: (R,) flat indices (into B*L) of every real base token (for `cos`).
     logit_idx: (N,) flat indices of the base positions where logits are compared (`ce`, `mse`).
-    lm_rows: (M,) rows of logit_idx that carry an LM target; lm_targets: (M,) their target ids;
-    lm_labels: (N,) the same as a label per row of logit_idx, -1 where a row has none.
+    lm_rows: (M,) rows of logit_idx that carry an LM target; lm_targets: (M,) their target ids.
     batch_idx, base_pos, source_pos: (I,) aligned interchange positions.
     mlm_mask: (B, L) bool, the MLM-chosen tokens (None for CLM).
     """
@@ -31,7 +30,6 @@ class Prepared:
     logit_idx: torch.Tensor
     lm_rows: torch.Tensor
     lm_targets: torch.Tensor
-    lm_labels: torch.Tensor
     source_ids: torch.Tensor | None = None
     source_mask: torch.Tensor | None = None
     batch_idx: torch.Tensor | None = None
@@ -202,7 +200,6 @@ class BatchPreparer:
             logit_idx=logit_idx,
             lm_rows=lm_rows,
             lm_targets=lm_targets,
-            lm_labels=torch.full((logit_idx.numel(),), -1, dtype=torch.long).index_put_((lm_rows,), lm_targets),
             mlm_mask=mlm_mask,
             n_real_tokens=int(base_len.sum()),
         )

@@ -190,7 +190,7 @@ def compute_losses(
             values[name] = value.detach()
     elif alphas["ce"] > 0 or lm_name:
         head_total, ce, lm = head_losses(
-            s.features, s.projection, t.features, t.projection, p.lm_labels, p.lm_targets.numel(), temperature,
+            s.features, s.projection, t.features, t.projection, p.lm_rows, p.lm_targets, temperature,
             alphas["ce"], alphas[lm_name] if lm_name else 0.0,
         )
         total = total + head_total
@@ -199,7 +199,7 @@ def compute_losses(
         if lm_name:
             values[lm_name] = lm
     if alphas["causal_ce"] > 0:
-        head_total, ce, _ = head_losses(s.cf_features, s.projection, t.cf_features, t.projection, None, 0,
+        head_total, ce, _ = head_losses(s.cf_features, s.projection, t.cf_features, t.projection, None, None,
                                         temperature, alphas["causal_ce"], 0.0)
         total = total + head_total
         values["causal_ce"] = ce

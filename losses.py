@@ -96,11 +96,15 @@ def lm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 class _HeadLosses(torch.autograd.Function):
     """alpha_kl * soft_target_kl + alpha_lm * lm_cross_entropy on logits = features @ W.T + b,
-    computed chunk by chunk; returns (weighted total, kl value, lm value)."""
+    computed chunk by chunk; returns (weighted total, kl value, lm value).
+
+    The KL covers every row; the LM loss projects only its labelled rows (the MLM-masked tokens),
+    so its vocabulary-wide work scales with the masked tokens, not with all of them."""
 
     @staticmethod
-    def forward(ctx, s_feat, weight, bias, t_feat, t_weight, t_bias, labels, n_lm, temperature, alpha_kl, alpha_lm):
-        n = s_feat.shape[0]
+    def forward(ctx, s_feat, weight, bias, t_feat, t_weight, t_bias, lm_rows, lm_targets, temperature, alpha_kl,
+                alpha_lm):
+        n, n_lm = s_feat.shape[0], lm_rows.shape[0]
         t = temperature
         kl_total = s_feat.new_zeros((), dtype=torch.float32)
         lm_total = s_feat.new_zeros((), dtype=torch.float32)
@@ -108,26 +112,32 @@ class _HeadLosses(torch.autograd.Function):
         g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         g_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
         step = _chunk_rows(s_feat)
-        kl_scale = alpha_kl * t * t / max(n, 1)
-        lm_scale = alpha_lm / max(n_lm, 1)
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            s_logits = F.linear(s_feat[rows], weight, bias)
-            grad = None
-            if alpha_kl > 0:
+
+        def backward_of_projection(grad, feat):
+            # The projection's backward, chunk by chunk (autocast picks the matmul precision).
+            g_weight.add_(torch.matmul(grad.t(), feat))
+            if g_bias is not None:
+                g_bias.add_(grad.sum(0))
+            return torch.matmul(grad, weight).to(g_feat.dtype)
+
+        if alpha_kl > 0:
+            kl_scale = alpha_kl * t * t / max(n, 1)
+            for start in range(0, n, step):
+                rows = slice(start, start + step)
+                s_logits = F.linear(s_feat[rows], weight, bias)
                 with torch.no_grad():
                     t_logits = F.linear(t_feat[rows], t_weight, t_bias)
                 loss, grad = _kl_rows(s_logits, t_logits, t, kl_scale)
                 kl_total += loss
-            if alpha_lm > 0:
-                loss, g = _ce_rows(s_logits, labels[rows], lm_scale)
+                g_feat[rows] = backward_of_projection(grad, s_feat[rows])
+        if alpha_lm > 0 and n_lm > 0:
+            lm_feat = s_feat.index_select(0, lm_rows)
+            lm_scale = alpha_lm / n_lm
+            for start in range(0, n_lm, step):
+                rows = slice(start, start + step)
+                loss, grad = _ce_rows(F.linear(lm_feat[rows], weight, bias), lm_targets[rows], lm_scale)
                 lm_total += loss
-                grad = g if grad is None else grad.add_(g)
-            # The projection's backward, chunk by chunk (autocast picks the matmul precision).
-            g_feat[rows] = torch.matmul(grad, weight)
-            g_weight += torch.matmul(grad.t(), s_feat[rows])
-            if g_bias is not None:
-                g_bias += grad.sum(0)
+                g_feat.index_add_(0, lm_rows[rows], backward_of_projection(grad, lm_feat[rows]))
         ctx.save_for_backward(g_feat, g_weight, g_bias if g_bias is not None else torch.empty(0))
         ctx.has_bias = bias is not None
         kl = kl_total * (t * t / max(n, 1))
@@ -149,8 +159,8 @@ def head_losses(
     projection: torch.nn.Linear,
     t_features: torch.Tensor | None,
     t_projection: torch.nn.Linear | None,
-    labels: torch.Tensor | None,
-    n_lm: int,
+    lm_rows: torch.Tensor | None,
+    lm_targets: torch.Tensor | None,
     temperature: float,
     alpha_kl: float,
     alpha_lm: float,
@@ -159,16 +169,17 @@ def head_losses(
 
     s_features: (N, H) student features before the vocabulary projection (with gradients);
     t_features: (N, H) teacher features at the same rows (or None when alpha_kl is 0);
-    labels: (N,) LM target per row, -1 where a row has none; n_lm: the number of labelled rows.
+    lm_rows: (M,) the rows with an LM target, lm_targets: (M,) their target ids (or None).
     Returns (weighted total with gradients, ce value, lm value); the values equal
     `soft_target_kl` and `lm_cross_entropy` on the materialised logits.
     """
     t_weight = t_projection.weight if t_projection is not None else None
     t_bias = t_projection.bias if t_projection is not None else None
-    if labels is None:
-        labels = torch.full((s_features.shape[0],), -1, dtype=torch.long, device=s_features.device)
-    return _HeadLosses.apply(s_features, projection.weight, projection.bias, t_features, t_weight, t_bias, labels,
-                             int(n_lm), float(temperature), float(alpha_kl), float(alpha_lm))
+    if lm_rows is None:
+        lm_rows = torch.zeros(0, dtype=torch.long, device=s_features.device)
+        lm_targets = lm_rows
+    return _HeadLosses.apply(s_features, projection.weight, projection.bias, t_features, t_weight, t_bias, lm_rows,
+                             lm_targets, float(temperature), float(alpha_kl), float(alpha_lm))
 
 
 def logits_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
