@@ -6,7 +6,6 @@ Parse, build, check, train, save. Single process (one GPU or the CPU) or
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import shutil
 import sys

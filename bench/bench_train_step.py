@@ -244,7 +244,7 @@ def main() -> None:
         machine = torch.cuda.get_device_name()
     print(f"\n## bench_train_step --preset {args.preset} ({args.device}; {machine}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')})\n")
-    print(f"yardstick: " + ", ".join(f"{d} {v / 1e12:.3f} TFLOP/s" for d, v in sticks.items()) + "\n")
+    print("yardstick: " + ", ".join(f"{d} {v / 1e12:.3f} TFLOP/s" for d, v in sticks.items()) + "\n")
     print("| mode | dtype | median step (s) | seq/s | real tok/s | peak mem (GiB) | GFLOP/token | util | loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

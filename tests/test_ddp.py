@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from helpers import make_distill_setup, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
