@@ -698,8 +698,11 @@ def list_checkpoints(dump_path: Path) -> list[Path]:
 
 
 def _usable_outside_inference(o: Outputs) -> Outputs:
-    """Teacher tensors saved by a loss's backward must be normal tensors, not inference tensors."""
-    for name in ("hidden", "cf_hidden", "features", "cf_features"):
+    """Teacher tensors saved by a loss's backward must be normal tensors, not inference tensors.
+
+    Only the cosine losses save the teacher's tensors; the head losses use the teacher's features
+    without saving them, so those are not copied."""
+    for name in ("hidden", "cf_hidden"):
         value = getattr(o, name)
         if value is not None:
             setattr(o, name, value.clone())
