@@ -20,30 +20,36 @@ def _chunk_rows(t: torch.Tensor) -> int:
     return CHUNK_ROWS.get(t.device.type, 1024)
 
 
-def _kl_rows(s_logits, t_logits, temperature: float, grad_scale: float | None):
-    """Sum over rows of KL(softmax(t/T) || softmax(s/T)), and optionally its gradient wrt s times grad_scale."""
-    s_log = F.log_softmax(s_logits.float() / temperature, dim=-1)
-    t_log = F.log_softmax(t_logits.float() / temperature, dim=-1)
-    t_prob = t_log.exp()
-    loss = (t_prob * (t_log - s_log)).sum()
-    if grad_scale is None:
+def _kl_rows(s_scaled, t_scaled, want_grad: bool):
+    """Sum over rows of KL(softmax(t) || softmax(s)) of already temperature-scaled fp32 logits.
+
+    Returns (loss, d loss / d s or None). Both inputs are scratch: they are overwritten (the
+    gradient is built in `s_scaled`'s storage), which keeps the chain to seven passes over the
+    rows x vocabulary chunk and no other buffer of that size.
+    """
+    t_log = F.log_softmax(t_scaled, dim=-1)
+    s_log = F.log_softmax(s_scaled, dim=-1)
+    t_prob = torch.exp(t_log, out=t_scaled)
+    # sum_v p_t (log p_t - log p_s), as one dot product over the chunk
+    loss = torch.dot(t_prob.view(-1), t_log.sub_(s_log).view(-1))
+    if not want_grad:
         return loss, None
-    # d/ds KL = (p_s - p_t) / T
-    return loss, s_log.exp_().sub_(t_prob).mul_(grad_scale / temperature)
+    return loss, torch.exp(s_log, out=s_scaled).sub_(t_prob)  # d/ds KL = p_s - p_t
 
 
-def _ce_rows(logits, labels, grad_scale: float | None):
-    """Sum over rows with label >= 0 of -log softmax(logits)[label]; rows with label < 0 count 0."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    valid = labels >= 0
-    safe = labels.clamp(min=0)
-    picked = log_p.gather(1, safe[:, None])[:, 0]
-    loss = -(picked * valid).sum()
-    if grad_scale is None:
+def _ce_rows(logits, labels, want_grad: bool):
+    """Sum over rows of -log softmax(logits)[label] (every label a valid id), and its gradient.
+
+    `logits` is fp32 scratch and is overwritten with the gradient, softmax - onehot(label).
+    """
+    log_p = F.log_softmax(logits, dim=-1)
+    picked = log_p.gather(1, labels[:, None])
+    loss = -picked.sum()
+    if not want_grad:
         return loss, None
-    grad = log_p.exp_()
-    grad.scatter_add_(1, safe[:, None], -valid[:, None].to(grad.dtype))
-    return loss, grad.mul_(valid[:, None].to(grad.dtype) * grad_scale)
+    grad = torch.exp(log_p, out=logits)
+    grad.scatter_add_(1, labels[:, None], torch.full_like(picked, -1.0))
+    return loss, grad
 
 
 class _RowLoss(torch.autograd.Function):
@@ -52,26 +58,29 @@ class _RowLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, other, kind, temperature, n_norm):
         needs_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(logits) if needs_grad else None
+        grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if needs_grad else None
         total = logits.new_zeros((), dtype=torch.float32)
         step = _chunk_rows(logits)
         scale = 1.0 / max(n_norm, 1)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
-            if kind == "kl":
-                loss, g = _kl_rows(logits[rows], other[rows], temperature, scale if needs_grad else None)
+            if kind == "kl":  # fresh scaled copies: the caller's tensors are never written
+                loss, g = _kl_rows(logits[rows].float() / temperature, other[rows].float() / temperature,
+                                   needs_grad)
+                g = g.mul_(1.0 / temperature) if needs_grad else None
             else:
-                loss, g = _ce_rows(logits[rows], other[rows], scale if needs_grad else None)
+                loss, g = _ce_rows(logits[rows].float().clone(), other[rows], needs_grad)
             total += loss
             if needs_grad:
                 grad[rows] = g
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad.mul_(scale) if needs_grad else None)
+        ctx.dtype = logits.dtype
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None
+        return (grad * grad_output).to(ctx.dtype), None, None, None, None
 
 
 def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -112,32 +121,43 @@ class _HeadLosses(torch.autograd.Function):
         g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         g_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
         step = _chunk_rows(s_feat)
+        autocast = torch.is_autocast_enabled(s_feat.device.type)
 
-        def backward_of_projection(grad, feat):
-            # The projection's backward, chunk by chunk (autocast picks the matmul precision).
-            g_weight.add_(torch.matmul(grad.t(), feat))
+        def logits(feat, w, b, scale):
+            # scale * (feat @ w.T + b) in one GEMM, as fp32 scratch for the row kernels
+            out = torch.addmm(b, feat, w.t(), beta=scale, alpha=scale) if b is not None else \
+                torch.mm(feat, w.t()).mul_(scale)
+            return out.float()
+
+        def backward_of_projection(grad, feat, scale):
+            # The projection's backward for scale * grad, chunk by chunk.
+            if autocast:  # the matmul runs in the autocast precision, the sum in fp32
+                g_weight.add_(torch.mm(grad.t(), feat), alpha=scale)
+            else:
+                torch.addmm(g_weight, grad.t(), feat, alpha=scale, out=g_weight)  # (counted by FlopCounterMode)
             if g_bias is not None:
-                g_bias.add_(grad.sum(0))
-            return torch.matmul(grad, weight).to(g_feat.dtype)
+                g_bias.add_(grad.sum(0), alpha=scale)
+            return torch.mm(grad, weight).mul_(scale).to(g_feat.dtype)
 
         if alpha_kl > 0:
-            kl_scale = alpha_kl * t * t / max(n, 1)
+            # d(T^2 KL(p_t || p_s))/d(logits) = T (p_s - p_t): the 1/T of the softening times T^2
+            kl_scale = alpha_kl * t / max(n, 1)
             for start in range(0, n, step):
                 rows = slice(start, start + step)
-                s_logits = F.linear(s_feat[rows], weight, bias)
+                s_scaled = logits(s_feat[rows], weight, bias, 1.0 / t)
                 with torch.no_grad():
-                    t_logits = F.linear(t_feat[rows], t_weight, t_bias)
-                loss, grad = _kl_rows(s_logits, t_logits, t, kl_scale)
+                    t_scaled = logits(t_feat[rows], t_weight, t_bias, 1.0 / t)
+                loss, grad = _kl_rows(s_scaled, t_scaled, True)
                 kl_total += loss
-                g_feat[rows] = backward_of_projection(grad, s_feat[rows])
+                g_feat[rows] = backward_of_projection(grad, s_feat[rows], kl_scale)
         if alpha_lm > 0 and n_lm > 0:
             lm_feat = s_feat.index_select(0, lm_rows)
             lm_scale = alpha_lm / n_lm
             for start in range(0, n_lm, step):
                 rows = slice(start, start + step)
-                loss, grad = _ce_rows(F.linear(lm_feat[rows], weight, bias), lm_targets[rows], lm_scale)
+                loss, grad = _ce_rows(logits(lm_feat[rows], weight, bias, 1.0), lm_targets[rows], True)
                 lm_total += loss
-                g_feat.index_add_(0, lm_rows[rows], backward_of_projection(grad, lm_feat[rows]))
+                g_feat.index_add_(0, lm_rows[rows], backward_of_projection(grad, lm_feat[rows], lm_scale))
         ctx.save_for_backward(g_feat, g_weight, g_bias if g_bias is not None else torch.empty(0))
         ctx.has_bias = bias is not None
         kl = kl_total * (t * t / max(n, 1))

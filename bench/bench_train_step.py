@@ -4,8 +4,8 @@ Not a test: it prints figures. Each (mode, precision) runs in a fresh subprocess
 memory is its own. Per mode: median step time, sequences/s, real tokens/s, peak memory (RSS on the
 CPU, max_memory_allocated on CUDA), model FLOPs per step (counted by torch's FlopCounterMode from
 the shapes of every matmul the step actually runs, forward and backward) and utilisation: achieved
-FLOP/s over a yardstick measured in the same run (a large fp32 / bf16 matmul on the CPU; the
-device's bf16 dense peak on CUDA).
+FLOP/s over a yardstick measured in the same run (a large fp32 / bf16 matmul, timed between the
+mode's steps so that both see the same machine; the device's bf16 dense peak on known GPUs).
 
     python bench/bench_train_step.py --preset tiny --data_file ../shared/fixtures/wikitext-demo/binarized_text.train.bert-base-uncased.pickle
     python bench/bench_train_step.py --preset base --device cuda --dtypes bf16
@@ -140,6 +140,9 @@ def run_single(args) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    # On the CPU the yardstick matmul runs between the timed steps, so that both see the same
+    # machine (a shared VM's speed drifts by 10-20% over minutes).
+    stick = Yardstick(args.device, args.dtype)
     times, tokens, seqs, losses_seen = [], 0, 0, []
     for i, batch in enumerate(batches):
         sync()
@@ -151,6 +154,7 @@ def run_single(args) -> dict:
             tokens += int(batch["base_lengths"].sum())
             seqs += len(batch["base_lengths"])
             losses_seen.append(float(losses["loss"]))
+            stick.sample()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -167,36 +171,51 @@ def run_single(args) -> dict:
     return dict(
         mode=args.mode, dtype=args.dtype, median_step_s=median, seq_s=seqs / sum(times), tok_s=tok_s,
         peak_gib=peak, gflop_per_token=flops_per_token / 1e9, flop_s=flops_per_token * tok_s,
-        mean_loss=statistics.mean(losses_seen), forwards=distiller.forward_counts,
+        mean_loss=statistics.mean(losses_seen), forwards=distiller.forward_counts, yardstick=stick.value(),
     )
 
 
-def yardstick(device: str, dtype: str, threads: int | None) -> float:
-    """Achieved FLOP/s of the device's matrix units: a large matmul (or the bf16 dense peak on known GPUs)."""
-    import torch
+class Yardstick:
+    """Achieved FLOP/s of the device's matrix units: a large matmul (or the bf16 dense peak on known GPUs).
 
-    if threads:
-        torch.set_num_threads(threads)
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, peak in GPU_BF16_PEAK.items():
-            if key in name and dtype == "bf16":
-                return peak
-    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-    n = 4096 if device == "cuda" else 2048
-    a = torch.randn(n, n, dtype=dt, device=device)
-    b = torch.randn(n, n, dtype=dt, device=device)
-    for _ in range(2):
-        a @ b
-    reps = 20 if device == "cuda" else 5
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    `sample()` times one batch of matmuls; `value()` is the median of the samples.
+    """
+
+    def __init__(self, device: str, dtype: str):
+        import torch
+
+        self.device, self.peak, self.samples = device, None, []
+        if device == "cuda":
+            name = torch.cuda.get_device_name()
+            self.peak = next((p for key, p in GPU_BF16_PEAK.items() if key in name and dtype == "bf16"), None)
+        self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.n = 4096 if device == "cuda" else 2048
+
+    def sample(self, reps: int = 3) -> None:
+        import torch
+
+        if self.peak is not None:
+            return
+        # Allocated per sample, so that the matrices are not part of the step's peak memory.
+        a = torch.randn(self.n, self.n, dtype=self.dtype, device=self.device)
+        b = torch.randn(self.n, self.n, dtype=self.dtype, device=self.device)
+        a @ b  # warm-up
+        if self.device == "cuda":
+            reps *= 10
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.samples.append(2 * self.n**3 * reps / (time.perf_counter() - start))
+
+    def value(self) -> float:
+        if self.peak is not None:
+            return self.peak
+        if not self.samples:
+            self.sample()
+        return statistics.median(self.samples)
 
 
 def main() -> None:
@@ -237,18 +256,19 @@ def main() -> None:
                 print(out.stderr[-3000:], file=sys.stderr)
                 sys.exit(f"{mode} {dtype} failed")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    sticks = {d: yardstick(args.device, d, args.threads) for d in args.dtypes.split(",")}
+    sticks = {d: statistics.median(r["yardstick"] for r in rows if r["dtype"] == d) for d in args.dtypes.split(",")}
     by = {(r["mode"], r["dtype"]): r for r in rows}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     if args.device == "cuda":
         machine = torch.cuda.get_device_name()
     print(f"\n## bench_train_step --preset {args.preset} ({args.device}; {machine}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')})\n")
-    print("yardstick: " + ", ".join(f"{d} {v / 1e12:.3f} TFLOP/s" for d, v in sticks.items()) + "\n")
+    print("yardstick (median over the modes; each mode's utilisation uses its own, timed between its steps): "
+          + ", ".join(f"{d} {v / 1e12:.3f} TFLOP/s" for d, v in sticks.items()) + "\n")
     print("| mode | dtype | median step (s) | seq/s | real tok/s | peak mem (GiB) | GFLOP/token | util | loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        util = r["flop_s"] / sticks[r["dtype"]]
+        util = r["flop_s"] / r["yardstick"]
         print(f"| {r['mode']} | {r['dtype']} | {r['median_step_s']:.3f} | {r['seq_s']:.1f} | {r['tok_s']:.0f} | "
               f"{r['peak_gib']:.2f} | {r['gflop_per_token']:.3f} | {util:.0%} | {r['mean_loss']:.3f} |")
     print("\n| ratio | measured (tok/s) | FLOP-count prediction |")
