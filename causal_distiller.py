@@ -38,7 +38,7 @@ from attention import use_cpu_dropout_attention
 from batching import BatchPreparer, Prepared
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from interventions import head_features, head_projection, interchange, run_model
-from losses import head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl
+from losses import head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl, use_compiled_kernels
 from neuron_mapping import MappingEntry
 from utils import CliError, atomic_dir, logger
 
@@ -263,6 +263,8 @@ class CausalDistiller:
             self.autocast = partial(torch.autocast, device_type=self.device.type, dtype=self.amp_dtype)
             self.teacher.to(self.amp_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(params.fp16))
+        if getattr(params, "compile", False):
+            use_compiled_kernels(True)
         # On the CPU the student's attention dropout runs through attention.py: the same function as
         # sdpa's, in less time and memory (the stock model class is kept; the saved config is unchanged).
         if self.device.type == "cpu" and use_cpu_dropout_attention(student):

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--initializer_range", type=float, default=0.02, help="Initialisation range of a student built from scratch.")
     a("--fp16", action="store_true", help="fp16 autocast with a grad scaler (CUDA only).")
     a("--bf16", action="store_true", help="bf16 autocast (CUDA or CPU); the teacher runs in bf16.")
+    a("--compile", action="store_true",
+      help="Compile the vocabulary-wide KL kernel with torch.compile (Triton on CUDA, C++ on the CPU: needs a C++ "
+           "compiler). Fuses the bias, softening, log-softmaxes, loss and gradient; the first step pays the "
+           "compile (tens of seconds). The models and their intervention hooks always run eagerly.")
     a("--n_gpu", type=int, default=1, help="GPUs per node (0: CPU). Use torchrun for several.")
     a("--local_rank", type=int, default=-1, help="Set by the launcher; kept for the original's interface.")
     a("--seed", type=int, default=56, help="Seed of every random draw (pairs, masks, positions, init).")

@@ -52,6 +52,28 @@ def _ce_rows(logits, labels, want_grad: bool):
     return loss, grad
 
 
+def _kl_rows_fusable(s_raw, t_raw, s_bias, t_bias, inv_temperature: float):
+    """`_kl_rows` from the projections' outputs before bias and softening, written for torch.compile:
+    the bias, the 1/T, both log-softmaxes, the loss and the gradient fuse into a few passes."""
+    s_log = F.log_softmax((s_raw.float() + s_bias.float()) * inv_temperature, dim=-1)
+    t_log = F.log_softmax((t_raw.float() + t_bias.float()) * inv_temperature, dim=-1)
+    t_prob = t_log.exp()
+    return (t_prob * (t_log - s_log)).sum(), s_log.exp() - t_prob
+
+
+_compiled_kl = None  # set by `use_compiled_kernels`
+
+
+def use_compiled_kernels(enable: bool = True) -> None:
+    """Run the KL chunks through `torch.compile` (C++ on the CPU, Triton on CUDA): `--compile`.
+
+    The first call compiles (tens of seconds on a small CPU); chunk sizes are dynamic, so it
+    compiles once. Only this pure function is compiled: the models and their hooks run eagerly.
+    """
+    global _compiled_kl
+    _compiled_kl = torch.compile(_kl_rows_fusable, dynamic=True) if enable else None
+
+
 class _RowLoss(torch.autograd.Function):
     """A chunked row loss on given logits; the gradient is formed in the forward pass."""
 
@@ -142,12 +164,21 @@ class _HeadLosses(torch.autograd.Function):
         if alpha_kl > 0:
             # d(T^2 KL(p_t || p_s))/d(logits) = T (p_s - p_t): the 1/T of the softening times T^2
             kl_scale = alpha_kl * t / max(n, 1)
+            if _compiled_kl is not None:
+                s_bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
+                t_bias_ = t_bias if t_bias is not None else t_weight.new_zeros(t_weight.shape[0])
             for start in range(0, n, step):
                 rows = slice(start, start + step)
-                s_scaled = logits(s_feat[rows], weight, bias, 1.0 / t)
-                with torch.no_grad():
-                    t_scaled = logits(t_feat[rows], t_weight, t_bias, 1.0 / t)
-                loss, grad = _kl_rows(s_scaled, t_scaled, True)
+                if _compiled_kl is not None:
+                    s_raw = torch.mm(s_feat[rows], weight.t())
+                    with torch.no_grad():
+                        t_raw = torch.mm(t_feat[rows], t_weight.t())
+                    loss, grad = _compiled_kl(s_raw, t_raw, s_bias, t_bias_, 1.0 / t)
+                else:
+                    s_scaled = logits(s_feat[rows], weight, bias, 1.0 / t)
+                    with torch.no_grad():
+                        t_scaled = logits(t_feat[rows], t_weight, t_bias, 1.0 / t)
+                    loss, grad = _kl_rows(s_scaled, t_scaled, True)
                 kl_total += loss
                 g_feat[rows] = backward_of_projection(grad, s_feat[rows], kl_scale)
         if alpha_lm > 0 and n_lm > 0:

@@ -117,7 +117,7 @@ def run_single(args) -> dict:
         seed=0, group_by_size=False, batch_size=cfg["batch"], max_model_input_size=cfg["max_len"],
         weight_decay=0.0, learning_rate=1e-4, adam_epsilon=1e-6, warmup_prop=0.0, max_grad_norm=5.0,
         num_workers=0, is_wandb=False, skip_nonfinite_steps=0, save_total_limit=0, log_interval=10**9,
-        checkpoint_interval=0, no_progress=True, run_name=None, **mode,
+        checkpoint_interval=0, no_progress=True, run_name=None, compile=args.compile, **mode,
     )
     token_probs = torch.ones(cfg["vocab"])
     token_probs[[0, 100, 101, 102, 103]] = 0
@@ -229,6 +229,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="Timed steps per mode.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    parser.add_argument("--compile", action="store_true", help="As causal_train.py --compile (the KL kernel compiled).")
     parser.add_argument("--json_out", default=None, help="Also write the figures to this JSON file.")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -250,6 +251,8 @@ def main() -> None:
                 cmd += ["--data_file", args.data_file]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            if args.compile:
+                cmd += ["--compile"]
             print(f"running {mode} {dtype} ...", file=sys.stderr, flush=True)
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if out.returncode != 0:

@@ -94,3 +94,39 @@ def test_head_losses_equal_the_plain_losses_on_materialised_logits():
     torch.testing.assert_close(lm, ref_lm.detach(), atol=1e-5, rtol=1e-5)
     for g, p in zip(got, (s_feat, proj.weight, proj.bias)):
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_kl_kernel_equals_the_eager_one():
+    import shutil
+
+    import pytest
+
+    import losses
+    from losses import head_losses
+
+    if not any(shutil.which(c) for c in ("c++", "g++", "gcc", "clang++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    torch.manual_seed(0)
+    n, h, v = 600, 8, 97  # more rows than one CPU chunk, and a last chunk of another size
+    proj, t_proj = torch.nn.Linear(h, v), torch.nn.Linear(h, v)
+    s_feat = torch.randn(n, h, requires_grad=True)
+    t_feat = torch.randn(n, h)
+    rows = torch.arange(0, n, 7)
+    targets = torch.randint(0, v, rows.shape)
+
+    def run():
+        for p in (s_feat, proj.weight, proj.bias):
+            p.grad = None
+        total, kl, lm = head_losses(s_feat, proj, t_feat, t_proj, rows, targets, 2.0, 0.4, 0.6)
+        total.backward()
+        return [total.detach(), kl, lm, s_feat.grad.clone(), proj.weight.grad.clone(), proj.bias.grad.clone()]
+
+    eager = run()
+    try:
+        losses.use_compiled_kernels(True)
+        compiled = run()
+    finally:
+        losses.use_compiled_kernels(False)
+    assert losses._compiled_kl is None
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
