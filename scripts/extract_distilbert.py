@@ -22,11 +22,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract import check_dump_path, choose_teacher_layers, load_teacher, load_teacher_config, log_choice, save_extraction  # noqa: E402
 from utils import CliError, logger, run_cli  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 # DistilBERT block module <- BERT block module (each has .weight and .bias).
 BLOCK_MAP = (
@@ -46,7 +50,7 @@ HEAD_TRANSFORM_MAP = (
 DISTILBERT_LAYER_NORM_EPS = 1e-12  # fixed in DistilBERT's code, not configurable
 
 
-def fold_token_type(position: "torch.Tensor", token_type: "torch.Tensor") -> "torch.Tensor":
+def fold_token_type(position: torch.Tensor, token_type: torch.Tensor) -> torch.Tensor:
     """`position` with `token_type[0]` added to every row, computed in float32, in `position`'s dtype."""
     return (position.float() + token_type[0].float()).to(position.dtype)
 
