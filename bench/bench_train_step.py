@@ -73,6 +73,25 @@ def _models(cfg, seed=0):
     return teacher, student
 
 
+def _count_cpu_flash_attention() -> None:
+    """FlopCounterMode has formulas for the CUDA attention kernels but not for the CPU's fused one:
+    without this, the teacher's attention matmuls on the CPU would go uncounted."""
+    import torch
+    from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    try:
+        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+        def _forward(query, key, value, *args, out_shape=None, **kwargs):
+            return sdpa_flop_count(query, key, value)
+
+        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+        def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+            return sdpa_backward_flop_count(grad_out, query, key, value)
+    except (AttributeError, RuntimeError):  # another torch: the op or the registry differs, or it is registered
+        pass
+
+
 def run_single(args) -> dict:
     """One (mode, dtype) in this process; returns its figures."""
     import numpy as np
@@ -86,6 +105,7 @@ def run_single(args) -> dict:
     from utils import tune_cpu_allocator
 
     tune_cpu_allocator()  # as causal_train.py does
+    _count_cpu_flash_attention()
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
