@@ -34,7 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from attention import use_cpu_dropout_attention
+from cpu_dropout import use_cpu_dropout
 from batching import BatchPreparer, Prepared
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from interventions import head_features, head_projection, interchange, run_model
@@ -265,10 +265,10 @@ class CausalDistiller:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(params.fp16))
         if getattr(params, "compile", False):
             use_compiled_kernels(True)
-        # On the CPU the student's attention dropout runs through attention.py: the same function as
-        # sdpa's, in less time and memory (the stock model class is kept; the saved config is unchanged).
-        if self.device.type == "cpu" and use_cpu_dropout_attention(student):
-            logger.info("student attention with dropout: %s (CPU kernel of attention.py)", student.config._attn_implementation)
+        # On the CPU the student's dropout runs through cpu_dropout.py: the same functions, in less
+        # time and memory (stock model classes and parameters; the saved config is unchanged).
+        if self.device.type == "cpu":
+            logger.info("student dropout on the CPU through cpu_dropout.py: %s", use_cpu_dropout(student))
 
         # Optimiser and schedule.
         self.batches_per_epoch = self._count_batches()

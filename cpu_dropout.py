@@ -1,4 +1,5 @@
-"""Attention with dropout for training on the CPU, registered as a transformers attention function.
+"""Dropout for training on the CPU: the attention's, as a registered transformers attention
+function, and the hidden states', as a drop-in `nn.Dropout`.
 
 On the CPU, `scaled_dot_product_attention` with `dropout_p > 0` leaves the fused kernel for the
 math path: it draws the dropout mask with `bernoulli_` (the costliest op of a small student's step)
@@ -10,11 +11,15 @@ the same function, softmax(q k^T * scale + mask), dropout, times v, with
   - only the probabilities (4 bytes) and the keep mask (1 byte) saved per score, against the math
     path's 13; the dropped probabilities are formed again in the backward.
 
-It is used only where it applies: a module in training mode with dropout > 0, on the CPU, without
+`CpuDropout` is `nn.Dropout` with the same keep mask, saved as one byte per element (stock
+dropout draws floats with `bernoulli_` and keeps them).
+
+Each is used only where it applies: a module in training mode with dropout > 0, on the CPU, without
 `output_attentions`; everything else goes to the stock `sdpa` function unchanged (on CUDA the
-stock kernels fuse the dropout already). The model stays a stock class: `use_cpu_dropout_attention`
-switches its `attn_implementation` to this registered function, and the configuration saved with it
-does not record the switch, so a saved student loads with the default attention.
+stock kernels fuse the dropout already). The model stays a stock class with its stock parameters:
+`use_cpu_dropout` switches its `attn_implementation` to the registered function (the saved
+configuration does not record it, so a saved student loads with the default attention) and
+replaces its parameterless `nn.Dropout` children by `CpuDropout` (same `p`).
 """
 from __future__ import annotations
 
@@ -120,3 +125,40 @@ def use_cpu_dropout_attention(model: nn.Module) -> bool:
     except (ValueError, AttributeError, NotImplementedError):
         return False
     return True
+
+
+class _KeepScale(torch.autograd.Function):
+    """x * keep / (1 - p), saving the keep mask as uint8."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale: float):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return (x * keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return (grad * keep).mul_(ctx.scale), None, None
+
+
+class CpuDropout(nn.Dropout):
+    """`nn.Dropout` whose CPU training path draws its mask with `keep_mask`; elsewhere the stock one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and not self.inplace):
+            return super().forward(x)
+        keep = keep_mask(x.shape, self.p).view(torch.uint8)
+        return _KeepScale.apply(x, keep, 1.0 / (1.0 - self.p))
+
+
+def use_cpu_dropout(model: nn.Module) -> dict[str, int]:
+    """Route `model`'s attention dropout (`use_cpu_dropout_attention`) and its `nn.Dropout` modules
+    through this module's CPU kernels; returns what was switched."""
+    replaced = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(parent, name, CpuDropout(child.p, child.inplace))
+                replaced += 1
+    return {"attention": int(use_cpu_dropout_attention(model)), "dropout_modules": replaced}

@@ -8,7 +8,10 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from attention import NAME, DropoutAttention, cpu_dropout_attention_forward, keep_mask, use_cpu_dropout_attention
+from cpu_dropout import (
+    NAME, CpuDropout, DropoutAttention, cpu_dropout_attention_forward, keep_mask, use_cpu_dropout,
+    use_cpu_dropout_attention,
+)
 
 
 def reference(q, k, v, mask, keep, p, scale):
@@ -158,3 +161,38 @@ def test_bf16_autocast_tracks_fp32():
         q.grad = k.grad = v.grad = None
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+def test_cpu_dropout_module_is_dropout_with_the_keep_mask():
+    x = torch.randn(4, 7, 16, dtype=torch.float64, requires_grad=True)
+    module = CpuDropout(0.25)
+    torch.manual_seed(2)
+    out = module(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.manual_seed(2)
+    keep = keep_mask(x.shape, 0.25).double()
+    assert 0 < keep.sum() < keep.numel()
+    torch.testing.assert_close(out, x.detach() * keep / 0.75, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.grad, grad * keep / 0.75, rtol=0, atol=1e-12)
+    module.eval()
+    assert torch.equal(module(x), x)  # eval: the identity, as nn.Dropout
+
+
+def test_use_cpu_dropout_keeps_parameters_and_the_saved_model(tmp_path):
+    torch.manual_seed(0)
+    model = _models()["distilbert"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_dropout = sum(type(m) is torch.nn.Dropout for m in model.modules())
+    switched = use_cpu_dropout(model)
+    assert switched == {"attention": 1, "dropout_modules": n_dropout} and n_dropout > 0
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert model.distilbert.transformer.layer[0].attention.dropout.p == 0.1  # the attention reads its p
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    model.train()
+    model(input_ids=torch.randint(5, 60, (2, 8))).logits.sum().backward()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert all(torch.equal(v, after[k]) for k, v in reloaded.state_dict().items())
+    assert not any(isinstance(m, CpuDropout) for m in reloaded.modules())
