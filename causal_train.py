@@ -144,6 +144,14 @@ def sanity_checks(args) -> None:
         raise CliError("--batch_size and --gradient_accumulation_steps must be >= 1")
     if args.interchange_masked_token_only and not args.mlm:
         raise CliError("--interchange_masked_token_only needs --mlm")
+    if args.compile:
+        if args.n_gpu > 0 and torch.cuda.is_available():
+            import importlib.util
+
+            if importlib.util.find_spec("triton") is None:
+                raise CliError("--compile on CUDA needs triton (pip install triton), or drop --compile")
+        elif not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            raise CliError("--compile on the CPU needs a C++ compiler on PATH (c++, g++ or clang++), or drop --compile")
 
 
 def prepare_dump_path(args) -> None:

@@ -94,7 +94,7 @@ def _expect_error(argv, fragment):
     assert fragment in str(err.value), str(err.value)
 
 
-def test_checks_before_training(setup, tmp_path):
+def test_checks_before_training(setup, tmp_path, monkeypatch):
     import pickle
 
     from transformers import DistilBertConfig
@@ -139,6 +139,11 @@ def test_checks_before_training(setup, tmp_path):
     # causal weight without a mapping
     argv = train_argv(setup, tmp_path / "f", causal=False) + ["--alpha_causal_ce", "0.5"]
     _expect_error(argv, "--neuron_mapping")
+    # --compile on a CPU machine without a C++ compiler
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    _expect_error(train_argv(setup, tmp_path / "h", "--compile"), "C++ compiler")
 
 
 def test_cli_error_exits_nonzero_without_traceback(setup, tmp_path):
