@@ -34,8 +34,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from cpu_dropout import use_cpu_dropout
 from batching import BatchPreparer, Prepared
+from cpu_dropout import use_cpu_dropout
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from interventions import head_features, head_projection, interchange, run_model
 from losses import head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl, use_compiled_kernels
@@ -263,8 +263,7 @@ class CausalDistiller:
             self.autocast = partial(torch.autocast, device_type=self.device.type, dtype=self.amp_dtype)
             self.teacher.to(self.amp_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(params.fp16))
-        if getattr(params, "compile", False):
-            use_compiled_kernels(True)
+        use_compiled_kernels(bool(getattr(params, "compile", False)))  # (a process-wide switch: set, or reset)
         # On the CPU the student's dropout runs through cpu_dropout.py: the same functions, in less
         # time and memory (stock model classes and parameters; the saved config is unchanged).
         if self.device.type == "cpu":

@@ -23,6 +23,8 @@ replaces its parameterless `nn.Dropout` children by `CpuDropout` (same `p`).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -35,14 +37,12 @@ _RESOLUTION = 1 << 15
 
 def keep_mask(shape: torch.Size, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A bool tensor, True with probability 1 - p (p rounded to a multiple of 1/32768), from the CPU generator."""
-    n = 1
-    for size in shape:
-        n *= size
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(generator=generator)  # 63 random bits each
-    lanes = words.view(torch.int16)[:n].bitwise_and_(_RESOLUTION - 1)  # 15 uniform bits per lane
     threshold = round(p * _RESOLUTION)
     if threshold >= _RESOLUTION:  # (the int16 comparison cannot express it)
         return torch.zeros(shape, dtype=torch.bool)
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(generator=generator)  # 63 random bits each
+    lanes = words.view(torch.int16)[:n].bitwise_and_(_RESOLUTION - 1)  # 15 uniform bits per lane
     return (lanes >= threshold).view(shape)
 
 
@@ -66,9 +66,10 @@ class DropoutAttention(torch.autograd.Function):
         probs = torch.softmax(scores, dim=-1)
         del scores
         keep = keep_mask(probs.shape, p).view(torch.uint8)  # (uint8 multiplies faster than bool)
-        out = torch.bmm((probs * keep).flatten(0, 1), v3).mul_(1.0 / (1.0 - p))
+        ctx.inv_keep = 1.0 / (1.0 - p)  # the kept weights' scale
+        out = torch.bmm((probs * keep).flatten(0, 1), v3).mul_(ctx.inv_keep)
         ctx.save_for_backward(q3, k3, v3, probs, keep)
-        ctx.p, ctx.scale = p, scale
+        ctx.scale = scale
         return out.view(batch, heads, length, v.shape[3])
 
     @staticmethod
@@ -77,12 +78,12 @@ class DropoutAttention(torch.autograd.Function):
         q3, k3, v3, probs, keep = ctx.saved_tensors
         batch, heads, length, keys = probs.shape
         g3 = grad_out.reshape(batch * heads, length, grad_out.shape[3])
-        grad_v = torch.bmm((probs * keep).flatten(0, 1).transpose(1, 2), g3).mul_(1.0 / (1.0 - ctx.p))
+        grad_v = torch.bmm((probs * keep).flatten(0, 1).transpose(1, 2), g3).mul_(ctx.inv_keep)
         grad_probs = torch.bmm(g3, v3.transpose(1, 2)).view(probs.shape).mul_(keep)
         grad_scores = torch._softmax_backward_data(grad_probs.to(probs.dtype), probs, -1, probs.dtype).flatten(0, 1)
         del grad_probs
-        grad_q = torch.bmm(grad_scores, k3).mul_(ctx.scale / (1.0 - ctx.p))
-        grad_k = torch.bmm(grad_scores.transpose(1, 2), q3).mul_(ctx.scale / (1.0 - ctx.p))
+        grad_q = torch.bmm(grad_scores, k3).mul_(ctx.scale * ctx.inv_keep)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), q3).mul_(ctx.scale * ctx.inv_keep)
         shape = (batch, heads, -1, q3.shape[2])
         return (grad_q.view(shape).to(q3.dtype), grad_k.view(shape).to(k3.dtype), grad_v.view(shape).to(v3.dtype),
                 None, None, None)

@@ -91,7 +91,7 @@ class _RowLoss(torch.autograd.Function):
                                    needs_grad)
                 g = g.mul_(1.0 / temperature) if needs_grad else None
             else:
-                loss, g = _ce_rows(logits[rows].float().clone(), other[rows], needs_grad)
+                loss, g = _ce_rows(logits[rows].to(torch.float32, copy=True), other[rows], needs_grad)
             total += loss
             if needs_grad:
                 grad[rows] = g
