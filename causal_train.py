@@ -16,14 +16,14 @@ import torch
 
 from binarized_io import load_corpus
 from causal_distiller import CausalDistiller, NonFiniteLoss, Preempted, file_fingerprint, list_checkpoints
-from interventions import FAMILIES, family_of, get_submodule, model_shape
+from interventions import CAUSAL_FAMILIES, FAMILIES, family_of, get_submodule, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import load_neuron_mapping
 from utils import (CliError, git_log, init_gpu_params, logger, require_file, run_cli, save_args, set_seed,
                    tune_cpu_allocator)
 
-STUDENT_TYPES = ("distilbert", "roberta", "gpt2")
-TEACHER_TYPES = ("bert", "roberta", "gpt2")
+STUDENT_TYPES = ("distilbert", "roberta", *CAUSAL_FAMILIES)
+TEACHER_TYPES = ("bert", "roberta", *CAUSAL_FAMILIES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--alpha_cos", type=float, default=0.0, help="Weight of the cosine loss between last hidden states.")
     a("--alpha_causal_ce", type=float, default=0.0, help="Weight of the DIITO soft-target loss on counterfactual runs.")
     a("--alpha_causal_cos", type=float, default=0.0, help="Weight of the DIITO cosine loss on counterfactual hidden states.")
-    a("--mlm", action="store_true", help="Masked-LM training (BERT/RoBERTa); otherwise causal LM (GPT-2).")
+    a("--mlm", action="store_true", help="Masked-LM training (BERT/RoBERTa); otherwise causal LM (GPT-2, Llama, Qwen, ...).")
     a("--mlm_mask_prop", type=float, default=0.15, help="Proportion of tokens chosen for MLM prediction.")
     a("--word_mask", type=float, default=0.8, help="Of the chosen tokens: proportion replaced by [MASK].")
     a("--word_keep", type=float, default=0.1, help="Of the chosen tokens: proportion kept.")
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--restrict_ce_to_mask", action="store_true", help="Soft-target losses only on MLM-masked tokens.")
     a("--no_shared_prefix", action="store_true",
       help="Run three full forwards per model (plain path, for checking) instead of sharing the base run's prefix.")
-    a("--freeze_pos_embs", action="store_true", help="Freeze the student's position embeddings.")
+    a("--freeze_pos_embs", action="store_true",
+      help="Freeze the student's position embeddings (learned positions only; not for rotary families).")
     a("--freeze_token_type_embds", action="store_true", help="Freeze the student's token type embeddings (RoBERTa).")
     a("--n_epoch", type=int, default=3, help="Number of epochs.")
     a("--max_steps", type=int, default=-1, help="Stop after this many optimiser steps (-1: run all epochs).")
@@ -114,15 +115,19 @@ def sanity_checks(args) -> None:
     if args.mlm:
         if args.alpha_clm > 0:
             raise CliError("--alpha_clm must be 0 with --mlm (use --alpha_mlm)")
-        if args.teacher_type == "gpt2" or args.student_type == "gpt2":
+        if args.teacher_type in CAUSAL_FAMILIES or args.student_type in CAUSAL_FAMILIES:
             raise CliError("--mlm needs masked-LM models (bert/roberta teacher, distilbert/roberta student)")
         if not args.token_counts:
             raise CliError("--mlm needs --token_counts (scripts/token_counts.py)")
     else:
         if args.alpha_mlm > 0:
             raise CliError("--alpha_mlm needs --mlm")
-        if args.teacher_type != "gpt2" or args.student_type != "gpt2":
-            raise CliError("causal-LM training (no --mlm) needs --teacher_type gpt2 and --student_type gpt2")
+        if args.teacher_type not in CAUSAL_FAMILIES or args.student_type not in CAUSAL_FAMILIES:
+            raise CliError(f"causal-LM training (no --mlm) needs causal-LM teacher and student types "
+                           f"({', '.join(CAUSAL_FAMILIES)}); got {args.teacher_type} and {args.student_type}")
+    if args.freeze_pos_embs and FAMILIES[args.student_type].position_embeddings is None:
+        raise CliError(f"--freeze_pos_embs: a {args.student_type} student has rotary positions, no position "
+                       f"embeddings to freeze")
     if abs(args.word_mask + args.word_keep + args.word_rand - 1.0) > 1e-6:
         raise CliError("--word_mask + --word_keep + --word_rand must sum to 1")
     if not 0.0 <= args.mlm_mask_prop <= 1.0:

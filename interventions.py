@@ -8,7 +8,10 @@ function reads a site (`run_model(..., capture=...)` keeps block outputs), one w
 nothing above its deepest site), or start above a block from a given activation (the
 counterfactual run shares the base run's computation below its lowest site). Slicing swaps the
 block list for the duration of the call and replaces the output of the module that feeds block 0
-(the embeddings), so the stock forward (masks, positions) runs unchanged.
+(the embeddings), so the stock forward (masks, positions) runs unchanged. Rotary positions (the
+Llama layout) are computed by the base model from position ids, not by the entry module, so they
+stay right in a sliced run; config lists indexed by block (`Family.per_block_config`) are sliced
+with the blocks.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+import transformers
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -45,8 +49,11 @@ class Family:
     features: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (lm model, hidden) -> input of the projection
     projection: str  # dotted path of the vocabulary projection (an nn.Linear) in the LM model
     mlm: bool  # masked LM (True) or causal LM (False)
-    position_embeddings: str  # dotted path from the LM model (for --freeze_pos_embs)
+    position_embeddings: str | None  # dotted path from the LM model (for --freeze_pos_embs); None: rotary
     token_type_embeddings: str | None  # dotted path from the LM model (for --freeze_token_type_embds)
+    # Config lists indexed by block number inside the base model's forward (Qwen2's `layer_types`
+    # picks each block's attention mask): sliced together with the block list.
+    per_block_config: tuple[str, ...] = ()
 
 
 def _distilbert_features(model, hidden):
@@ -72,6 +79,19 @@ FAMILIES: dict[str, Family] = {
                    lambda m, h: h, "lm_head", False,
                    "transformer.wpe", None),
 }
+
+# The Llama layout (transformers 5): `model.embed_tokens` -> `model.layers` (pre-norm blocks, rotary
+# positions computed from position ids at model level) -> `model.norm` (inside the base model, so
+# its last hidden state is already normalised) -> `lm_head` (no bias, tied or not). One row each.
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2", "smollm3")
+_LLAMA_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
+                  "olmo2": "Olmo2", "smollm3": "SmolLM3"}
+for _name in LLAMA_LAYOUT:
+    _prefix = _LLAMA_CLASSES[_name]
+    FAMILIES[_name] = Family(_name, getattr(transformers, f"{_prefix}ForCausalLM"),
+                             getattr(transformers, f"{_prefix}Config"), "model", "layers", "embed_tokens",
+                             lambda m, h: h, "lm_head", False, None, None, per_block_config=("layer_types",))
+CAUSAL_FAMILIES = tuple(name for name, fam in FAMILIES.items() if not fam.mlm)
 
 
 def family_of(model: nn.Module) -> Family:
@@ -188,14 +208,22 @@ def run_model(
         hooks.append((get_submodule(base, fam.entry), lambda module, args, output: activation))
 
     sliced = lo > 0 or hi < n
+    config = base.config
+    per_block = {k: getattr(config, k) for k in fam.per_block_config if isinstance(getattr(config, k, None), list)}
     if sliced:
         _set(base, fam.blocks, nn.ModuleList(list(blocks)[lo:hi]))
+        for k, values in per_block.items():
+            setattr(config, k, values[lo:hi])
+    # Causal LMs: no key/value cache (nothing is generated; a cache would only hold memory).
+    kwargs = {} if fam.mlm else {"use_cache": False}
     try:
         with _hooks(hooks):
-            out = base(input_ids=input_ids, attention_mask=attention_mask)
+            out = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     finally:
         if sliced:
             _set(base, fam.blocks, blocks)
+            for k, values in per_block.items():
+                setattr(config, k, values)
     last = None if stop_after is not None and hi < n else out.last_hidden_state
     return last, captured
 

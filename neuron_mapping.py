@@ -9,6 +9,11 @@ A file is JSON::
 A variable name is ``$L:<l>$H:<h>$[<d0>:<d1>]``. ``<l>`` and ``<h>`` are an index or a half-open
 range ``[a:b]`` (a range stands for every layer or head in it). The site is the OUTPUT of
 transformer block ``l`` (0-based), hidden dimensions ``h*head_dim + d0`` up to ``h*head_dim + d1``.
+
+``head_dim`` here is always ``hidden_size / num_attention_heads``: ``$H:`` cuts the residual stream
+into ``num_attention_heads`` equal slices, whatever the attention's own ``head_dim`` or number of
+key/value heads (a Llama-layout config may set ``head_dim`` to anything, and grouped-query
+attention has fewer key/value heads).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class ModelShape:
 
     @property
     def head_dim(self) -> int:
+        """Width of one `$H:` slice of the residual stream: hidden_size / n_heads (not the attention's head_dim)."""
         return self.hidden_size // self.n_heads
 
 
@@ -72,11 +78,15 @@ def parse_variable_name(name: str, shape: ModelShape) -> Sites:
     d0, d1 = int(m.group(3)), int(m.group(4))
     if layers.stop > shape.n_layers:
         raise ValueError(f"layer {layers.stop - 1} in {name!r} is out of range: the model has {shape.n_layers} layers")
+    if shape.hidden_size % shape.n_heads:
+        raise ValueError(f"{name!r} uses $H: slices, but hidden_size {shape.hidden_size} is not a multiple of "
+                         f"num_attention_heads {shape.n_heads}")
     if heads.stop > shape.n_heads:
         raise ValueError(f"head {heads.stop - 1} in {name!r} is out of range: the model has {shape.n_heads} heads")
     if not 0 <= d0 < d1 <= shape.head_dim:
         raise ValueError(
-            f"dimension range [{d0}:{d1}] in {name!r} is out of range: a head has {shape.head_dim} dimensions"
+            f"dimension range [{d0}:{d1}] in {name!r} is out of range: a $H: slice of the residual stream has "
+            f"{shape.head_dim} dimensions (hidden_size {shape.hidden_size} / {shape.n_heads} heads)"
         )
     dims = sorted({h * shape.head_dim + d for h in heads for d in range(d0, d1)})
     return {layer: tuple(dims) for layer in layers}

@@ -1,7 +1,9 @@
 """Binarize a text corpus once, before distillation: tokenize every example and store its ids.
 
-Each non-empty example becomes `[CLS] text [SEP]` (bert), `<s> text </s>` (roberta) or
-`<|endoftext|> text <|endoftext|>` (gpt2), tokenized in batches by the tokenizer's fast (Rust)
+Each non-empty example becomes `[CLS] text [SEP]` (bert), `<s> text </s>` (roberta),
+`<|endoftext|> text <|endoftext|>` (gpt2) or `BOS text EOS` with the tokenizer's own BOS and EOS
+(the Llama-layout types llama, mistral, qwen2, qwen3, gemma, olmo2, smollm3; a tokenizer without a
+BOS, like Qwen's, opens with its EOS as GPT-2 does), tokenized in batches by the tokenizer's fast (Rust)
 implementation. The sequences are shuffled with --seed and written to
 `{dump_file}.{split}.{tokenizer}.bin` (memory-mappable, the default) or `.pickle` (the original
 Causal-Distill format).
@@ -37,6 +39,18 @@ SPECIAL_TOKENS = {
     "roberta": ("cls_token", "sep_token"),  # <s> ... </s>
     "gpt2": ("bos_token", "eos_token"),  # <|endoftext|> ... <|endoftext|>
 }
+# Llama-layout causal LMs: the tokenizer's BOS ... EOS (ids above 65,535 are stored as int32).
+LLAMA_LAYOUT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2", "smollm3")
+SPECIAL_TOKENS.update({name: ("bos_token", "eos_token") for name in LLAMA_LAYOUT_TYPES})
+
+
+def special_ids(tokenizer, tokenizer_type: str) -> tuple[int | None, int | None]:
+    """(opening id, closing id) of an example; a Llama-layout tokenizer without a BOS opens with its EOS."""
+    bos_attr, eos_attr = SPECIAL_TOKENS[tokenizer_type]
+    bos_id, eos_id = getattr(tokenizer, f"{bos_attr}_id", None), getattr(tokenizer, f"{eos_attr}_id", None)
+    if bos_id is None and tokenizer_type in LLAMA_LAYOUT_TYPES:
+        bos_id = eos_id
+    return bos_id, eos_id
 # `--dataset_name` shorthands: name -> (hub name, config).
 DATASET_ALIASES = {"wikitext": ("wikitext", "wikitext-103-raw-v1")}
 # Local file loaders of `datasets`, by extension; any other single file is read as plain text.
@@ -56,13 +70,11 @@ def load_tokenizer(name: str, tokenizer_type: str, cache_dir: str | None = None)
         raise CliError(f"--tokenizer_name {name}: cannot load the tokenizer ({type(err).__name__}: {err})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise CliError(f"--tokenizer_name {name}: no fast (Rust) implementation of this tokenizer is available")
-    ids = []
-    for attr in SPECIAL_TOKENS[tokenizer_type]:
-        token_id = getattr(tokenizer, f"{attr}_id", None)
+    ids = special_ids(tokenizer, tokenizer_type)
+    for attr, token_id in zip(SPECIAL_TOKENS[tokenizer_type], ids):
         if token_id is None:
             raise CliError(f"--tokenizer_name {name}: has no {attr}, which --tokenizer_type {tokenizer_type} needs")
-        ids.append(int(token_id))
-    return tokenizer, ids[0], ids[1]
+    return tokenizer, int(ids[0]), int(ids[1])
 
 
 def encode_batch(texts: Sequence[str | None], tokenizer, bos_id: int, eos_id: int, dtype=np.int32):
@@ -92,8 +104,7 @@ def encode_batch(texts: Sequence[str | None], tokenizer, bos_id: int, eos_id: in
 
 def binarize(texts: Iterable[str], tokenizer, tokenizer_type: str = "bert", batch_size: int = 1000) -> list[np.ndarray]:
     """Binarize `texts` in memory (no shuffling): one `[bos] ids [eos]` array per non-empty text."""
-    bos_attr, eos_attr = SPECIAL_TOKENS[tokenizer_type]
-    bos_id, eos_id = getattr(tokenizer, f"{bos_attr}_id"), getattr(tokenizer, f"{eos_attr}_id")
+    bos_id, eos_id = special_ids(tokenizer, tokenizer_type)
     dtype = dtype_for_vocab(len(tokenizer))
     out: list[np.ndarray] = []
     texts = list(texts)
@@ -260,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer_type",
         default="bert",
         choices=sorted(SPECIAL_TOKENS),
-        help="Which special tokens wrap each example: bert [CLS]/[SEP], roberta <s>/</s>, gpt2 <|endoftext|>.",
+        help="Which special tokens wrap each example: bert [CLS]/[SEP], roberta <s>/</s>, gpt2 <|endoftext|>; "
+        "llama, mistral, qwen2, qwen3, gemma, olmo2, smollm3: the tokenizer's BOS/EOS (its EOS when it has no BOS).",
     )
     parser.add_argument(
         "--tokenizer_name",

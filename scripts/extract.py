@@ -1,4 +1,4 @@
-"""Initialise a shallower RoBERTa or GPT-2 student from some of its teacher's blocks.
+"""Initialise a shallower RoBERTa, GPT-2 or Llama-layout student from some of its teacher's blocks.
 
 The student has the teacher's architecture with fewer blocks: the teacher's embeddings, final
 layer norm (GPT-2) and LM head are copied as they are, the chosen blocks are copied and renumbered
@@ -16,6 +16,14 @@ Usage:
         --dump_checkpoint serialization_dir/roberta-base_6.pth --num_layers 6 --vocab_transform
     python scripts/extract.py --model_type gpt2 --model_name gpt2 \
         --dump_checkpoint serialization_dir/gpt2_6.pth
+    python scripts/extract.py --model_type qwen2 --model_name Qwen/Qwen2.5-0.5B \
+        --dump_checkpoint serialization_dir/qwen2_12.pth --num_layers 12
+
+Llama-layout rows (llama, mistral, qwen2, qwen3, gemma, olmo2, smollm3) copy the embeddings
+(`model.embed_tokens`), the chosen `model.layers`, the final norm (`model.norm`) and the head
+(`lm_head`, tied or not), and also write the student's config, `<dump_checkpoint without
+.pth>.config.json`: the teacher's config with `num_hidden_layers` set to the student's depth and
+every per-layer list (`layer_types`, `no_rope_layers`) cut to the chosen blocks.
 """
 from __future__ import annotations
 
@@ -49,6 +57,18 @@ FAMILIES = {
     "roberta": Family("RobertaForMaskedLM", "roberta.encoder.layer", ("lm_head.dense.", "lm_head.layer_norm."), "roberta-base"),
     "gpt2": Family("GPT2LMHeadModel", "transformer.h", (), "gpt2"),
 }
+# The Llama-layout rows (the same rows as interventions.FAMILIES): default teachers on the hub.
+LLAMA_LAYOUT_DEFAULTS = {
+    "llama": ("LlamaForCausalLM", "HuggingFaceTB/SmolLM2-135M"),
+    "mistral": ("MistralForCausalLM", "mistralai/Mistral-7B-v0.1"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen/Qwen2.5-0.5B"),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen/Qwen3-0.6B-Base"),
+    "gemma": ("GemmaForCausalLM", "google/gemma-2b"),
+    "olmo2": ("Olmo2ForCausalLM", "allenai/OLMo-2-0425-1B"),
+    "smollm3": ("SmolLM3ForCausalLM", "HuggingFaceTB/SmolLM3-3B-Base"),
+}
+for _type, (_class, _default) in LLAMA_LAYOUT_DEFAULTS.items():
+    FAMILIES[_type] = Family(_class, "model.layers", (), _default)
 
 
 def default_teacher_layers(n_teacher: int, num_layers: int) -> tuple[list[int], str]:
@@ -193,12 +213,36 @@ def extract_same_family(teacher_sd: dict, family: Family, teacher_layers: list[i
     return student_sd
 
 
+def student_config(config, teacher_layers: list[int]):
+    """The teacher's `config` cut to the chosen blocks: `num_hidden_layers` = their number, and every
+    per-layer list of the config (a list as long as the teacher's depth: Qwen2's `layer_types`,
+    SmolLM3's `no_rope_layers`) keeps the chosen blocks' entries, so each block keeps its attention
+    kind and positions."""
+    import copy
+
+    n_teacher = config.num_hidden_layers
+    out = copy.deepcopy(config)
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == n_teacher and key != "architectures":
+            setattr(out, key, [value[i] for i in teacher_layers])
+    out.num_hidden_layers = len(teacher_layers)
+    return out
+
+
+def student_config_path(dump_checkpoint: Path) -> Path:
+    stem = dump_checkpoint.name[:-len(".pth")] if dump_checkpoint.name.endswith(".pth") else dump_checkpoint.name
+    return dump_checkpoint.with_name(stem + ".config.json")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Extract some blocks of a RobertaForMaskedLM or GPT2LMHeadModel to initialise a shallower student."
+        description="Extract some blocks of a RobertaForMaskedLM, GPT2LMHeadModel or Llama-layout *ForCausalLM "
+        "(llama, mistral, qwen2, qwen3, gemma, olmo2, smollm3) to initialise a shallower student."
     )
-    parser.add_argument("--model_type", default="roberta", choices=sorted(FAMILIES))
-    parser.add_argument("--model_name", default=None, help="hub name or local folder (default: roberta-base / gpt2)")
+    parser.add_argument("--model_type", default="roberta", choices=sorted(FAMILIES),
+                        help="teacher family (the student has the same architecture, fewer blocks)")
+    parser.add_argument("--model_name", default=None, help="hub name or local folder (default per --model_type: roberta-base, gpt2, "
+                        "HuggingFaceTB/SmolLM2-135M for llama, Qwen/Qwen2.5-0.5B for qwen2, ...)")
     parser.add_argument("--dump_checkpoint", required=True, help="output .pth (a torch state dict)")
     parser.add_argument("--num_layers", type=int, default=None, help="student depth (default 6)")
     parser.add_argument("--layers", default=None, help="comma-separated teacher blocks to copy, e.g. 0,2,4,7,9,11")
@@ -232,6 +276,11 @@ def main(argv: list[str] | None = None) -> None:
         "layer_choice": how,
         "vocab_transform": bool(args.vocab_transform and family.head_transform),
     }
+    if args.model_type in LLAMA_LAYOUT_DEFAULTS:
+        config_path = student_config_path(dump_checkpoint)
+        record["student_config"] = str(config_path)
+        atomic_write_text(config_path, student_config(config, teacher_layers).to_json_string())
+        logger.info("wrote the student config (%d layers) to %s", len(teacher_layers), config_path)
     save_extraction(student_sd, dump_checkpoint, record)
 
 
