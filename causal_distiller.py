@@ -275,7 +275,7 @@ class CausalDistiller:
         self.total_steps = steps_per_epoch * params.n_epoch
         if params.max_steps > 0:
             self.total_steps = min(self.total_steps, params.max_steps)
-        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")
+        no_decay = ("bias", "LayerNorm.weight", "norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")  # norm: RMSNorms
         named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
         groups = [
             {"params": [p for n, p in named if not any(nd in n for nd in no_decay)], "weight_decay": params.weight_decay},
