@@ -9,6 +9,7 @@ mode's steps so that both see the same machine; the device's bf16 dense peak on 
 
     python bench/bench_train_step.py --preset tiny --data_file ../shared/fixtures/wikitext-demo/binarized_text.train.bert-base-uncased.pickle
     python bench/bench_train_step.py --preset base --device cuda --dtypes bf16
+    python bench/bench_train_step.py --preset tiny_clm   # Llama-layout causal LMs (losses ce + clm)
 """
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ PRESETS = {
     # BERT-base teacher -> 6-layer DistilBERT student, batch 40, lengths up to 512.
     "base": dict(t_layers=12, s_layers=6, hidden=768, heads=12, ffn=3072, vocab=30522, batch=40, max_len=512,
                  t_site=6, s_site=3),
+    # Causal LMs: a Llama teacher 6 x 256 (4 query heads, 2 key/value heads) -> a 3-block Llama
+    # student, Llama-2's vocabulary of 32,000, batch 16; losses ce + clm (no masking).
+    "tiny_clm": dict(t_layers=6, s_layers=3, hidden=256, heads=4, kv_heads=2, ffn=1024, vocab=32000, batch=16,
+                     max_len=512, t_site=3, s_site=1, family="llama"),
+}
+# Special ids of the synthetic data: BERT's [CLS] [SEP] [PAD] [UNK] [MASK]; Llama's <s> </s> (pad 0).
+SPECIAL_IDS = {
+    "bert": {"mask_token": 103, "pad_token": 0, "cls_token": 101, "sep_token": 102, "unk_token": 100},
+    "llama": {"pad_token": 0, "cls_token": 1, "sep_token": 2, "unk_token": 0},
 }
 MODES = {
     "kd": dict(alpha_causal_ce=0.0, no_shared_prefix=False),
@@ -44,7 +54,7 @@ MODES = {
 GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def _synthetic_sequences(n: int, vocab: int, seed: int):
+def _synthetic_sequences(n: int, vocab: int, seed: int, first: int = 101, last: int = 102):
     """Lengths like the WikiText fixture (log-normal, mean about 62, 12..466 tokens)."""
     import numpy as np
 
@@ -53,7 +63,7 @@ def _synthetic_sequences(n: int, vocab: int, seed: int):
     seqs = []
     for length in lengths:
         body = rng.integers(1000, vocab, size=length - 2)
-        seqs.append(np.concatenate([[101], body, [102]]).astype(np.uint16))
+        seqs.append(np.concatenate([[first], body, [last]]).astype(np.uint16))
     return seqs
 
 
@@ -62,6 +72,14 @@ def _models(cfg, seed=0):
     from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
     torch.manual_seed(seed)
+    if cfg.get("family") == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        common = dict(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_attention_heads=cfg["heads"],
+                      num_key_value_heads=cfg["kv_heads"], intermediate_size=cfg["ffn"],
+                      max_position_embeddings=cfg["max_len"], tie_word_embeddings=False)
+        return (LlamaForCausalLM(LlamaConfig(num_hidden_layers=cfg["t_layers"], **common)),
+                LlamaForCausalLM(LlamaConfig(num_hidden_layers=cfg["s_layers"], **common)))
     teacher = BertForMaskedLM(BertConfig(
         vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_hidden_layers=cfg["t_layers"],
         num_attention_heads=cfg["heads"], intermediate_size=cfg["ffn"], max_position_embeddings=512,
@@ -111,14 +129,17 @@ def run_single(args) -> dict:
         torch.set_num_threads(args.threads)
     cfg = PRESETS[args.preset]
     device = torch.device(args.device)
-    data = _synthetic_sequences(2000, cfg["vocab"], 0)
+    mlm = cfg.get("family") is None
+    ids = SPECIAL_IDS["bert" if mlm else cfg["family"]]
+    data = _synthetic_sequences(2000, cfg["vocab"], 0, ids["cls_token"], ids["sep_token"])
     if args.data_file:
         from binarized_io import load_corpus
 
         corpus = load_corpus(args.data_file)
         data = [np.asarray(corpus[i]) for i in range(len(corpus))]
-    dataset = LmSeqsDataset(data=data, max_model_input_size=cfg["max_len"], cls_id=101, sep_id=102, pad_id=0,
-                            unk_id=100, seed=0, paired=True)
+    dataset = LmSeqsDataset(data=data, max_model_input_size=cfg["max_len"], cls_id=ids["cls_token"],
+                            sep_id=ids["sep_token"], pad_id=ids["pad_token"], unk_id=ids["unk_token"], seed=0,
+                            paired=True)
     teacher, student = _models(cfg)
     teacher.to(device).eval()
     student.to(device).train()
@@ -127,10 +148,9 @@ def run_single(args) -> dict:
     mode = MODES[args.mode]
     params = SimpleNamespace(
         device=device, is_master=True, multi_gpu=False, dump_path=args.tmp, world_size=1, global_rank=0,
-        alpha_ce=0.5, alpha_mlm=0.5, alpha_clm=0.0, alpha_mse=0.0, alpha_cos=0.0, alpha_causal_cos=0.0,
-        temperature=2.0, data_augment=False, include_crossway=False, gradient_accumulation_steps=1,
-        mlm=True, special_tok_ids={"mask_token": 103, "pad_token": 0, "cls_token": 101, "sep_token": 102,
-                                   "unk_token": 100},
+        alpha_ce=0.5, alpha_mlm=0.5 if mlm else 0.0, alpha_clm=0.0 if mlm else 0.5, alpha_mse=0.0, alpha_cos=0.0,
+        alpha_causal_cos=0.0, temperature=2.0, data_augment=False, include_crossway=False,
+        gradient_accumulation_steps=1, mlm=mlm, special_tok_ids=ids,
         mlm_mask_prop=0.15, word_mask=0.8, word_keep=0.1, word_rand=0.1, restrict_ce_to_mask=False,
         interchange_prop=0.3, interchange_max_token=-1, interchange_consecutive_only=False,
         interchange_masked_token_only=False, bf16=args.dtype == "bf16", fp16=False, n_epoch=1, max_steps=-1,
@@ -139,8 +159,10 @@ def run_single(args) -> dict:
         num_workers=0, is_wandb=False, skip_nonfinite_steps=0, save_total_limit=0, log_interval=10**9,
         checkpoint_interval=0, no_progress=True, run_name=None, compile=args.compile, **mode,
     )
-    token_probs = torch.ones(cfg["vocab"])
-    token_probs[[0, 100, 101, 102, 103]] = 0
+    token_probs = None
+    if mlm:
+        token_probs = torch.ones(cfg["vocab"])
+        token_probs[list(ids.values())] = 0
     t, s = cfg["t_site"], cfg["s_site"]
     hidden = cfg["hidden"]
     entry = MappingEntry(0, {t: tuple(range(hidden))}, {s: tuple(range(hidden))}, (), ())
