@@ -302,3 +302,44 @@ def test_binarize_llama_tokenizer_beyond_uint16(tmp_path):
         assert corpus.dtype == np.int32
         got = sorted(tuple(int(x) for x in corpus[i]) for i in range(len(corpus)))
         assert got == sorted([(first, 5, 65536, 69999, 70002), (first, 70, 66000, 70002)])
+
+
+# --- shipped configs and mappings (training_configs/causal_lm) -------------------------------------
+
+CAUSAL_CONFIGS = {  # file: (model_type, student depth, teacher's (depth, hidden, heads) on the hub)
+    "distil-smollm2-135m.json": ("llama", 10, (30, 576, 9)),  # HuggingFaceTB/SmolLM2-135M
+    "distil-qwen2.5-0.5b.json": ("qwen2", 12, (24, 896, 14)),  # Qwen/Qwen2.5-0.5B
+    "distil-qwen3-0.6b.json": ("qwen3", 14, (28, 1024, 16)),  # Qwen/Qwen3-0.6B-Base
+}
+CAUSAL_MAPPINGS = {
+    "smollm2-135m_10L_middle.nm": "distil-smollm2-135m.json",
+    "qwen2.5-0.5b_12L_middle.nm": "distil-qwen2.5-0.5b.json",
+    "qwen2.5-0.5b_12L_multilayer.nm": "distil-qwen2.5-0.5b.json",
+    "qwen3-0.6b_14L_middle.nm": "distil-qwen3-0.6b.json",
+}
+
+
+def test_shipped_causal_configs_and_mappings(repo_root):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from neuron_mapping import ModelShape
+
+    folder = repo_root / "training_configs" / "causal_lm"
+    readme = (repo_root / "training_configs" / "README.md").read_text()
+    assert {p.name for p in folder.glob("*.json")} == set(CAUSAL_CONFIGS)
+    assert {p.name for p in folder.glob("*.nm")} == set(CAUSAL_MAPPINGS)
+    shapes = {}
+    for name, (model_type, depth, (t_depth, hidden, heads)) in CAUSAL_CONFIGS.items():
+        assert f"`causal_lm/{name}`" in readme, name
+        fields = json.loads((folder / name).read_text())
+        assert fields.pop("model_type") == model_type
+        config = AutoConfig.for_model(model_type, **fields)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        assert type(model) is FAMILIES[model_type].model_class and len(model.model.layers) == depth
+        student = model_shape(model)
+        assert (student.hidden_size, student.n_heads) == (hidden, heads)
+        shapes[name] = (ModelShape(t_depth, hidden, heads), student)
+    for name, config_name in CAUSAL_MAPPINGS.items():
+        assert f"`causal_lm/{name}`" in readme, name
+        assert load_neuron_mapping(folder / name, *shapes[config_name])
