@@ -175,8 +175,10 @@ def prepare_dump_path(args) -> None:
 
 def load_teacher(args):
     family = FAMILIES[args.teacher_type]
+    # In the training precision, not the checkpoint's (transformers 5 loads a bf16 hub checkpoint as bf16).
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     try:
-        teacher = family.model_class.from_pretrained(args.teacher_name, cache_dir=args.cache_dir)
+        teacher = family.model_class.from_pretrained(args.teacher_name, cache_dir=args.cache_dir, dtype=dtype)
     except (OSError, ValueError) as err:
         raise CliError(f"--teacher_name {args.teacher_name}: cannot load a {args.teacher_type} teacher ({err})") from None
     return teacher
