@@ -132,7 +132,7 @@ def build_config_and_model(model_args: ClmModelArguments, tokenizer):
         if model_args.config_overrides:
             try:
                 config.update_from_string(model_args.config_overrides)
-            except ValueError as err:
+            except (ValueError, TypeError) as err:  # unknown key, malformed value, or a key whose default is None
                 raise CliError(f"--config_overrides {model_args.config_overrides!r}: {err}") from None
         config.vocab_size = len(tokenizer)
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):

@@ -47,9 +47,8 @@ def labels(family: str) -> dict[str, str]:
 
 def config_overrides(family: str, p: qs.Preset) -> str:
     """run_clm.py --config_overrides for the teacher of `family` at preset `p`."""
-    if family == "gpt2":
-        return (f"n_layer={p.teacher_layers},n_embd={p.hidden},n_head={p.heads},n_inner={p.ffn},"
-                f"n_positions={p.max_seq_length}")
+    if family == "gpt2":  # (GPT-2's FFN is 4 x the width)
+        return f"n_layer={p.teacher_layers},n_embd={p.hidden},n_head={p.heads},n_positions={p.max_seq_length}"
     kv_heads = p.heads // 2 if p.heads % 2 == 0 else p.heads  # grouped-query attention: 2 queries per key/value
     return (f"num_hidden_layers={p.teacher_layers},hidden_size={p.hidden},num_attention_heads={p.heads},"
             f"num_key_value_heads={kv_heads},intermediate_size={p.ffn},max_position_embeddings={p.max_seq_length},"

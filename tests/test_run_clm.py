@@ -76,6 +76,9 @@ def test_clm_bad_inputs(tmp_path, bpe_dir, corpus_lines):
     with pytest.raises(CliError, match="unknown --model_type 'nosuch'"):
         run_clm.main(["--model_type", "nosuch", "--validation_file", str(valid), "--do_eval"]
                      + _common(tmp_path / "b", bpe_dir))
+    with pytest.raises(CliError, match="--config_overrides 'n_inner=64'"):
+        run_clm.main(["--model_type", "gpt2", "--config_overrides", "n_inner=64", "--validation_file", str(valid),
+                      "--do_eval"] + _common(tmp_path / "d", bpe_dir))
     with pytest.raises(CliError, match="not a causal LM"):
         run_clm.main(["--model_type", "t5", "--validation_file", str(valid), "--do_eval"]
                      + _common(tmp_path / "c", bpe_dir))
