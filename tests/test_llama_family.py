@@ -343,3 +343,34 @@ def test_shipped_causal_configs_and_mappings(repo_root):
     for name, config_name in CAUSAL_MAPPINGS.items():
         assert f"`causal_lm/{name}`" in readme, name
         assert load_neuron_mapping(folder / name, *shapes[config_name])
+
+
+def test_head_loss_chunks_shrink_for_large_vocabularies():
+    """A 151,936-entry vocabulary (Qwen) gets fewer rows per chunk, so a chunk's temporaries stay
+    the size they have for BERT's 30,522; the chunked losses still equal the materialised ones."""
+    import losses
+    from losses import head_losses
+
+    cpu = torch.empty(0)
+    assert losses._chunk_rows(cpu, 30522) == losses.CHUNK_ROWS["cpu"]
+    assert losses._chunk_rows(cpu, 151936) * 151936 <= losses.CHUNK_ROWS["cpu"] * 30522 * 1.08
+    assert losses._chunk_rows(cpu, 10**9) == 1
+    torch.manual_seed(0)
+    n, h, v = 300, 8, 70000  # three chunks of 119 rows
+    proj, t_proj = torch.nn.Linear(h, v, bias=False), torch.nn.Linear(h, v, bias=False)  # Llama heads: no bias
+    s_feat, t_feat = torch.randn(n, h, requires_grad=True), torch.randn(n, h)
+    rows = torch.arange(0, n, 2)
+    targets = torch.randint(0, v, (len(rows),))
+    total, kl, lm = head_losses(s_feat, proj, t_feat, t_proj, rows, targets, 2.0, 0.5, 0.5)
+    total.backward()
+    got = (s_feat.grad.clone(), proj.weight.grad.clone())
+    s_feat.grad = proj.weight.grad = None
+    logits = proj(s_feat)
+    ref_kl = torch.nn.functional.kl_div(torch.log_softmax(logits / 2, -1), torch.log_softmax(t_proj(t_feat) / 2, -1),
+                                        reduction="sum", log_target=True) / n * 4
+    ref_lm = torch.nn.functional.cross_entropy(logits[rows], targets)
+    (0.5 * ref_kl + 0.5 * ref_lm).backward()
+    torch.testing.assert_close(kl, ref_kl.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lm, ref_lm.detach(), atol=1e-5, rtol=1e-5)
+    for g, p in zip(got, (s_feat, proj.weight)):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
