@@ -55,7 +55,7 @@ def setup(tmp_path_factory, tokenizer_dir, corpus_lines):
 def run(setup, *extra, student="teacher", teacher="teacher", data="heldout.txt", mapping="map.nm", out="out"):
     argv = ["--teacher_name", str(setup / teacher), "--student_name", str(setup / student),
             "--tokenizer_name", str(setup / "teacher"), "--data_file", str(setup / data),
-            "--output_dir", str(setup / out), "--num_pairs", "48", "--batch_size", "16", "--n_bootstrap", "200",
+            "--output_dir", str(setup / out), "--num_pairs", "48", "--batch_size", "48", "--n_bootstrap", "200",
             "--no_progress", "--device", "cpu"]
     if mapping:
         argv += ["--neuron_mapping", str(setup / mapping)]
@@ -63,7 +63,7 @@ def run(setup, *extra, student="teacher", teacher="teacher", data="heldout.txt",
 
 
 def test_teacher_as_student_agrees_exactly(setup):
-    record = run(setup, "--sweep", out="self")
+    record = run(setup, "--sweep", "--num_pairs", "24", out="self")
     for row in record["mapping"]["entries"] + [record["mapping"]["overall"]]:
         assert row["iia"]["value"] == 1.0 and row["iia"]["ci95"] == [1.0, 1.0]
         assert row["effective_iia"]["value"] == 1.0
