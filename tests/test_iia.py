@@ -52,6 +52,10 @@ def setup(tmp_path_factory, tokenizer_dir, corpus_lines):
     return root
 
 
+def _vocab(setup) -> int:
+    return json.loads((setup / "teacher" / "config.json").read_text())["vocab_size"]
+
+
 def run(setup, *extra, student="teacher", teacher="teacher", data="heldout.txt", mapping="map.nm", out="out"):
     argv = ["--teacher_name", str(setup / teacher), "--student_name", str(setup / student),
             "--tokenizer_name", str(setup / "teacher"), "--data_file", str(setup / data),
@@ -87,8 +91,8 @@ def test_causal_lm_teacher_as_student_evaluates_every_next_token_position(setup)
     overall = record["mapping"]["overall"]
     assert overall["iia"]["value"] == 1.0 and overall["effective_iia"]["value"] == 1.0
     # every real position that has a next token: sum over pairs of (length - 1)
-    dataset = run_iia.load_dataset(str(setup / "heldout.txt"), *run_iia.load_tokenizer(str(setup / "teacher"), 2000,
-                                                                                        False)[0:2], 128, 42)
+    tok, special = run_iia.load_tokenizer(str(setup / "teacher"), _vocab(setup), False)
+    dataset = run_iia.load_dataset(str(setup / "heldout.txt"), tok, special, 128, 42)
     pairs = run_iia.choose_pairs(dataset, 48, 42)
     assert overall["positions"] == int(sum(dataset.lengths[pairs] - 1))
 
@@ -110,7 +114,7 @@ def _preparer(vocab):
 
 
 def test_positions_and_masks_repeat_and_are_shared_by_teacher_and_student(setup, monkeypatch):
-    tok, special = run_iia.load_tokenizer(str(setup / "teacher"), 2000, True)
+    tok, special = run_iia.load_tokenizer(str(setup / "teacher"), _vocab(setup), True)
     dataset = run_iia.load_dataset(str(setup / "heldout.txt"), tok, special, 128, 7)
     pairs = run_iia.choose_pairs(dataset, 40, 7)
     assert np.array_equal(pairs, run_iia.choose_pairs(dataset, 40, 7))
@@ -189,7 +193,7 @@ def test_num_pairs_larger_than_the_data_warns_and_uses_all(setup, caplog):
     (setup / "few.txt").write_text("\n".join(lines) + "\n")
     with caplog.at_level(logging.WARNING, logger="causal_distill"):
         record = run(setup, "--num_pairs", "1000", data="few.txt", out="few")
-    tok, special = run_iia.load_tokenizer(str(setup / "teacher"), 2000, True)
+    tok, special = run_iia.load_tokenizer(str(setup / "teacher"), _vocab(setup), True)
     n = len(run_iia.load_dataset(str(setup / "few.txt"), tok, special, 128, 42))
     assert record["mapping"]["pairs"] == n <= 30
     assert "--num_pairs 1000 is more than" in caplog.text
