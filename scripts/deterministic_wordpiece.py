@@ -1,11 +1,11 @@
 """A WordPiece vocabulary learnt the way HF `tokenizers`' WordPieceTrainer learns it, but reproducibly.
 
-The Rust trainer gives continuation pieces (`##x`) their ids in the iteration order of a hash map
-seeded afresh in every process, and breaks ties between equally frequent merges by those ids: two
-identical runs give different ids and, at ties, different vocabularies. Here the same algorithm
-(BPE merges over the words of a BERT pre-tokenizer, continuation pieces prefixed with `##`, the
-most frequent pair merged first) breaks every tie by the pieces' text, so the same lines give the
-same vocabulary, ids included, in every process. The result is a stock `BertTokenizerFast` folder.
+The Rust trainer gives a different tokenizer in every process, with one thread as with many (other
+ids, and at ties between equally frequent merges sometimes other pieces): its hash maps are seeded
+afresh in every process, and the ids it gives pieces, which break its ties, follow their order. Here
+the same algorithm (BPE merges over the words of a BERT pre-tokenizer, continuation pieces prefixed
+with `##`, the most frequent pair merged first) breaks every tie by the pieces' text, so the same
+lines give the same vocabulary, ids included, in every process. The result is a stock `BertTokenizerFast` folder.
 """
 from __future__ import annotations
 
