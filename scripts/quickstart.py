@@ -664,6 +664,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
                         help="small (default): the size measured in README.md, section Quickstart; gpu: bigger models and "
                              "longer runs with --n_gpu 1 --bf16; test: the smallest size, for the test suite.")
+    parser.add_argument("--family", choices=("bert", "llama", "gpt2"), default="bert",
+                        help="Teacher family: bert (masked LM, the default), or a causal LM, llama or gpt2 "
+                             "(run_clm.py; scripts/quickstart_clm.py).")
     parser.add_argument("--seeds", type=int, default=3, help="Seeds per objective (default 3).")
     parser.add_argument("--steps", type=int, default=None, help="Optimiser steps per student run (default: the preset's).")
     parser.add_argument("--teacher_steps", type=int, default=None, help="Teacher training steps (default: the preset's).")
@@ -711,7 +714,11 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.update(OFFLINE_ENV)
 
     try:
-        return Quickstart(args, preset, user_docs).run()
+        if args.family == "bert":
+            return Quickstart(args, preset, user_docs).run()
+        import quickstart_clm
+
+        return quickstart_clm.ClmQuickstart(args, quickstart_clm.checked_preset(args.preset, args.family), user_docs).run()
     except StageFailed as err:
         logger.error("%s", err)
         sys.exit(1)

@@ -20,13 +20,17 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import quickstart as qs
-from utils import CliError, atomic_write_text
+import quickstart_report as qr
+from utils import REPO_ROOT, CliError, atomic_write_text
 
 FAMILIES = ("llama", "gpt2")
 NAMES = {"llama": "Llama", "gpt2": "GPT-2"}
@@ -34,6 +38,8 @@ NAMES = {"llama": "Llama", "gpt2": "GPT-2"}
 ALPHAS = {"alpha_ce": 0.25, "alpha_clm": 0.25, "alpha_cos": 0.25, "alpha_mlm": 0.0}
 ALPHA_CAUSAL_CE = qs.ALPHA_CAUSAL_CE
 SPECIALS = ["<pad>", "<s>", "</s>"]
+OBJECTIVES = ("standard", "diito")  # (the BERT quickstart's equal-compute arm and IIA stage are not run here)
+N_STAGES = 8
 
 
 def preset_for(name: str) -> qs.Preset:
@@ -42,7 +48,16 @@ def preset_for(name: str) -> qs.Preset:
 
 
 def labels(family: str) -> dict[str, str]:
-    return {**qs.LABELS, "teacher": f"teacher ({NAMES[family]})"}
+    return {**qr.LABELS, "teacher": f"teacher ({NAMES[family]})"}
+
+
+def verdict(ppl: dict[str, dict[int, float]], seeds: list[int]) -> str:
+    """One sentence: did DIITO reach a lower held-out perplexity than standard distillation, at equal steps?"""
+    result, wins = qr.compare(ppl["diito"], ppl["standard"], seeds, lower_is_better=True)
+    words = {"won": "DIITO won", "mixed": "Mixed result", "lost": "DIITO did not win"}
+    return (f"{words[result]} at equal steps: mean held-out perplexity {statistics.fmean(ppl['diito'].values()):.2f} "
+            f"for DIITO against {statistics.fmean(ppl['standard'].values()):.2f} for standard distillation "
+            f"(DIITO lower on {wins} of {len(seeds)} seeds).")
 
 
 def config_overrides(family: str, p: qs.Preset) -> str:
@@ -92,6 +107,7 @@ class ClmQuickstart(qs.Quickstart):
         super().__init__(args, preset, user_docs)
         self.family = args.family
         self.labels = labels(self.family)
+        self.pipe.banner = lambda k, title: print(f"\n[stage {k}/{N_STAGES}] {title}", flush=True)
 
     # 2
     def tokenizer(self, corpus: dict) -> dict:
@@ -187,7 +203,7 @@ class ClmQuickstart(qs.Quickstart):
     def students(self, data: dict, init: dict) -> dict[str, dict]:
         p = self.preset
         steps = self.args.steps or p.student_steps
-        runs = [(objective, seed) for seed in self.seeds for objective in qs.OBJECTIVES]
+        runs = [(objective, seed) for seed in self.seeds for objective in OBJECTIVES]
         self.pipe.banner(6, f"students: causal_train.py, standard and DIITO, {steps} steps each, "
                             f"seeds {', '.join(map(str, self.seeds))} ({len(runs)} runs)")
         common = [
@@ -267,6 +283,32 @@ class ClmQuickstart(qs.Quickstart):
         return self.pipe.unit("report", self.out / "plots", settings, work,
                               ("heldout_perplexity.png", "training_losses.png", "../report.md", "../summary.json"))
 
+    def run(self) -> dict:
+        start = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.pipe.commands, "a", encoding="utf-8") as fh:
+            fh.write(f"# quickstart {dt.datetime.now().isoformat(timespec='seconds')}: "
+                     f"{shlex.join(['python', 'scripts/quickstart.py', *sys.argv[1:]])}\n"
+                     f"cd {shlex.quote(str(REPO_ROOT))}\n"
+                     + "".join(f"export {k}={v}\n" for k, v in qs.OFFLINE_ENV.items())
+                     + f"export OMP_NUM_THREADS={self.args.threads} MKL_NUM_THREADS={self.args.threads}\n")
+        stages = {}
+        stages["corpus"] = corpus = self.corpus()
+        stages["tokenizer"] = tokenizer = self.tokenizer(corpus)
+        stages["teacher"] = teacher = self.teacher(corpus, tokenizer)
+        stages["data"] = data = self.data(corpus, tokenizer)
+        stages["student_init"] = init = self.student_init(teacher)
+        students = self.students(data, init)
+        evals = self.evaluate(teacher, students)
+        report = self.report(stages, students, evals)
+        elapsed = time.time() - start
+        print(f"\nquickstart finished in {qr.format_seconds(elapsed)} "
+              f"(ran {len(self.pipe.ran)}, skipped {len(self.pipe.skipped)} found done already)")
+        print((self.out / "report_table.md").read_text(encoding="utf-8"))
+        print(report["verdict"])
+        print(f"report: {self.out / 'report.md'}; full output of every command: {self.out / 'logs'}")
+        return {"seconds": elapsed, "ran": self.pipe.ran, "skipped": self.pipe.skipped}
+
 
 def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) -> dict:
     """Write `report.md`, `report_table.md`, `summary.json` and the two plots; return the summary."""
@@ -278,14 +320,14 @@ def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) ->
     out, preset, seeds, lab = q.out, q.preset, q.seeds, q.labels
     vocab = stages["tokenizer"]["vocab_size"]
     corpus = stages["corpus"]
-    ppl = {obj: {s: evals[f"{obj}_seed{s}"]["perplexity"] for s in seeds} for obj in qs.OBJECTIVES}
-    train_s = {obj: [students[f"{obj}_seed{s}"]["train_seconds"] for s in seeds] for obj in qs.OBJECTIVES}
-    params = {"teacher": qs.count_parameters(out / "teacher"),
-              "student": qs.count_parameters(out / "students" / f"standard_seed{seeds[0]}")}
+    ppl = {obj: {s: evals[f"{obj}_seed{s}"]["perplexity"] for s in seeds} for obj in OBJECTIVES}
+    train_s = {obj: [students[f"{obj}_seed{s}"]["train_seconds"] for s in seeds] for obj in OBJECTIVES}
+    params = {"teacher": qr.count_parameters(out / "teacher"),
+              "student": qr.count_parameters(out / "students" / f"standard_seed{seeds[0]}")}
     teacher_steps, student_steps = stages["teacher"]["steps"], students[f"standard_seed{seeds[0]}"]["steps"]
 
     def pm(values, fmt="{:.2f}"):
-        mean, std = qs.mean_std(values)
+        mean, std = qr.mean_std(values)
         return fmt.format(mean) + (" ± " + fmt.format(std) if std is not None else "")
 
     rows = [
@@ -293,19 +335,19 @@ def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) ->
         "|---|---|---|---|---|---|---|",
         f"| {lab['teacher']} | {preset.teacher_layers} x {preset.hidden} | {params['teacher'] / 1e6:.2f} M | "
         f"{evals['teacher']['perplexity']:.2f} | one teacher | {teacher_steps} | "
-        f"{qs.format_seconds(stages['teacher']['train_seconds'])} |",
+        f"{qr.format_seconds(stages['teacher']['train_seconds'])} |",
     ]
-    for obj in qs.OBJECTIVES:
+    for obj in OBJECTIVES:
         rows.append(
             f"| {lab[obj]} | {preset.student_layers} x {preset.hidden} | {params['student'] / 1e6:.2f} M | "
             f"{pm(list(ppl[obj].values()))} | {', '.join(f'{ppl[obj][s]:.2f}' for s in seeds)} | "
             f"{student_steps} per run | {pm(train_s[obj], '{:.0f}')} s per run |")
     table = "\n".join(rows) + "\n"
-    sentence = qs.verdict(ppl, seeds)
+    sentence = verdict(ppl, seeds)
     cost_ratio = statistics.fmean(train_s["diito"]) / statistics.fmean(train_s["standard"])
     colors = {"standard": "tab:blue", "diito": "tab:orange"}
 
-    curves = {name: qs.read_loss_curves(out / "students" / name / "log" / "train") for name in students}
+    curves = {name: qr.read_loss_curves(out / "students" / name / "log" / "train") for name in students}
     names = [n for n in ("loss", "ce", "clm", "cos", "causal_ce") if any(n in c for c in curves.values())]
     teacher_log = json.loads((out / "teacher" / "trainer_state.json").read_text()).get("log_history", [])
     teacher_curve = [(e["step"], e["loss"]) for e in teacher_log if "loss" in e]
@@ -335,9 +377,9 @@ def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) ->
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     models = [("teacher", [evals["teacher"]["perplexity"]], "0.3")] + \
-        [(obj, [ppl[obj][s] for s in seeds], colors[obj]) for obj in qs.OBJECTIVES]
+        [(obj, [ppl[obj][s] for s in seeds], colors[obj]) for obj in OBJECTIVES]
     for x, (model, values, color) in enumerate(models):
-        mean, std = qs.mean_std(values)
+        mean, std = qr.mean_std(values)
         ax.errorbar([x], [mean], yerr=[std or 0.0], fmt="D", color=color, capsize=6, ms=8)
         ax.scatter([x + 0.12] * len(values), values, color=color, s=14, alpha=0.7)
         ax.annotate(f"{mean:.1f}", (x, mean), textcoords="offset points", xytext=(-14, 9), fontsize=8)
@@ -355,7 +397,7 @@ def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) ->
                + f", Python {platform.python_version()}")
     all_records = {**stages, **{f"students: {k}": v for k, v in students.items()},
                    **{f"evaluation: {k}": v for k, v in evals.items()}}
-    stage_rows = [f"| {k} | {qs.format_seconds(v['seconds'])} | {v['finished']} |" for k, v in all_records.items()]
+    stage_rows = [f"| {k} | {qr.format_seconds(v['seconds'])} | {v['finished']} |" for k, v in all_records.items()]
     report = f"""# Quickstart report (causal LM: {NAMES[q.family]})
 
 {dt.date.today().isoformat()}, preset `{q.args.preset}`, `--family {q.family}`, {machine}.
@@ -405,9 +447,9 @@ def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) ->
         "preset": q.args.preset, "family": q.family, "seeds": seeds, "vocab_size": vocab, "verdict": sentence,
         "teacher": {"perplexity": evals["teacher"]["perplexity"], "parameters": params["teacher"],
                     "train_seconds": stages["teacher"]["train_seconds"], "steps": teacher_steps},
-        **{obj: {"perplexity": ppl[obj], "mean": qs.mean_std(list(ppl[obj].values()))[0],
-                 "std": qs.mean_std(list(ppl[obj].values()))[1], "parameters": params["student"],
-                 "train_seconds": dict(zip(seeds, train_s[obj])), "steps": student_steps} for obj in qs.OBJECTIVES},
+        **{obj: {"perplexity": ppl[obj], "mean": qr.mean_std(list(ppl[obj].values()))[0],
+                 "std": qr.mean_std(list(ppl[obj].values()))[1], "parameters": params["student"],
+                 "train_seconds": dict(zip(seeds, train_s[obj])), "steps": student_steps} for obj in OBJECTIVES},
         "stage_seconds": {k: v["seconds"] for k, v in all_records.items()},
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -1,0 +1,52 @@
+"""The causal-LM quickstart (`scripts/quickstart.py --family llama`) at its smallest size."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import quickstart
+import quickstart_clm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_llama_quickstart_runs_end_to_end_and_reports(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, **quickstart.OFFLINE_ENV)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "quickstart.py"), "--family", "llama",
+                           "--preset", "test", "--seeds", "1", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for k in range(1, quickstart_clm.N_STAGES + 1):
+        assert f"[stage {k}/{quickstart_clm.N_STAGES}]" in proc.stdout
+    teacher = json.loads((out / "teacher" / "config.json").read_text())
+    student = json.loads((out / "student_init" / "student_config.json").read_text())
+    assert teacher["model_type"] == student["model_type"] == "llama"
+    assert teacher["num_key_value_heads"] < teacher["num_attention_heads"]  # grouped-query attention
+    assert student["num_hidden_layers"] == quickstart.PRESETS["test"].student_layers
+    commands = (out / "commands.sh").read_text()
+    assert "run_clm.py" in commands and "--tokenizer_type llama" in commands and "run_mlm.py" not in commands
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["family"] == "llama"
+    values = [summary["teacher"]["perplexity"]] + [v for o in quickstart_clm.OBJECTIVES for v in summary[o]["perplexity"].values()]
+    assert all(math.isfinite(v) and 1 < v < summary["vocab_size"] * 2 for v in values), values
+    report = (out / "report.md").read_text()
+    assert "teacher (Llama)" in report and summary["verdict"] in report
+    for png in ("heldout_perplexity.png", "training_losses.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every model is evaluated on the same fixed blocks
+    samples = {json.loads(p.read_text())["eval_samples"] for p in (out / "eval").glob("*/eval_results.json")}
+    assert len(samples) == 1
+
+
+def test_family_flag_is_checked():
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.parse_args(["--family", "t5"])
+    assert exit_info.value.code == 2
+    assert quickstart_clm.config_overrides("llama", quickstart.PRESETS["small"]).count("num_key_value_heads=2") == 1
