@@ -19,8 +19,8 @@ from causal_distiller import CausalDistiller, NonFiniteLoss, Preempted, file_fin
 from interventions import FAMILIES, family_of, get_submodule, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import load_neuron_mapping
-from utils import (CliError, git_log, init_gpu_params, logger, require_file, run_cli, save_args, set_seed,
-                   tune_cpu_allocator)
+from utils import (CliError, cpu_bf16_warning, git_log, init_gpu_params, logger, require_file, run_cli, save_args,
+                   set_seed, tune_cpu_allocator)
 
 STUDENT_TYPES = ("distilbert", "roberta", "gpt2")
 TEACHER_TYPES = ("bert", "roberta", "gpt2")
@@ -300,6 +300,8 @@ def main(argv=None) -> None:
     init_gpu_params(args)
     if args.fp16 and args.device.type != "cuda":
         raise CliError("--fp16 needs a CUDA device; use --bf16 on the CPU")
+    if args.bf16 and args.device.type == "cpu" and (warning := cpu_bf16_warning()):
+        logger.warning("--bf16: %s", warning)
     set_seed(args.seed)
     prepare_dump_path(args)
     require_file(args.data_file, "--data_file")

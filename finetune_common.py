@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from utils import CliError, atomic_write_text, require_file
+from utils import CliError, atomic_write_text, cpu_bf16_warning, require_file
 
 logger = logging.getLogger("causal_distill.finetune")
 
@@ -109,6 +109,8 @@ def setup_logging(training_args: TrainingArguments) -> None:
         training_args.fp16,
         training_args.seed,
     )
+    if training_args.bf16 and training_args.device.type == "cpu" and (warning := cpu_bf16_warning()):
+        logger.warning("--bf16: %s", warning)
 
 
 def require_action(training_args: TrainingArguments, allowed: Iterable[str] = ("do_train", "do_eval", "do_predict")) -> None:

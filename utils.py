@@ -253,3 +253,39 @@ def _jsonable(value) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+# bf16 on the CPU is fast only with bf16 arithmetic instructions; elsewhere it is emulated.
+BF16_CPU_FLAGS = {"x86_64": ("avx512_bf16", "amx_bf16"), "aarch64": ("bf16",)}
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo, or None where they cannot be read (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags or None
+
+
+def cpu_bf16_warning() -> str | None:
+    """A warning when this CPU has no bf16 instructions (bf16 is then slower than fp32), else None.
+
+    None too where the flags cannot be read or the architecture is not one we know.
+    """
+    import platform
+
+    import torch
+
+    wanted = BF16_CPU_FLAGS.get(platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64"))
+    flags = cpu_flags()
+    if wanted is None or flags is None or any(f in flags for f in wanted):
+        return None
+    return (f"bf16 on a CPU without bf16 instructions (torch CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+            f"none of the flags {', '.join(wanted)}): bf16 is emulated here and runs slower than fp32, "
+            "so fp32 (no --bf16) will be faster. bf16 is still used as asked.")
