@@ -355,3 +355,15 @@ def test_fast_process_is_capped_at_the_cpus(tmp_path, corpus_file, tokenizer_dir
                                str(tmp_path / "d"), "--fast_process", "--preprocessing_num_workers", "48",
                                "--max_parsing_example", "50"])
     assert out.is_file() and "--preprocessing_num_workers 48: only 1 CPU(s) available, using 1 processes" in caplog.text
+
+
+def test_hub_and_datasets_warnings_print_once():
+    import subprocess
+    import sys
+
+    code = ("import utils, datasets, huggingface_hub.utils.logging as hub\n"
+            "hub.get_logger('huggingface_hub.x').warning('hub-said-this')\n"
+            "datasets.utils.logging.get_logger('datasets.x').warning('datasets-said-this')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("hub-said-this") == 1 and proc.stderr.count("datasets-said-this") == 1, proc.stderr
