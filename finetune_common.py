@@ -282,6 +282,7 @@ def check_vocab(tokenizer, config, model_args: ModelArguments) -> None:
 
 def load_model(auto_class, model_args: ModelArguments, config):
     """`auto_class.from_pretrained(--model_name_or_path, config=config)`; CliError if it fails to load."""
+    check_local_path(model_args.model_name_or_path, "--model_name_or_path")
     try:
         return auto_class.from_pretrained(
             model_args.model_name_or_path,

@@ -38,7 +38,7 @@ from utils import CliError, atomic_dir, atomic_open, atomic_write_text, logger, 
 TWELVE_LAYER_TABLE_UP_TO_6 = (0, 2, 4, 7, 9, 11)
 TWELVE_LAYER_TABLE_UP_TO_9 = (0, 2, 3, 4, 7, 8, 9, 10, 11)
 # A --dump_checkpoint with one of these endings is a state-dict file; any other name a model folder.
-STATE_DICT_SUFFIXES = (".pth", ".pt")
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def save_extraction(state_dict: dict, dump_checkpoint: Path, record: dict, stude
                     optional: tuple[str, ...] = ()) -> None:
     """Write the student: its weights, the matching config and `record` (which teacher blocks), each atomically.
 
-    `dump_checkpoint` ending in .pth/.pt: the state dict there, `record` in `<dump_checkpoint>.json`
+    `dump_checkpoint` ending in .pth/.pt/.bin: the state dict there, `record` in `<dump_checkpoint>.json`
     and `student_config` in `<stem>.config.json`. Any other name: a model folder holding config.json,
     model.safetensors (through `transformers.<model_class>.save_pretrained`, so tied weights are
     stored once) and extraction.json. State-dict keys starting with one of `optional` may be missing
@@ -260,7 +260,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the teacher's family, which is also the student's (default: roberta)")
     parser.add_argument("--model_name", default=None, help="hub name or local folder (default: roberta-base / gpt2)")
     parser.add_argument("--dump_checkpoint", required=True,
-                        help="output: a .pth name (state dict, plus <name>.pth.json record and <name>.config.json "
+                        help="output: a .pth (or .pt, .bin) name (state dict, plus <name>.pth.json record and <name>.config.json "
                              "student config) or any other name for a model folder (config.json, model.safetensors)")
     parser.add_argument("--num_layers", type=int, default=None, help="student depth (default 6)")
     parser.add_argument("--layers", default=None, help="comma-separated teacher blocks to copy, e.g. 0,2,4,7,9,11")

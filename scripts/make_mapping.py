@@ -91,7 +91,7 @@ def load_shape(name: str, flag: str) -> ModelShape:
 
     check_local_path(name, flag)
     path = Path(name).expanduser()
-    if path.suffix in (".pth", ".pt") and path.with_suffix(".config.json").is_file():
+    if path.suffix in (".pth", ".pt", ".bin") and path.with_suffix(".config.json").is_file():
         path = path.with_suffix(".config.json")
     try:
         if path.is_file():
