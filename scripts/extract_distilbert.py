@@ -133,8 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "scripts/extract.py handles roberta and gpt2)")
     parser.add_argument("--model_name", default="bert-base-uncased", help="hub name or local folder")
     parser.add_argument("--dump_checkpoint", required=True,
-                        help="output: a .pth (or .pt, .bin) name (state dict, plus <name>.pth.json record and <name>.config.json "
-                             "student config) or any other name for a model folder (config.json, model.safetensors)")
+                        help="output: a .pth (or .pt, .bin) name (state dict, plus <name>.pth.json record and "
+                             "<name>.config.json student config) or any other name for a model folder (config.json, "
+                             "model.safetensors, extraction.json)")
     parser.add_argument("--num_layers", type=int, default=None, help="student depth (default 6)")
     parser.add_argument("--layers", default=None, help="comma-separated teacher blocks to copy, e.g. 0,2,4,7,9,11")
     parser.add_argument("--vocab_transform", action="store_true", help="also copy the MLM head's dense + LayerNorm")

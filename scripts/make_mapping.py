@@ -134,9 +134,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     student = load_shape(args.student, "--student")
     mapping = build_mapping(args.alignment, teacher, student)
     atomic_write_text(out, json.dumps(mapping, indent=4) + "\n")
-    pairs = "; ".join(
-        f"{e['teacher_variable_names'][0]} -> {e['student_variable_names'][0]}" for e in mapping["interchange_variable_mappings"]
-    )
+    entries = mapping["interchange_variable_mappings"]
+    pairs = "; ".join(f"{e['teacher_variable_names'][0]} -> {e['student_variable_names'][0]}" for e in entries)
     logger.info("wrote %s (%s, teacher %d blocks, student %d blocks): %s",
                 out, ALIASES.get(args.alignment, args.alignment), teacher.n_layers, student.n_layers, pairs)
     return out

@@ -367,3 +367,16 @@ def test_hub_and_datasets_warnings_print_once():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("hub-said-this") == 1 and proc.stderr.count("datasets-said-this") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("module", [extract, extract_distilbert, make_mapping])
+def test_extract_and_mapping_help_explains_every_flag(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out.split("options:")[1]
+    flags = {"--model_type": "family", "--dump_checkpoint": "model folder"} if module is not make_mapping else \
+        {"--teacher": "config", "--alignment": "full"}
+    for flag, words in flags.items():
+        line = " ".join(out[out.index(flag):].split())  # argparse wraps the help text
+        assert words in line[:300], (flag, line[:300])
