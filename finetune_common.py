@@ -94,6 +94,10 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None, desc
     except ValueError as err:
         raise CliError(f"bad arguments: {err}") from None
     for args in parsed:
+        if isinstance(args, ModelArguments):  # before any data is read: a typo is reported at once
+            check_local_path(args.model_name_or_path, "--model_name_or_path")
+            check_local_path(args.config_name, "--config_name")
+            check_local_path(args.tokenizer_name, "--tokenizer_name")
         if isinstance(args, TrainingArguments) and args.dataloader_pin_memory and args.device.type == "cpu":
             # Pinned memory only helps copies to an accelerator; on the CPU torch warns at every evaluation.
             args.dataloader_pin_memory = False
