@@ -176,11 +176,19 @@ def newest_complete_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
-def _log_resume(path: str, why: str) -> None:
-    step = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8")).get("global_step")
+def _log_resume(path: str, why: str, training_args: TrainingArguments) -> None:
+    """A warning banner naming the checkpoint and its step; another warning if no step would be left to train."""
+    state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+    step = state.get("global_step")
     logger.warning("=" * 80)
     logger.warning("RESUMING training from %s (step %s): %s", path, step, why)
     logger.warning("=" * 80)
+    target = training_args.max_steps if training_args.max_steps > 0 else state.get("max_steps")
+    if isinstance(step, int) and isinstance(target, int) and target > 0 and step >= target:
+        logger.warning(
+            "%s already reached step %d of %d: no training step is left (train_loss will read 0.0); pass a larger "
+            "--max_steps (or --num_train_epochs) to continue it", path, step, target,
+        )
 
 
 def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
@@ -203,13 +211,14 @@ def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
             last = newest_complete_checkpoint(output_dir) if output_dir.is_dir() else None
             if last is None:
                 raise CliError(f"--resume_from_checkpoint {resume}: no complete checkpoint-* folder in {output_dir}")
-            _log_resume(last, f"the newest complete checkpoint in {output_dir} (--resume_from_checkpoint {resume})")
+            _log_resume(last, f"the newest complete checkpoint in {output_dir} (--resume_from_checkpoint {resume})",
+                        training_args)
             return last
         path = require_file(resume, "--resume_from_checkpoint")
         problem = checkpoint_problem(path)
         if problem is not None:
             raise CliError(f"--resume_from_checkpoint {path}: not a complete Trainer checkpoint ({problem})")
-        _log_resume(str(path), "--resume_from_checkpoint")
+        _log_resume(str(path), "--resume_from_checkpoint", training_args)
         return str(path)
     if not training_args.do_train or not output_dir.is_dir():
         return None
@@ -230,7 +239,8 @@ def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
         )
     last = newest_complete_checkpoint(output_dir)
     if last is not None:
-        _log_resume(last, "a checkpoint was found in --output_dir; pass --overwrite_output_dir to train afresh")
+        _log_resume(last, "a checkpoint was found in --output_dir; pass --overwrite_output_dir to train afresh",
+                    training_args)
     return last
 
 

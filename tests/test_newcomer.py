@@ -278,9 +278,14 @@ def test_trainer_resume_skips_incomplete_and_refuses_finished(tmp_path, tiny_glu
         run_glue.main(argv + ["--resume_from_checkpoint", str(out / "checkpoint-4")])
     caplog.clear()
     run_glue.main(argv + ["--resume_from_checkpoint", "latest"])
-    assert "RESUMING training from" in caplog.text and "checkpoint-2" in caplog.text
+    assert f"skipping the incomplete checkpoint {out / 'checkpoint-4'}: trainer_state.json is truncated" in caplog.text
+    assert f"RESUMING training from {out / 'checkpoint-2'}" in caplog.text
+    caplog.clear()
+    run_glue.main(argv + ["--resume_from_checkpoint", "latest"])  # checkpoint-4 is complete again: at the end
+    assert f"{out / 'checkpoint-4'} already reached step 4 of 4: no training step is left" in caplog.text
+    caplog.clear()
     run_glue.main(argv + ["--overwrite_output_dir"])
-    assert not (out / "checkpoint-2").exists() or json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert "RESUMING" not in caplog.text and json.loads((out / "train_results.json").read_text())["train_loss"] > 0
 
 
 @pytest.fixture(scope="module")
