@@ -286,15 +286,44 @@ def _load_pickle(path: Path) -> InMemoryCorpus:
         raise CliError(f"{path}: {err}") from None
 
 
+def require_corpus(path: str | os.PathLike, flag: str | None = None) -> Path:
+    """`path` as a Path if it is a file; else CliError naming it, and the file a user most likely meant.
+
+    binarized_data.py names its output `{dump_file}.{split}.{tokenizer}.{bin|pickle}` (`.bin` by
+    default): when the `.pickle` asked for is missing and the `.bin` of the same stem exists (or the
+    reverse), the message names that file; otherwise it lists corpora beside it with the same prefix.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    what = f"{flag} {path}" if flag else str(path)
+    if path.is_dir():
+        raise CliError(f"{what}: is a folder, not a binarized corpus file")
+    hint = ""
+    other = {".bin": ".pickle", ".pickle": ".bin"}.get(path.suffix)
+    if other and path.with_suffix(other).is_file():
+        hint = (
+            f"; {path.with_suffix(other)} exists: the same corpus in the {other} format (binarized_data.py writes "
+            f"{{dump_file}}.{{split}}.{{tokenizer}}.bin by default, .pickle with --format pickle); pass that file"
+        )
+    elif path.parent.is_dir():
+        prefix = path.name.split(".", 1)[0]
+        near = sorted(
+            p.name for p in path.parent.iterdir()
+            if p.name.startswith(prefix + ".") and p.suffix in (".bin", ".pickle") and p.is_file()
+        )
+        if near:
+            hint = f"; binarized corpora beside it: {', '.join(near[:5])}" + (" ..." if len(near) > 5 else "")
+    raise CliError(f"{what}: binarized corpus not found{hint}")
+
+
 def load_corpus(path: str | os.PathLike) -> Corpus:
     """Open a binarized corpus in either format, told apart by its first bytes.
 
     Returns an `MmapCorpus` (memory-mapped) or an `InMemoryCorpus` (pickle). A missing, truncated,
     corrupt or unknown file raises CliError naming it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CliError(f"{path}: binarized corpus not found")
+    path = require_corpus(path)
     try:
         with open(path, "rb") as fh:
             head = fh.read(len(MAGIC))

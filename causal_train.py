@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from binarized_io import load_corpus
+from binarized_io import load_corpus, require_corpus
 from causal_distiller import CausalDistiller, NonFiniteLoss, Preempted, file_fingerprint, list_checkpoints
+from input_checks import check_local_path, check_tokenizer
 from interventions import FAMILIES, family_of, get_submodule, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import load_neuron_mapping
@@ -31,9 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--force", action="store_true", help="Overwrite --dump_path if it already exists.")
     a("--dump_path", required=True, help="Output folder: the student (HF model folder), checkpoints, logs.")
-    a("--data_file", required=True, help="Binarized corpus (scripts/binarized_data.py output, either format).")
+    a("--data_file", required=True,
+      help="Binarized corpus (scripts/binarized_data.py output, either format: {dump_file}.{split}.{tokenizer}.bin, "
+           "or .pickle with its --format pickle).")
     a("--student_type", choices=STUDENT_TYPES, required=True, help="Student architecture.")
-    a("--student_config", required=True, help="Student config JSON (see training_configs/).")
+    a("--student_config", required=True,
+      help="Student config: a JSON file (see training_configs/, or the <name>.config.json that the extract scripts "
+           "write beside a .pth) or a model folder holding config.json (an extract script's folder output).")
     a("--student_pretrained_weights", default=None,
       help="Initial student weights: a .pth state dict (scripts/extract_distilbert.py) or an HF model folder.")
     a("--teacher_type", choices=TEACHER_TYPES, required=True, help="Teacher architecture.")
@@ -178,13 +183,21 @@ def load_teacher(args):
 
 
 def load_special_tokens(args) -> dict[str, int]:
-    from transformers import AutoTokenizer
+    """The special token ids of the tokenizer (--tokenizer_name, else --teacher_name), checked against the teacher."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    check_local_path(args.teacher_name, "--teacher_name")
+    check_local_path(args.tokenizer_name, "--tokenizer_name")
     name = args.tokenizer_name or args.teacher_name
     try:
         tok = AutoTokenizer.from_pretrained(name, cache_dir=args.cache_dir)
+        teacher_config = AutoConfig.from_pretrained(args.teacher_name, cache_dir=args.cache_dir)
     except (OSError, ValueError) as err:
-        raise CliError(f"cannot load the tokenizer {name} (set --tokenizer_name): {err}") from None
+        raise CliError(f"cannot load the tokenizer {name} or the config of --teacher_name {args.teacher_name} "
+                       f"(set --tokenizer_name): {err}") from None
+    check_tokenizer(tok, teacher_config, tokenizer_flag="--tokenizer_name",
+                    tokenizer_name=args.tokenizer_name or f"(not given, so read from --teacher_name {name})",
+                    model_name=f"teacher {args.teacher_name}")
     ids = {}
     for key in ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token", "bos_token", "eos_token"):
         tid = getattr(tok, f"{key}_id", None)
@@ -304,7 +317,7 @@ def main(argv=None) -> None:
         logger.warning("--bf16: %s", warning)
     set_seed(args.seed)
     prepare_dump_path(args)
-    require_file(args.data_file, "--data_file")
+    require_corpus(args.data_file, "--data_file")
     args.data_fingerprint = file_fingerprint(args.data_file)
 
     args.special_tok_ids = load_special_tokens(args)

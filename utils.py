@@ -22,6 +22,10 @@ logging.basicConfig(
     level=logging.INFO,
 )
 logger = logging.getLogger("causal_distill")
+# huggingface_hub and datasets print through handlers of their own and also pass each record up to
+# the root handler configured above: every hub warning appeared twice. Their own handler stays.
+for _library in ("huggingface_hub", "datasets"):
+    logging.getLogger(_library).propagate = False
 
 REPO_ROOT = Path(__file__).resolve().parent
 

@@ -42,7 +42,12 @@ def count_tokens(corpus: Corpus, vocab_size: int) -> np.ndarray:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_file", required=True, help="The binarized corpus (.bin or .pickle).")
+    parser.add_argument(
+        "--data_file",
+        required=True,
+        help="The binarized corpus (.bin or .pickle): binarized_data.py writes {dump_file}.{split}.{tokenizer}.bin, "
+        "or .pickle with --format pickle, where {tokenizer} is the last path component of its --tokenizer_name.",
+    )
     parser.add_argument("--token_counts_dump", required=True, help="The pickle to write (a list of vocab_size ints).")
     parser.add_argument(
         "--vocab_size",

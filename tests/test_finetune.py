@@ -18,7 +18,7 @@ import run_glue  # noqa: E402
 import run_mlm  # noqa: E402
 import run_ner  # noqa: E402
 import run_qa  # noqa: E402
-from utils import run_cli  # noqa: E402
+from utils import CliError, run_cli  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -275,7 +275,11 @@ def test_glue_resume_from_checkpoint(tmp_path, tiny_bert, tokenizer_dir, cache_d
     assert any(not (fresh[k] == v).all() for k, v in at_step_4.items())
     assert not (out / "checkpoint-6").exists()
 
-    # Without a flag, --do_train picks up the last checkpoint in --output_dir (HF's examples' behaviour).
+    # Without a flag, --do_train picks up the last checkpoint in --output_dir (HF's examples' behaviour),
+    # unless the run there finished (train_results.json): that folder is refused.
+    with pytest.raises(CliError, match="finished training run"):
+        run_glue.main(base + ["--train_file", str(train)] + common(out, cache_dir, tokenizer_dir))
+    (out / "train_results.json").unlink()  # as a run killed after its last checkpoint leaves it
     at_step_4 = load_file(out / "checkpoint-4" / "model.safetensors")
     run_glue.main(base + ["--train_file", str(train)] + common(out, cache_dir, tokenizer_dir))
     resumed = load_file(out / "model.safetensors")
