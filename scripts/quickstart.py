@@ -1,24 +1,30 @@
 """Offline quickstart: the whole pipeline end to end on a small machine, ending with a report.
 
-Chains the project's real scripts as a user would, each as its own command (logged, and collected
-in `<out>/commands.sh`), with no model or dataset hub:
+Chains the project's real scripts as a user would, each as its own command (collected in
+`<out>/commands.sh`, its full output in `<out>/logs/`), with no model or dataset hub:
 
   1 corpus      English prose every Python has (the standard library's docstrings via
                 scripts/stdlib_corpus.py, plus the prose of pydoc's topic help), or your own text
                 (--text); split into train and held-out parts that share no document
-  2 tokenizer   a WordPiece tokenizer trained on the train part (or --tokenizer)
+  2 tokenizer   a WordPiece tokenizer learnt on the train part, reproducibly (or --tokenizer)
   3 teacher     a small BERT pretrained from scratch: run_mlm.py --do_train
   4 data        scripts/binarized_data.py and scripts/token_counts.py
   5 student     scripts/extract_distilbert.py, the student config and a DIITO neuron mapping (.nm)
-  6 students    causal_train.py per seed: standard distillation and DIITO, same init, data, steps
+  6 students    causal_train.py per seed: standard distillation and DIITO (same init, data, steps),
+                and standard distillation given DIITO's compute (steps scaled by the FLOPs per step
+                that scripts/count_step_flops.py counts for each objective)
   7 evaluation  run_mlm.py --do_eval on the held-out part, same masking for every model
-  8 report      <out>/report.md with a table and plots (<out>/plots/*.png)
+  8 alignment   run_iia.py on the held-out part: IIA of every student with DIITO's mapping
+                (and every block pair, --sweep, for the first seed's standard and DIITO students)
+  9 report      <out>/report.md with a table, a verdict and plots (<out>/plots/*.png)
 
-Each stage writes a `.done` marker last, recording the settings it ran with; a re-run skips every
-stage (and every training run) whose marker matches, so an interrupted quickstart resumes where it
-stopped. --force redoes everything.
+The terminal shows the stage lines, one progress bar for the running command and the final
+summary. Each stage writes a `.done` marker last, recording the settings it ran with; a re-run
+skips every stage (and every training run) whose marker matches, so an interrupted quickstart
+resumes where it stopped. --force redoes everything. The same command gives the same numbers.
+How long it takes: README.md, section "Quickstart" (one measured figure, with its machine).
 
-    python scripts/quickstart.py                      # about 9 minutes on a 2-core CPU (budget: 15)
+    python scripts/quickstart.py
     python scripts/quickstart.py --preset test --seeds 1 --out /tmp/qs_test
     python scripts/quickstart.py --text my_book.txt --out ./qs_book
     python scripts/quickstart.py --preset gpu         # bigger models, longer runs, --n_gpu 1 --bf16
@@ -29,21 +35,21 @@ import argparse
 import datetime as dt
 import hashlib
 import json
-import math
 import os
 import platform
 import re
 import shlex
 import shutil
-import statistics
-import struct
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deterministic_wordpiece import train_wordpiece  # noqa: E402
+from quickstart_report import LABELS, OBJECTIVES, format_seconds, write_report  # noqa: E402
 from utils import REPO_ROOT, CliError, atomic_write_text, logger, run_cli  # noqa: E402
 
 OFFLINE_ENV = {
@@ -54,7 +60,8 @@ OFFLINE_ENV = {
     "WANDB_DISABLED": "true",
     "PYTHONUNBUFFERED": "1",
 }
-N_STAGES = 8
+N_STAGES = 9
+PROGRESS = re.compile(rb"(\d+)/(\d+) \[")  # a tqdm bar's `n/total [` in a command's output
 MIN_DOCUMENTS = 20  # fewer cannot be split into a training part and a held-out part worth evaluating on
 SPLIT_SEED = "quickstart-split-v1"
 TEACHER_SEED = 0
@@ -62,8 +69,6 @@ EVAL_MASK_SEED = 12345
 # The distillation objective of the original recipe (README of Causal-Distill); DIITO adds the causal term.
 ALPHAS = {"alpha_ce": 0.25, "alpha_mlm": 0.25, "alpha_cos": 0.25, "alpha_clm": 0.0}
 ALPHA_CAUSAL_CE = 0.25
-OBJECTIVES = ("standard", "diito")
-LABELS = {"teacher": "teacher (BERT)", "standard": "standard distillation", "diito": "DIITO"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class Preset:
     student_batch: int
     student_lr: float
     eval_batch: int
+    iia_pairs: int = 256
     gpu: bool = False
     max_documents: int | None = None
 
@@ -97,11 +103,11 @@ PRESETS = {
     "gpu": Preset(vocab_size=8000, teacher_layers=6, hidden=512, heads=8, ffn=2048, max_seq_length=128,
                   teacher_steps=6000, teacher_batch=128, teacher_lr=5e-4,
                   student_layers=3, student_steps=3000, student_batch=64, student_lr=5e-4, eval_batch=256,
-                  gpu=True),
+                  iia_pairs=1024, gpu=True),
     "test": Preset(vocab_size=400, teacher_layers=2, hidden=32, heads=2, ffn=64, max_seq_length=64,
                    teacher_steps=20, teacher_batch=16, teacher_lr=2e-3,
                    student_layers=1, student_steps=6, student_batch=8, student_lr=5e-4, eval_batch=64,
-                   max_documents=400),
+                   iia_pairs=32, max_documents=400),
 }
 
 
@@ -204,25 +210,6 @@ def split_corpus(docs: list[str], heldout_fraction: float, source: str) -> tuple
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
-def train_wordpiece(lines: list[str], out_dir: Path, vocab_size: int) -> Path:
-    """Train an uncased BERT-style WordPiece tokenizer on `lines`; save it as a `BertTokenizerFast` folder."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(lines, trainer=trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
-    )
-    BertTokenizerFast(tokenizer_object=tok, do_lower_case=True).save_pretrained(out_dir)
-    return out_dir
-
-
 def copy_tokenizer(name: str, out_dir: Path) -> None:
     """Save the --tokenizer (local folder or cached hub name) into `out_dir`; CliError if it cannot serve MLM."""
     from transformers import AutoTokenizer
@@ -251,13 +238,6 @@ def read_marker(folder: Path) -> dict | None:
         return json.loads((folder / ".done").read_text())
     except (OSError, ValueError):
         return None
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = float(seconds)
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
 
 
 class StageFailed(Exception):
@@ -316,37 +296,46 @@ class Pipeline:
         return marker
 
     def command(self, log_name: str, script: str, args: list[str]) -> float:
-        """Run `python <script> <args>` from the repository root, echoing and logging its output.
+        """Run `python <script> <args>` from the repository root, its whole output to `logs/<log_name>.log`.
 
-        Returns the wall time in seconds; raises StageFailed on a non-zero exit.
+        The terminal shows one progress bar for it, fed by the progress counts (`n/total`) the
+        command prints. Returns the wall time in seconds; raises StageFailed on a non-zero exit.
         """
+        from tqdm import tqdm
+
         argv = [sys.executable, script, *map(str, args)]
         shown = shlex.join(["python", script, *map(str, args)])
-        logger.info("$ %s", shown)
         with open(self.commands, "a", encoding="utf-8") as fh:
             fh.write(shown + "\n")
         log_path = self.logs / f"{log_name}.log"
         start = time.time()
+        bar = tqdm(total=None, desc=f"  {log_name}", leave=False, dynamic_ncols=True, file=sys.stderr, disable=None,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
         with open(log_path, "wb") as log:
             log.write(f"$ {shown}\n".encode())
             proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT)
-            echo = getattr(sys.stdout, "buffer", None)
             try:
                 while chunk := os.read(proc.stdout.fileno(), 65536):
                     log.write(chunk)
-                    if echo is not None:
-                        echo.write(chunk)
-                        echo.flush()
-                    else:
-                        sys.stdout.write(chunk.decode("utf-8", "replace"))
+                    found = PROGRESS.findall(chunk)
+                    if found:
+                        done, total = (int(x) for x in found[-1])
+                        if bar.total != total:
+                            bar.reset(total=total)
+                        bar.n = min(done, total)
+                        bar.refresh()
                 rc = proc.wait()
             except BaseException:
                 proc.terminate()
                 proc.wait()
                 raise
+            finally:
+                bar.close()
         if rc != 0:
-            raise StageFailed(f"{script} exited with status {rc}; its output is in {log_path}. The command was:\n  {shown}")
+            tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+            raise StageFailed(f"{script} exited with status {rc}; its output is in {log_path}, ending with:\n"
+                              + "\n".join("    " + line[-300:] for line in tail) + f"\nThe command was:\n  {shown}")
         return time.time() - start
 
 
@@ -490,12 +479,12 @@ class Quickstart:
                               ("student_init.pth", "student_config.json", "diito.nm"))
 
     # 6
-    def students(self, data: dict, init: dict) -> dict[str, dict]:
+    def students(self, data: dict, init: dict) -> tuple[dict, dict[str, dict]]:
+        """Standard and DIITO runs of `steps` steps per seed, then standard runs given a DIITO run's FLOPs."""
         p = self.preset
         steps = self.args.steps or p.student_steps
-        runs = [(objective, seed) for seed in self.seeds for objective in OBJECTIVES]
-        self.pipe.banner(6, f"students: causal_train.py, standard and DIITO, {steps} steps each, "
-                            f"seeds {', '.join(map(str, self.seeds))} ({len(runs)} runs)")
+        self.pipe.banner(6, f"students: causal_train.py, standard and DIITO ({steps} steps each) and standard at "
+                            f"DIITO's compute, seeds {', '.join(map(str, self.seeds))} ({3 * len(self.seeds)} runs)")
         common = [
             "--data_file", self.out / "data" / data["data_file"],
             "--token_counts", self.out / "data" / "token_counts.pickle",
@@ -504,30 +493,52 @@ class Quickstart:
             "--teacher_type", "bert", "--teacher_name", self.out / "teacher", "--tokenizer_name", self.out / "tokenizer",
             "--mlm", *[x for k, v in ALPHAS.items() for x in (f"--{k}", v)],
             "--interchange_prop", 0.3, "--interchange_consecutive_only", "--freeze_pos_embs",
-            "--max_steps", steps, "--n_epoch", 1000, "--batch_size", p.student_batch,
+            "--n_epoch", 1000, "--batch_size", p.student_batch,
             "--gradient_accumulation_steps", 1, "--learning_rate", p.student_lr, "--warmup_prop", 0.05,
-            "--group_by_size", "--log_interval", max(1, steps // 25), "--checkpoint_interval", 0,
+            "--group_by_size", "--checkpoint_interval", 0,
             "--save_total_limit", 1, "--num_workers", 0, *self.device_args,
         ]
+        causal = {"standard": ["--alpha_causal_ce", 0.0],
+                  "diito": ["--alpha_causal_ce", ALPHA_CAUSAL_CE, "--neuron_mapping", self.out / "student_init" / "diito.nm"]}
+
+        # FLOPs per step of each objective, counted on the first seed's first batches (shapes only: no timing).
+        def count(folder: Path) -> dict:
+            result = {}
+            for objective in ("standard", "diito"):
+                self.pipe.command(f"flops_{objective}", "scripts/count_step_flops.py", [
+                    "--out", folder / f"{objective}.json", "--batches", 4, "--",
+                    *common, *causal[objective], "--max_steps", steps, "--seed", self.seeds[0], "--no_progress"])
+                result[objective] = json.loads((folder / f"{objective}.json").read_text())["flops_per_step"]
+            result["ratio"] = result["diito"] / result["standard"]
+            print(f"  FLOPs per step: standard {result['standard'] / 1e9:.3g} G, DIITO {result['diito'] / 1e9:.3g} G "
+                  f"(ratio {result['ratio']:.2f})", flush=True)
+            return result
+
+        flops = self.pipe.unit("flops", self.out / "flops", {"data": data["key"], "init": init["key"],
+                                                            "argv": [str(a) for a in common], "steps": steps},
+                               count, ("standard.json", "diito.json"))
+        steps_of = {"standard": steps, "diito": steps, "standard_eqc": max(1, round(steps * flops["ratio"]))}
+        runs = [(objective, seed) for objective in OBJECTIVES for seed in self.seeds]
         records = {}
         for i, (objective, seed) in enumerate(runs, 1):
             name = f"{objective}_seed{seed}"
-            causal = ["--alpha_causal_ce", ALPHA_CAUSAL_CE, "--neuron_mapping", self.out / "student_init" / "diito.nm"] \
-                if objective == "diito" else ["--alpha_causal_ce", 0.0]
-            argv = [*common, *causal, "--seed", seed]
+            n = steps_of[objective]
+            argv = [*common, *causal["diito" if objective == "diito" else "standard"], "--max_steps", n,
+                    "--log_interval", max(1, n // 25), "--seed", seed]
             settings = {"data": data["key"], "init": init["key"], "argv": [str(a) for a in argv]}
-            print(f"  run {i}/{len(runs)}: {LABELS[objective]}, seed {seed}", flush=True)
 
-            def work(folder: Path, argv=argv, name=name, objective=objective, seed=seed) -> dict:
+            def work(folder: Path, argv=argv, name=name, objective=objective, seed=seed, n=n) -> dict:
                 seconds = self.pipe.command(f"student_{name}", "causal_train.py",
                                             ["--dump_path", folder, "--force", *argv])
                 for checkpoint in folder.glob("checkpoint-*"):  # the final student is what the report needs
                     shutil.rmtree(checkpoint, ignore_errors=True)
-                return {"train_seconds": round(seconds, 2), "objective": objective, "seed": seed, "steps": steps}
+                print(f"  run {i}/{len(runs)}: {LABELS[objective]}, seed {seed}, {n} steps: "
+                      f"{format_seconds(seconds)}", flush=True)
+                return {"train_seconds": round(seconds, 2), "objective": objective, "seed": seed, "steps": n}
 
             records[name] = self.pipe.unit(name, self.out / "students" / name, settings, work,
                                            ("model.safetensors", "config.json"))
-        return records
+        return flops, records
 
     # 7
     def evaluate(self, teacher: dict, students: dict[str, dict]) -> dict[str, dict]:
@@ -560,20 +571,54 @@ class Quickstart:
         return records
 
     # 8
-    def report(self, stages: dict, students: dict, evals: dict) -> dict:
-        self.pipe.banner(8, "report: table and plots")
+    def alignment(self, teacher: dict, init: dict, students: dict[str, dict]) -> dict[str, dict]:
+        p = self.preset
+        self.pipe.banner(8, f"alignment: IIA of {len(students)} students with the teacher (run_iia.py, DIITO's "
+                            f"mapping, {p.iia_pairs} held-out pairs; every block pair for seed {self.seeds[0]})")
+        common = [
+            "--teacher_name", self.out / "teacher", "--tokenizer_name", self.out / "tokenizer",
+            "--neuron_mapping", self.out / "student_init" / "diito.nm",
+            "--data_file", self.out / "corpus" / "heldout.txt", "--max_seq_length", p.max_seq_length,
+            "--num_pairs", p.iia_pairs, "--seed", 0, "--batch_size", 64,
+            "--interchange_prop", 0.3, "--interchange_consecutive_only",
+            *(["--device", "cuda", "--bf16"] if p.gpu else ["--device", "cpu"]),
+        ]
+        records = {}
+        for name, rec in students.items():
+            sweep = ["--sweep"] if rec["seed"] == self.seeds[0] and rec["objective"] in ("standard", "diito") else []
+            argv = ["--student_name", self.out / "students" / name, *common, *sweep]
+            settings = {"model": rec["key"], "teacher": teacher["key"], "init": init["key"],
+                        "argv": [str(a) for a in argv]}
+
+            def work(folder: Path, argv=argv, name=name) -> dict:
+                self.pipe.command(f"iia_{name}", "run_iia.py", [*argv, "--output_dir", folder])
+                overall = json.loads((folder / "iia_results.json").read_text())["mapping"]["overall"]
+                print(f"  {name}: IIA {100 * overall['iia']['value']:.1f}%, effective IIA "
+                      f"{100 * overall['effective_iia']['value']:.1f}%", flush=True)
+                return {"iia": overall["iia"]["value"], "iia_ci95": overall["iia"]["ci95"],
+                        "effective_iia": overall["effective_iia"]["value"]}
+
+            records[name] = self.pipe.unit(f"iia {name}", self.out / "iia" / name, settings, work,
+                                           ("iia_results.json",))
+        return records
+
+    # 9
+    def report(self, stages: dict, students: dict, evals: dict, alignment: dict) -> dict:
+        self.pipe.banner(9, "report: table, verdict and plots")
         # Keyed on when each input was made too, so that anything redone upstream is reported afresh.
         settings = {group: {k: (v["key"], v["finished"]) for k, v in records.items()}
-                    for group, records in (("stages", stages), ("students", students), ("evals", evals))}
-        settings["version"] = 3
+                    for group, records in (("stages", stages), ("students", students), ("evals", evals),
+                                           ("alignment", alignment))}
+        settings["version"] = 4
 
         def work(folder: Path) -> dict:
-            summary = write_report(self.out, self.preset, self.args, stages, students, evals, self.seeds)
+            summary = write_report(self.out, self.preset, self.args, stages, students, evals, alignment, self.seeds)
             print(f"  {self.out / 'report.md'}", flush=True)
             return {"verdict": summary["verdict"]}
 
         return self.pipe.unit("report", self.out / "plots", settings, work,
-                              ("heldout_perplexity.png", "training_losses.png", "../report.md", "../summary.json"))
+                              ("heldout_perplexity.png", "training_losses.png", "iia_heatmaps.png", "../report.md",
+                               "../summary.json"))
 
     def run(self) -> dict:
         start = time.time()
@@ -590,15 +635,16 @@ class Quickstart:
         stages["teacher"] = teacher = self.teacher(corpus, tokenizer)
         stages["data"] = data = self.data(corpus, tokenizer)
         stages["student_init"] = init = self.student_init(teacher)
-        students = self.students(data, init)
+        stages["flops"], students = self.students(data, init)
         evals = self.evaluate(teacher, students)
-        report = self.report(stages, students, evals)
+        alignment = self.alignment(teacher, init, students)
+        report = self.report(stages, students, evals, alignment)
         elapsed = time.time() - start
         print(f"\nquickstart finished in {format_seconds(elapsed)} "
               f"(ran {len(self.pipe.ran)}, skipped {len(self.pipe.skipped)} found done already)")
         print((self.out / "report_table.md").read_text(encoding="utf-8"))
         print(report["verdict"])
-        print(f"report: {self.out / 'report.md'}")
+        print(f"report: {self.out / 'report.md'}; full output of every command: {self.out / 'logs'}")
         return {"seconds": elapsed, "ran": self.pipe.ran, "skipped": self.pipe.skipped}
 
 
@@ -611,217 +657,13 @@ def neuron_mapping(teacher_layers: list[int], heads: int, head_dim: int) -> dict
     ]}
 
 
-# --- report ------------------------------------------------------------------------------------
-def count_parameters(model_dir: Path) -> int:
-    """Parameters stored in `model.safetensors` (read from its header; tied weights are stored once)."""
-    with open(model_dir / "model.safetensors", "rb") as fh:
-        header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-
-
-def read_loss_curves(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """The `losses/<name>` scalars causal_train.py wrote under `<dump_path>/log/train`."""
-    import logging
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one "No path found after" line per file
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag.split("/", 1)[1]: [(e.step, e.value) for e in acc.Scalars(tag)]
-            for tag in acc.Tags().get("scalars", []) if tag.startswith("losses/")}
-
-
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def verdict(ppl: dict[str, dict[int, float]], seeds: list[int]) -> str:
-    """One honest sentence: did DIITO reach a lower held-out perplexity than standard distillation?"""
-    std_mean, diito_mean = statistics.fmean(ppl["standard"].values()), statistics.fmean(ppl["diito"].values())
-    wins = [s for s in seeds if ppl["diito"][s] < ppl["standard"][s]]
-    seed_text = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-    numbers = f"mean held-out perplexity {diito_mean:.2f} for DIITO against {std_mean:.2f} for standard distillation"
-    if diito_mean < std_mean and len(wins) == len(seeds):
-        head = "DIITO won at this scale" if len(seeds) > 1 else "DIITO won on the single seed run"
-        return f"{head}: {numbers}, lower on every one of {seed_text}."
-    if diito_mean < std_mean:
-        return (f"Mixed result at this scale: {numbers}, but DIITO was lower on only {len(wins)} of "
-                f"{len(seeds)} seeds ({seed_text}).")
-    return f"DIITO did not win at this scale: {numbers}; DIITO was lower on {len(wins)} of {len(seeds)} ({seed_text})."
-
-
-def write_report(out: Path, preset: Preset, args, stages: dict, students: dict, evals: dict, seeds: list[int]) -> dict:
-    """Write `report.md`, `report_table.md`, `summary.json` and the plots; return the summary."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    vocab = stages["tokenizer"]["vocab_size"]
-    corpus = stages["corpus"]
-    ppl = {obj: {s: evals[f"{obj}_seed{s}"]["perplexity"] for s in seeds} for obj in OBJECTIVES}
-    train_s = {obj: [students[f"{obj}_seed{s}"]["train_seconds"] for s in seeds] for obj in OBJECTIVES}
-    params = {"teacher": count_parameters(out / "teacher"),
-              "student": count_parameters(out / "students" / f"standard_seed{seeds[0]}")}
-    teacher_steps = stages["teacher"]["steps"]
-    student_steps = students[f"standard_seed{seeds[0]}"]["steps"]
-    plots = out / "plots"
-
-    def pm(values, fmt="{:.2f}"):
-        mean, std = mean_std(values)
-        return fmt.format(mean) + (" ± " + fmt.format(std) if std is not None else "")
-
-    rows = [
-        "| model | layers x width | parameters | held-out perplexity | per seed | training steps | training time |",
-        "|---|---|---|---|---|---|---|",
-        f"| {LABELS['teacher']} | {preset.teacher_layers} x {preset.hidden} | {params['teacher'] / 1e6:.2f} M | "
-        f"{evals['teacher']['perplexity']:.2f} | one teacher | {teacher_steps} | "
-        f"{format_seconds(stages['teacher']['train_seconds'])} |",
-    ]
-    for obj in OBJECTIVES:
-        rows.append(
-            f"| {LABELS[obj]} | {preset.student_layers} x {preset.hidden} | {params['student'] / 1e6:.2f} M | "
-            f"{pm(list(ppl[obj].values()))} | {', '.join(f'{ppl[obj][s]:.2f}' for s in seeds)} | "
-            f"{student_steps} per run | {pm(train_s[obj], '{:.0f}')} s per run |")
-    table = "\n".join(rows) + "\n"
-    sentence = verdict(ppl, seeds)
-    chance_ratio = vocab / evals["teacher"]["perplexity"]
-    cost_ratio = statistics.fmean(train_s["diito"]) / statistics.fmean(train_s["standard"])
-
-    # Plots: loss curves of every objective, and held-out perplexity per model.
-    curves = {name: read_loss_curves(out / "students" / name / "log" / "train") for name in students}
-    names = [n for n in ("loss", "ce", "mlm", "cos", "causal_ce") if any(n in c for c in curves.values())]
-    names += sorted({n for c in curves.values() for n in c} - set(names))
-    teacher_log = json.loads((out / "teacher" / "trainer_state.json").read_text()).get("log_history", [])
-    teacher_curve = [(e["step"], e["loss"]) for e in teacher_log if "loss" in e]
-    panels = len(names) + 1
-    ncols = min(3, panels)
-    nrows = math.ceil(panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
-    axes = [ax for row in axes for ax in row]
-    for ax in axes[panels:]:
-        ax.set_visible(False)
-    colors = {"standard": "tab:blue", "diito": "tab:orange"}
-    axes[0].plot([s for s, _ in teacher_curve], [v for _, v in teacher_curve], color="black")
-    axes[0].set_title("teacher: MLM loss (run_mlm.py)")
-    axes[0].set_xlabel("step")
-    for ax, loss in zip(axes[1:], names):
-        for name, curve in sorted(curves.items()):
-            if loss in curve:
-                obj = students[name]["objective"]
-                ax.plot(*zip(*curve[loss]), color=colors[obj], alpha=0.8, lw=1,
-                        label=LABELS[obj] if students[name]["seed"] == seeds[0] else None)
-        ax.set_title(f"students: {loss}")
-        ax.set_xlabel("step")
-    axes[1].legend(fontsize=8)
-    fig.suptitle("training losses (students: one line per seed)")
-    fig.tight_layout()
-    fig.savefig(plots / "training_losses.png", dpi=110)
-    plt.close(fig)
-
-    # A dot plot, not bars: the axis need not start at zero to show differences between students.
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    models = [("teacher", [evals["teacher"]["perplexity"]], "0.3")] + \
-        [(obj, [ppl[obj][s] for s in seeds], colors[obj]) for obj in OBJECTIVES]
-    for x, (model, values, color) in enumerate(models):
-        mean, std = mean_std(values)
-        ax.errorbar([x], [mean], yerr=[std or 0.0], fmt="D", color=color, capsize=6, ms=8)
-        ax.scatter([x + 0.12] * len(values), values, color=color, s=14, alpha=0.7)
-        ax.annotate(f"{mean:.1f}", (x, mean), textcoords="offset points", xytext=(-14, 9), fontsize=8)
-    ax.set_xticks(range(len(models)), [LABELS[m] for m, _, _ in models])
-    ax.set_xlim(-0.5, len(models) - 0.5)
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(f"held-out masked-LM perplexity (chance: {vocab})\nlarge marker: mean ± std; dots: seeds", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(plots / "heldout_perplexity.png", dpi=110)
-    plt.close(fig)
-
-    stage_rows = [f"| {k} | {format_seconds(v['seconds'])} | {v['finished']} |" for k, v in stages.items()]
-    stage_rows += [f"| students: {k} | {format_seconds(v['seconds'])} | {v['finished']} |" for k, v in students.items()]
-    stage_rows += [f"| evaluation: {k} | {format_seconds(v['seconds'])} | {v['finished']} |" for k, v in evals.items()]
-    try:
-        from importlib.metadata import version
-
-        versions = f"torch {version('torch')}, transformers {version('transformers')}"
-    except Exception:  # noqa: BLE001 -- versions are a courtesy
-        versions = ""
-    machine = (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
-               + ("GPU preset (--n_gpu 1 --bf16)" if preset.gpu else f"CPU only, {args.threads} thread(s) per process")
-               + f", Python {platform.python_version()}" + (f", {versions}" if versions else ""))
-    student_seconds = sum(v["seconds"] for v in students.values())
-    total = sum(v["seconds"] for v in stages.values()) + student_seconds + sum(v["seconds"] for v in evals.values())
-    report = f"""# Quickstart report
-
-{dt.date.today().isoformat()}, preset `{args.preset}`, {machine}.
-
-## Result
-
-{table}
-{sentence}
-
-- Held-out perplexity is `run_mlm.py --do_eval` on {corpus['heldout_documents']} held-out documents
-  ({corpus['heldout_words']} words), one sequence per document truncated to {preset.max_seq_length} tokens,
-  15% of tokens masked with the same `--eval_mask_seed {EVAL_MASK_SEED}` for every model. Chance is the
-  vocabulary size, {vocab}: the teacher is {chance_ratio:.1f} times better than chance.
-- Standard distillation: `--alpha_ce 0.25 --alpha_mlm 0.25 --alpha_cos 0.25`. DIITO adds
-  `--alpha_causal_ce {ALPHA_CAUSAL_CE}` with `student_init/diito.nm`: the output of each student block is aligned,
-  full width, with that of the teacher block it was copied from (teacher blocks
-  {stages['student_init']['teacher_layers']} for student blocks 0 to {preset.student_layers - 1}). Both start from the
-  same extracted student and run {student_steps} steps of {preset.student_batch} sequences with the same seed.
-- Training time is the wall time of the training command, start-up included. The comparison is at equal
-  steps, not equal compute: a DIITO step runs extra counterfactual forward passes (here its runs took
-  {cost_ratio:.1f} times as long), and its objective carries one more loss term.
-- Std is the sample standard deviation over seeds {', '.join(map(str, seeds))}.
-
-![held-out perplexity](plots/heldout_perplexity.png)
-
-![training losses](plots/training_losses.png)
-
-## Set-up
-
-- Corpus: {corpus['origin']}. Train part: {corpus['train_documents']} documents ({corpus['train_words']} words);
-  held-out part: {corpus['heldout_documents']} documents ({corpus['heldout_words']} words); no document in both.
-- Tokenizer: {vocab} entries ({'--tokenizer ' + args.tokenizer if args.tokenizer else 'WordPiece trained on the train part'}).
-- Teacher: BERT, {preset.teacher_layers} layers, hidden {preset.hidden}, {preset.heads} heads, FFN {preset.ffn},
-  {teacher_steps} steps of {preset.teacher_batch} sequences, learning rate {preset.teacher_lr}.
-- Students: DistilBERT, {preset.student_layers} layer(s) of the same width, initialised from teacher blocks
-  {stages['student_init']['teacher_layers']} (`scripts/extract_distilbert.py --vocab_transform`),
-  learning rate {preset.student_lr}.
-- Every command is in `commands.sh`, its output in `logs/`.
-
-## Time per stage
-
-| stage | wall time | finished |
-|---|---|---|
-{chr(10).join(stage_rows)}
-
-Sum: {format_seconds(total)} (stages skipped on a re-run keep the time of the run that did them).
-"""
-    atomic_write_text(out / "report.md", report)
-    atomic_write_text(out / "report_table.md", table)
-    summary = {
-        "preset": args.preset, "seeds": seeds, "vocab_size": vocab, "verdict": sentence,
-        "teacher": {"perplexity": evals["teacher"]["perplexity"], "parameters": params["teacher"],
-                    "train_seconds": stages["teacher"]["train_seconds"], "steps": teacher_steps},
-        **{obj: {"perplexity": ppl[obj], "mean": mean_std(list(ppl[obj].values()))[0],
-                 "std": mean_std(list(ppl[obj].values()))[1], "parameters": params["student"],
-                 "train_seconds": dict(zip(seeds, train_s[obj])), "steps": student_steps} for obj in OBJECTIVES},
-        "stage_seconds": {k: v["seconds"] for k, v in {**stages, **students, **evals}.items()},
-    }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
-
-
 # --- command line ------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="./quickstart_out", help="Output folder (default: ./quickstart_out).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                        help="small: about 15 min on a 2-core CPU (default); gpu: bigger models and longer runs "
-                             "with --n_gpu 1 --bf16; test: the smallest size, for the test suite.")
+                        help="small (default): the size measured in README.md, section Quickstart; gpu: bigger models and "
+                             "longer runs with --n_gpu 1 --bf16; test: the smallest size, for the test suite.")
     parser.add_argument("--seeds", type=int, default=3, help="Seeds per objective (default 3).")
     parser.add_argument("--steps", type=int, default=None, help="Optimiser steps per student run (default: the preset's).")
     parser.add_argument("--teacher_steps", type=int, default=None, help="Teacher training steps (default: the preset's).")
@@ -867,7 +709,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise CliError("--preset gpu trains with --n_gpu 1 --bf16 and needs a CUDA GPU, which torch does not see "
                            "here; use --preset small on a CPU")
     os.environ.update(OFFLINE_ENV)
-    logger.info("quickstart: preset %s %s", args.preset, json.dumps(asdict(preset)))
+
     try:
         return Quickstart(args, preset, user_docs).run()
     except StageFailed as err:

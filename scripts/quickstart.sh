@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Offline quickstart: the whole pipeline end to end (corpus, tokenizer, teacher, distillation with and
-# without DIITO, evaluation) ending with <out>/report.md. Options: scripts/quickstart.py --help.
-#   scripts/quickstart.sh                      # about 9 minutes on a 2-core CPU, writes ./quickstart_out
+# without DIITO and at equal compute, evaluation, causal alignment) ending with <out>/report.md.
+# Options: scripts/quickstart.py --help. How long it takes: README.md, section "Quickstart".
+#   scripts/quickstart.sh                      # writes ./quickstart_out
 #   scripts/quickstart.sh --preset test --seeds 1 --out /tmp/qs
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

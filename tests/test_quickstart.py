@@ -16,7 +16,7 @@ from utils import CliError
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "quickstart.py"
-SEEDS = 2
+SEEDS = 1  # the smallest run; the ± of several seeds is tested on the report function
 
 
 def run_quickstart(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -48,19 +48,58 @@ def test_every_stage_announced_and_its_output_written(test_run):
         "teacher/model.safetensors", "teacher/config.json", "teacher/trainer_state.json",
         "data/token_counts.pickle", "student_init/student_init.pth", "student_init/student_config.json",
         "student_init/diito.nm", "eval/teacher/eval_results.json", "report.md", "summary.json",
-        "plots/heldout_perplexity.png", "plots/training_losses.png", "commands.sh",
+        "plots/heldout_perplexity.png", "plots/training_losses.png", "plots/iia_heatmaps.png", "commands.sh",
+        "flops/standard.json", "flops/diito.json",
     ]
     expected += [f"students/{r}/model.safetensors" for r in runs] + [f"eval/{r}/eval_results.json" for r in runs]
+    expected += [f"iia/{r}/iia_results.json" for r in runs]
     missing = [p for p in expected if not (out / p).is_file()]
     assert not missing
     assert len(list((out / "data").glob("*.bin"))) == 1
     for run in runs:
         assert list((out / "students" / run / "log" / "train").glob("events.out.tfevents.*")), run
-    for folder in ["corpus", "tokenizer", "teacher", "data", "student_init", "plots"] + \
-            [f"students/{r}" for r in runs] + [f"eval/{r}" for r in runs] + ["eval/teacher"]:
+    for folder in ["corpus", "tokenizer", "teacher", "data", "student_init", "flops", "plots"] + \
+            [f"students/{r}" for r in runs] + [f"eval/{r}" for r in runs] + ["eval/teacher"] + \
+            [f"iia/{r}" for r in runs]:
         assert json.loads((out / folder / ".done").read_text())["key"], folder
     for png in (out / "plots").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_terminal_shows_stage_lines_not_the_commands_output(test_run):
+    out, proc = test_run
+    assert len(proc.stdout) < 20_000, len(proc.stdout)
+    assert "Loading weights" not in proc.stdout + proc.stderr  # the commands' own output went to logs/
+    assert " - INFO - " not in proc.stdout + proc.stderr
+    assert "Loading weights" in (out / "logs" / "teacher.log").read_text() or \
+        "Loading weights" in (out / "logs" / "eval_teacher.log").read_text()
+    assert "quickstart finished" in proc.stdout and "report:" in proc.stdout
+
+
+def test_stage_seconds_are_those_of_each_stage(test_run):
+    """summary.json's stage_seconds: the teacher's training is not overwritten by its evaluation."""
+    out, _ = test_run
+    seconds = json.loads((out / "summary.json").read_text())["stage_seconds"]
+    assert seconds["teacher"] == json.loads((out / "teacher" / ".done").read_text())["seconds"]
+    assert seconds["eval/teacher"] == json.loads((out / "eval" / "teacher" / ".done").read_text())["seconds"]
+    assert seconds["students/diito_seed1"] == json.loads((out / "students" / "diito_seed1" / ".done").read_text())["seconds"]
+    assert seconds["iia/diito_seed1"] == json.loads((out / "iia" / "diito_seed1" / ".done").read_text())["seconds"]
+
+
+def test_same_command_same_numbers(test_run, tmp_path):
+    """A second run of the same command, from nothing, gives bitwise the same tokenizer and the same numbers."""
+    out, _ = test_run
+    second = tmp_path / "again"
+    proc = run_quickstart("--preset", "test", "--seeds", str(SEEDS), "--out", str(second))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (second / "tokenizer" / "tokenizer.json").read_bytes()
+    first, again = (json.loads((o / "summary.json").read_text()) for o in (out, second))
+    assert first["teacher"]["perplexity"] == again["teacher"]["perplexity"]
+    for objective in quickstart.OBJECTIVES:
+        for key in ("perplexity", "iia", "effective_iia", "iia_ci95", "steps"):
+            assert first[objective][key] == again[objective][key], (objective, key)
+    assert first["flops_per_step"] == again["flops_per_step"]
+    assert first["verdict"] == again["verdict"]
 
 
 def test_train_and_heldout_share_no_document(test_run):
@@ -76,9 +115,15 @@ def test_report_numbers_are_finite(test_run):
     assert summary["seeds"] == list(range(1, SEEDS + 1))
     values = [summary["teacher"]["perplexity"]]
     for objective in quickstart.OBJECTIVES:
-        values += list(summary[objective]["perplexity"].values()) + [summary[objective]["mean"], summary[objective]["std"]]
+        values += list(summary[objective]["perplexity"].values()) + [summary[objective]["mean"]]
         values += list(summary[objective]["train_seconds"].values())
+        values += list(summary[objective]["iia"].values()) + list(summary[objective]["effective_iia"].values())
         assert summary[objective]["parameters"] < summary["teacher"]["parameters"]
+        assert all(0.0 <= v <= 1.0 for v in summary[objective]["iia"].values())
+    # equal compute: the third arm's steps are the DIITO steps scaled by the counted FLOPs per step
+    ratio = summary["flops_per_step"]["ratio"]
+    assert 1.2 < ratio < 4
+    assert summary["standard_eqc"]["steps"] == round(summary["diito"]["steps"] * ratio)
     assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in values), values
     report = (out / "report.md").read_text()
     table = [line for line in report.splitlines() if line.startswith("| ") and "perplexity" not in line]
@@ -91,6 +136,8 @@ def test_report_numbers_are_finite(test_run):
             assert numbers and all(math.isfinite(x) for x in numbers), line
     assert not re.search(r"\b(nan|inf)\b", "\n".join(table), re.IGNORECASE)
     assert summary["verdict"] in report and "DIITO" in summary["verdict"]
+    assert "equal steps" in summary["verdict"] and "equal compute" in summary["verdict"]
+    assert "does not cover" in report
     # The mapping aligns each student block with the teacher block it was copied from, full width.
     mapping = json.loads((out / "student_init" / "diito.nm").read_text())["interchange_variable_mappings"]
     sidecar = json.loads((out / "student_init" / "student_init.pth.json").read_text())
@@ -104,7 +151,8 @@ def test_rerun_skips_finished_stages_and_redoes_only_what_is_missing(test_run):
     again = run_quickstart(*args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert (out / "commands.sh").read_text().count("\npython ") == commands_before  # nothing was run again
-    assert again.stdout.count("skipping") == 5 + 2 * SEEDS + (2 * SEEDS + 1) + 1
+    n_runs = len(quickstart.OBJECTIVES) * SEEDS
+    assert again.stdout.count("skipping") == 5 + 1 + n_runs + (n_runs + 1) + n_runs + 1
 
     # Lose one evaluation: only it and the report are redone.
     (out / "eval" / f"diito_seed{SEEDS}" / ".done").unlink()
@@ -173,3 +221,31 @@ def test_topic_prose_is_cleaned():
     assert quickstart.clean_topic_paragraph('   if_stmt ::= "if" assignment_expression ":" suite') is None
     docs = quickstart.pydoc_topic_documents()
     assert len(docs) > 500 and sum(len(d.split()) for d in docs) > 20000
+
+
+def test_wordpiece_vocabulary_is_learnt_reproducibly():
+    """Ties between equally frequent pairs are broken by text, not by hash order: any word order, one vocabulary."""
+    from collections import Counter
+
+    from deterministic_wordpiece import learn_vocab
+
+    words = {"ab": 2, "ba": 2, "abab": 1, "cab": 3}
+    vocab = learn_vocab(Counter(words), 20)
+    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert vocab[5:10] == ["a", "b", "c", "##a", "##b"]  # the alphabet, sorted
+    # ("##a", "##b") occurs 4 times (abab, cab x 3), the most: merged first. Then ("a", "##b") and ("c", "##ab")
+    # tie at 3: the first in text order wins.
+    assert vocab[10:13] == ["##ab", "ab", "cab"]
+    reordered = learn_vocab(Counter(dict(reversed(list(words.items())))), 20)
+    assert reordered == vocab
+
+
+def test_report_verdict_covers_steps_and_compute():
+    from quickstart_report import verdict
+
+    ppl = {"standard": {1: 10.0, 2: 11.0}, "diito": {1: 9.0, 2: 10.0}, "standard_eqc": {1: 8.0, 2: 12.0}}
+    iia = {"standard": {1: 0.5, 2: 0.6}, "diito": {1: 0.7, 2: 0.5}, "standard_eqc": {1: 0.4, 2: 0.4}}
+    text = verdict(ppl, iia, [1, 2])
+    assert "at equal steps DIITO won in perplexity and had a mixed result in IIA" in text
+    assert "at equal compute DIITO had a mixed result in perplexity and won in IIA" in text
+    assert "lower on 1 of 2 seeds" in text
