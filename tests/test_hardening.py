@@ -417,11 +417,11 @@ def test_same_command_twice_gives_bitwise_equal_students(setup, tmp_path):
 def test_crossway_with_accumulation_steps_once_per_window(setup, tmp_path):
     """The original stepped the optimiser and the schedule for each direction of a crossway pair."""
     dump = tmp_path / "cross"
-    causal_train.main(train_argv(setup, dump, "--include_crossway", "--gradient_accumulation_steps", "3",
+    causal_train.main(train_argv(setup, dump, "--include_crossway", "--gradient_accumulation_steps", "2",
                                  "--checkpoint_interval", "0", "--batch_size", "16"))
     state = torch.load(causal_distiller.list_checkpoints(dump)[-1] / "training_state.pt", weights_only=False)
     assert state["batch_in_epoch"] == 0 and state["epoch"] == 1
     n_batches = -(-151 // 16)  # 151 sequences after cleaning (see the log), batches of 16
-    assert state["n_step"] == -(-n_batches // 3)
+    assert state["n_step"] == -(-n_batches // 2)
     assert state["scheduler"]["last_epoch"] == state["n_step"]
     assert all(int(s["step"]) == state["n_step"] for s in state["optimizer"]["state"].values())
