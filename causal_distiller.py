@@ -772,7 +772,7 @@ FULL_CHECKSUM_FROM = HEADER_SIZE
 
 def file_fingerprint(path, full: bool = True) -> dict:
     """Size, a sha256 of the first and last MiB (cheap) and, with `full`, a blake2b of the whole file after
-    byte 4096 (one read of the file: about a second per GB)."""
+    byte 4096 (one read of the file: about 2 s per GB on a small CPU)."""
     import hashlib
 
     path = Path(path)

@@ -304,7 +304,8 @@ def check_output_parent(path: str | os.PathLike, what: str, is_file: bool = True
 
 
 def clean_stale_temporaries(folder: str | os.PathLike, prefix: str = "") -> list[Path]:
-    """Remove the hidden `.{prefix}*.tmp` files and folders (and `.{prefix}*.old` folders) in `folder`.
+    """Remove the hidden `.{prefix}.*.tmp` files and folders (and `.{prefix}.*.old`) in `folder` (every
+    hidden `.tmp` / `.old` entry when `prefix` is empty).
 
     They are what `atomic_open` / `atomic_dir` leave when a process is killed while writing. Call
     this only where no other process is writing the same outputs (at a run's start-up). Returns
@@ -314,7 +315,7 @@ def clean_stale_temporaries(folder: str | os.PathLike, prefix: str = "") -> list
     removed = []
     if not folder.is_dir():
         return removed
-    for child in folder.glob(f".{prefix}*"):
+    for child in folder.glob(f".{prefix}.*" if prefix else ".*"):
         if not (child.name.endswith(".tmp") or child.name.endswith(".old")):
             continue
         if child.is_dir() and not child.is_symlink():
