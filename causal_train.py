@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from binarized_io import load_corpus, load_token_counts, vocab_fingerprint
-from causal_distiller import (CausalDistiller, NonFiniteLoss, Preempted, checkpoint_problem, file_fingerprint,
-                              find_resume_checkpoint, list_checkpoints)
+from causal_distiller import CausalDistiller, NonFiniteLoss, Preempted
+from checkpoints import checkpoint_problem, file_fingerprint, find_resume_checkpoint, list_checkpoints
 from interventions import FAMILIES, family_of, get_submodule, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import load_neuron_mapping

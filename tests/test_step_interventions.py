@@ -15,7 +15,7 @@ from helpers import tiny_bert, tiny_distilbert, tiny_gpt2
 
 import causal_distiller
 import causal_train
-from interventions import family_of, get_submodule, head_features, run_model
+from interventions import family_of, get_submodule, head_features
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import MappingEntry
 
