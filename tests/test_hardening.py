@@ -329,6 +329,28 @@ def test_a_token_changed_mid_file_is_detected(tmp_path):
         causal_distiller.check_fingerprint(path, before, after)
 
 
+def test_a_bin_written_before_checksums_still_loads(tmp_path):
+    import json
+
+    import binarized_io as bio
+
+    path = tmp_path / "old.bin"
+    with CorpusWriter(path, vocab_size=100, shuffle=False) as w:
+        w.add([1, 2, 3])
+    head = bytearray(path.read_bytes()[:HEADER_SIZE])
+    fields = list(bio._HEADER.unpack_from(head))
+    meta = json.loads(head[bio._HEADER.size: bio._HEADER.size + fields[-1]])
+    del meta[bio.CHECKSUM_KEY]  # what the previous version wrote
+    blob = json.dumps(meta).encode()
+    fields[-1] = len(blob)
+    head[:] = b"\0" * HEADER_SIZE
+    head[: bio._HEADER.size + len(blob)] = bio._HEADER.pack(*fields) + blob
+    path.write_bytes(bytes(head) + path.read_bytes()[HEADER_SIZE:])
+    corpus = load_corpus(path)
+    assert corpus.recorded_checksum is None and corpus.verify_checksum() is False
+    assert corpus[0].tolist() == [1, 2, 3]
+
+
 def test_causal_train_checks_the_recorded_checksum_at_start(setup, tmp_path):
     data = tmp_path / "data.bin"
     shutil.copy(setup["data"], data)
