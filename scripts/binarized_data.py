@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from binarized_io import FORMATS, CorpusWriter, dtype_for_vocab, output_path, vocab_fingerprint  # noqa: E402
 from input_checks import check_local_path, check_tokenizer  # noqa: E402
-from utils import CliError, logger, require_file, run_cli  # noqa: E402
+from utils import CliError, check_output_parent, logger, require_file, run_cli  # noqa: E402
 
 # Which special tokens open and close an example, per tokenizer family.
 SPECIAL_TOKENS = {
@@ -323,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         args.preprocessing_num_workers = available_cpus()
     if args.batch_size < 1 or args.preprocessing_num_workers < 1:
         raise CliError("--batch_size and --preprocessing_num_workers must be at least 1")
+    if args.max_parsing_example == 0 or args.max_parsing_example < -1:
+        raise CliError(f"--max_parsing_example must be -1 (every row) or a positive number, not {args.max_parsing_example}")
+    check_output_parent(str(args.dump_file) + ".x", "--dump_file", is_file=False)
     if args.file_path is not None:
         require_file(args.file_path, "--file_path")
     source_name = args.file_path or args.dataset_name

@@ -135,7 +135,8 @@ def test_mlm_perplexity_is_repeatable_and_drops_with_training(tmp_path, tiny_ber
     args = ["--model_name_or_path", str(tiny_bert), "--validation_file", str(text), "--do_eval", "--max_seq_length", "64"]
 
     first = run_mlm.main(args + common(tmp_path / "eval1", cache_dir, tokenizer_dir))
-    second = run_mlm.main(args + common(tmp_path / "eval2", cache_dir, tokenizer_dir))
+    # a fresh cache: the masked set must be recomputed, not read back from the datasets cache
+    second = run_mlm.main(args + common(tmp_path / "eval2", tmp_path / "fresh_cache", tokenizer_dir))
     saved = read_json(tmp_path / "eval1" / "eval_results.json")
     assert_finite(saved, "perplexity", "eval_loss")
     assert saved["perplexity"] == pytest.approx(math.exp(saved["eval_loss"]))
