@@ -306,8 +306,9 @@ def load_model(auto_class, model_args: ModelArguments, config):
             cache_dir=model_args.cache_dir,
             revision=model_args.model_revision,
         )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CliError(f"could not load model weights from --model_name_or_path {model_args.model_name_or_path}: {err}") from None
+    except Exception as err:  # noqa: BLE001 -- OSError, ValueError, a truncated safetensors file: one message
+        raise CliError(f"could not load model weights from --model_name_or_path {model_args.model_name_or_path} "
+                       f"(missing, truncated or not a model of this kind?): {type(err).__name__}: {err}") from None
 
 
 def resolve_max_length(requested: int | None, tokenizer, config, default: int = 512) -> int:
