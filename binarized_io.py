@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -32,7 +33,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from utils import CliError, atomic_open
+from utils import CliError, atomic_open, clean_stale_temporaries, file_blake2b
 
 FORMATS = ("mmap", "pickle")
 EXTENSIONS = {"mmap": "bin", "pickle": "pickle"}
@@ -44,6 +45,9 @@ HEADER_SIZE = 4096
 _HEADER = struct.Struct("<8sIIQQqQI")
 _DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<i4")}
 _DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
+# The header's JSON records a blake2b (16 bytes) of every byte after the header, computed while writing.
+# Files written before it existed have none and are read as before.
+CHECKSUM_KEY = "blake2b_after_header"
 _PICKLE_PROTO = 0x80  # every pickle of protocol 2 or more starts with the PROTO opcode
 
 # Read granularity of full scans (token counts, unk counts): 16M tokens, 32 MiB of uint16.
@@ -225,6 +229,25 @@ class MmapCorpus(Corpus):
             if starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > n_tokens:
                 raise CliError(f"{path}: corrupt binarized corpus (index points outside the token array)")
 
+    @property
+    def recorded_checksum(self) -> str | None:
+        """The blake2b of the bytes after the header recorded when the file was written (None for older files)."""
+        return self.meta.get(CHECKSUM_KEY)
+
+    def verify_checksum(self, digest: str | None = None) -> bool:
+        """Compare the recorded checksum with `digest` (or with one computed now: one read of the file).
+
+        Returns False when the file records none; raises CliError when they differ.
+        """
+        recorded = self.recorded_checksum
+        if recorded is None:
+            return False
+        digest = digest if digest is not None else file_blake2b(self.path, skip=HEADER_SIZE)
+        if digest != recorded:
+            raise CliError(f"{self.path}: the tokens differ from the checksum recorded when the file was written "
+                           "(the file was modified or corrupted); binarize it again")
+        return True
+
     def __getstate__(self):
         return {"path": self.path}
 
@@ -272,6 +295,43 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+class _CountsUnpickler(_NumpyOnlyUnpickler):
+    """A token counts pickle: a list of ints (the original's format) or a NumPy array, and nothing else."""
+
+
+def load_token_counts(path: str | os.PathLike) -> np.ndarray:
+    """Token counts (scripts/token_counts.py) from a pickle or a .npy file, as a 1-D int64 array.
+
+    The pickle is read by a restricted unpickler (a list of ints or a NumPy integer array; no other
+    global can be loaded, so a crafted file cannot run code) and the .npy with allow_pickle=False.
+    Anything else, or non-integer or negative counts, is a CliError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"{path}: token counts file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+            fh.seek(0)
+            if head == b"\x93NUMPY":
+                data = np.load(fh, allow_pickle=False)
+            else:
+                data = _CountsUnpickler(fh).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, struct.error,
+            OSError) as err:
+        raise CliError(f"{path}: not a token counts file (a pickled list of ints or a .npy array): "
+                       f"{type(err).__name__}: {err}") from None
+    if isinstance(data, list) and not all(type(x) is int for x in data):
+        raise CliError(f"{path}: token counts must be a list of integers")
+    counts = np.asarray(data)
+    if counts.ndim != 1 or not (np.issubdtype(counts.dtype, np.integer) or counts.size == 0):
+        raise CliError(f"{path}: token counts must be a 1-D list or array of integers "
+                       f"(found shape {counts.shape}, dtype {counts.dtype})")
+    if counts.size and counts.min() < 0:
+        raise CliError(f"{path}: token counts must be >= 0 (found {int(counts.min())})")
+    return counts.astype(np.int64)
+
+
 def _load_pickle(path: Path) -> InMemoryCorpus:
     try:
         with open(path, "rb") as fh:
@@ -286,15 +346,44 @@ def _load_pickle(path: Path) -> InMemoryCorpus:
         raise CliError(f"{path}: {err}") from None
 
 
+def require_corpus(path: str | os.PathLike, flag: str | None = None) -> Path:
+    """`path` as a Path if it is a file; else CliError naming it, and the file a user most likely meant.
+
+    binarized_data.py names its output `{dump_file}.{split}.{tokenizer}.{bin|pickle}` (`.bin` by
+    default): when the `.pickle` asked for is missing and the `.bin` of the same stem exists (or the
+    reverse), the message names that file; otherwise it lists corpora beside it with the same prefix.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    what = f"{flag} {path}" if flag else str(path)
+    if path.is_dir():
+        raise CliError(f"{what}: is a folder, not a binarized corpus file")
+    hint = ""
+    other = {".bin": ".pickle", ".pickle": ".bin"}.get(path.suffix)
+    if other and path.with_suffix(other).is_file():
+        hint = (
+            f"; {path.with_suffix(other)} exists: the same corpus in the {other} format (binarized_data.py writes "
+            f"{{dump_file}}.{{split}}.{{tokenizer}}.bin by default, .pickle with --format pickle); pass that file"
+        )
+    elif path.parent.is_dir():
+        prefix = path.name.split(".", 1)[0]
+        near = sorted(
+            p.name for p in path.parent.iterdir()
+            if p.name.startswith(prefix + ".") and p.suffix in (".bin", ".pickle") and p.is_file()
+        )
+        if near:
+            hint = f"; binarized corpora beside it: {', '.join(near[:5])}" + (" ..." if len(near) > 5 else "")
+    raise CliError(f"{what}: binarized corpus not found{hint}")
+
+
 def load_corpus(path: str | os.PathLike) -> Corpus:
     """Open a binarized corpus in either format, told apart by its first bytes.
 
     Returns an `MmapCorpus` (memory-mapped) or an `InMemoryCorpus` (pickle). A missing, truncated,
     corrupt or unknown file raises CliError naming it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CliError(f"{path}: binarized corpus not found")
+    path = require_corpus(path)
     try:
         with open(path, "rb") as fh:
             head = fh.read(len(MAGIC))
@@ -351,6 +440,7 @@ class CorpusWriter:
         self._fh: io.BufferedWriter | None = None
         self._lengths = array.array("q")
         self._arrays: list[np.ndarray] = []
+        self._digest = hashlib.blake2b(digest_size=16)  # of every byte after the header, as written
         self.n_tokens = 0
 
     @property
@@ -358,6 +448,7 @@ class CorpusWriter:
         return len(self._lengths)
 
     def __enter__(self) -> CorpusWriter:
+        clean_stale_temporaries(self.path.parent, self.path.name)  # left by a writer of this file that was killed
         self._stack = contextlib.ExitStack()
         self._fh = self._stack.enter_context(atomic_open(self.path, "wb"))
         if self.fmt == "mmap":
@@ -388,7 +479,7 @@ class CorpusWriter:
         self._lengths.append(len(ids))
         self.n_tokens += len(ids)
         if self.fmt == "mmap":
-            self._fh.write(ids.tobytes())
+            self._write(ids.tobytes())
         else:
             self._arrays.append(ids.copy())
 
@@ -401,9 +492,13 @@ class CorpusWriter:
         self._lengths.extend(lengths.tolist())
         self.n_tokens += len(flat)
         if self.fmt == "mmap":
-            self._fh.write(flat.tobytes())
+            self._write(flat.tobytes())
         else:
             self._arrays.extend(np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else [])
+
+    def _write(self, data: bytes) -> None:
+        self._fh.write(data)
+        self._digest.update(data)
 
     def _order(self, n: int) -> np.ndarray:
         if self.shuffle:
@@ -423,11 +518,11 @@ class CorpusWriter:
             np.cumsum(lengths[:-1], out=starts[1:])
         end_tokens = HEADER_SIZE + self.n_tokens * self.dtype.itemsize
         index_offset = _align8(end_tokens)
-        self._fh.write(b"\0" * (index_offset - end_tokens))
-        self._fh.write(starts[order].astype("<i8").tobytes())
-        self._fh.write(lengths[order].astype("<i8").tobytes())
+        self._write(b"\0" * (index_offset - end_tokens))
+        self._write(starts[order].astype("<i8").tobytes())
+        self._write(lengths[order].astype("<i8").tobytes())
         meta = json.dumps({"tokenizer_name": self.tokenizer_name, "vocab_hash": self.vocab_hash, "seed": self.seed,
-                           "shuffled": self.shuffle}).encode("utf-8")
+                           "shuffled": self.shuffle, CHECKSUM_KEY: self._digest.hexdigest()}).encode("utf-8")
         if _HEADER.size + len(meta) > HEADER_SIZE:
             raise ValueError(f"tokenizer name too long for the {HEADER_SIZE}-byte header: {self.tokenizer_name!r}")
         vocab = -1 if self.vocab_size is None else int(self.vocab_size)

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,16 +36,18 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from batching import BatchPreparer, Prepared
+from checkpoints import (  # noqa: F401 -- list_checkpoints, checkpoint_problem, ... are re-exported
+    CHECKPOINT_PREFIX, STATE_FILE, check_fingerprint, checkpoint_problem, file_fingerprint, find_resume_checkpoint,
+    folder_size, list_checkpoints, save_training_state, write_manifest)
 from cpu_dropout import use_cpu_dropout
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from interventions import head_features, head_projection, interchange, run_model
+from lm_seqs_dataset import ignore_stop_signals, stop_signals_blocked
 from losses import head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl, use_compiled_kernels
 from neuron_mapping import MappingEntry
-from utils import CliError, atomic_dir, logger
+from utils import CliError, atomic_dir, is_disk_full, logger
 
 LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "causal_ce", "causal_cos")
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "training_state.pt"
 
 
 @dataclass
@@ -307,15 +310,20 @@ class CausalDistiller:
         self.n_tokens = 0
         self._stop_signal = None
         self.forward_counts = {"teacher": {}, "student": {}}
-        self.tb = None
-        if self.is_master:
-            from tensorboardX import SummaryWriter
+        self.last_checkpoint_step: int | None = None
+        self.on_checkpoint = None  # called with each checkpoint written (causal_train: finish a --force)
+        self.tb = None  # opened by train(): building a distiller writes nothing
 
-            self.tb = SummaryWriter(log_dir=str(self.dump_path / "log" / "train"), flush_secs=30)
-            if params.is_wandb:
-                import wandb
+    def _open_loggers(self) -> None:
+        if not self.is_master or self.tb is not None:
+            return
+        from tensorboardX import SummaryWriter
 
-                wandb.init(project="causal-distill", name=params.run_name, config=vars(params))
+        self.tb = SummaryWriter(log_dir=str(self.dump_path / "log" / "train"), flush_secs=30)
+        if self.params.is_wandb:
+            import wandb
+
+            wandb.init(project="causal-distill", name=self.params.run_name, config=vars(self.params))
 
     # --- data ----------------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -353,7 +361,32 @@ class CausalDistiller:
             # Its own generator: creating an iterator must not draw from the global RNG, or a
             # resumed run would see different masks and positions than the run that never stopped.
             generator=torch.Generator().manual_seed(self.params.seed + self.epoch),
+            # The main process owns the shutdown: a SIGTERM to the whole process group (Slurm,
+            # Kubernetes, docker stop) must not kill the workers before the stop checkpoint.
+            worker_init_fn=ignore_stop_signals if self.params.num_workers > 0 else None,
         )
+
+    def _iter_batches(self, batches: list[list[int]]):
+        """Yield the collated `batches` in order, through DataLoader workers.
+
+        Workers ignore SIGINT/SIGTERM and are started with those signals blocked (so none can
+        arrive before a worker has set that up). Should a worker die anyway while the run is
+        stopping, the remaining batches are collated in this process (collation draws no random
+        numbers, so the data are the same) and the stop checkpoint is still written.
+        """
+        n_done = 0
+        try:
+            with stop_signals_blocked():  # the workers are forked here and inherit the blocked mask
+                iterator = iter(self._loader(batches))
+            for batch in iterator:
+                n_done += 1
+                yield batch
+        except RuntimeError as err:
+            if self._stop_signal is None or "DataLoader worker" not in str(err):
+                raise
+            logger.warning("a DataLoader worker died while stopping (%s); collating the rest in this process", err)
+            for indices in batches[n_done:]:
+                yield self.dataset.batch_sequences([self.dataset[i] for i in indices])
 
     def _sites(self, entry: MappingEntry, side: str) -> dict[int, torch.Tensor]:
         key = (entry.index, side)
@@ -453,6 +486,7 @@ class CausalDistiller:
         self.student.train()
         self.teacher.eval()
         self._install_signal_handlers()
+        self._open_loggers()
         if self.is_master:
             logger.info("training for %d optimiser steps (%d batches per epoch, %d epochs, accumulation %d)",
                         self.total_steps, self.batches_per_epoch, p.n_epoch, self.grad_acc)
@@ -471,7 +505,7 @@ class CausalDistiller:
                 batches = self._epoch_batches(self.epoch)
                 remaining = batches[self.batch_in_epoch:]
                 n_micro = 0
-                for batch in self._loader(remaining):
+                for batch in self._iter_batches(remaining):
                     n_micro += 1
                     sync = n_micro % self.grad_acc == 0 or self.batch_in_epoch + 1 == len(batches)
                     losses = self._micro_step(batch, sync)
@@ -512,6 +546,8 @@ class CausalDistiller:
         bar.close()
         if n_log:
             self._log(log_sums, n_log, tokens_at_log, None)
+        if self.last_checkpoint_step != self.n_step:  # a finished run can be extended with --resume
+            self.save_checkpoint()
         self.save_final()
 
     # --- signals -------------------------------------------------------------------------------
@@ -579,23 +615,77 @@ class CausalDistiller:
         }
 
     def save_checkpoint(self) -> Path | None:
-        """Write `checkpoint-<step>/` atomically (student folder + training state) and prune old ones."""
+        """Write `checkpoint-<step>/` atomically and prune beyond --save_total_limit.
+
+        The folder holds the student (HF folder), the training state and `manifest.json` (size and
+        blake2b of each file, written last). With --save_total_limit, checkpoints that the limit
+        would remove anyway are removed first, oldest first, when the disk lacks room for a new
+        one; the newest complete checkpoint is never removed before its successor exists. A full
+        disk or another write error is a CliError naming the target and the intact previous one.
+        """
         state = self._training_state()  # collective: every rank takes part
+        self.last_checkpoint_step = self.n_step
         if not self.is_master:
             return None
         target = self.dump_path / f"{CHECKPOINT_PREFIX}{self.n_step}"
-        try:
-            with atomic_dir(target) as tmp:
-                self.student.save_pretrained(tmp, safe_serialization=True)
-                torch.save(state, tmp / STATE_FILE)
-        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-            raise CliError(f"could not write checkpoint {target}: {err} (the previous checkpoint is intact)") from None
+        self._make_room()
+        for attempt in (1, 2):
+            try:
+                self._write_checkpoint(target, state)
+                break
+            except Exception as err:  # noqa: BLE001 -- safetensors and torch report write errors their own ways
+                if attempt == 1 and is_disk_full(err) and self._remove_excess_checkpoints("the disk is full"):
+                    continue
+                raise self._write_error(target, err) from None
         logger.info("checkpoint written: %s", target)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(target)
         limit = self.params.save_total_limit
         if limit and limit > 0:
             for old in list_checkpoints(self.dump_path)[:-limit]:
                 shutil.rmtree(old, ignore_errors=True)
         return target
+
+    def _write_checkpoint(self, target: Path, state: dict) -> None:
+        with atomic_dir(target) as tmp:
+            self.student.save_pretrained(tmp, safe_serialization=True)
+            save_training_state(state, tmp / STATE_FILE)
+            write_manifest(tmp)
+
+    def _write_error(self, target: Path, err: BaseException) -> CliError:
+        found = list_checkpoints(self.dump_path)
+        previous = f"the previous checkpoint {found[-1]} is intact" if found else "no checkpoint was written before"
+        if is_disk_full(err):
+            return CliError(f"no space left on device at {target}; {previous}; free space and resume with --resume")
+        return CliError(f"could not write {target}: {type(err).__name__}: {err} ({previous})")
+
+    def _excess_checkpoints(self) -> list[Path]:
+        """Checkpoints that --save_total_limit removes once the next one is written (never the newest)."""
+        limit = self.params.save_total_limit
+        if not limit or limit <= 0:
+            return []
+        found = list_checkpoints(self.dump_path)
+        return found[: max(0, len(found) - max(limit - 1, 1))]
+
+    def _remove_excess_checkpoints(self, why: str, need: int | None = None) -> bool:
+        removed = False
+        for old in self._excess_checkpoints():  # oldest first
+            if need is not None and shutil.disk_usage(self.dump_path).free >= need:
+                break
+            logger.warning("removing %s before writing the next checkpoint (--save_total_limit %d): %s", old,
+                           self.params.save_total_limit, why)
+            shutil.rmtree(old, ignore_errors=True)
+            removed = True
+        return removed
+
+    def _make_room(self) -> None:
+        """Free the checkpoints beyond --save_total_limit first when the disk may lack room for a new one."""
+        found = list_checkpoints(self.dump_path)
+        if not found or not self._excess_checkpoints():
+            return
+        need = folder_size(found[-1]) * 11 // 10 + (1 << 20)
+        if shutil.disk_usage(self.dump_path).free < need:
+            self._remove_excess_checkpoints("the disk is short of space", need)
 
     def check_replicas(self) -> None:
         """Under DDP, check that every rank holds the same student weights (bitwise), and say so."""
@@ -617,28 +707,40 @@ class CausalDistiller:
         self.check_replicas()
         if not self.is_master:
             return
-        # Each file lands complete (written aside, then renamed into place).
-        with atomic_dir(self.dump_path / ".final") as tmp:
+        # Each file lands complete: written in a hidden folder, then renamed into place.
+        tmp = Path(tempfile.mkdtemp(prefix=".final.", suffix=".tmp", dir=self.dump_path))
+        try:
             self.student.save_pretrained(tmp, safe_serialization=True)
-            for f in tmp.iterdir():
+            for f in sorted(tmp.iterdir()):
                 os.replace(f, self.dump_path / f.name)
+        except Exception as err:  # noqa: BLE001
+            raise self._write_error(self.dump_path / "model.safetensors", err) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         logger.info("student saved to %s", self.dump_path)
         if self.tb is not None:
             self.tb.flush()
 
     def load_checkpoint(self, folder: Path) -> None:
-        """Restore a checkpoint written by `save_checkpoint` (weights, optimiser, data order, RNG)."""
+        """Restore a checkpoint written by `save_checkpoint` (weights, optimiser, data order, RNG).
+
+        The folder is verified first (`checkpoint_problem`); a damaged one is a CliError naming the file.
+        """
         from safetensors.torch import load_file
 
+        folder = Path(folder)
+        problem = checkpoint_problem(folder)
+        if problem:
+            raise CliError(f"checkpoint {folder} is damaged: {problem}")
         state_path = folder / STATE_FILE
-        if not state_path.is_file():
-            raise CliError(f"checkpoint {folder} is incomplete: {STATE_FILE} is missing")
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 -- a damaged state file gets one clear message
-            raise CliError(f"checkpoint {folder}: cannot read {STATE_FILE} ({err})") from None
-        check_fingerprint(self.params.data_file, state.get("data_fingerprint"))
-        weights = load_file(str(folder / "model.safetensors"), device="cpu")
+            weights = load_file(str(folder / "model.safetensors"), device="cpu")
+        except Exception as err:  # noqa: BLE001 -- a damaged file gets one clear message
+            raise CliError(f"checkpoint {folder} is damaged: cannot read it ({type(err).__name__}: {err})") from None
+        recorded = state.get("data_fingerprint")
+        if recorded is not None:
+            check_fingerprint(self.params.data_file, recorded, getattr(self.params, "data_fingerprint", None))
         missing, unexpected = self.student.load_state_dict(weights, strict=False)
         tied = set(getattr(self.student, "_tied_weights_keys", None) or {})
         if unexpected or [k for k in missing if k not in tied]:
@@ -652,37 +754,13 @@ class CausalDistiller:
         self.epoch, self.n_step = state["epoch"], state["n_step"]
         self.batch_in_epoch, self.n_tokens = state["batch_in_epoch"], state["n_tokens"]
         self.n_skipped_nonfinite = state["n_skipped_nonfinite"]
+        self.last_checkpoint_step = self.n_step
         _set_rng_state(state["rng"][self.params.global_rank])
         logger.info("resumed from %s: epoch %d, step %d, batch %d of the epoch", folder, self.epoch, self.n_step,
                     self.batch_in_epoch)
-
-
-def file_fingerprint(path) -> dict:
-    """Size and checksums of the head and tail of a file: cheap, and catches truncation and rewrites."""
-    import hashlib
-
-    path = Path(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        digest.update(fh.read(1 << 20))
-        if size > 1 << 20:
-            fh.seek(max(size - (1 << 20), 1 << 20))
-            digest.update(fh.read())
-    return {"size": size, "sha256_head_tail": digest.hexdigest()}
-
-
-def check_fingerprint(path, recorded: dict | None) -> None:
-    """Raise CliError if `path` no longer matches the fingerprint recorded when the run started."""
-    if recorded is None:
-        return
-    try:
-        now = file_fingerprint(path)
-    except OSError as err:
-        raise CliError(f"--data_file {path} can no longer be read: {err}") from None
-    if now != recorded:
-        raise CliError(f"--data_file {path} changed while the run used it (recorded {recorded}, now {now}); "
-                       f"restore the original file or start a new run")
+        if self.n_step >= self.total_steps:
+            logger.info("this checkpoint already reached the %d steps asked for (raise --max_steps or --n_epoch to "
+                        "train further)", self.total_steps)
 
 
 class Preempted(Exception):
@@ -691,16 +769,6 @@ class Preempted(Exception):
     def __init__(self, signum):
         super().__init__(signum)
         self.signum = signum
-
-
-def list_checkpoints(dump_path: Path) -> list[Path]:
-    """Complete checkpoints in `dump_path`, oldest first (a folder without its state file is skipped)."""
-    found = []
-    for child in Path(dump_path).glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = child.name[len(CHECKPOINT_PREFIX):]
-        if suffix.isdigit() and (child / STATE_FILE).is_file() and (child / "model.safetensors").is_file():
-            found.append((int(suffix), child))
-    return [c for _, c in sorted(found)]
 
 
 def _usable_outside_inference(o: Outputs) -> Outputs:

@@ -6,7 +6,7 @@ Parse, build, check, train, save. Single process (one GPU or the CPU) or
 from __future__ import annotations
 
 import argparse
-import pickle
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from binarized_io import load_corpus
-from causal_distiller import CausalDistiller, NonFiniteLoss, Preempted, file_fingerprint, list_checkpoints
+from binarized_io import load_corpus, load_token_counts, require_corpus, vocab_fingerprint
+from causal_distiller import CausalDistiller, NonFiniteLoss, Preempted
+from checkpoints import checkpoint_problem, file_fingerprint, find_resume_checkpoint, list_checkpoints
+from input_checks import check_local_path, check_tokenizer
 from interventions import CAUSAL_FAMILIES, FAMILIES, family_of, get_submodule, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import load_neuron_mapping
-from utils import (CliError, git_log, init_gpu_params, logger, require_file, run_cli, save_args, set_seed,
-                   tune_cpu_allocator)
+from utils import (CliError, check_output_parent, clean_stale_temporaries, cpu_bf16_warning, git_log, init_gpu_params,
+                   logger, require_file, run_cli, save_args, set_seed, tune_cpu_allocator)
 
 STUDENT_TYPES = ("distilbert", "roberta", *CAUSAL_FAMILIES)
 TEACHER_TYPES = ("bert", "roberta", *CAUSAL_FAMILIES)
@@ -29,11 +31,17 @@ TEACHER_TYPES = ("bert", "roberta", *CAUSAL_FAMILIES)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--force", action="store_true", help="Overwrite --dump_path if it already exists.")
+    a("--force", action="store_true",
+      help="Replace an existing --dump_path. Every input is checked first; the old contents are moved aside and "
+           "deleted only once this run has written its first checkpoint (restored if it fails before).")
     a("--dump_path", required=True, help="Output folder: the student (HF model folder), checkpoints, logs.")
-    a("--data_file", required=True, help="Binarized corpus (scripts/binarized_data.py output, either format).")
+    a("--data_file", required=True,
+      help="Binarized corpus (scripts/binarized_data.py output, either format: {dump_file}.{split}.{tokenizer}.bin, "
+           "or .pickle with its --format pickle).")
     a("--student_type", choices=STUDENT_TYPES, required=True, help="Student architecture.")
-    a("--student_config", required=True, help="Student config JSON (see training_configs/).")
+    a("--student_config", required=True,
+      help="Student config: a JSON file (see training_configs/, or the <name>.config.json that the extract scripts "
+           "write beside a .pth) or a model folder holding config.json (an extract script's folder output).")
     a("--student_pretrained_weights", default=None,
       help="Initial student weights: a .pth state dict (scripts/extract_distilbert.py) or an HF model folder.")
     a("--teacher_type", choices=TEACHER_TYPES, required=True, help="Teacher architecture.")
@@ -56,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--word_rand", type=float, default=0.1, help="Of the chosen tokens: proportion replaced by a random token.")
     a("--mlm_smoothing", type=float, default=0.7,
       help="Smoothing exponent: tokens are chosen with weight count^-smoothing (favours rare tokens).")
-    a("--token_counts", default=None, help="Token counts pickle (scripts/token_counts.py), required with --mlm.")
+    a("--token_counts", default=None,
+      help="Token counts (scripts/token_counts.py: a pickled list of ints or a .npy), required with --mlm.")
     a("--interchange_prop", type=float, default=0.3,
       help="Interchanged positions per example: int(min(len_base, len_source) * prop).")
     a("--interchange_max_token", type=int, default=-1, help="Cap on interchanged positions per example (-1: none).")
@@ -96,11 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log_interval", type=int, default=500, help="Optimiser steps between logs (the only host syncs).")
     a("--checkpoint_interval", type=int, default=4000, help="Optimiser steps between checkpoints (0: epoch ends only).")
     a("--save_total_limit", type=int, default=0, help="Keep only the newest N checkpoints (0: keep all).")
-    a("--resume", action="store_true", help="Continue from the newest complete checkpoint in --dump_path.")
-    a("--resume_from", default=None, help="Continue from this checkpoint folder.")
+    a("--resume", action="store_true",
+      help="Continue from the newest sound checkpoint in --dump_path (checked against its manifest; a damaged one is "
+           "named and skipped). A finished run continues too, with a larger --max_steps or --n_epoch.")
+    a("--resume_from", default=None, help="Continue from this checkpoint folder (a damaged one is an error).")
     a("--skip_nonfinite_steps", type=int, default=0,
       help="Skip up to N steps whose loss is NaN/inf instead of stopping.")
-    a("--num_workers", type=int, default=1, help="DataLoader worker processes for collation.")
+    a("--num_workers", type=int, default=1,
+      help="DataLoader worker processes for collation (they ignore SIGINT/SIGTERM: the trainer owns the shutdown).")
+    a("--allow_tokenizer_mismatch", action="store_true",
+      help="Train although the --data_file header records another tokenizer (vocabulary fingerprint or size) "
+           "than the teacher's (or --tokenizer_name's). Only for a corpus known to use the same ids.")
     a("--max_model_input_size", type=int, default=None,
       help="Longest sequence fed to the models (default: the smaller of teacher and student positions).")
     a("--no_progress", action="store_true", help="No progress bar.")
@@ -147,6 +162,28 @@ def sanity_checks(args) -> None:
         raise CliError("choose one of --fp16 and --bf16")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1:
         raise CliError("--batch_size and --gradient_accumulation_steps must be >= 1")
+    for flag, ok, what in (
+        ("n_epoch", args.n_epoch >= 1, ">= 1"),
+        ("max_steps", args.max_steps == -1 or args.max_steps >= 1, "-1 (all epochs) or >= 1"),
+        ("warmup_prop", 0.0 <= args.warmup_prop <= 1.0, "in [0, 1]"),
+        ("learning_rate", args.learning_rate > 0, "> 0"),
+        ("log_interval", args.log_interval >= 1, ">= 1"),
+        ("checkpoint_interval", args.checkpoint_interval >= 0, ">= 0"),
+        ("save_total_limit", args.save_total_limit >= 0, ">= 0"),
+        ("skip_nonfinite_steps", args.skip_nonfinite_steps >= 0, ">= 0"),
+        ("num_workers", args.num_workers >= 0, ">= 0"),
+        ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
+        ("n_gpu", args.n_gpu >= 0, ">= 0"),
+        ("adam_epsilon", args.adam_epsilon > 0, "> 0"),
+        ("weight_decay", args.weight_decay >= 0, ">= 0"),
+        ("max_grad_norm", args.max_grad_norm >= 0, ">= 0"),
+        ("initializer_range", args.initializer_range > 0, "> 0"),
+        ("interchange_max_token", args.interchange_max_token == -1 or args.interchange_max_token >= 1,
+         "-1 (no cap) or >= 1"),
+        ("max_model_input_size", args.max_model_input_size is None or args.max_model_input_size >= 3, ">= 3"),
+    ):
+        if not ok:
+            raise CliError(f"--{flag} must be {what}, not {getattr(args, flag)}")
     if args.interchange_masked_token_only and not args.mlm:
         raise CliError("--interchange_masked_token_only needs --mlm")
     if args.compile:
@@ -159,18 +196,65 @@ def sanity_checks(args) -> None:
             raise CliError("--compile on the CPU needs a C++ compiler on PATH (c++, g++ or clang++), or drop --compile")
 
 
-def prepare_dump_path(args) -> None:
+def check_dump_path(args) -> None:
+    """Refuse an unusable --dump_path before any work (nothing is written here)."""
+    path = check_output_parent(args.dump_path, "--dump_path", is_file=False)
+    if args.resume_from:
+        folder = require_file(args.resume_from, "--resume_from")
+        if not folder.is_dir():
+            raise CliError(f"--resume_from {folder} is not a checkpoint folder")
+    elif args.resume:
+        if not path.is_dir():
+            raise CliError(f"--resume: {path} does not exist (nothing to resume)")
+    elif path.exists() and any(path.iterdir()) and not args.force:
+        raise CliError(f"--dump_path {path} already exists; add --force to overwrite or --resume to continue")
+
+
+def prepare_dump_path(args) -> Path | None:
+    """Create --dump_path (after every check passed). With --force, move its old contents aside.
+
+    Returns the folder holding the previous run's contents (to delete once this run has a
+    checkpoint, or to restore if it fails before), or None. Also removes the temporaries that an
+    interrupted write left in --dump_path.
+    """
     path = Path(args.dump_path)
-    if args.resume or args.resume_from:
-        path.mkdir(parents=True, exist_ok=True)
+    aside = None
+    if not (args.resume or args.resume_from) and path.exists() and any(path.iterdir()):
+        aside = path.with_name(f".{path.name}.replaced")
+        if aside.exists():  # left by a --force run killed before its first checkpoint
+            if list_checkpoints(path):
+                shutil.rmtree(aside)
+            else:  # the newer contents hold no checkpoint: the older run stays aside
+                shutil.rmtree(path)
+        if path.exists():
+            os.replace(path, aside)
+        logger.warning("--force: the previous contents of %s are kept in %s until this run writes its first "
+                       "checkpoint", path, aside)
+    path.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(path)
+    legacy = path / ".final"  # an empty folder older versions left behind
+    if legacy.is_dir() and not any(legacy.iterdir()):
+        legacy.rmdir()
+    return aside
+
+
+def _drop_replaced(aside: Path | None) -> None:
+    if aside is not None and aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        logger.info("--force: removed the previous contents (%s)", aside)
+
+
+def _undo_failed_start(args, aside: Path | None, created: bool) -> None:
+    """A run that fails before its first checkpoint leaves --dump_path as it found it."""
+    path = Path(args.dump_path)
+    if list_checkpoints(path):
         return
-    if path.exists() and any(path.iterdir()):
-        if not args.force:
-            raise CliError(f"--dump_path {path} already exists; add --force to overwrite or --resume to continue")
-        if args.is_master:
-            shutil.rmtree(path)
-    if args.is_master:
-        path.mkdir(parents=True, exist_ok=True)
+    if aside is not None and aside.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(aside, path)
+        logger.warning("the run failed before its first checkpoint: the previous contents of %s are restored", path)
+    elif created:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_teacher(args):
@@ -178,20 +262,36 @@ def load_teacher(args):
     # In the training precision, not the checkpoint's (transformers 5 loads a bf16 hub checkpoint as bf16).
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     try:
-        teacher = family.model_class.from_pretrained(args.teacher_name, cache_dir=args.cache_dir, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise CliError(f"--teacher_name {args.teacher_name}: cannot load a {args.teacher_type} teacher ({err})") from None
+        teacher, info = family.model_class.from_pretrained(args.teacher_name, cache_dir=args.cache_dir,
+                                                           output_loading_info=True, dtype=dtype)
+    except Exception as err:  # noqa: BLE001 -- OSError, ValueError, a truncated safetensors file: one message
+        raise CliError(f"--teacher_name {args.teacher_name}: cannot load a {args.teacher_type} teacher "
+                       f"({type(err).__name__}: {err})") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise CliError(f"--teacher_name {args.teacher_name} lacks weights of {family.model_class.__name__} "
+                       f"({_short(missing)}): a model without its LM head would be distilled from a random head; "
+                       f"give a teacher saved with its MLM/LM head")
     return teacher
 
 
 def load_special_tokens(args) -> dict[str, int]:
-    from transformers import AutoTokenizer
+    """The special token ids of the tokenizer (--tokenizer_name, else --teacher_name), checked against the teacher."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    check_local_path(args.teacher_name, "--teacher_name")
+    check_local_path(args.tokenizer_name, "--tokenizer_name")
     name = args.tokenizer_name or args.teacher_name
     try:
         tok = AutoTokenizer.from_pretrained(name, cache_dir=args.cache_dir)
+        teacher_config = AutoConfig.from_pretrained(args.teacher_name, cache_dir=args.cache_dir)
     except (OSError, ValueError) as err:
-        raise CliError(f"cannot load the tokenizer {name} (set --tokenizer_name): {err}") from None
+        raise CliError(f"cannot load the tokenizer {name} or the config of --teacher_name {args.teacher_name} "
+                       f"(set --tokenizer_name): {err}") from None
+    check_tokenizer(tok, teacher_config, tokenizer_flag="--tokenizer_name",
+                    tokenizer_name=args.tokenizer_name or f"(not given, so read from --teacher_name {name})",
+                    model_name=f"teacher {args.teacher_name}")
+    args.tokenizer_vocab_hash, args.tokenizer_size = vocab_fingerprint(tok), len(tok)
     ids = {}
     for key in ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token", "bos_token", "eos_token"):
         tid = getattr(tok, f"{key}_id", None)
@@ -220,9 +320,13 @@ def build_student(args):
         raise CliError(f"--student_config {args.student_config} is a {config.model_type!r} config, "
                        f"not {args.student_type!r}")
     config.initializer_range = args.initializer_range
+    try:
+        model = family.model_class(config)
+    except (ValueError, AttributeError, TypeError) as err:  # e.g. heads that do not divide the width
+        raise CliError(f"--student_config {args.student_config}: cannot build a {args.student_type} from it ({err})") from None
     if args.student_pretrained_weights is None:
         logger.info("student initialised at random from %s", args.student_config)
-        return family.model_class(config)
+        return model
     weights = Path(require_file(args.student_pretrained_weights, "--student_pretrained_weights"))
     if weights.is_dir():
         from safetensors.torch import load_file
@@ -232,13 +336,17 @@ def build_student(args):
             raise CliError(f"--student_pretrained_weights {weights}: no model weights in this folder")
         state = {}
         for f in files:
-            state.update(load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu"))
+            try:
+                state.update(load_file(str(f)) if f.suffix == ".safetensors"
+                             else torch.load(f, map_location="cpu", weights_only=True))
+            except Exception as err:  # noqa: BLE001 -- a truncated or corrupt file: one message
+                raise CliError(f"--student_pretrained_weights {f}: cannot read the weights "
+                               f"({type(err).__name__}: {err})") from None
     else:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 -- any unreadable file gets one clear message
             raise CliError(f"--student_pretrained_weights {weights}: not a torch state dict ({err})") from None
-    model = family.model_class(config)
     expected = model.state_dict()
     # The MLM head's transform is copied only with --vocab_transform at extraction.
     optional = {k for k in expected if k.startswith(("vocab_transform", "vocab_layer_norm", "lm_head.dense",
@@ -271,12 +379,8 @@ def _short(items, n=6):
 
 def load_token_probs(args, vocab_size: int, special_ids: dict[str, int]) -> torch.Tensor:
     path = require_file(args.token_counts, "--token_counts")
-    try:
-        with open(path, "rb") as fh:
-            counts = np.asarray(pickle.load(fh), dtype=np.float64)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
-        raise CliError(f"--token_counts {path}: not a token counts pickle ({err})") from None
-    if counts.ndim != 1 or len(counts) != vocab_size:
+    counts = load_token_counts(path).astype(np.float64)
+    if len(counts) != vocab_size:
         raise CliError(f"--token_counts {path} has {counts.size} entries but the vocabulary has {vocab_size}")
     probs = np.maximum(counts, 1) ** -args.mlm_smoothing
     for tid in special_ids.values():
@@ -300,6 +404,31 @@ def max_positions(model) -> int:
     return n - 2 if c.model_type == "roberta" else n
 
 
+def check_corpus(args, corpus, vocab: int) -> None:
+    """The corpus must be intact and made with the teacher's tokenizer (ids within the models' vocabulary)."""
+    if corpus.format == "mmap" and corpus.verify_checksum(args.data_fingerprint.get("blake2b_from_4096")):
+        logger.info("--data_file %s matches the checksum recorded when it was written", args.data_file)
+    if corpus.vocab_size is not None and corpus.vocab_size > vocab:
+        raise CliError(f"--data_file {args.data_file} was binarized with a vocabulary of {corpus.vocab_size} "
+                       f"entries but the models have {vocab}: binarized with another tokenizer?")
+    tok_name = args.tokenizer_name or args.teacher_name
+    differs = []
+    if corpus.vocab_hash and corpus.vocab_hash != args.tokenizer_vocab_hash:
+        differs.append(f"vocabulary fingerprint {corpus.vocab_hash} vs {args.tokenizer_vocab_hash}")
+    if corpus.vocab_size is not None and corpus.vocab_size != args.tokenizer_size:
+        differs.append(f"vocabulary size {corpus.vocab_size} vs {args.tokenizer_size}")
+    if differs:
+        message = (f"--data_file {args.data_file} was binarized with another tokenizer than {tok_name} "
+                   f"({'; '.join(differs)})")
+        if not args.allow_tokenizer_mismatch:
+            raise CliError(message + ": binarize it with this tokenizer, or add --allow_tokenizer_mismatch if "
+                                     "its ids are known to be the same")
+        logger.warning("%s; going on (--allow_tokenizer_mismatch)", message)
+    if len(corpus) and corpus.max_id() >= vocab:
+        raise CliError(f"--data_file {args.data_file} holds token id {corpus.max_id()} but the models' "
+                       f"vocabulary has {vocab} entries: binarized with another tokenizer?")
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     sanity_checks(args)
@@ -307,17 +436,32 @@ def main(argv=None) -> None:
     init_gpu_params(args)
     if args.fp16 and args.device.type != "cuda":
         raise CliError("--fp16 needs a CUDA device; use --bf16 on the CPU")
+    if args.bf16 and args.device.type == "cpu" and (warning := cpu_bf16_warning()):
+        logger.warning("--bf16: %s", warning)
     set_seed(args.seed)
-    prepare_dump_path(args)
-    require_file(args.data_file, "--data_file")
+    # Every input is checked before anything is written (or, with --force, moved aside).
+    check_dump_path(args)
+    resume = None
+    if args.resume_from:
+        resume = Path(args.resume_from)
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise CliError(f"--resume_from {resume} is damaged or incomplete: {problem}")
+    elif args.resume:
+        resume = find_resume_checkpoint(args.dump_path)
+    require_corpus(args.data_file, "--data_file")
     args.data_fingerprint = file_fingerprint(args.data_file)
 
     args.special_tok_ids = load_special_tokens(args)
     teacher = load_teacher(args)
     student = build_student(args)
     model_checks(args, student, teacher)
+    longest = min(max_positions(teacher), max_positions(student))
     if args.max_model_input_size is None:
-        args.max_model_input_size = min(max_positions(teacher), max_positions(student))
+        args.max_model_input_size = longest
+    elif args.max_model_input_size > longest:
+        raise CliError(f"--max_model_input_size {args.max_model_input_size} is beyond the models' positions "
+                       f"(teacher {max_positions(teacher)}, student {max_positions(student)})")
 
     mappings = None
     if args.neuron_mapping:
@@ -330,12 +474,7 @@ def main(argv=None) -> None:
 
     vocab = student.config.vocab_size
     corpus = load_corpus(args.data_file)
-    if corpus.vocab_size is not None and corpus.vocab_size > vocab:
-        raise CliError(f"--data_file {args.data_file} was binarized with a vocabulary of {corpus.vocab_size} "
-                       f"entries but the models have {vocab}: binarized with another tokenizer?")
-    if len(corpus) and corpus.max_id() >= vocab:
-        raise CliError(f"--data_file {args.data_file} holds token id {corpus.max_id()} but the models' "
-                       f"vocabulary has {vocab} entries: binarized with another tokenizer?")
+    check_corpus(args, corpus, vocab)
     ids = args.special_tok_ids
     dataset = LmSeqsDataset(
         data=corpus,
@@ -357,20 +496,18 @@ def main(argv=None) -> None:
     for param in teacher.parameters():
         param.requires_grad = False
 
+    distiller = CausalDistiller(args, dataset, token_probs, student, teacher, mappings)
+    if resume is not None:
+        distiller.load_checkpoint(resume)
+
+    # Checks passed: now write.
+    aside, created = None, not Path(args.dump_path).exists()
     if args.is_master:
+        aside = prepare_dump_path(args)
+        distiller.on_checkpoint = lambda _target: _drop_replaced(aside)
         save_args(args, args.dump_path)
         git_log(args.dump_path)
         student.config.save_pretrained(args.dump_path)
-
-    distiller = CausalDistiller(args, dataset, token_probs, student, teacher, mappings)
-    resume = Path(args.resume_from) if args.resume_from else None
-    if args.resume and resume is None:
-        found = list_checkpoints(args.dump_path)
-        if not found:
-            raise CliError(f"--resume: no complete checkpoint in {args.dump_path}")
-        resume = found[-1]
-    if resume is not None:
-        distiller.load_checkpoint(require_file(resume, "--resume_from"))
     try:
         distiller.train()
     except Preempted as stop:
@@ -380,6 +517,10 @@ def main(argv=None) -> None:
         logger.error("%s", err)
         distiller.save_checkpoint()
         sys.exit(3)
+    except BaseException:
+        if args.is_master and resume is None:
+            _undo_failed_start(args, aside, created)
+        raise
     finally:
         if args.multi_gpu:
             import torch.distributed as dist

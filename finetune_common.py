@@ -18,7 +18,8 @@ from typing import Iterable, Sequence
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from utils import CliError, atomic_write_text, require_file
+from input_checks import check_local_path, check_tokenizer
+from utils import CliError, atomic_write_text, cpu_bf16_warning, require_file
 
 logger = logging.getLogger("causal_distill.finetune")
 
@@ -70,9 +71,10 @@ class FinetuneTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Train afresh even if --output_dir holds checkpoint-* folders (they are deleted). "
-            "Without it, --do_train resumes from the last checkpoint found there, as HF's examples do. "
-            "An existing output folder is never an error."
+            "help": "Train afresh even if --output_dir holds checkpoint-* folders or a finished run (the old "
+            "checkpoints and *_results.json are deleted). Without it, --do_train resumes from the newest complete "
+            "checkpoint found there (logged as a warning), and refuses a folder whose run finished "
+            "(train_results.json)."
         },
     )
 
@@ -86,10 +88,20 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None, desc
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(json_file=os.path.abspath(require_file(argv[0], "arguments file")))
-        return parser.parse_args_into_dataclasses(args=argv)
+            parsed = parser.parse_json_file(json_file=os.path.abspath(require_file(argv[0], "arguments file")))
+        else:
+            parsed = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:
         raise CliError(f"bad arguments: {err}") from None
+    for args in parsed:
+        if isinstance(args, ModelArguments):  # before any data is read: a typo is reported at once
+            check_local_path(args.model_name_or_path, "--model_name_or_path")
+            check_local_path(args.config_name, "--config_name")
+            check_local_path(args.tokenizer_name, "--tokenizer_name")
+        if isinstance(args, TrainingArguments) and args.dataloader_pin_memory and args.device.type == "cpu":
+            # Pinned memory only helps copies to an accelerator; on the CPU torch warns at every evaluation.
+            args.dataloader_pin_memory = False
+    return parsed
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -109,6 +121,8 @@ def setup_logging(training_args: TrainingArguments) -> None:
         training_args.fp16,
         training_args.seed,
     )
+    if training_args.bf16 and training_args.device.type == "cpu" and (warning := cpu_bf16_warning()):
+        logger.warning("--bf16: %s", warning)
 
 
 def require_action(training_args: TrainingArguments, allowed: Iterable[str] = ("do_train", "do_eval", "do_predict")) -> None:
@@ -118,30 +132,95 @@ def require_action(training_args: TrainingArguments, allowed: Iterable[str] = ("
         raise CliError("nothing to do: pass " + " and/or ".join(f"--{name}" for name in allowed))
 
 
+# What a finished run leaves in --output_dir (written by `train_and_save` after the last step).
+FINISHED_MARKERS = ("train_results.json",)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a `checkpoint-<step>` folder, None for any other name."""
+    name = Path(path).name
+    prefix = "checkpoint-"
+    if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+        return None
+    return int(name[len(prefix):])
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from, or None when it is a complete Trainer checkpoint.
+
+    The Trainer writes `trainer_state.json` last, after the weights, optimizer, scheduler and RNG
+    states, and not atomically: a checkpoint is complete when that file parses and the weights exist.
+    """
+    path = Path(path)
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json (the save was interrupted)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "trainer_state.json is truncated or unreadable (the save was interrupted)"
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any((path / w).is_file() for w in weights):
+        return "no model weights"
+    return None
+
+
+def newest_complete_checkpoint(output_dir: Path) -> str | None:
+    """The complete `checkpoint-*` folder of `output_dir` with the highest step; logs each newer incomplete one skipped."""
+    found = sorted(
+        (step, p) for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and (step := checkpoint_step(p)) is not None
+    )
+    for _, path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        logger.warning("skipping the incomplete checkpoint %s: %s", path, problem)
+    return None
+
+
+def _log_resume(path: str, why: str, training_args: TrainingArguments) -> None:
+    """A warning banner naming the checkpoint and its step; another warning if no step would be left to train."""
+    state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+    step = state.get("global_step")
+    logger.warning("=" * 80)
+    logger.warning("RESUMING training from %s (step %s): %s", path, step, why)
+    logger.warning("=" * 80)
+    target = training_args.max_steps if training_args.max_steps > 0 else state.get("max_steps")
+    if isinstance(step, int) and isinstance(target, int) and target > 0 and step >= target:
+        logger.warning(
+            "%s already reached step %d of %d: no training step is left (train_loss will read 0.0); pass a larger "
+            "--max_steps (or --num_train_epochs) to continue it", path, step, target,
+        )
+
+
 def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
     """The checkpoint folder to resume training from, or None to train from the start.
 
-    `--resume_from_checkpoint PATH` resumes from PATH; `True`, `latest` or `last` mean the last
-    `checkpoint-*` folder in --output_dir. Without the flag, --do_train resumes from the last
-    checkpoint in --output_dir if there is one, unless --overwrite_output_dir (which deletes the old
-    checkpoint folders so they do not mix with the new run's).
+    `--resume_from_checkpoint PATH` resumes from PATH (an error if it is incomplete); `True`,
+    `latest` or `last` mean the newest complete `checkpoint-*` folder in --output_dir. Without the
+    flag, --do_train resumes from the newest complete checkpoint in --output_dir if there is one,
+    unless --overwrite_output_dir (which deletes the old checkpoint folders and results so they do
+    not mix with the new run's). Incomplete checkpoints (an interrupted save) are skipped, by name.
+    A folder holding a finished run (train_results.json) is refused unless the flag is explicit or
+    --overwrite_output_dir is given. Every resume is logged as a warning.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     output_dir = Path(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
     if resume is not None and str(resume).strip().lower() in ("false", "none", ""):
         resume = None
     if resume is not None:
         if str(resume).strip().lower() in ("true", "latest", "last"):
-            last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+            last = newest_complete_checkpoint(output_dir) if output_dir.is_dir() else None
             if last is None:
-                raise CliError(f"--resume_from_checkpoint {resume}: no checkpoint-* folder in {output_dir}")
-            logger.info("resuming from the last checkpoint in %s: %s", output_dir, last)
+                raise CliError(f"--resume_from_checkpoint {resume}: no complete checkpoint-* folder in {output_dir}")
+            _log_resume(last, f"the newest complete checkpoint in {output_dir} (--resume_from_checkpoint {resume})",
+                        training_args)
             return last
         path = require_file(resume, "--resume_from_checkpoint")
-        if not (path / "trainer_state.json").is_file():
-            raise CliError(f"--resume_from_checkpoint {path}: not a Trainer checkpoint (no trainer_state.json)")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise CliError(f"--resume_from_checkpoint {path}: not a complete Trainer checkpoint ({problem})")
+        _log_resume(str(path), "--resume_from_checkpoint", training_args)
         return str(path)
     if not training_args.do_train or not output_dir.is_dir():
         return None
@@ -150,12 +229,20 @@ def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
             if old.is_dir():
                 logger.info("--overwrite_output_dir: removing old checkpoint %s", old)
                 shutil.rmtree(old)
+        for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json"):
+            (output_dir / name).unlink(missing_ok=True)
         return None
-    last = get_last_checkpoint(str(output_dir))
-    if last is not None:
-        logger.info(
-            "checkpoint detected, resuming training at %s; pass --overwrite_output_dir to train afresh", last
+    finished = [m for m in FINISHED_MARKERS if (output_dir / m).is_file()]
+    if finished:
+        raise CliError(
+            f"--output_dir {output_dir} holds a finished training run ({finished[0]}): pass --overwrite_output_dir "
+            f"to train afresh, another --output_dir, or --resume_from_checkpoint latest to continue it "
+            f"(with a larger --max_steps or --num_train_epochs)"
         )
+    last = newest_complete_checkpoint(output_dir)
+    if last is not None:
+        _log_resume(last, "a checkpoint was found in --output_dir; pass --overwrite_output_dir to train afresh",
+                    training_args)
     return last
 
 
@@ -169,6 +256,7 @@ def load_tokenizer(model_args: ModelArguments, **kwargs):
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if not name:
         raise CliError("no tokenizer: pass --tokenizer_name (or a --model_name_or_path folder holding one)")
+    check_local_path(name, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
     try:
         return AutoTokenizer.from_pretrained(
             name, cache_dir=model_args.cache_dir, revision=model_args.model_revision, **kwargs
@@ -186,6 +274,7 @@ def load_config(model_args: ModelArguments, **overrides):
     name = model_args.config_name or model_args.model_name_or_path
     if not name:
         raise CliError("no model: pass --model_name_or_path")
+    check_local_path(name, "--config_name" if model_args.config_name else "--model_name_or_path")
     try:
         return AutoConfig.from_pretrained(
             name, cache_dir=model_args.cache_dir, revision=model_args.model_revision, **overrides
@@ -196,19 +285,20 @@ def load_config(model_args: ModelArguments, **overrides):
 
 
 def check_vocab(tokenizer, config, model_args: ModelArguments) -> None:
-    """CliError when the tokenizer can emit ids the model has no embedding for."""
-    vocab_size = getattr(config, "vocab_size", None)
-    if vocab_size is not None and len(tokenizer) > vocab_size:
-        tok_name = model_args.tokenizer_name or model_args.model_name_or_path
-        model_name = model_args.model_name_or_path or model_args.config_name or "the new model"
-        raise CliError(
-            f"tokenizer {tok_name} has {len(tokenizer)} entries but model {model_name} has vocab_size "
-            f"{vocab_size}: they do not belong together (pass the tokenizer the model was trained with)"
-        )
+    """CliError naming --tokenizer_name when the tokenizer is not the model's (see `input_checks.check_tokenizer`)."""
+    check_tokenizer(
+        tokenizer,
+        config,
+        tokenizer_flag="--tokenizer_name",
+        tokenizer_name=model_args.tokenizer_name
+        or f"(not given, so read from --model_name_or_path {model_args.model_name_or_path})",
+        model_name=f"model {model_args.model_name_or_path or model_args.config_name or '(new, from scratch)'}",
+    )
 
 
 def load_model(auto_class, model_args: ModelArguments, config):
     """`auto_class.from_pretrained(--model_name_or_path, config=config)`; CliError if it fails to load."""
+    check_local_path(model_args.model_name_or_path, "--model_name_or_path")
     try:
         return auto_class.from_pretrained(
             model_args.model_name_or_path,
@@ -216,8 +306,9 @@ def load_model(auto_class, model_args: ModelArguments, config):
             cache_dir=model_args.cache_dir,
             revision=model_args.model_revision,
         )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CliError(f"could not load model weights from --model_name_or_path {model_args.model_name_or_path}: {err}") from None
+    except Exception as err:  # noqa: BLE001 -- OSError, ValueError, a truncated safetensors file: one message
+        raise CliError(f"could not load model weights from --model_name_or_path {model_args.model_name_or_path} "
+                       f"(missing, truncated or not a model of this kind?): {type(err).__name__}: {err}") from None
 
 
 def resolve_max_length(requested: int | None, tokenizer, config, default: int = 512) -> int:

@@ -7,7 +7,9 @@ on disk (in the page cache shared by every DDP rank).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from typing import Sequence
 
 import numpy as np
@@ -204,3 +206,38 @@ class LmSeqsDataset(Dataset):
     def batch_sequences(self, batch: Sequence[tuple[np.ndarray, ...]]) -> dict[str, torch.Tensor]:
         """Collate items into padded int64 tensors (see `collate_sequences`)."""
         return collate_sequences(batch, self.pad_id)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: the worker ignores SIGINT and SIGTERM (the main process owns the shutdown).
+
+    A scheduler's SIGTERM goes to the whole process group; a worker that died of it would make the
+    main process fail ("DataLoader worker ... is killed by signal") instead of finishing its step
+    and writing the stop checkpoint. Ignoring a signal also drops one pending while it was blocked
+    (see `stop_signals_blocked`). The worker still ends when the main process closes the loader.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Block SIGINT/SIGTERM in this thread while DataLoader workers are forked (they inherit the mask).
+
+    A signal arriving meanwhile is delivered to this process when the block ends, and stays
+    pending, then dropped, in a worker until `ignore_stop_signals` has run: no window where a
+    fresh worker can die of it.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no fork)
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(ARGUMENTS, argv, __doc__.splitlines()[0])
     setup_logging(training_args)
     require_action(training_args, ("do_train", "do_eval"))
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(training_args, flag) < 1:
+            raise CliError(f"--{flag} must be >= 1, not {getattr(training_args, flag)}")
     checkpoint = resolve_checkpoint(training_args)
     set_seed(training_args.seed)
 

@@ -108,7 +108,10 @@ def load_squad_file(path: str, split: str):
     from datasets import Dataset, Features, Sequence, Value
 
     p = require_file(path, f"the {split} file")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, IsADirectoryError) as err:  # a PNG, a folder: not json
+        raise CliError(f"{p} is not SQuAD json ({type(err).__name__})") from None
     try:
         loaded = json.loads(text)
         records = loaded.get("data", loaded) if isinstance(loaded, dict) else loaded

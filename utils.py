@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +24,10 @@ logging.basicConfig(
     level=logging.INFO,
 )
 logger = logging.getLogger("causal_distill")
+# huggingface_hub and datasets print through handlers of their own and also pass each record up to
+# the root handler configured above: every hub warning appeared twice. Their own handler stays.
+for _library in ("huggingface_hub", "datasets"):
+    logging.getLogger(_library).propagate = False
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -253,3 +259,112 @@ def _jsonable(value) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+# bf16 on the CPU is fast only with bf16 arithmetic instructions; elsewhere it is emulated.
+BF16_CPU_FLAGS = {"x86_64": ("avx512_bf16", "amx_bf16"), "aarch64": ("bf16",)}
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo, or None where they cannot be read (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags or None
+
+
+def cpu_bf16_warning() -> str | None:
+    """A warning when this CPU has no bf16 instructions (bf16 is then slower than fp32), else None.
+
+    None too where the flags cannot be read or the architecture is not one we know.
+    """
+    import platform
+
+    import torch
+
+    wanted = BF16_CPU_FLAGS.get(platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64"))
+    flags = cpu_flags()
+    if wanted is None or flags is None or any(f in flags for f in wanted):
+        return None
+    return (f"bf16 on a CPU without bf16 instructions (torch CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+            f"none of the flags {', '.join(wanted)}): bf16 is emulated here and runs slower than fp32, "
+            "so fp32 (no --bf16) will be faster. bf16 is still used as asked.")
+
+
+def file_blake2b(path: str | os.PathLike, skip: int = 0, chunk: int = 8 << 20) -> str:
+    """Hex blake2b digest (16 bytes) of a file's bytes from offset `skip` on, read in `chunk`-byte blocks."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        fh.seek(skip)
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True when `err`, or an exception it was raised from, is a full disk (ENOSPC / "No space left on device").
+
+    torch.save reports a failed write as a RuntimeError whose context is the OSError; safetensors as a
+    SafetensorError whose message carries the OS error.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "os error 28" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def check_output_parent(path: str | os.PathLike, what: str, is_file: bool = True) -> Path:
+    """Raise CliError when `path` cannot be written: a component of its parent is a file, or (with
+    `is_file`) `path` itself is a folder. Returns `path` as a Path.
+
+    Catches `--dump_path some_file/out` before any work is done, instead of a NotADirectoryError at the end.
+    """
+    path = Path(path)
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CliError(f"{what} {path}: {parent} is a file, not a folder")
+            break
+    if is_file and path.is_dir():
+        raise CliError(f"{what} {path} is a folder; give a file name")
+    if not is_file and path.exists() and not path.is_dir():
+        raise CliError(f"{what} {path} is a file, not a folder")
+    return path
+
+
+def clean_stale_temporaries(folder: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """Remove the hidden `.{prefix}.*.tmp` files and folders (and `.{prefix}.*.old`) in `folder` (every
+    hidden `.tmp` / `.old` entry when `prefix` is empty).
+
+    They are what `atomic_open` / `atomic_dir` leave when a process is killed while writing. Call
+    this only where no other process is writing the same outputs (at a run's start-up). Returns
+    what was removed.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for child in folder.glob(f".{prefix}.*" if prefix else ".*"):
+        if not (child.name.endswith(".tmp") or child.name.endswith(".old")):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                child.unlink()
+        removed.append(child)
+    if removed:
+        logger.info("removed %d stale temporaries left by an interrupted write in %s: %s", len(removed), folder,
+                    ", ".join(sorted(c.name for c in removed)))
+    return removed

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -274,6 +275,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--compile", action="store_true", help="As causal_train.py --compile (the KL kernel compiled).")
+    parser.add_argument("--force_bf16", action="store_true",
+                        help="Run the bf16 modes on a CPU without bf16 instructions too (skipped by default: "
+                             "bf16 is emulated there, far slower than fp32).")
+    parser.add_argument("--timeout", type=float, default=1800,
+                        help="Seconds one (mode, precision) may run before it is stopped and reported as failed.")
     parser.add_argument("--json_out", default=None, help="Also write the figures to this JSON file.")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -286,8 +292,18 @@ def main() -> None:
     import torch
     import transformers
 
-    rows = []
-    for dtype in args.dtypes.split(","):
+    dtypes = args.dtypes.split(",")
+    if args.device == "cpu" and "bf16" in dtypes and not args.force_bf16:
+        from utils import cpu_bf16_warning
+
+        warning = cpu_bf16_warning()
+        if warning:
+            print(f"skipping the bf16 modes: {warning} (--force_bf16 runs them anyway)", file=sys.stderr, flush=True)
+            dtypes.remove("bf16")
+            if not dtypes:
+                sys.exit("nothing to run: --dtypes named only bf16")
+    rows, failures = [], []
+    for dtype in dtypes:
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--mode", mode,
                    "--dtype", dtype, "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -298,14 +314,30 @@ def main() -> None:
             if args.compile:
                 cmd += ["--compile"]
             print(f"running {mode} {dtype} ...", file=sys.stderr, flush=True)
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if out.returncode != 0:
-                print(out.stderr[-3000:], file=sys.stderr)
-                sys.exit(f"{mode} {dtype} failed")
+            failure = None
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            except subprocess.TimeoutExpired as err:
+                stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
+                failure = (f"timed out after {args.timeout:g} s (--timeout)", stderr)
+            else:
+                if out.returncode != 0:
+                    failure = (describe_exit(out.returncode), out.stderr)
+            if failure:
+                reason, stderr = failure
+                print(f"{mode} {dtype} failed: {reason}", file=sys.stderr)
+                print(stderr[-3000:] if stderr.strip() else "(the mode wrote nothing to stderr)", file=sys.stderr,
+                      flush=True)
+                failures.append(f"{mode} {dtype}: {reason}")
+                continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    sticks = {d: statistics.median(r["yardstick"] for r in rows if r["dtype"] == d) for d in args.dtypes.split(",")}
+    if not rows:
+        sys.exit("no mode ran to the end" + "".join(f"\n  {f}" for f in failures))
+    dtypes = [d for d in dtypes if any(r["dtype"] == d for r in rows)]
+    sticks = {d: statistics.median(r["yardstick"] for r in rows if r["dtype"] == d) for d in dtypes}
     by = {(r["mode"], r["dtype"]): r for r in rows}
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = f"{cpu_description()}, {os.cpu_count()} cores"
     if args.device == "cuda":
         machine = torch.cuda.get_device_name()
     print(f"\n## bench_train_step --preset {args.preset} ({args.device}; {machine}; torch {torch.__version__}, "
@@ -320,7 +352,7 @@ def main() -> None:
               f"{r['peak_gib']:.2f} | {r['gflop_per_token']:.3f} | {util:.0%} | {r['mean_loss']:.3f} |")
     print("\n| ratio | measured (tok/s) | measured, each mode's tok/s over its yardstick | FLOP-count prediction |")
     print("|---|---|---|---|")
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes:
         pairs = [("diito_shared", "diito_plain", "shared prefix speed-up over plain"),
                  ("kd", "diito_shared", "standard KD over DIITO shared prefix"),
                  ("kd", "diito_plain", "standard KD over DIITO plain")]
@@ -333,8 +365,45 @@ def main() -> None:
         if ("diito_shared", "fp32") in by and ("diito_shared", "bf16") in by and dtype == "bf16":
             a, b = by[("diito_shared", "bf16")], by[("diito_shared", "fp32")]
             print(f"| bf16 over fp32 (diito_shared) | {a['tok_s'] / b['tok_s']:.2f}x | - | - |")
+    if failures:
+        print("\nfailed modes (not in the tables):\n" + "\n".join(f"- {f}" for f in failures))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"rows": rows, "yardstick": sticks}, indent=2))
+        Path(args.json_out).write_text(json.dumps({"rows": rows, "yardstick": sticks, "failures": failures}, indent=2))
+    if failures:
+        sys.exit(1)
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the bf16-relevant flags it has (the bf16 figures depend on them)."""
+    from utils import BF16_CPU_FLAGS, cpu_flags
+
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags() or set()
+    known = [f for fs in BF16_CPU_FLAGS.values() for f in fs] + ["avx512f"]
+    present = [f for f in known if f in flags]
+    return (f"{name}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+            f"flags {' '.join(present) if present else 'none of ' + ' '.join(known)}")
+
+
+def describe_exit(returncode: int) -> str:
+    """A child's exit status in words (a negative status is the signal that killed it)."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    hint = " (the kernel's out-of-memory killer sends this)" if -returncode == signal.SIGKILL else ""
+    return f"killed by {name}{hint}"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ Each non-empty example becomes `[CLS] text [SEP]` (bert), `<s> text </s>` (rober
 BOS, like Qwen's, opens with its EOS as GPT-2 does), tokenized in batches by the tokenizer's fast (Rust)
 implementation. The sequences are shuffled with --seed and written to
 `{dump_file}.{split}.{tokenizer}.bin` (memory-mappable, the default) or `.pickle` (the original
-Causal-Distill format).
+Causal-Distill format, with --format pickle), where {tokenizer} is the last path component of
+--tokenizer_name: `--dump_file data/binarized_text --tokenizer_name bert-base-uncased` writes
+data/binarized_text.train.bert-base-uncased.bin. Pass that name to token_counts.py --data_file
+and causal_train.py --data_file.
 
 Input is either local (--file_path: a `save_to_disk` folder, a text file with one example per
 line, .json/.jsonl, .csv, .parquet, or a folder of such files) or from the Hugging Face hub
@@ -31,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from binarized_io import FORMATS, CorpusWriter, dtype_for_vocab, output_path, vocab_fingerprint  # noqa: E402
-from utils import CliError, logger, require_file, run_cli  # noqa: E402
+from input_checks import check_local_path, check_tokenizer  # noqa: E402
+from utils import CliError, check_output_parent, logger, require_file, run_cli  # noqa: E402
 
 # Which special tokens open and close an example, per tokenizer family.
 SPECIAL_TOKENS = {
@@ -62,12 +66,21 @@ LOADERS = {
 
 def load_tokenizer(name: str, tokenizer_type: str, cache_dir: str | None = None):
     """Load a fast tokenizer (hub name or local folder) and return `(tokenizer, bos_id, eos_id)`."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    check_local_path(name, "--tokenizer_name")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=cache_dir, use_fast=True)
     except Exception as err:  # noqa: BLE001 -- transformers raises many types; all mean "cannot load"
         raise CliError(f"--tokenizer_name {name}: cannot load the tokenizer ({type(err).__name__}: {err})") from None
+    config = None
+    if (Path(name).expanduser() / "config.json").is_file():  # a model folder: check the tokenizer against it
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except Exception:  # noqa: BLE001 -- a config.json that is not a model's: nothing to compare with
+            config = None
+    check_tokenizer(tokenizer, config, tokenizer_flag="--tokenizer_name", tokenizer_name=name,
+                    model_name=f"the model in {name}")
     if not getattr(tokenizer, "is_fast", False):
         raise CliError(f"--tokenizer_name {name}: no fast (Rust) implementation of this tokenizer is available")
     ids = special_ids(tokenizer, tokenizer_type)
@@ -239,6 +252,14 @@ def iter_encoded(batches: Iterable[list], tokenizer, bos_id, eos_id, dtype, num_
                 pending = []
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def count_rows(sources, max_examples: int) -> int:
     total = sum(len(ds) for _, ds in sources)
     return total if max_examples < 0 else min(total, max_examples)
@@ -282,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dump_file",
         default="data/binarized_text",
-        help="Output prefix; writes {dump_file}.{split}.{tokenizer}.{bin|pickle}, creating folders "
-        "(default: data/binarized_text).",
+        help="Output prefix; writes {dump_file}.{split}.{tokenizer}.{bin|pickle} ({tokenizer}: the last path "
+        "component of --tokenizer_name; .bin unless --format pickle), creating folders (default: data/binarized_text).",
     )
     parser.add_argument(
         "--fast_process", action="store_true", help="Tokenize in --preprocessing_num_workers processes (same ids)."
@@ -291,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preprocessing_num_workers",
         type=int,
-        default=os.cpu_count() or 1,
-        help="Processes for --fast_process (default: the number of CPUs).",
+        default=None,
+        help="Processes for --fast_process (default, and at most: the number of CPUs this process may use).",
     )
     parser.add_argument(
         "--seed", type=int, default=56, help="Seed of the shuffle of the output sequences (default: 56)."
@@ -310,8 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> Path:
     """Run the binarization; returns the path written."""
     args = build_parser().parse_args(argv)
+    if args.preprocessing_num_workers is None:
+        args.preprocessing_num_workers = available_cpus()
     if args.batch_size < 1 or args.preprocessing_num_workers < 1:
         raise CliError("--batch_size and --preprocessing_num_workers must be at least 1")
+    if args.max_parsing_example == 0 or args.max_parsing_example < -1:
+        raise CliError(f"--max_parsing_example must be -1 (every row) or a positive number, not {args.max_parsing_example}")
+    check_output_parent(str(args.dump_file) + ".x", "--dump_file", is_file=False)
     if args.file_path is not None:
         require_file(args.file_path, "--file_path")
     source_name = args.file_path or args.dataset_name
@@ -323,7 +349,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     sources = load_sources(args)
     n_rows = count_rows(sources, args.max_parsing_example)
     out = output_path(args.dump_file, args.split, args.tokenizer_name, args.format)
-    workers = args.preprocessing_num_workers if args.fast_process else 1
+    workers = min(args.preprocessing_num_workers, available_cpus()) if args.fast_process else 1
+    if args.fast_process and workers < args.preprocessing_num_workers:
+        logger.warning("--preprocessing_num_workers %d: only %d CPU(s) available, using %d processes",
+                       args.preprocessing_num_workers, workers, workers)
     logger.info("binarizing %d rows of %s with %d process(es) into %s", n_rows, source_name, workers, out)
 
     from tqdm import tqdm

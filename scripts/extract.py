@@ -2,9 +2,12 @@
 
 The student has the teacher's architecture with fewer blocks: the teacher's embeddings, final
 layer norm (GPT-2) and LM head are copied as they are, the chosen blocks are copied and renumbered
-0..n-1. The output is a torch state dict with the student's key names (`RobertaForMaskedLM` or
-`GPT2LMHeadModel`), plus a JSON sidecar `<dump_checkpoint>.json` recording which teacher blocks
-were taken.
+0..n-1. Output (see `save_extraction`): with a `--dump_checkpoint` ending in .pth, a torch state
+dict with the student's key names (`RobertaForMaskedLM` or `GPT2LMHeadModel`), a JSON sidecar
+`<dump_checkpoint>.json` recording which teacher blocks were taken, and the matching student config
+`<stem>.config.json` (for causal_train.py --student_config); with any other name, a model folder
+(config.json, model.safetensors, extraction.json) that causal_train.py takes as both
+--student_config and --student_pretrained_weights and `AutoModelFor*.from_pretrained` loads.
 
 Which blocks: `--layers 0,2,4` names them; otherwise `--num_layers n` (default 6) takes, for a
 12-layer teacher and n <= 9, the first n of the original table ((0, 2, 4, 7, 9, 11) for n <= 6,
@@ -15,32 +18,34 @@ Usage:
     python scripts/extract.py --model_type roberta --model_name roberta-base \
         --dump_checkpoint serialization_dir/roberta-base_6.pth --num_layers 6 --vocab_transform
     python scripts/extract.py --model_type gpt2 --model_name gpt2 \
-        --dump_checkpoint serialization_dir/gpt2_6.pth
+        --dump_checkpoint serialization_dir/gpt2_6          # a model folder
     python scripts/extract.py --model_type qwen2 --model_name Qwen/Qwen2.5-0.5B \
-        --dump_checkpoint serialization_dir/qwen2_12.pth --num_layers 12
+        --dump_checkpoint serialization_dir/qwen2.5-0.5b_12.pth --num_layers 12
 
 Llama-layout rows (llama, mistral, qwen2, qwen3, gemma, olmo2, smollm3) copy the embeddings
 (`model.embed_tokens`), the chosen `model.layers`, the final norm (`model.norm`) and the head
-(`lm_head`, tied or not), and also write the student's config, `<dump_checkpoint without
-.pth>.config.json`: the teacher's config with `num_hidden_layers` set to the student's depth and
-every per-layer list (`layer_types`, `no_rope_layers`) cut to the chosen blocks.
+(`lm_head`, tied or not). The student config is the teacher's with `num_hidden_layers` set to the
+student's depth and every per-layer list (`layer_types`, `no_rope_layers`) cut to the chosen blocks.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils import CliError, atomic_open, atomic_write_text, logger, run_cli  # noqa: E402
+from input_checks import check_local_path  # noqa: E402
+from utils import CliError, atomic_dir, atomic_open, atomic_write_text, logger, run_cli  # noqa: E402
 
 # The original's choice of blocks for a 12-layer teacher (DistilBERT paper: "one layer out of two",
 # keeping the first and the last); the 9-entry table is the original's ablation with 9 layers.
 TWELVE_LAYER_TABLE_UP_TO_6 = (0, 2, 4, 7, 9, 11)
 TWELVE_LAYER_TABLE_UP_TO_9 = (0, 2, 3, 4, 7, 8, 9, 10, 11)
+# A --dump_checkpoint with one of these endings is a state-dict file; any other name a model folder.
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 @dataclass(frozen=True)
@@ -117,11 +122,26 @@ def choose_teacher_layers(n_teacher: int, num_layers: int | None, layers: str | 
 
 
 def check_dump_path(dump_checkpoint: str) -> Path:
-    """Refuse an output path that is a folder before any work is done."""
+    """Refuse, before any work is done, an output path that would overwrite something else.
+
+    A `.pth`/`.pt` name must not be a folder; a folder name must not be a file, nor a folder holding
+    anything but an earlier extraction (extraction.json), which is replaced.
+    """
     path = Path(dump_checkpoint)
-    if path.is_dir():
-        raise CliError(f"--dump_checkpoint {path} is a folder; give the path of a .pth file")
+    if path.suffix in STATE_DICT_SUFFIXES:
+        if path.is_dir():
+            raise CliError(f"--dump_checkpoint {path} is a folder; give the path of a .pth file (or a folder name "
+                           f"without .pth for a model folder)")
+    elif path.is_file():
+        raise CliError(f"--dump_checkpoint {path} is a file; give a .pth name or a new folder name")
+    elif path.is_dir() and any(path.iterdir()) and not (path / "extraction.json").is_file():
+        raise CliError(f"--dump_checkpoint {path} is a folder holding other files; give a new folder name or a .pth name")
     return path
+
+
+def student_config_like(teacher_config, teacher_layers: list[int]):
+    """A same-family student's config: the teacher's, with only the blocks `teacher_layers` (see `student_config`)."""
+    return student_config(teacher_config, teacher_layers)
 
 
 def load_teacher_config(model_name: str, model_types: tuple[str, ...], flag_type: str):
@@ -132,9 +152,7 @@ def load_teacher_config(model_name: str, model_types: tuple[str, ...], flag_type
     """
     import transformers
 
-    looks_local = os.path.isabs(model_name) or model_name.startswith((".", "~"))
-    if looks_local and not Path(model_name).expanduser().is_dir():
-        raise CliError(f"--model_name {model_name}: no such folder")
+    check_local_path(model_name, "--model_name")
     try:
         config = transformers.AutoConfig.from_pretrained(model_name)
     except (OSError, ValueError) as err:
@@ -170,15 +188,50 @@ def load_teacher(model_name: str, model_class: str):
     return model.eval()
 
 
-def save_extraction(state_dict: dict, dump_checkpoint: Path, record: dict) -> None:
-    """Write `state_dict` to `dump_checkpoint` and `record` to `<dump_checkpoint>.json`, each atomically."""
-    import torch
+def save_extraction(state_dict: dict, dump_checkpoint: Path, record: dict, student_config, model_class: str,
+                    optional: tuple[str, ...] = ()) -> None:
+    """Write the student: its weights, the matching config and `record` (which teacher blocks), each atomically.
 
-    with atomic_open(dump_checkpoint, "wb") as fh:
-        torch.save(state_dict, fh)
-    sidecar = dump_checkpoint.with_name(dump_checkpoint.name + ".json")
-    atomic_write_text(sidecar, json.dumps(record, indent=2) + "\n")
-    logger.info("wrote %d tensors to %s and the record to %s", len(state_dict), dump_checkpoint, sidecar)
+    `dump_checkpoint` ending in .pth/.pt/.bin: the state dict there, `record` in `<dump_checkpoint>.json`
+    and `student_config` in `<stem>.config.json`. Any other name: a model folder holding config.json,
+    model.safetensors (through `transformers.<model_class>.save_pretrained`, so tied weights are
+    stored once) and extraction.json. State-dict keys starting with one of `optional` may be missing
+    (they keep the student's initialisation); any other mismatch is a bug and raises.
+    """
+    import torch
+    import transformers
+
+    model = getattr(transformers, model_class)(student_config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = [k for k in missing if not k.startswith(optional) and k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"extraction does not fit {model_class}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    record = {**record, "student_config": student_config.to_dict()}
+    if dump_checkpoint.suffix in STATE_DICT_SUFFIXES:
+        with atomic_open(dump_checkpoint, "wb") as fh:
+            torch.save(state_dict, fh)
+        config_file = dump_checkpoint.with_suffix(".config.json")
+        atomic_write_text(config_file, student_config.to_json_string())
+        sidecar = dump_checkpoint.with_name(dump_checkpoint.name + ".json")
+        atomic_write_text(sidecar, json.dumps(record, indent=2) + "\n")
+        logger.info("wrote %d tensors to %s, the student config to %s (--student_config) and the record to %s",
+                    len(state_dict), dump_checkpoint, config_file, sidecar)
+        return
+    with atomic_dir(dump_checkpoint) as tmp:
+        model.save_pretrained(tmp)
+        atomic_write_text(tmp / "extraction.json", json.dumps(record, indent=2) + "\n")
+    logger.info("wrote the student folder %s (config.json, model.safetensors, extraction.json): pass it as both "
+                "--student_config and --student_pretrained_weights", dump_checkpoint)
+
+
+def warn_head_left_random(model_type: str, keys: tuple[str, ...]) -> None:
+    """Say loudly that the LM head's transform keeps the student's random initialisation."""
+    logger.warning(
+        "no --vocab_transform: the %s student's MLM-head transform (%s) stays randomly initialised, so its "
+        "predictions start as noise until training; add --vocab_transform to copy the teacher's (the paper's setting)",
+        model_type, ", ".join(k.rstrip(".") for k in keys),
+    )
 
 
 def log_choice(n_teacher: int, teacher_layers: list[int], how: str) -> None:
@@ -229,21 +282,19 @@ def student_config(config, teacher_layers: list[int]):
     return out
 
 
-def student_config_path(dump_checkpoint: Path) -> Path:
-    stem = dump_checkpoint.name[:-len(".pth")] if dump_checkpoint.name.endswith(".pth") else dump_checkpoint.name
-    return dump_checkpoint.with_name(stem + ".config.json")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Extract some blocks of a RobertaForMaskedLM, GPT2LMHeadModel or Llama-layout *ForCausalLM "
         "(llama, mistral, qwen2, qwen3, gemma, olmo2, smollm3) to initialise a shallower student."
     )
     parser.add_argument("--model_type", default="roberta", choices=sorted(FAMILIES),
-                        help="teacher family (the student has the same architecture, fewer blocks)")
-    parser.add_argument("--model_name", default=None, help="hub name or local folder (default per --model_type: roberta-base, gpt2, "
-                        "HuggingFaceTB/SmolLM2-135M for llama, Qwen/Qwen2.5-0.5B for qwen2, ...)")
-    parser.add_argument("--dump_checkpoint", required=True, help="output .pth (a torch state dict)")
+                        help="the teacher's family, which is also the student's (default: roberta)")
+    parser.add_argument("--model_name", default=None, help="hub name or local folder (default per --model_type: "
+                        "roberta-base, gpt2, HuggingFaceTB/SmolLM2-135M for llama, Qwen/Qwen2.5-0.5B for qwen2, ...)")
+    parser.add_argument("--dump_checkpoint", required=True,
+                        help="output: a .pth (or .pt, .bin) name (state dict, plus <name>.pth.json record and "
+                             "<name>.config.json student config) or any other name for a model folder (config.json, "
+                             "model.safetensors, extraction.json)")
     parser.add_argument("--num_layers", type=int, default=None, help="student depth (default 6)")
     parser.add_argument("--layers", default=None, help="comma-separated teacher blocks to copy, e.g. 0,2,4,7,9,11")
     parser.add_argument(
@@ -265,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     teacher = load_teacher(model_name, family.model_class)
     if args.vocab_transform and not family.head_transform:
         logger.info("--vocab_transform: %s has no LM-head transform, nothing more to copy", args.model_type)
+    if family.head_transform and not args.vocab_transform:
+        warn_head_left_random(args.model_type, family.head_transform)
 
     student_sd = extract_same_family(teacher.state_dict(), family, teacher_layers, args.vocab_transform)
     record = {
@@ -276,12 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         "layer_choice": how,
         "vocab_transform": bool(args.vocab_transform and family.head_transform),
     }
-    if args.model_type in LLAMA_LAYOUT_DEFAULTS:
-        config_path = student_config_path(dump_checkpoint)
-        record["student_config"] = str(config_path)
-        atomic_write_text(config_path, student_config(config, teacher_layers).to_json_string())
-        logger.info("wrote the student config (%d layers) to %s", len(teacher_layers), config_path)
-    save_extraction(student_sd, dump_checkpoint, record)
+    save_extraction(student_sd, dump_checkpoint, record, student_config(config, teacher_layers),
+                    family.model_class, family.head_transform)
 
 
 if __name__ == "__main__":

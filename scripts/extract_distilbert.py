@@ -3,10 +3,12 @@
 Copies the teacher's word and position embeddings and embedding LayerNorm, the chosen blocks
 (renumbered 0..n-1) and the MLM head (`vocab_projector` <- the decoder weight and bias; with
 `--vocab_transform` also `vocab_transform` / `vocab_layer_norm` <- the head's dense + LayerNorm).
-The output is a torch state dict with `DistilBertForMaskedLM` key names, plus a JSON sidecar
-`<dump_checkpoint>.json` recording the teacher blocks taken and the matching `DistilBertConfig`
-fields. Block choice is as in `extract.py` (`--layers`, or the original's table for a 12-layer
-teacher, or blocks spread evenly).
+The output (as in `extract.py`): with a `--dump_checkpoint` ending in .pth, a torch state dict with
+`DistilBertForMaskedLM` key names, a JSON sidecar `<dump_checkpoint>.json` recording the teacher
+blocks taken, and the matching `DistilBertConfig` in `<stem>.config.json`; with any other name, a
+model folder (config.json, model.safetensors, extraction.json) for causal_train.py's
+--student_config and --student_pretrained_weights. Block choice is as in `extract.py` (`--layers`,
+or the original's table for a 12-layer teacher, or blocks spread evenly).
 
 Unlike the original, BERT's token-type embeddings are not simply dropped: DistilBERT has none,
 and BERT adds row 0 of them to every token of a single-segment input, so that row is added into
@@ -26,7 +28,15 @@ from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extract import check_dump_path, choose_teacher_layers, load_teacher, load_teacher_config, log_choice, save_extraction  # noqa: E402
+from extract import (  # noqa: E402
+    check_dump_path,
+    choose_teacher_layers,
+    load_teacher,
+    load_teacher_config,
+    log_choice,
+    save_extraction,
+    warn_head_left_random,
+)
 from utils import CliError, logger, run_cli  # noqa: E402
 
 if TYPE_CHECKING:
@@ -118,9 +128,14 @@ def check_bert_teacher(teacher_config, model_name: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Extract some blocks of a BertForMaskedLM to initialise a DistilBERT student.")
-    parser.add_argument("--model_type", default="bert", choices=["bert"])
+    parser.add_argument("--model_type", default="bert", choices=["bert"],
+                        help="the teacher's family: bert only (kept for the original's command line; "
+                             "scripts/extract.py handles roberta and gpt2)")
     parser.add_argument("--model_name", default="bert-base-uncased", help="hub name or local folder")
-    parser.add_argument("--dump_checkpoint", required=True, help="output .pth (a torch state dict)")
+    parser.add_argument("--dump_checkpoint", required=True,
+                        help="output: a .pth (or .pt, .bin) name (state dict, plus <name>.pth.json record and "
+                             "<name>.config.json student config) or any other name for a model folder (config.json, "
+                             "model.safetensors, extraction.json)")
     parser.add_argument("--num_layers", type=int, default=None, help="student depth (default 6)")
     parser.add_argument("--layers", default=None, help="comma-separated teacher blocks to copy, e.g. 0,2,4,7,9,11")
     parser.add_argument("--vocab_transform", action="store_true", help="also copy the MLM head's dense + LayerNorm")
@@ -152,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             "tie_word_embeddings=false, or loading will overwrite one with the other"
         )
     if not args.vocab_transform:
-        logger.info("no --vocab_transform: vocab_transform / vocab_layer_norm stay as the student initialises them")
+        warn_head_left_random("distilbert", tuple(name for name, _ in HEAD_TRANSFORM_MAP))
 
     student_config = distilbert_config_fields(config, len(teacher_layers))
     student_config["tie_word_embeddings"] = tied
@@ -167,7 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         "token_type_folded_into_position_embeddings": True,
         "student_config": student_config,
     }
-    save_extraction(student_sd, dump_checkpoint, record)
+    from transformers import DistilBertConfig
+
+    fields = {k: v for k, v in student_config.items() if k != "model_type"}
+    save_extraction(student_sd, dump_checkpoint, record, DistilBertConfig(**fields), "DistilBertForMaskedLM",
+                    tuple(name + "." for name, _ in HEAD_TRANSFORM_MAP))
 
 
 if __name__ == "__main__":

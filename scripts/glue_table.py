@@ -58,9 +58,15 @@ def task_score(results: dict, task: str, source: str, **choice) -> float | None:
         if value is None:
             logger.warning("%s has no %s: %s shown as (-)", source, key, task)
             return None
-        values.append(float(value))
+        try:
+            values.append(float(value))
+        except (TypeError, ValueError):
+            raise CliError(f"{source}: {key} is {value!r}, not a number") from None
     score = 100.0 * sum(values) / len(values)
-    return score if math.isfinite(score) else None
+    if not math.isfinite(score):
+        logger.warning("%s: %s is not a finite number (%s): %s shown as (-)", source, task, values, task)
+        return None
+    return score
 
 
 def _split_spec(spec: str, flag: str) -> tuple[str, str]:
@@ -125,6 +131,8 @@ def render(table: dict, tokens: dict[str, str] | None = None, **choice) -> str:
         scores = []
         for task, _ in TASKS:
             path = row.get(task)
+            if not path:
+                logger.warning("%s: no eval_results.json for %s: shown as (-)", model, task)
             scores.append(task_score(_read_results(path), task, str(path), **choice) if path else None)
         average = None if any(s is None for s in scores) else sum(scores) / len(scores)
         cells = [model] + ([tokens.get(model, "(-)")] if with_tokens else []) + [_cell(average)] + [_cell(s) for s in scores]

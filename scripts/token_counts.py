@@ -1,7 +1,8 @@
 """Count every token id of a binarized corpus, for smoothing the MLM masking probabilities (cf. XLM, word2vec).
 
 Reads either format (memory-mapped .bin or the original pickle) and writes, as the original did,
-a pickled Python list of --vocab_size ints: the number of occurrences of each id. The count runs
+a pickled Python list of --vocab_size ints: the number of occurrences of each id (or a .npy array
+when --token_counts_dump ends in .npy). The count runs
 with np.bincount over large chunks, so a memory-mapped corpus is never loaded whole.
 
 Example:
@@ -20,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from binarized_io import Corpus, load_corpus  # noqa: E402
-from utils import CliError, atomic_open, logger, run_cli  # noqa: E402
+from utils import CliError, atomic_open, check_output_parent, logger, run_cli  # noqa: E402
 
 # The original's default, used for a pickle (which records no vocabulary size) without --vocab_size.
 DEFAULT_VOCAB_SIZE = 30522
@@ -42,8 +43,15 @@ def count_tokens(corpus: Corpus, vocab_size: int) -> np.ndarray:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_file", required=True, help="The binarized corpus (.bin or .pickle).")
-    parser.add_argument("--token_counts_dump", required=True, help="The pickle to write (a list of vocab_size ints).")
+    parser.add_argument(
+        "--data_file",
+        required=True,
+        help="The binarized corpus (.bin or .pickle): binarized_data.py writes {dump_file}.{split}.{tokenizer}.bin, "
+        "or .pickle with --format pickle, where {tokenizer} is the last path component of its --tokenizer_name.",
+    )
+    parser.add_argument("--token_counts_dump", required=True,
+                        help="The file to write: a pickle of a list of vocab_size ints (the original's format), or a "
+                             ".npy array when the name ends in .npy. causal_train.py --token_counts reads both.")
     parser.add_argument(
         "--vocab_size",
         type=int,
@@ -55,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
+    out = check_output_parent(args.token_counts_dump, "--token_counts_dump")
     corpus = load_corpus(args.data_file)
     vocab_size = args.vocab_size
     if vocab_size is None:
@@ -66,9 +75,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise CliError(f"--vocab_size must be positive, not {vocab_size}")
     logger.info("counting tokens of %s", corpus.describe())
     counts = count_tokens(corpus, vocab_size)
-    out = Path(args.token_counts_dump)
     with atomic_open(out, "wb") as fh:
-        pickle.dump(counts.tolist(), fh, protocol=pickle.HIGHEST_PROTOCOL)
+        if out.suffix == ".npy":
+            np.save(fh, counts)
+        else:
+            pickle.dump(counts.tolist(), fh, protocol=pickle.HIGHEST_PROTOCOL)
     logger.info("wrote %s: %d tokens, %d distinct ids", out, int(counts.sum()), int(np.count_nonzero(counts)))
     return out
 

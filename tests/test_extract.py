@@ -256,8 +256,12 @@ def test_errors_name_the_culprit_and_write_nothing(teachers, tmp_path, script, t
 
 
 def test_dump_checkpoint_that_is_a_folder(teachers, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an extraction")
     with pytest.raises(CliError, match="--dump_checkpoint"):
         extract_distilbert.main(["--model_name", str(teachers["bert4"]), "--dump_checkpoint", str(tmp_path)])
+    (tmp_path / "s.pth").mkdir()
+    with pytest.raises(CliError, match="--dump_checkpoint"):
+        extract_distilbert.main(["--model_name", str(teachers["bert4"]), "--dump_checkpoint", str(tmp_path / "s.pth")])
 
 
 def test_unknown_model_type_is_refused(tmp_path, capsys):

@@ -18,7 +18,7 @@ import run_glue  # noqa: E402
 import run_mlm  # noqa: E402
 import run_ner  # noqa: E402
 import run_qa  # noqa: E402
-from utils import run_cli  # noqa: E402
+from utils import CliError, run_cli  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -135,7 +135,8 @@ def test_mlm_perplexity_is_repeatable_and_drops_with_training(tmp_path, tiny_ber
     args = ["--model_name_or_path", str(tiny_bert), "--validation_file", str(text), "--do_eval", "--max_seq_length", "64"]
 
     first = run_mlm.main(args + common(tmp_path / "eval1", cache_dir, tokenizer_dir))
-    second = run_mlm.main(args + common(tmp_path / "eval2", cache_dir, tokenizer_dir))
+    # a fresh cache: the masked set must be recomputed, not read back from the datasets cache
+    second = run_mlm.main(args + common(tmp_path / "eval2", tmp_path / "fresh_cache", tokenizer_dir))
     saved = read_json(tmp_path / "eval1" / "eval_results.json")
     assert_finite(saved, "perplexity", "eval_loss")
     assert saved["perplexity"] == pytest.approx(math.exp(saved["eval_loss"]))
@@ -275,7 +276,11 @@ def test_glue_resume_from_checkpoint(tmp_path, tiny_bert, tokenizer_dir, cache_d
     assert any(not (fresh[k] == v).all() for k, v in at_step_4.items())
     assert not (out / "checkpoint-6").exists()
 
-    # Without a flag, --do_train picks up the last checkpoint in --output_dir (HF's examples' behaviour).
+    # Without a flag, --do_train picks up the last checkpoint in --output_dir (HF's examples' behaviour),
+    # unless the run there finished (train_results.json): that folder is refused.
+    with pytest.raises(CliError, match="finished training run"):
+        run_glue.main(base + ["--train_file", str(train)] + common(out, cache_dir, tokenizer_dir))
+    (out / "train_results.json").unlink()  # as a run killed after its last checkpoint leaves it
     at_step_4 = load_file(out / "checkpoint-4" / "model.safetensors")
     run_glue.main(base + ["--train_file", str(train)] + common(out, cache_dir, tokenizer_dir))
     resumed = load_file(out / "model.safetensors")

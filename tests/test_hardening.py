@@ -1,0 +1,443 @@
+"""Preemption of the whole process group, --force, full disks, leftovers, verified checkpoints and data,
+extending a finished run, untrusted token counts (issue 12; issue 13 item 4)."""
+import errno
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_distill_setup, train_argv
+from safetensors.torch import load_file
+
+import causal_distiller
+import causal_train
+from binarized_io import HEADER_SIZE, CorpusWriter, load_corpus, load_token_counts
+from utils import CliError
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_dir, corpus_lines):
+    return make_distill_setup(tmp_path_factory.mktemp("hard"), tokenizer_dir, corpus_lines[:160])
+
+
+def _argv(setup, dump, *extra):
+    return train_argv(setup, dump, "--max_steps", "4", "--checkpoint_interval", "1", "--log_interval", "1", *extra)
+
+
+def _weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocess: bitwise equality needs the same kernels
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- preemption -----------------------------------------------------------------------------------
+
+def test_sigterm_to_the_process_group_with_a_worker_checkpoints_and_resumes_exactly(setup, tmp_path, one_thread):
+    """What Slurm, Kubernetes and docker stop do: SIGTERM to every process of the group, DataLoader worker included."""
+    argv = _argv(setup, tmp_path / "cut", "--num_workers", "1", "--checkpoint_interval", "0", "--max_steps", "8")
+    proc = subprocess.Popen([sys.executable, "causal_train.py", *argv], cwd=ROOT, env=ENV, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log, deadline = [], time.time() + 300
+    for line in proc.stdout:
+        log.append(line)
+        if "step 2 |" in line or time.time() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    log = "".join(log) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "DataLoader worker" not in log and "Traceback" not in log, log[-3000:]
+    ckpts = causal_distiller.list_checkpoints(tmp_path / "cut")
+    assert len(ckpts) == 1 and 2 <= int(ckpts[0].name.split("-")[1]) < 8
+    causal_train.main(argv + ["--resume"])
+    full = tmp_path / "full"
+    causal_train.main(_argv(setup, full, "--num_workers", "1", "--checkpoint_interval", "0", "--max_steps", "8"))
+    _assert_same(_weights(tmp_path / "cut"), _weights(full))
+
+
+def test_worker_death_while_stopping_still_ends_in_the_stop_checkpoint(setup, tmp_path, monkeypatch):
+    """A worker that dies anyway while the run stops: the rest of the step is collated in-process."""
+    original = causal_distiller.CausalDistiller._loader
+
+    def dying_loader(self, batches):
+        self._stop_signal = signal.SIGTERM  # the stop was asked for ...
+        for i, batch in enumerate(original(self, batches)):
+            if i == 1:  # ... and the worker died of it
+                raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Terminated.")
+            yield batch
+
+    monkeypatch.setattr(causal_distiller.CausalDistiller, "_loader", dying_loader)
+    dump = tmp_path / "die"
+    with pytest.raises(SystemExit) as stop:
+        causal_train.main(_argv(setup, dump, "--gradient_accumulation_steps", "3", "--checkpoint_interval", "0"))
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert [p.name for p in causal_distiller.list_checkpoints(dump)] == ["checkpoint-1"]
+
+
+# --- --force -----------------------------------------------------------------------------------------
+
+def _previous_run(folder):
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights of a week-long run")
+    return folder
+
+
+def test_force_checks_every_input_before_touching_the_previous_run(setup, tmp_path):
+    dump = _previous_run(tmp_path / "run")
+    with pytest.raises(CliError, match="--data_file"):
+        causal_train.main(_argv(setup, dump, "--force", "--data_file", str(tmp_path / "typo.bin")))
+    assert (dump / "model.safetensors").read_bytes() == b"weights of a week-long run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_force_restores_the_previous_run_when_failing_before_the_first_checkpoint(setup, tmp_path, monkeypatch):
+    dump = _previous_run(tmp_path / "run")
+
+    def crash(self):
+        assert not (dump / "model.safetensors").exists(), "moved aside while the new run works"
+        raise CliError("out of memory at step 1")
+
+    monkeypatch.setattr(causal_distiller.CausalDistiller, "train", crash)
+    with pytest.raises(CliError):
+        causal_train.main(_argv(setup, dump, "--force"))
+    assert (dump / "model.safetensors").read_bytes() == b"weights of a week-long run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_force_deletes_the_previous_run_once_the_first_checkpoint_exists(setup, tmp_path, monkeypatch):
+    dump = _previous_run(tmp_path / "run")
+    seen = []
+    original = causal_distiller.CausalDistiller._write_checkpoint
+
+    def spy(self, target, state):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        return original(self, target, state)
+
+    monkeypatch.setattr(causal_distiller.CausalDistiller, "_write_checkpoint", spy)
+    causal_train.main(_argv(setup, dump, "--force", "--max_steps", "2"))
+    assert seen[0] == [".run.replaced", "run"] and seen[1] == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert _weights(dump)  # the new student replaced the old file
+
+
+def test_a_failed_run_leaves_no_folder_behind(setup, tmp_path):
+    with pytest.raises(CliError):
+        causal_train.main(_argv(setup, tmp_path / "new" / "run", "--token_counts", str(tmp_path / "none.pickle")))
+    assert not (tmp_path / "new" / "run").exists()
+
+
+# --- full disk, limits, leftovers ---------------------------------------------------------------------
+
+def test_disk_full_while_writing_the_weights_names_the_intact_checkpoint(setup, tmp_path, monkeypatch):
+    import safetensors
+    import transformers.modeling_utils as mu
+
+    calls = {"n": 0}
+    original = mu.safe_save_file
+
+    def full_disk(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise safetensors.SafetensorError("Error while serializing: No space left on device (os error 28)")
+        return original(*a, **k)
+
+    monkeypatch.setattr(mu, "safe_save_file", full_disk)
+    dump = tmp_path / "full"
+    with pytest.raises(CliError) as err:
+        causal_train.main(_argv(setup, dump))
+    assert str(err.value) == (f"no space left on device at {dump / 'checkpoint-3'}; the previous checkpoint "
+                              f"{dump / 'checkpoint-2'} is intact; free space and resume with --resume")
+    assert [p.name for p in causal_distiller.list_checkpoints(dump)] == ["checkpoint-1", "checkpoint-2"]
+    assert not [p for p in dump.iterdir() if p.name.startswith(".")]
+
+
+def test_save_total_limit_frees_the_oldest_first_when_the_disk_is_short(setup, tmp_path, monkeypatch):
+    seen = []
+    original = causal_distiller.CausalDistiller._write_checkpoint
+
+    def spy(self, target, state):
+        seen.append((target.name, sorted(p.name for p in causal_distiller.list_checkpoints(self.dump_path))))
+        return original(self, target, state)
+
+    monkeypatch.setattr(causal_distiller.CausalDistiller, "_write_checkpoint", spy)
+    monkeypatch.setattr(causal_distiller.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=0))
+    dump = tmp_path / "limit"
+    causal_train.main(_argv(setup, dump, "--save_total_limit", "2"))
+    # before writing checkpoint-n only checkpoint-(n-1) is left: the limit's victim went first
+    assert seen == [("checkpoint-1", []), ("checkpoint-2", ["checkpoint-1"]), ("checkpoint-3", ["checkpoint-2"]),
+                    ("checkpoint-4", ["checkpoint-3"])]
+    assert [p.name for p in causal_distiller.list_checkpoints(dump)] == ["checkpoint-3", "checkpoint-4"]
+
+
+def _enospc_at(monkeypatch, name):
+    seen, failed = [], []
+    original = causal_distiller.CausalDistiller._write_checkpoint
+
+    def spy(self, target, state):
+        seen.append((target.name, sorted(p.name for p in causal_distiller.list_checkpoints(self.dump_path))))
+        if target.name == name and not failed:
+            failed.append(1)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, target, state)
+
+    monkeypatch.setattr(causal_distiller.CausalDistiller, "_write_checkpoint", spy)
+    return seen
+
+
+def test_enospc_frees_the_checkpoint_beyond_the_limit_and_retries(setup, tmp_path, monkeypatch):
+    seen = _enospc_at(monkeypatch, "checkpoint-3")
+    dump = tmp_path / "limit2"
+    causal_train.main(_argv(setup, dump, "--save_total_limit", "2", "--max_steps", "3"))
+    assert seen[2:] == [("checkpoint-3", ["checkpoint-1", "checkpoint-2"]), ("checkpoint-3", ["checkpoint-2"])]
+    assert [p.name for p in causal_distiller.list_checkpoints(dump)] == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_limit_one_never_frees_the_newest_checkpoint(setup, tmp_path, monkeypatch):
+    _enospc_at(monkeypatch, "checkpoint-3")
+    dump = tmp_path / "limit1"
+    with pytest.raises(CliError, match="no space left on device at .*checkpoint-3; the previous checkpoint"):
+        causal_train.main(_argv(setup, dump, "--save_total_limit", "1", "--max_steps", "3"))
+    assert [p.name for p in causal_distiller.list_checkpoints(dump)] == ["checkpoint-2"]
+
+
+def test_stale_temporaries_are_cleaned_and_no_empty_final_folder(setup, tmp_path):
+    dump = tmp_path / "stale"
+    causal_train.main(_argv(setup, dump, "--max_steps", "1"))
+    (dump / ".checkpoint-7.x1y2.tmp").mkdir()
+    (dump / ".checkpoint-7.old").mkdir()
+    (dump / ".final").mkdir()  # what older versions left
+    (dump / ".model.safetensors.abc.tmp").write_bytes(b"half")
+    causal_train.main(_argv(setup, dump, "--resume", "--max_steps", "2"))
+    assert not [p.name for p in dump.iterdir() if p.name.startswith(".")]
+    # and the corpus writer cleans the temporaries of the file it writes
+    out = tmp_path / "c.bin"
+    (tmp_path / ".c.bin.q9.tmp").write_bytes(b"half")
+    with CorpusWriter(out, vocab_size=100) as w:
+        w.add([1, 2, 3])
+    assert sorted(p.name for p in tmp_path.glob(".c.bin*")) == []
+
+
+# --- verified checkpoints -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def three_checkpoints(setup, tmp_path_factory):
+    dump = tmp_path_factory.mktemp("three") / "run"
+    causal_train.main(_argv(setup, dump, "--max_steps", "3"))
+    return dump
+
+
+def _damage(path, kind):
+    data = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:  # one bit flipped in the middle: same size
+        i = len(data) // 2
+        path.write_bytes(data[:i] + bytes([data[i] ^ 1]) + data[i + 1:])
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "training_state.pt"])
+@pytest.mark.parametrize("kind", ["truncated", "empty", "bitflip"])
+def test_damaged_newest_checkpoint_is_named_and_skipped(three_checkpoints, tmp_path, name, kind, caplog):
+    dump = tmp_path / "run"
+    shutil.copytree(three_checkpoints, dump)
+    assert causal_distiller.checkpoint_problem(dump / "checkpoint-3") is None
+    _damage(dump / "checkpoint-3" / name, kind)
+    assert name in causal_distiller.checkpoint_problem(dump / "checkpoint-3")
+    assert causal_distiller.find_resume_checkpoint(dump).name == "checkpoint-2"
+    assert f"checkpoint {dump / 'checkpoint-3'} is damaged or incomplete: {name}" in caplog.text
+
+
+def test_resume_falls_back_to_the_newest_sound_checkpoint(setup, three_checkpoints, tmp_path, caplog):
+    dump = tmp_path / "run"
+    shutil.copytree(three_checkpoints, dump)
+    _damage(dump / "checkpoint-3" / "model.safetensors", "bitflip")
+    caplog.set_level("INFO")
+    causal_train.main(_argv(setup, dump, "--resume", "--max_steps", "3"))
+    assert "resuming from" in caplog.text and "checkpoint-2, the newest sound checkpoint (skipped: checkpoint-3: model.safetensors" in caplog.text
+    assert "resumed from %s: epoch 0, step 2" % (dump / "checkpoint-2") in caplog.text
+    _assert_same(_weights(dump), _weights(three_checkpoints))  # step 3 redone, the same weights
+    assert causal_distiller.checkpoint_problem(dump / "checkpoint-3") is None  # and rewritten sound
+
+
+def test_resume_from_a_damaged_checkpoint_is_an_error(setup, three_checkpoints, tmp_path):
+    dump = tmp_path / "run"
+    shutil.copytree(three_checkpoints, dump)
+    _damage(dump / "checkpoint-2" / "training_state.pt", "truncated")
+    with pytest.raises(CliError, match=r"--resume_from .*checkpoint-2 is damaged or incomplete: training_state.pt has"):
+        causal_train.main(_argv(setup, dump, "--resume_from", str(dump / "checkpoint-2")))
+
+
+def test_extending_a_finished_run_with_a_larger_max_steps(setup, three_checkpoints, tmp_path, caplog):
+    """Issue 13.4: every run ends with a checkpoint, and --resume with more steps continues it."""
+    dump = tmp_path / "run"
+    shutil.copytree(three_checkpoints, dump)
+    caplog.set_level("INFO")
+    causal_train.main(_argv(setup, dump, "--resume", "--max_steps", "5"))
+    assert "resumed from %s: epoch 0, step 3" % (dump / "checkpoint-3") in caplog.text
+    assert [p.name for p in causal_distiller.list_checkpoints(dump)][-2:] == ["checkpoint-4", "checkpoint-5"]
+    state = torch.load(dump / "checkpoint-5" / "training_state.pt", weights_only=False)
+    assert state["n_step"] == 5
+
+
+# --- data checksum ----------------------------------------------------------------------------------
+
+def test_a_token_changed_mid_file_is_detected(tmp_path):
+    """Beyond the first and last MiB that the cheap fingerprint reads: only the full checksum sees it."""
+    path = tmp_path / "big.bin"
+    rng = np.random.default_rng(0)
+    with CorpusWriter(path, vocab_size=1000, shuffle=False) as w:
+        for _ in range(1500):
+            w.add(rng.integers(0, 1000, 1000))
+    assert load_corpus(path).verify_checksum()
+    before = causal_distiller.file_fingerprint(path)
+    mid = HEADER_SIZE + 1_500_000
+    with open(path, "r+b") as fh:
+        fh.seek(mid)
+        byte = fh.read(1)
+        fh.seek(mid)
+        fh.write(bytes([byte[0] ^ 1]))
+    after = causal_distiller.file_fingerprint(path)
+    assert after["sha256_head_tail"] == before["sha256_head_tail"]
+    with pytest.raises(CliError, match="differ from the checksum recorded"):
+        load_corpus(path).verify_checksum()
+    with pytest.raises(CliError, match="changed while the run used it"):
+        causal_distiller.check_fingerprint(path, before, after)
+
+
+def test_a_bin_written_before_checksums_still_loads(tmp_path):
+    import json
+
+    import binarized_io as bio
+
+    path = tmp_path / "old.bin"
+    with CorpusWriter(path, vocab_size=100, shuffle=False) as w:
+        w.add([1, 2, 3])
+    head = bytearray(path.read_bytes()[:HEADER_SIZE])
+    fields = list(bio._HEADER.unpack_from(head))
+    meta = json.loads(head[bio._HEADER.size: bio._HEADER.size + fields[-1]])
+    del meta[bio.CHECKSUM_KEY]  # what the previous version wrote
+    blob = json.dumps(meta).encode()
+    fields[-1] = len(blob)
+    head[:] = b"\0" * HEADER_SIZE
+    head[: bio._HEADER.size + len(blob)] = bio._HEADER.pack(*fields) + blob
+    path.write_bytes(bytes(head) + path.read_bytes()[HEADER_SIZE:])
+    corpus = load_corpus(path)
+    assert corpus.recorded_checksum is None and corpus.verify_checksum() is False
+    assert corpus[0].tolist() == [1, 2, 3]
+
+
+def test_causal_train_checks_the_recorded_checksum_at_start(setup, tmp_path):
+    data = tmp_path / "data.bin"
+    shutil.copy(setup["data"], data)
+    corpus = load_corpus(data)
+    pos = HEADER_SIZE + 2 * int(corpus.starts[0] + 3)  # a token inside the first sequence (uint16)
+    with open(data, "r+b") as fh:
+        fh.seek(pos)
+        fh.write(b"\x07\x00")
+    with pytest.raises(CliError, match="data.bin: the tokens differ from the checksum"):
+        causal_train.main(_argv(setup, tmp_path / "r", "--data_file", str(data)))
+
+
+# --- untrusted token counts --------------------------------------------------------------------------
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_token_counts_pickle_cannot_run_code(setup, tmp_path):
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "counts.pickle"
+    with open(crafted, "wb") as fh:
+        pickle.dump([1, 2, _Payload(marker)], fh)
+    with pytest.raises(CliError, match="counts.pickle: not a token counts file"):
+        causal_train.main(_argv(setup, tmp_path / "r", "--token_counts", str(crafted)))
+    assert not marker.exists()
+
+
+def test_token_counts_as_npy(setup, tmp_path):
+    import token_counts
+
+    npy = tmp_path / "counts.npy"
+    token_counts.main(["--data_file", str(setup["data"]), "--token_counts_dump", str(npy)])
+    with open(setup["counts"], "rb") as fh:
+        assert load_token_counts(npy).tolist() == pickle.load(fh)
+    causal_train.main(_argv(setup, tmp_path / "r", "--token_counts", str(npy), "--max_steps", "1"))
+    assert (tmp_path / "r" / "model.safetensors").is_file()
+
+
+# --- models and tokenizer ------------------------------------------------------------------------------
+
+def test_teacher_without_its_lm_head_is_an_error(setup, tmp_path):
+    from transformers import BertModel
+
+    headless = tmp_path / "headless"
+    BertModel.from_pretrained(setup["teacher"]).save_pretrained(headless)
+    with pytest.raises(CliError, match=r"headless lacks weights of BertForMaskedLM .*cls\.predictions"):
+        causal_train.main(_argv(setup, tmp_path / "r", "--teacher_name", str(headless),
+                                "--tokenizer_name", str(setup["teacher"])))
+
+
+def test_corpus_of_another_tokenizer_is_an_error_unless_allowed(setup, tmp_path, caplog):
+    data = tmp_path / "other.bin"
+    corpus = load_corpus(setup["data"])
+    with CorpusWriter(data, vocab_size=corpus.vocab_size, vocab_hash="0123456789abcdef", shuffle=False) as w:
+        for seq in corpus:
+            w.add(seq)
+    argv = _argv(setup, tmp_path / "r", "--data_file", str(data), "--max_steps", "1")
+    with pytest.raises(CliError, match="other.bin was binarized with another tokenizer .*vocabulary fingerprint "
+                                       "0123456789abcdef vs .*--allow_tokenizer_mismatch"):
+        causal_train.main(argv)
+    causal_train.main(argv + ["--allow_tokenizer_mismatch"])
+    assert "going on (--allow_tokenizer_mismatch)" in caplog.text
+
+
+# --- the original's training-loop bugs, pinned ----------------------------------------------------------
+
+def test_same_command_twice_gives_bitwise_equal_students(setup, three_checkpoints, tmp_path):
+    """--seed seeds Python's random too (the step's mapping entry is drawn with it); the original did not."""
+    causal_train.main(_argv(setup, tmp_path / "again", "--max_steps", "3"))
+    _assert_same(_weights(tmp_path / "again"), _weights(three_checkpoints))
+
+
+def test_crossway_with_accumulation_steps_once_per_window(setup, tmp_path):
+    """The original stepped the optimiser and the schedule for each direction of a crossway pair."""
+    dump = tmp_path / "cross"
+    causal_train.main(train_argv(setup, dump, "--include_crossway", "--gradient_accumulation_steps", "2",
+                                 "--checkpoint_interval", "0", "--batch_size", "16"))
+    state = torch.load(causal_distiller.list_checkpoints(dump)[-1] / "training_state.pt", weights_only=False)
+    assert state["batch_in_epoch"] == 0 and state["epoch"] == 1
+    n_batches = -(-151 // 16)  # 151 sequences after cleaning (see the log), batches of 16
+    assert state["n_step"] == -(-n_batches // 2)
+    assert state["scheduler"]["last_epoch"] == state["n_step"]
+    assert all(int(s["step"]) == state["n_step"] for s in state["optimizer"]["state"].values())
+    # the run ended with its epoch: the epoch-end checkpoint is the final one, written once
+    assert len(causal_distiller.list_checkpoints(dump)) == 1

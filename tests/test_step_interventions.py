@@ -1,0 +1,163 @@
+"""Interventions through the real training step (`CausalDistiller.losses_for_batch`, teacher and student,
+shared prefix and plain path), checked against unhooked forwards of the stock models.
+
+- a full-width swap at every real position gives exactly the source run's output;
+- a swap whose source is the base gives exactly the base run;
+- site by site, what the next block receives is the base run's block output with the chosen
+  positions and dimensions taken from the source run's output of the same block
+  (`output_hidden_states`, no hooks).
+The original read the source at block l's input and wrote at block l's output: each of these fails then.
+"""
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_bert, tiny_distilbert, tiny_gpt2
+
+import causal_distiller
+import causal_train
+from interventions import family_of, get_submodule, head_features
+from lm_seqs_dataset import LmSeqsDataset
+from neuron_mapping import MappingEntry
+
+VOCAB, HIDDEN = 120, 32
+PAIRS = {  # teacher, student, mlm
+    "bert->distilbert": (lambda: tiny_bert(n_layers=4), lambda: tiny_distilbert(n_layers=3), True),
+    "gpt2->gpt2": (lambda: tiny_gpt2(n_layers=4), lambda: tiny_gpt2(n_layers=3, seed=5), False),
+}
+
+
+def _distiller(pair, t_sites, s_sites, *, shared_prefix, interchange_prop=1.0, mode="consecutive", mask_prop=0.15):
+    make_t, make_s, mlm = PAIRS[pair]
+    teacher, student = make_t(), make_s()
+    kind = ("bert", "distilbert") if mlm else ("gpt2", "gpt2")
+    argv = ["--dump_path", "unused", "--data_file", "unused", "--student_type", kind[1], "--student_config", "unused",
+            "--teacher_type", kind[0], "--teacher_name", "unused", "--n_gpu", "0", "--alpha_ce", "1.0",
+            "--alpha_cos", "1.0", "--alpha_causal_ce", "1.0", "--alpha_causal_cos", "1.0", "--temperature", "1.0",
+            "--interchange_prop", str(interchange_prop), "--mlm_mask_prop", str(mask_prop), "--batch_size", "3"]
+    argv += ["--mlm", "--alpha_mlm", "0.0", "--alpha_clm", "0.0", "--token_counts", "unused"] if mlm else []
+    argv += ["--interchange_consecutive_only"] if mode == "consecutive" else []
+    argv += [] if shared_prefix else ["--no_shared_prefix"]
+    args = causal_train.build_parser().parse_args(argv)
+    args.__dict__.update(device=torch.device("cpu"), is_master=False, multi_gpu=False, world_size=1, global_rank=0,
+                         special_tok_ids={"cls_token": 2, "sep_token": 3, "pad_token": 0, "unk_token": 1,
+                                          "mask_token": 4})
+    rng = np.random.default_rng(0)
+    dataset = LmSeqsDataset(data=[np.r_[2, rng.integers(5, VOCAB, 14), 3] for _ in range(6)], max_model_input_size=64,
+                            cls_id=2, sep_id=3, pad_id=0, unk_id=1, seed=0)
+    probs = torch.ones(VOCAB)
+    probs[:5] = 0
+    entry = MappingEntry(index=0, teacher=t_sites, student=s_sites, teacher_names=(), student_names=())
+    distiller = causal_distiller.CausalDistiller(args, dataset, probs if mlm else None, student, teacher, [entry])
+    return distiller, teacher, student
+
+
+def _batch(same_source=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([12, 9, 7])  # padding included; source rows as long as their base rows
+    ids = torch.randint(5, VOCAB, (3, 12), generator=g)
+    src = ids.clone() if same_source else torch.randint(5, VOCAB, (3, 12), generator=g)
+    for t in (ids, src):
+        t[:, 0] = 2
+        t[torch.arange(3), lengths - 1] = 3
+        t[torch.arange(12)[None] >= lengths[:, None]] = 0
+    return {"base_ids": ids, "base_lengths": lengths, "source_ids": src, "source_lengths": lengths.clone()}
+
+
+def _step(distiller, batch, monkeypatch):
+    """Run the real step on `batch`; return (prepared, student outputs, teacher outputs, loss values)."""
+    seen = {}
+    original = causal_distiller.compute_losses
+
+    def spy(s, t, p, alphas, temperature):
+        seen.update(s=s, t=t, p=p)
+        return original(s, t, p, alphas, temperature)
+
+    monkeypatch.setattr(causal_distiller, "compute_losses", spy)
+    torch.manual_seed(0)
+    values, _ = distiller.losses_for_batch(batch)
+    return seen["p"], seen["s"], seen["t"], values
+
+
+def _run_outputs(model, ids, mask, p):
+    """Head features at the logit rows and last hidden states at the real rows of an unhooked forward."""
+    with torch.no_grad():
+        last = getattr(model, family_of(model).backbone)(input_ids=ids, attention_mask=mask).last_hidden_state
+    flat = last.reshape(-1, last.shape[-1])
+    return head_features(model, flat.index_select(0, p.logit_idx)), flat.index_select(0, p.real_idx)
+
+
+def _full(layer):
+    return {layer: list(range(HIDDEN))}
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False], ids=["shared-prefix", "plain"])
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+@pytest.mark.parametrize("t_layer, s_layer", [(0, 0), (1, 1), (2, 1)])
+def test_full_swap_at_every_position_gives_the_source_run(pair, shared_prefix, t_layer, s_layer, monkeypatch):
+    distiller, teacher, student = _distiller(pair, _full(t_layer), _full(s_layer), shared_prefix=shared_prefix)
+    p, s, t, _ = _step(distiller, _batch(), monkeypatch)
+    assert p.base_pos.numel() == int(p.attention_mask.sum()), "every real position is swapped"
+    for model, out in ((teacher, t), (student, s)):
+        features, hidden = _run_outputs(model, p.source_ids, p.source_mask, p)
+        torch.testing.assert_close(out.cf_features.detach(), features, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(out.cf_hidden.detach(), hidden, atol=2e-6, rtol=1e-5)
+        assert not torch.allclose(out.features.detach(), features, atol=1e-3)  # the source does differ
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False], ids=["shared-prefix", "plain"])
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_swap_with_source_equal_to_base_gives_the_base_run(pair, shared_prefix, monkeypatch):
+    sites = ({1: list(range(8, 24)), 3: list(range(HIDDEN))}, {0: list(range(0, 16)), 2: list(range(4, 12))})
+    # every real position (the k-th base position takes the k-th source position: aligned), partial dims
+    distiller, _, _ = _distiller(pair, *sites, shared_prefix=shared_prefix, mask_prop=0.0)
+    p, s, t, values = _step(distiller, _batch(same_source=True), monkeypatch)
+    assert torch.equal(p.source_ids, p.input_ids) and torch.equal(p.base_pos, p.source_pos)
+    for out in (s, t):
+        torch.testing.assert_close(out.cf_features.detach(), out.features.detach(), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(out.cf_hidden.detach(), out.hidden.detach(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(values["causal_ce"], values["ce"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(values["causal_cos"], values["cos"], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False], ids=["shared-prefix", "plain"])
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_each_site_receives_the_source_block_output_of_an_unhooked_forward(pair, shared_prefix, monkeypatch):
+    """Two sites per model, partial dims, random positions: what block l+1 receives in the counterfactual run."""
+    t_sites = {0: list(range(4, 20)), 2: list(range(16, 32))}
+    s_sites = {0: list(range(0, 8)), 1: list(range(8, 24))}
+    distiller, teacher, student = _distiller(pair, t_sites, s_sites, shared_prefix=shared_prefix,
+                                             interchange_prop=0.5, mode="random")
+    received = {}
+
+    def spy_inputs(model, who, layers):
+        blocks = get_submodule(getattr(model, family_of(model).backbone), family_of(model).blocks)
+        handles = []
+        for layer in layers:
+            def pre_hook(module, args, kwargs, layer=layer):
+                hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+                received[(who, layer)] = hidden.detach().clone()  # the last call is the counterfactual run
+            handles.append(blocks[layer + 1].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        return handles
+
+    handles = spy_inputs(teacher, "teacher", t_sites) + spy_inputs(student, "student", s_sites)
+    try:
+        p, _, _, _ = _step(distiller, _batch(), monkeypatch)
+    finally:
+        for h in handles:
+            h.remove()
+    for who, model, sites in (("teacher", teacher, t_sites), ("student", student, s_sites)):
+        with torch.no_grad():
+            base_hs = model(input_ids=p.input_ids, attention_mask=p.attention_mask, output_hidden_states=True).hidden_states
+            src_hs = model(input_ids=p.source_ids, attention_mask=p.source_mask, output_hidden_states=True).hidden_states
+        lowest = min(sites)
+        for layer, dims in sites.items():
+            # block `layer`'s output is hidden_states[layer + 1] in HF's numbering
+            got = received[(who, layer)]
+            # Below the lowest site the counterfactual run is the base run; above it, the block input already
+            # carries the lower writes, so there only the swapped entries are compared with the source run.
+            expected = (base_hs[layer + 1] if layer == lowest else got).clone()
+            d = torch.tensor(dims)
+            rows = p.batch_idx[:, None]
+            expected[rows, p.base_pos[:, None], d[None, :]] = src_hs[layer + 1][rows, p.source_pos[:, None], d[None, :]]
+            real = p.attention_mask.bool()
+            torch.testing.assert_close(got[real], expected[real], atol=2e-6, rtol=1e-5)
