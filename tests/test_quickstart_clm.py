@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,13 @@ def test_family_flag_is_checked():
         quickstart.parse_args(["--family", "t5"])
     assert exit_info.value.code == 2
     assert quickstart_clm.config_overrides("llama", quickstart.PRESETS["small"]).count("num_key_value_heads=2") == 1
+
+
+def test_causal_lm_presets_differ_from_bert_only_in_teacher_steps():
+    # A causal LM memorises the small corpus in far fewer steps than the masked LM the BERT presets
+    # were sized for; the causal-LM quickstart (and only it) trains its teacher for its own count.
+    for name, bert in quickstart.PRESETS.items():
+        clm = quickstart_clm.checked_preset(name, "llama")
+        assert clm.teacher_steps == quickstart_clm.TEACHER_STEPS[name]
+        assert replace(clm, teacher_steps=bert.teacher_steps) == bert
+    assert quickstart_clm.checked_preset("small", "gpt2").teacher_steps < quickstart.PRESETS["small"].teacher_steps
