@@ -696,7 +696,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run the quickstart as `argv` asks; returns what ran, what was skipped and the wall time."""
     args = parse_args(argv)
-    preset = PRESETS[args.preset]
+    if args.family == "bert":
+        preset = PRESETS[args.preset]
+    else:
+        import quickstart_clm
+
+        preset = quickstart_clm.checked_preset(args.preset, args.family)
     user_docs = None
     if args.text:  # bad input fails here, before anything is written or trained
         user_docs = read_text_files(args.text)
@@ -716,9 +721,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.family == "bert":
             return Quickstart(args, preset, user_docs).run()
-        import quickstart_clm
-
-        return quickstart_clm.ClmQuickstart(args, quickstart_clm.checked_preset(args.preset, args.family), user_docs).run()
+        return quickstart_clm.ClmQuickstart(args, preset, user_docs).run()
     except StageFailed as err:
         logger.error("%s", err)
         sys.exit(1)

@@ -61,3 +61,25 @@ def test_causal_lm_presets_differ_from_bert_only_in_teacher_steps():
         assert clm.teacher_steps == quickstart_clm.TEACHER_STEPS[name]
         assert replace(clm, teacher_steps=bert.teacher_steps) == bert
     assert quickstart_clm.checked_preset("small", "gpt2").teacher_steps < quickstart.PRESETS["small"].teacher_steps
+
+
+def test_causal_lm_quickstart_on_user_text_keeps_every_document(tmp_path, monkeypatch):
+    """--text drops the preset's document cap; the causal-LM path must keep that, not reload the preset."""
+    import quickstart_clm
+
+    seen = {}
+
+    class Capture:
+        def __init__(self, args, preset, user_docs):
+            seen["preset"], seen["docs"] = preset, user_docs
+
+        def run(self):
+            return {}
+
+    monkeypatch.setattr(quickstart_clm, "ClmQuickstart", Capture)
+    text = tmp_path / "mine.txt"
+    text.write_text("\n\n".join(f"Document number {i} says something about topic {i % 7}." for i in range(40)))
+    quickstart.main(["--family", "llama", "--preset", "test", "--text", str(text), "--out", str(tmp_path / "out")])
+    assert quickstart_clm.preset_for("test").max_documents  # the test preset has a cap ...
+    assert seen["preset"].max_documents is None  # ... that user text removes
+    assert seen["preset"].teacher_steps == quickstart_clm.preset_for("test").teacher_steps
