@@ -107,6 +107,16 @@ def _bench():
     return module
 
 
+def _child_succeeded(cmd):
+    """What a bench child that ran its (mode, dtype) to the end prints: one JSON row of figures."""
+    import json
+
+    row = dict(mode=cmd[cmd.index("--mode") + 1], dtype=cmd[cmd.index("--dtype") + 1], median_step_s=1.0, seq_s=1.0,
+               tok_s=100.0, peak_gib=1.0, gflop_per_token=1.0, flop_s=1e11, mean_loss=1.0, forwards={},
+               yardstick=1e12)
+    return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
+
+
 def test_bench_skips_bf16_modes_on_such_a_cpu(cpu_without_bf16, monkeypatch, capsys):
     bench = _bench()
     ran = []
@@ -116,11 +126,7 @@ def test_bench_skips_bf16_modes_on_such_a_cpu(cpu_without_bf16, monkeypatch, cap
         if "--mode" not in cmd:  # not a bench child (platform.processor runs uname)
             return real_run(cmd, **kwargs)
         ran.append(cmd[cmd.index("--dtype") + 1])
-        row = dict(mode=cmd[cmd.index("--mode") + 1], dtype=ran[-1], median_step_s=1.0, seq_s=1.0, tok_s=100.0,
-                   peak_gib=1.0, gflop_per_token=1.0, flop_s=1e11, mean_loss=1.0, forwards={}, yardstick=1e12)
-        import json
-
-        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
+        return _child_succeeded(cmd)
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     monkeypatch.setattr(sys, "argv", ["bench", "--modes", "kd", "--dtypes", "fp32,bf16"])
@@ -159,11 +165,7 @@ def test_bench_reports_a_failed_mode_and_runs_the_rest(monkeypatch, capsys, resu
             if isinstance(result, Exception):
                 raise result
             return result
-        row = dict(mode=mode, dtype="fp32", median_step_s=1.0, seq_s=1.0, tok_s=100.0, peak_gib=1.0,
-                   gflop_per_token=1.0, flop_s=1e11, mean_loss=1.0, forwards={}, yardstick=1e12)
-        import json
-
-        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
+        return _child_succeeded(cmd)
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     monkeypatch.setattr(sys, "argv", ["bench", "--modes", "kd,diito_shared", "--dtypes", "fp32", "--timeout", "5"])
