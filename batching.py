@@ -8,7 +8,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from binarized_io import load_token_counts
+from utils import CliError, require_file
 
 
 @dataclass
@@ -159,7 +163,7 @@ class BatchPreparer:
         return batch_idx, base_pos, source_pos
 
     # --- the whole batch -----------------------------------------------------------------------
-    def prepare(self, batch: dict, causal: bool, augment: bool = False, reverse: bool = False) -> Prepared:
+    def prepare(self, batch: dict, causal: bool, reverse: bool = False) -> Prepared:
         """Prepare a collated batch (`base_ids`, `base_lengths`[, `source_ids`, `source_lengths`]).
 
         causal: sample interchange positions and keep the source input.
@@ -216,3 +220,16 @@ class BatchPreparer:
             batch_idx, base_pos, source_pos = self.interchange_positions(base_len, source_len, width, mlm_mask)
             prepared.batch_idx, prepared.base_pos, prepared.source_pos = batch_idx, base_pos, source_pos
         return prepared
+
+
+def load_token_probs(path, smoothing: float, vocab_size: int, special_ids: dict[str, int]) -> torch.Tensor:
+    """The MLM masking weight of each token id, `BatchPreparer`'s `token_probs`: count^-smoothing from the
+    token counts at `path` (scripts/token_counts.py; --token_counts), 0 for the special tokens."""
+    path = require_file(path, "--token_counts")
+    counts = load_token_counts(path).astype(np.float64)
+    if len(counts) != vocab_size:
+        raise CliError(f"--token_counts {path} has {counts.size} entries but the vocabulary has {vocab_size}")
+    probs = np.maximum(counts, 1) ** -smoothing
+    for tid in special_ids.values():
+        probs[tid] = 0.0
+    return torch.from_numpy(probs).float()

@@ -1,19 +1,27 @@
-"""Checkpoint folders and data fingerprints: listing, manifests, verification, the training-state file.
+"""Checkpoints of a distillation run: writing, pruning, disk space, verification, loading, RNG state.
 
 A checkpoint is `checkpoint-<step>/` in the dump path: the student (an HF folder), `training_state.pt`
-and `manifest.json` (size and blake2b of every other file, written last). `CausalDistiller` writes
-them; `causal_train.py` picks the one to resume from.
+(one dictionary with everything a continuation needs, the RNG state of every rank included) and
+`manifest.json` (size and blake2b of every other file, written last). `CheckpointWriter` writes
+them (and the final student) for `CausalDistiller`, `read_checkpoint` verifies and loads one, and
+`causal_train.py` picks the one to resume from (`find_resume_checkpoint`). The data file's
+fingerprint, recorded in the state, ties a checkpoint to its corpus.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from binarized_io import HEADER_SIZE
-from utils import CliError, atomic_write_text, file_blake2b, logger
+from utils import CliError, atomic_dir, atomic_write_text, file_blake2b, is_disk_full, logger
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.pt"
@@ -144,3 +152,156 @@ def find_resume_checkpoint(dump_path: Path) -> Path:
 
 def folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+
+
+# --- writing -----------------------------------------------------------------------------------------
+class CheckpointWriter:
+    """Writes `checkpoint-<step>/` folders and the final student into `dump_path` (the master rank's job).
+
+    With `save_total_limit` > 0 only the newest that many checkpoints are kept. Checkpoints that the
+    limit would remove anyway are removed first, oldest first, when the disk lacks room for a new
+    one; the newest complete checkpoint is never removed before its successor exists. A full disk
+    or another write error is a CliError naming the target and the intact previous checkpoint.
+    """
+
+    def __init__(self, dump_path: Path, save_total_limit: int = 0):
+        self.dump_path = Path(dump_path)
+        self.save_total_limit = save_total_limit
+
+    def write(self, step: int, student, state: dict) -> Path:
+        """Write `checkpoint-<step>/` atomically: the student (HF folder), `state`, then the manifest."""
+        target = self.dump_path / f"{CHECKPOINT_PREFIX}{step}"
+        self._make_room()
+        for attempt in (1, 2):
+            try:
+                self._write(target, student, state)
+                break
+            except Exception as err:  # noqa: BLE001 -- safetensors and torch report write errors their own ways
+                if attempt == 1 and is_disk_full(err) and self._remove_excess("the disk is full"):
+                    continue
+                raise self._write_error(target, err) from None
+        logger.info("checkpoint written: %s", target)
+        return target
+
+    def prune(self) -> None:
+        """Remove the checkpoints beyond the newest `save_total_limit`."""
+        limit = self.save_total_limit
+        if limit and limit > 0:
+            for old in list_checkpoints(self.dump_path)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def write_final(self, student) -> None:
+        """The student as a plain HF model folder in `dump_path` (config.json + model.safetensors)."""
+        # Each file lands complete: written in a hidden folder, then renamed into place.
+        tmp = Path(tempfile.mkdtemp(prefix=".final.", suffix=".tmp", dir=self.dump_path))
+        try:
+            student.save_pretrained(tmp, safe_serialization=True)
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, self.dump_path / f.name)
+        except Exception as err:  # noqa: BLE001
+            raise self._write_error(self.dump_path / "model.safetensors", err) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("student saved to %s", self.dump_path)
+
+    def _write(self, target: Path, student, state: dict) -> None:
+        with atomic_dir(target) as tmp:
+            student.save_pretrained(tmp, safe_serialization=True)
+            save_training_state(state, tmp / STATE_FILE)
+            write_manifest(tmp)
+
+    def _write_error(self, target: Path, err: BaseException) -> CliError:
+        found = list_checkpoints(self.dump_path)
+        previous = f"the previous checkpoint {found[-1]} is intact" if found else "no checkpoint was written before"
+        if is_disk_full(err):
+            return CliError(f"no space left on device at {target}; {previous}; free space and resume with --resume")
+        return CliError(f"could not write {target}: {type(err).__name__}: {err} ({previous})")
+
+    def _excess(self) -> list[Path]:
+        """Checkpoints that --save_total_limit removes once the next one is written (never the newest)."""
+        limit = self.save_total_limit
+        if not limit or limit <= 0:
+            return []
+        found = list_checkpoints(self.dump_path)
+        return found[: max(0, len(found) - max(limit - 1, 1))]
+
+    def _remove_excess(self, why: str, need: int | None = None) -> bool:
+        removed = False
+        for old in self._excess():  # oldest first
+            if need is not None and shutil.disk_usage(self.dump_path).free >= need:
+                break
+            logger.warning("removing %s before writing the next checkpoint (--save_total_limit %d): %s", old,
+                           self.save_total_limit, why)
+            shutil.rmtree(old, ignore_errors=True)
+            removed = True
+        return removed
+
+    def _make_room(self) -> None:
+        """Free the checkpoints beyond --save_total_limit first when the disk may lack room for a new one."""
+        found = list_checkpoints(self.dump_path)
+        if not found or not self._excess():
+            return
+        need = folder_size(found[-1]) * 11 // 10 + (1 << 20)
+        if shutil.disk_usage(self.dump_path).free < need:
+            self._remove_excess("the disk is short of space", need)
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def read_checkpoint(folder: Path, student, data_file, data_fingerprint: dict | None) -> dict:
+    """Verify checkpoint `folder`, load its weights into `student` and return its training state.
+
+    The folder is checked against its manifest first (`checkpoint_problem`), and the data file
+    against the fingerprint the run recorded; a damaged checkpoint, a changed data file or weights
+    that do not fit the student are a CliError naming the culprit.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    problem = checkpoint_problem(folder)
+    if problem:
+        raise CliError(f"checkpoint {folder} is damaged: {problem}")
+    try:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        weights = load_file(str(folder / "model.safetensors"), device="cpu")
+    except Exception as err:  # noqa: BLE001 -- a damaged file gets one clear message
+        raise CliError(f"checkpoint {folder} is damaged: cannot read it ({type(err).__name__}: {err})") from None
+    recorded = state.get("data_fingerprint")
+    if recorded is not None:
+        check_fingerprint(data_file, recorded, data_fingerprint)
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    tied = set(getattr(student, "_tied_weights_keys", None) or {})
+    if unexpected or [k for k in missing if k not in tied]:
+        raise CliError(f"checkpoint {folder} does not match the student: missing {missing}, unexpected {unexpected}")
+    return state
+
+
+# --- random number generators ------------------------------------------------------------------------
+def rng_state() -> dict:
+    """The state of every generator a run draws from (Python, NumPy, torch, CUDA)."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def rng_states_all_ranks(multi_gpu: bool) -> list[dict]:
+    """`rng_state()` of every rank, in rank order (a collective under DDP)."""
+    mine = rng_state()
+    if not multi_gpu:
+        return [mine]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the generators from a `rng_state()`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

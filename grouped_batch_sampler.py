@@ -10,7 +10,9 @@ from collections import defaultdict
 from typing import Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import BatchSampler, Sampler
+import torch
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, Sampler
 
 from utils import logger
 
@@ -64,3 +66,31 @@ class GroupedBatchSampler(BatchSampler):
         """Forward to the wrapped sampler (DistributedSampler reshuffles per epoch)."""
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+
+
+def epoch_batches(dataset, epoch: int, *, batch_size: int, seed: int, group_by_size: bool, max_len: int,
+                  world_size: int = 1, rank: int = 0) -> list[list[int]]:
+    """The item indices of each batch of `epoch` for this rank, in order; the same on every call.
+
+    One process: a random order seeded by (seed, epoch). Under DDP (`world_size` > 1, the process
+    group initialised) each rank takes its share (`DistributedSampler`), and every rank keeps as
+    many batches as the rank with the fewest, so that all run the same number of steps.
+    `group_by_size` batches items of similar lengths (bins of `create_lengths_groups` up to `max_len`).
+    """
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+    if group_by_size:
+        groups = create_lengths_groups(lengths=dataset.lengths, k=max_len)
+        batch_sampler = GroupedBatchSampler(sampler=sampler, group_ids=groups, batch_size=batch_size)
+    else:
+        batch_sampler = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+    batches = list(batch_sampler)
+    if world_size > 1:
+        n = torch.tensor([len(batches)])
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        batches = batches[: int(n)]
+    return batches

@@ -16,7 +16,8 @@ with the blocks.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -33,6 +34,7 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
+from batching import Prepared
 from neuron_mapping import ModelShape
 
 
@@ -241,3 +243,101 @@ def head_projection(model: nn.Module) -> nn.Linear:
 def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Apply the model's vocabulary head to hidden states of any leading shape."""
     return head_projection(model)(head_features(model, hidden))
+
+
+# --- the runs of one training or evaluation step -------------------------------------------------
+@dataclass
+class Needs:
+    """Which outputs the active losses use, so nothing else is computed."""
+
+    logits: bool
+    hidden: bool
+    cf_logits: bool
+    cf_hidden: bool
+    teacher_logits: bool
+
+    @property
+    def causal(self) -> bool:
+        return self.cf_logits or self.cf_hidden
+
+
+@dataclass
+class Outputs:
+    """What one model produced for one prepared batch, gathered at the selected rows.
+
+    The LM head is applied up to its vocabulary projection only: the losses project chunk by
+    chunk (`losses.head_losses`), so no (rows x vocabulary) logits are kept.
+    """
+
+    projection: nn.Linear | None = None  # the vocabulary projection of the model's LM head
+    features: torch.Tensor | None = None  # (N, H) head features at logit_idx
+    hidden: torch.Tensor | None = None  # (R, H) last hidden states at real_idx
+    cf_features: torch.Tensor | None = None
+    cf_hidden: torch.Tensor | None = None
+    forwards: dict = field(default_factory=dict)  # run name -> count (for tests and logs)
+
+    def logits(self, counterfactual: bool = False) -> torch.Tensor:
+        """Materialised (N, V) logits (only the `mse` loss needs them)."""
+        return self.projection(self.cf_features if counterfactual else self.features)
+
+
+def model_outputs(
+    model: nn.Module,
+    p: Prepared,
+    sites: dict[int, torch.Tensor] | None,
+    needs: Needs,
+    *,
+    want_logits: bool,
+    data_augment: bool = False,
+    shared_prefix: bool = True,
+) -> Outputs:
+    """Run base, and when `sites` is given, source and counterfactual runs of `model` on `p`.
+
+    sites: block -> (D,) dims tensor of this model's variables for the step's mapping entry.
+    """
+    out = Outputs(projection=head_projection(model))
+    causal = sites is not None and needs.causal
+    layers = sorted(sites) if causal else []
+    prefix = causal and shared_prefix and not data_augment
+    base_last, base_sites = run_model(model, p.input_ids, p.attention_mask, capture=(layers[0],) if prefix else ())
+    out.forwards["base"] = 1
+    hidden_size = base_last.shape[-1]
+    flat = base_last.reshape(-1, hidden_size)
+    if want_logits:
+        out.features = head_features(model, flat.index_select(0, p.logit_idx))
+    if needs.hidden:
+        out.hidden = flat.index_select(0, p.real_idx)
+    if not causal:
+        return out
+
+    if data_augment:
+        tokens = p.source_ids[p.batch_idx, p.source_pos]
+        cf_ids = p.input_ids.index_put((p.batch_idx, p.base_pos), tokens)
+        cf_last, _ = run_model(model, cf_ids, p.attention_mask)
+    else:
+        _, source_sites = run_model(
+            model, p.source_ids, p.source_mask, capture=tuple(layers),
+            stop_after=layers[-1] if shared_prefix else None,
+        )
+        out.forwards["source"] = 1
+        write = {
+            layer: partial(
+                interchange, source=source_sites[layer], dims=sites[layer],
+                batch_idx=p.batch_idx, base_pos=p.base_pos, source_pos=p.source_pos,
+            )
+            for layer in layers
+        }
+        if prefix:
+            lowest = layers[0]
+            start = (lowest, write[lowest](base_sites[lowest]))
+            upper = {layer: fn for layer, fn in write.items() if layer != lowest}
+            cf_last, _ = run_model(model, p.input_ids, p.attention_mask, writes=upper, start_after=start)
+        else:
+            cf_last, _ = run_model(model, p.input_ids, p.attention_mask, writes=write)
+    out.forwards["counterfactual"] = 1
+    cf_flat = cf_last.reshape(-1, hidden_size)
+    if needs.cf_logits:
+        out.cf_features = head_features(model, cf_flat.index_select(0, p.logit_idx))
+    if needs.cf_hidden:
+        out.cf_hidden = cf_flat.index_select(0, p.real_idx)
+    return out

@@ -10,11 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from binarized_io import Corpus, InMemoryCorpus, load_corpus
 from utils import CliError, logger
@@ -241,3 +241,44 @@ def stop_signals_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def make_loader(dataset: LmSeqsDataset, batches: list[list[int]], num_workers: int, seed: int) -> DataLoader:
+    """A DataLoader that collates `batches` (lists of item indices) in order."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=dataset.batch_sequences,
+        num_workers=num_workers,
+        persistent_workers=False,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a
+        # resumed run would see different masks and positions than the run that never stopped.
+        generator=torch.Generator().manual_seed(seed),
+        # The main process owns the shutdown: a SIGTERM to the whole process group (Slurm,
+        # Kubernetes, docker stop) must not kill the workers before the stop checkpoint.
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+    )
+
+
+def collated_batches(dataset: LmSeqsDataset, batches: list[list[int]], *, num_workers: int, seed: int,
+                     stopping: Callable[[], bool]) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the collated `batches` in order, through `num_workers` DataLoader workers (`make_loader`).
+
+    Workers ignore SIGINT/SIGTERM and are started with those signals blocked (so none can
+    arrive before a worker has set that up). Should a worker die anyway while the run is
+    stopping (`stopping()` is true), the remaining batches are collated in this process (collation
+    draws no random numbers, so the data are the same) and the stop checkpoint is still written.
+    """
+    n_done = 0
+    try:
+        with stop_signals_blocked():  # the workers are forked here and inherit the blocked mask
+            iterator = iter(make_loader(dataset, batches, num_workers, seed))
+        for batch in iterator:
+            n_done += 1
+            yield batch
+    except RuntimeError as err:
+        if not stopping() or "DataLoader worker" not in str(err):
+            raise
+        logger.warning("a DataLoader worker died while stopping (%s); collating the rest in this process", err)
+        for indices in batches[n_done:]:
+            yield dataset.batch_sequences([dataset[i] for i in indices])

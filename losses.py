@@ -13,6 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The losses of a distillation run, each weighted by causal_train.py's --alpha_<name>: soft targets
+# (`ce`), the masked- or causal-LM loss (`mlm`, `clm`), logits MSE (`mse`), hidden-state cosine
+# (`cos`) and the DIITO losses on counterfactual runs (`causal_ce`, `causal_cos`).
+LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "causal_ce", "causal_cos")
+
 CHUNK_ROWS = {"cpu": 256, "cuda": 4096}  # rows per chunk: temporaries of rows x vocabulary
 CHUNK_VOCAB = 32768  # ... for vocabularies up to this size; larger ones (Llama 3, Qwen) get fewer rows
 

@@ -6,7 +6,7 @@ student run the same counterfactual: the base input, with the activations of the
 (the output of a block, some hidden dimensions) at the interchanged positions taken from the
 source run. Both models see the very same masked input, masked positions and interchange
 positions (drawn once per batch, seeded by --seed), through the project's own intervention code
-(`causal_distiller.model_outputs`, the function DIITO trains with). Reported, per mapping entry
+(`interventions.model_outputs`, the function DIITO trains with). Reported, per mapping entry
 and over all entries together, each with a bootstrap 95% interval over pairs:
 
   IIA               share of evaluated positions where the student's counterfactual top-1 prediction
@@ -40,10 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batching import BatchPreparer, Prepared
+from batching import BatchPreparer, Prepared, load_token_probs
 from binarized_io import MAGIC, load_corpus
-from causal_distiller import Needs, model_outputs
-from interventions import FAMILIES, model_shape
+from interventions import FAMILIES, Needs, model_outputs, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import MappingEntry, load_neuron_mapping
 from utils import CliError, atomic_open, atomic_write_text, logger, run_cli
@@ -222,9 +221,8 @@ def load_dataset(path: str, tok, special: dict, max_len: int, seed: int) -> LmSe
 def token_weights(args, vocab_size: int, special: dict) -> torch.Tensor:
     """Masking weight of each token id: uniform, or smoothed frequency with --token_counts (as training)."""
     if args.token_counts:
-        from causal_train import load_token_probs
-
-        return load_token_probs(args, vocab_size, {k: v for k, v in special.items() if v is not None})
+        return load_token_probs(args.token_counts, args.mlm_smoothing, vocab_size,
+                                {k: v for k, v in special.items() if v is not None})
     probs = torch.ones(vocab_size)
     for tid in special.values():
         if tid is not None:

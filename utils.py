@@ -161,6 +161,26 @@ def tune_cpu_allocator() -> None:
         pass
 
 
+def count_cpu_flash_attention() -> None:
+    """Teach torch's FlopCounterMode the CPU's fused attention kernel (it has formulas for the CUDA
+    ones only): without this, the attention matmuls of a step on the CPU would go uncounted.
+    Used where FLOPs are counted (scripts/count_step_flops.py, bench/bench_train_step.py)."""
+    import torch
+    from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    try:
+        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+        def _forward(query, key, value, *args, out_shape=None, **kwargs):
+            return sdpa_flop_count(query, key, value)
+
+        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+        def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+            return sdpa_backward_flop_count(grad_out, query, key, value)
+    except (AttributeError, RuntimeError):  # another torch: the op or the registry differs, or it is registered
+        pass
+
+
 def git_info(folder: str | os.PathLike = REPO_ROOT) -> dict:
     """The commit and branch of the checkout holding `folder`, read with the git CLI ({} outside git)."""
 

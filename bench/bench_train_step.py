@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -92,39 +91,19 @@ def _models(cfg, seed=0):
     return teacher, student
 
 
-def _count_cpu_flash_attention() -> None:
-    """FlopCounterMode has formulas for the CUDA attention kernels but not for the CPU's fused one:
-    without this, the teacher's attention matmuls on the CPU would go uncounted."""
-    import torch
-    from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
-
-    aten = torch.ops.aten
-    try:
-        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
-        def _forward(query, key, value, *args, out_shape=None, **kwargs):
-            return sdpa_flop_count(query, key, value)
-
-        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
-        def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-            return sdpa_backward_flop_count(grad_out, query, key, value)
-    except (AttributeError, RuntimeError):  # another torch: the op or the registry differs, or it is registered
-        pass
-
-
 def run_single(args) -> dict:
     """One (mode, dtype) in this process; returns its figures."""
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from causal_distiller import CausalDistiller
+    from distill_setup import build_from_models
     from lm_seqs_dataset import LmSeqsDataset
     from neuron_mapping import MappingEntry
-
-    from utils import tune_cpu_allocator
+    from utils import count_cpu_flash_attention, tune_cpu_allocator
 
     tune_cpu_allocator()  # as causal_train.py does
-    _count_cpu_flash_attention()
+    count_cpu_flash_attention()
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,24 +121,9 @@ def run_single(args) -> dict:
                             sep_id=ids["sep_token"], pad_id=ids["pad_token"], unk_id=ids["unk_token"], seed=0,
                             paired=True)
     teacher, student = _models(cfg)
-    teacher.to(device).eval()
-    student.to(device).train()
-    for p in teacher.parameters():
-        p.requires_grad = False
-    mode = MODES[args.mode]
-    params = SimpleNamespace(
-        device=device, is_master=True, multi_gpu=False, dump_path=args.tmp, world_size=1, global_rank=0,
-        alpha_ce=0.5, alpha_mlm=0.5 if mlm else 0.0, alpha_clm=0.0 if mlm else 0.5, alpha_mse=0.0, alpha_cos=0.0,
-        alpha_causal_cos=0.0, temperature=2.0, data_augment=False, include_crossway=False,
-        gradient_accumulation_steps=1, mlm=mlm, special_tok_ids=ids,
-        mlm_mask_prop=0.15, word_mask=0.8, word_keep=0.1, word_rand=0.1, restrict_ce_to_mask=False,
-        interchange_prop=0.3, interchange_max_token=-1, interchange_consecutive_only=False,
-        interchange_masked_token_only=False, bf16=args.dtype == "bf16", fp16=False, n_epoch=1, max_steps=-1,
-        seed=0, group_by_size=False, batch_size=cfg["batch"], max_model_input_size=cfg["max_len"],
-        weight_decay=0.0, learning_rate=1e-4, adam_epsilon=1e-6, warmup_prop=0.0, max_grad_norm=5.0,
-        num_workers=0, is_wandb=False, skip_nonfinite_steps=0, save_total_limit=0, log_interval=10**9,
-        checkpoint_interval=0, no_progress=True, run_name=None, compile=args.compile, **mode,
-    )
+    params = train_args(args, cfg, mlm)
+    params.__dict__.update(device=device, is_master=True, multi_gpu=False, world_size=1, global_rank=0,
+                           special_tok_ids=ids)
     token_probs = None
     if mlm:
         token_probs = torch.ones(cfg["vocab"])
@@ -167,18 +131,14 @@ def run_single(args) -> dict:
     t, s = cfg["t_site"], cfg["s_site"]
     hidden = cfg["hidden"]
     entry = MappingEntry(0, {t: tuple(range(hidden))}, {s: tuple(range(hidden))}, (), ())
-    distiller = CausalDistiller(params, dataset, token_probs, student, teacher, [entry])
+    distiller = build_from_models(params, teacher, student, dataset, token_probs, [entry]).distiller
+    student.train()
     rng = np.random.default_rng(1)
     n_batches = args.warmup + args.steps
     batches = []
     for _ in range(n_batches):
         idx = rng.choice(len(dataset), size=cfg["batch"], replace=False)
         batches.append(dataset.batch_sequences([dataset[int(i)] for i in idx]))
-
-    def step(batch):
-        losses = distiller._micro_step(batch, sync=True)
-        distiller._optimizer_step(losses)
-        return losses
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -190,7 +150,7 @@ def run_single(args) -> dict:
     for i, batch in enumerate(batches):
         sync()
         start = time.perf_counter()
-        losses = step(batch)
+        losses = distiller.step([batch])
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -206,7 +166,7 @@ def run_single(args) -> dict:
     counted = []
     for batch in batches[args.warmup:][:3]:
         with FlopCounterMode(display=False) as counter:
-            step(batch)
+            distiller.step([batch])
         counted.append((counter.get_total_flops(), int(batch["base_lengths"].sum())))
     flops_per_token = sum(f for f, _ in counted) / sum(n for _, n in counted)
     median = statistics.median(times)
@@ -216,6 +176,26 @@ def run_single(args) -> dict:
         peak_gib=peak, gflop_per_token=flops_per_token / 1e9, flop_s=flops_per_token * tok_s,
         mean_loss=statistics.mean(losses_seen), forwards=distiller.forward_counts, yardstick=stick.value(),
     )
+
+
+def train_args(args, cfg: dict, mlm: bool):
+    """causal_train.py's arguments for a (mode, precision) of the benchmark: one step per batch, no warm-up.
+
+    The models and data are made in memory (`build_from_models`): the paths given are not read."""
+    from distill_setup import build_parser
+
+    mode = MODES[args.mode]
+    argv = ["--dump_path", args.tmp, "--data_file", args.data_file or "synthetic", "--teacher_name", "in-memory",
+            "--student_config", "in-memory", "--teacher_type", "bert" if mlm else cfg["family"],
+            "--student_type", "distilbert" if mlm else cfg["family"],
+            "--alpha_ce", "0.5", "--alpha_mlm", "0.5" if mlm else "0.0", "--alpha_clm", "0.0" if mlm else "0.5",
+            "--alpha_causal_ce", str(mode["alpha_causal_ce"]), "--gradient_accumulation_steps", "1",
+            "--n_epoch", "1", "--seed", "0", "--batch_size", str(cfg["batch"]),
+            "--max_model_input_size", str(cfg["max_len"]), "--learning_rate", "1e-4", "--warmup_prop", "0.0",
+            "--num_workers", "0", "--log_interval", str(10**9), "--checkpoint_interval", "0", "--no_progress"]
+    argv += ["--mlm"] * mlm + ["--bf16"] * (args.dtype == "bf16") + ["--compile"] * bool(args.compile)
+    argv += ["--no_shared_prefix"] * mode["no_shared_prefix"]
+    return build_parser().parse_args(argv)
 
 
 class Yardstick:

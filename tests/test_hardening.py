@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 import causal_distiller
 import causal_train
+import checkpoints
+import lm_seqs_dataset
 from binarized_io import HEADER_SIZE, CorpusWriter, load_corpus, load_token_counts
 from utils import CliError
 
@@ -70,7 +72,7 @@ def test_sigterm_to_the_process_group_with_a_worker_checkpoints_and_resumes_exac
     log = "".join(log) + rest
     assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
     assert "DataLoader worker" not in log and "Traceback" not in log, log[-3000:]
-    ckpts = causal_distiller.list_checkpoints(tmp_path / "cut")
+    ckpts = checkpoints.list_checkpoints(tmp_path / "cut")
     assert len(ckpts) == 1 and 2 <= int(ckpts[0].name.split("-")[1]) < 8
     causal_train.main(argv + ["--resume"])
     full = tmp_path / "full"
@@ -80,21 +82,21 @@ def test_sigterm_to_the_process_group_with_a_worker_checkpoints_and_resumes_exac
 
 def test_worker_death_while_stopping_still_ends_in_the_stop_checkpoint(setup, tmp_path, monkeypatch):
     """A worker that dies anyway while the run stops: the rest of the step is collated in-process."""
-    original = causal_distiller.CausalDistiller._loader
+    original = lm_seqs_dataset.make_loader
 
-    def dying_loader(self, batches):
-        self._stop_signal = signal.SIGTERM  # the stop was asked for ...
-        for i, batch in enumerate(original(self, batches)):
+    def dying_loader(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # the stop was asked for (the trainer's handler takes it) ...
+        for i, batch in enumerate(original(*args)):
             if i == 1:  # ... and the worker died of it
                 raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Terminated.")
             yield batch
 
-    monkeypatch.setattr(causal_distiller.CausalDistiller, "_loader", dying_loader)
+    monkeypatch.setattr(lm_seqs_dataset, "make_loader", dying_loader)
     dump = tmp_path / "die"
     with pytest.raises(SystemExit) as stop:
         causal_train.main(_argv(setup, dump, "--gradient_accumulation_steps", "3", "--checkpoint_interval", "0"))
     assert stop.value.code == 128 + signal.SIGTERM
-    assert [p.name for p in causal_distiller.list_checkpoints(dump)] == ["checkpoint-1"]
+    assert [p.name for p in checkpoints.list_checkpoints(dump)] == ["checkpoint-1"]
 
 
 # --- --force -----------------------------------------------------------------------------------------
@@ -130,13 +132,13 @@ def test_force_restores_the_previous_run_when_failing_before_the_first_checkpoin
 def test_force_deletes_the_previous_run_once_the_first_checkpoint_exists(setup, tmp_path, monkeypatch):
     dump = _previous_run(tmp_path / "run")
     seen = []
-    original = causal_distiller.CausalDistiller._write_checkpoint
+    original = checkpoints.CheckpointWriter._write
 
-    def spy(self, target, state):
+    def spy(self, target, student, state):
         seen.append(sorted(p.name for p in tmp_path.iterdir()))
-        return original(self, target, state)
+        return original(self, target, student, state)
 
-    monkeypatch.setattr(causal_distiller.CausalDistiller, "_write_checkpoint", spy)
+    monkeypatch.setattr(checkpoints.CheckpointWriter, "_write", spy)
     causal_train.main(_argv(setup, dump, "--force", "--max_steps", "2"))
     assert seen[0] == [".run.replaced", "run"] and seen[1] == ["run"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
@@ -170,40 +172,40 @@ def test_disk_full_while_writing_the_weights_names_the_intact_checkpoint(setup, 
         causal_train.main(_argv(setup, dump))
     assert str(err.value) == (f"no space left on device at {dump / 'checkpoint-3'}; the previous checkpoint "
                               f"{dump / 'checkpoint-2'} is intact; free space and resume with --resume")
-    assert [p.name for p in causal_distiller.list_checkpoints(dump)] == ["checkpoint-1", "checkpoint-2"]
+    assert [p.name for p in checkpoints.list_checkpoints(dump)] == ["checkpoint-1", "checkpoint-2"]
     assert not [p for p in dump.iterdir() if p.name.startswith(".")]
 
 
 def test_save_total_limit_frees_the_oldest_first_when_the_disk_is_short(setup, tmp_path, monkeypatch):
     seen = []
-    original = causal_distiller.CausalDistiller._write_checkpoint
+    original = checkpoints.CheckpointWriter._write
 
-    def spy(self, target, state):
-        seen.append((target.name, sorted(p.name for p in causal_distiller.list_checkpoints(self.dump_path))))
-        return original(self, target, state)
+    def spy(self, target, student, state):
+        seen.append((target.name, sorted(p.name for p in checkpoints.list_checkpoints(self.dump_path))))
+        return original(self, target, student, state)
 
-    monkeypatch.setattr(causal_distiller.CausalDistiller, "_write_checkpoint", spy)
-    monkeypatch.setattr(causal_distiller.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=0))
+    monkeypatch.setattr(checkpoints.CheckpointWriter, "_write", spy)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=0))
     dump = tmp_path / "limit"
     causal_train.main(_argv(setup, dump, "--save_total_limit", "2"))
     # before writing checkpoint-n only checkpoint-(n-1) is left: the limit's victim went first
     assert seen == [("checkpoint-1", []), ("checkpoint-2", ["checkpoint-1"]), ("checkpoint-3", ["checkpoint-2"]),
                     ("checkpoint-4", ["checkpoint-3"])]
-    assert [p.name for p in causal_distiller.list_checkpoints(dump)] == ["checkpoint-3", "checkpoint-4"]
+    assert [p.name for p in checkpoints.list_checkpoints(dump)] == ["checkpoint-3", "checkpoint-4"]
 
 
 def _enospc_at(monkeypatch, name):
     seen, failed = [], []
-    original = causal_distiller.CausalDistiller._write_checkpoint
+    original = checkpoints.CheckpointWriter._write
 
-    def spy(self, target, state):
-        seen.append((target.name, sorted(p.name for p in causal_distiller.list_checkpoints(self.dump_path))))
+    def spy(self, target, student, state):
+        seen.append((target.name, sorted(p.name for p in checkpoints.list_checkpoints(self.dump_path))))
         if target.name == name and not failed:
             failed.append(1)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, target, state)
+        return original(self, target, student, state)
 
-    monkeypatch.setattr(causal_distiller.CausalDistiller, "_write_checkpoint", spy)
+    monkeypatch.setattr(checkpoints.CheckpointWriter, "_write", spy)
     return seen
 
 
@@ -212,7 +214,7 @@ def test_enospc_frees_the_checkpoint_beyond_the_limit_and_retries(setup, tmp_pat
     dump = tmp_path / "limit2"
     causal_train.main(_argv(setup, dump, "--save_total_limit", "2", "--max_steps", "3"))
     assert seen[2:] == [("checkpoint-3", ["checkpoint-1", "checkpoint-2"]), ("checkpoint-3", ["checkpoint-2"])]
-    assert [p.name for p in causal_distiller.list_checkpoints(dump)] == ["checkpoint-2", "checkpoint-3"]
+    assert [p.name for p in checkpoints.list_checkpoints(dump)] == ["checkpoint-2", "checkpoint-3"]
 
 
 def test_limit_one_never_frees_the_newest_checkpoint(setup, tmp_path, monkeypatch):
@@ -220,7 +222,7 @@ def test_limit_one_never_frees_the_newest_checkpoint(setup, tmp_path, monkeypatc
     dump = tmp_path / "limit1"
     with pytest.raises(CliError, match="no space left on device at .*checkpoint-3; the previous checkpoint"):
         causal_train.main(_argv(setup, dump, "--save_total_limit", "1", "--max_steps", "3"))
-    assert [p.name for p in causal_distiller.list_checkpoints(dump)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints.list_checkpoints(dump)] == ["checkpoint-2"]
 
 
 def test_stale_temporaries_are_cleaned_and_no_empty_final_folder(setup, tmp_path):
@@ -265,10 +267,10 @@ def _damage(path, kind):
 def test_damaged_newest_checkpoint_is_named_and_skipped(three_checkpoints, tmp_path, name, kind, caplog):
     dump = tmp_path / "run"
     shutil.copytree(three_checkpoints, dump)
-    assert causal_distiller.checkpoint_problem(dump / "checkpoint-3") is None
+    assert checkpoints.checkpoint_problem(dump / "checkpoint-3") is None
     _damage(dump / "checkpoint-3" / name, kind)
-    assert name in causal_distiller.checkpoint_problem(dump / "checkpoint-3")
-    assert causal_distiller.find_resume_checkpoint(dump).name == "checkpoint-2"
+    assert name in checkpoints.checkpoint_problem(dump / "checkpoint-3")
+    assert checkpoints.find_resume_checkpoint(dump).name == "checkpoint-2"
     assert f"checkpoint {dump / 'checkpoint-3'} is damaged or incomplete: {name}" in caplog.text
 
 
@@ -281,7 +283,7 @@ def test_resume_falls_back_to_the_newest_sound_checkpoint(setup, three_checkpoin
     assert "resuming from" in caplog.text and "checkpoint-2, the newest sound checkpoint (skipped: checkpoint-3: model.safetensors" in caplog.text
     assert "resumed from %s: epoch 0, step 2" % (dump / "checkpoint-2") in caplog.text
     _assert_same(_weights(dump), _weights(three_checkpoints))  # step 3 redone, the same weights
-    assert causal_distiller.checkpoint_problem(dump / "checkpoint-3") is None  # and rewritten sound
+    assert checkpoints.checkpoint_problem(dump / "checkpoint-3") is None  # and rewritten sound
 
 
 def test_resume_from_a_damaged_checkpoint_is_an_error(setup, three_checkpoints, tmp_path):
@@ -299,7 +301,7 @@ def test_extending_a_finished_run_with_a_larger_max_steps(setup, three_checkpoin
     caplog.set_level("INFO")
     causal_train.main(_argv(setup, dump, "--resume", "--max_steps", "5"))
     assert "resumed from %s: epoch 0, step 3" % (dump / "checkpoint-3") in caplog.text
-    assert [p.name for p in causal_distiller.list_checkpoints(dump)][-2:] == ["checkpoint-4", "checkpoint-5"]
+    assert [p.name for p in checkpoints.list_checkpoints(dump)][-2:] == ["checkpoint-4", "checkpoint-5"]
     state = torch.load(dump / "checkpoint-5" / "training_state.pt", weights_only=False)
     assert state["n_step"] == 5
 
@@ -314,19 +316,19 @@ def test_a_token_changed_mid_file_is_detected(tmp_path):
         for _ in range(1500):
             w.add(rng.integers(0, 1000, 1000))
     assert load_corpus(path).verify_checksum()
-    before = causal_distiller.file_fingerprint(path)
+    before = checkpoints.file_fingerprint(path)
     mid = HEADER_SIZE + 1_500_000
     with open(path, "r+b") as fh:
         fh.seek(mid)
         byte = fh.read(1)
         fh.seek(mid)
         fh.write(bytes([byte[0] ^ 1]))
-    after = causal_distiller.file_fingerprint(path)
+    after = checkpoints.file_fingerprint(path)
     assert after["sha256_head_tail"] == before["sha256_head_tail"]
     with pytest.raises(CliError, match="differ from the checksum recorded"):
         load_corpus(path).verify_checksum()
     with pytest.raises(CliError, match="changed while the run used it"):
-        causal_distiller.check_fingerprint(path, before, after)
+        checkpoints.check_fingerprint(path, before, after)
 
 
 def test_a_bin_written_before_checksums_still_loads(tmp_path):
@@ -433,11 +435,11 @@ def test_crossway_with_accumulation_steps_once_per_window(setup, tmp_path):
     dump = tmp_path / "cross"
     causal_train.main(train_argv(setup, dump, "--include_crossway", "--gradient_accumulation_steps", "2",
                                  "--checkpoint_interval", "0", "--batch_size", "16"))
-    state = torch.load(causal_distiller.list_checkpoints(dump)[-1] / "training_state.pt", weights_only=False)
+    state = torch.load(checkpoints.list_checkpoints(dump)[-1] / "training_state.pt", weights_only=False)
     assert state["batch_in_epoch"] == 0 and state["epoch"] == 1
     n_batches = -(-151 // 16)  # 151 sequences after cleaning (see the log), batches of 16
     assert state["n_step"] == -(-n_batches // 2)
     assert state["scheduler"]["last_epoch"] == state["n_step"]
     assert all(int(s["step"]) == state["n_step"] for s in state["optimizer"]["state"].values())
     # the run ended with its epoch: the epoch-end checkpoint is the final one, written once
-    assert len(causal_distiller.list_checkpoints(dump)) == 1
+    assert len(checkpoints.list_checkpoints(dump)) == 1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import causal_distiller
+import interventions
 import run_iia
 from losses import soft_target_kl
 from utils import CliError
@@ -134,21 +134,21 @@ def test_positions_and_masks_repeat_and_are_shared_by_teacher_and_student(setup,
 
     # Teacher and student runs write at the very same positions with the same masked input.
     calls = []
-    original = causal_distiller.interchange
+    original = interventions.interchange
 
     def spy(base, source, dims, batch_idx, base_pos, source_pos):
         calls.append((batch_idx.clone(), base_pos.clone(), source_pos.clone()))
         return original(base, source, dims, batch_idx, base_pos, source_pos)
 
     inputs = []
-    original_run = causal_distiller.run_model
+    original_run = interventions.run_model
 
     def run_spy(model, input_ids, attention_mask, **kw):
         inputs.append((model.config.model_type, input_ids.clone()))
         return original_run(model, input_ids, attention_mask, **kw)
 
-    monkeypatch.setattr(causal_distiller, "interchange", spy)
-    monkeypatch.setattr(causal_distiller, "run_model", run_spy)
+    monkeypatch.setattr(interventions, "interchange", spy)
+    monkeypatch.setattr(interventions, "run_model", run_spy)
     teacher = run_iia.load_lm(str(setup / "teacher"), "--teacher_name")
     student = run_iia.load_lm(str(setup / "student"), "--student_name")
     entries = run_iia.sweep_entries(teacher, student)[:2]

@@ -7,8 +7,8 @@ import torch
 from clm_helpers import FAMILY_OVERRIDES, tiny_causal
 
 from batching import BatchPreparer, length_mask
-from causal_distiller import _usable_outside_inference, compute_losses, model_outputs, needs_from_alphas
-from interventions import FAMILIES, LLAMA_LAYOUT, interchange, lm_logits, model_shape, run_model
+from causal_distiller import _usable_outside_inference, compute_losses, needs_from_alphas
+from interventions import FAMILIES, LLAMA_LAYOUT, interchange, lm_logits, model_outputs, model_shape, run_model
 from neuron_mapping import load_neuron_mapping, parse_variable_name
 from utils import CliError
 

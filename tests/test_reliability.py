@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import causal_distiller
 import causal_train
+import checkpoints
 from utils import CliError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,7 +162,7 @@ def test_crash_while_writing_checkpoint_leaves_previous_intact(setup, tmp_path, 
     fake = dump / "checkpoint-99"
     fake.mkdir()
     (fake / "model.safetensors").write_bytes(b"\x00" * 10)
-    assert causal_distiller.list_checkpoints(dump)[-1].name == "checkpoint-2"
+    assert checkpoints.list_checkpoints(dump)[-1].name == "checkpoint-2"
 
 
 def test_data_file_changed_under_the_run_is_detected(setup, tmp_path):

@@ -1,0 +1,432 @@
+"""The set-up of a distillation run: causal_train.py's command line and checks, and `build(args)`.
+
+`build` loads and checks every input (tokenizer, teacher, student, neuron mapping, token counts,
+corpus) and assembles the run: the models in place (the teacher frozen), the dataset and the
+`CausalDistiller` with its optimiser. causal_train.py trains what it returns; count_step_flops.py
+and the benchmark step it (`CausalDistiller.step`), so all three run the same build.
+`build_from_models` is the second half alone, for models and data made in memory.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from batching import load_token_probs
+from binarized_io import load_corpus, require_corpus, vocab_fingerprint
+from causal_distiller import CausalDistiller
+from checkpoints import file_fingerprint
+from input_checks import check_local_path, check_tokenizer
+from interventions import CAUSAL_FAMILIES, FAMILIES, family_of, get_submodule, model_shape
+from lm_seqs_dataset import LmSeqsDataset
+from losses import LOSS_NAMES
+from neuron_mapping import MappingEntry, load_neuron_mapping
+from utils import CliError, logger, require_file
+
+STUDENT_TYPES = ("distilbert", "roberta", *CAUSAL_FAMILIES)
+TEACHER_TYPES = ("bert", "roberta", *CAUSAL_FAMILIES)
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """causal_train.py's command line (every flag with its help)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--force", action="store_true",
+      help="Replace an existing --dump_path. Every input is checked first; the old contents are moved aside and "
+           "deleted only once this run has written its first checkpoint (restored if it fails before).")
+    a("--dump_path", required=True, help="Output folder: the student (HF model folder), checkpoints, logs.")
+    a("--data_file", required=True,
+      help="Binarized corpus (scripts/binarized_data.py output, either format: {dump_file}.{split}.{tokenizer}.bin, "
+           "or .pickle with its --format pickle).")
+    a("--student_type", choices=STUDENT_TYPES, required=True, help="Student architecture.")
+    a("--student_config", required=True,
+      help="Student config: a JSON file (see training_configs/, or the <name>.config.json that the extract scripts "
+           "write beside a .pth) or a model folder holding config.json (an extract script's folder output).")
+    a("--student_pretrained_weights", default=None,
+      help="Initial student weights: a .pth state dict (scripts/extract_distilbert.py) or an HF model folder.")
+    a("--teacher_type", choices=TEACHER_TYPES, required=True, help="Teacher architecture.")
+    a("--teacher_name", required=True, help="Teacher: a hub name (bert-base-uncased) or a local HF model folder.")
+    a("--tokenizer_name", default=None,
+      help="Tokenizer giving the special token ids (default: --teacher_name).")
+    a("--neuron_mapping", default=None, help="Neuron-mapping .nm file aligning teacher and student sites (DIITO).")
+    a("--temperature", type=float, default=2.0, help="Softmax temperature of the soft-target losses.")
+    a("--alpha_ce", type=float, default=0.5, help="Weight of the soft-target KL loss.")
+    a("--alpha_mlm", type=float, default=0.0, help="Weight of the masked-LM loss (requires --mlm).")
+    a("--alpha_clm", type=float, default=0.5, help="Weight of the causal-LM loss (without --mlm).")
+    a("--alpha_mse", type=float, default=0.0, help="Weight of the MSE between student and teacher logits.")
+    a("--alpha_cos", type=float, default=0.0, help="Weight of the cosine loss between last hidden states.")
+    a("--alpha_causal_ce", type=float, default=0.0, help="Weight of the DIITO soft-target loss on counterfactual runs.")
+    a("--alpha_causal_cos", type=float, default=0.0, help="Weight of the DIITO cosine loss on counterfactual hidden states.")
+    a("--mlm", action="store_true", help="Masked-LM training (BERT/RoBERTa); otherwise causal LM (GPT-2, Llama, Qwen, ...).")
+    a("--mlm_mask_prop", type=float, default=0.15, help="Proportion of tokens chosen for MLM prediction.")
+    a("--word_mask", type=float, default=0.8, help="Of the chosen tokens: proportion replaced by [MASK].")
+    a("--word_keep", type=float, default=0.1, help="Of the chosen tokens: proportion kept.")
+    a("--word_rand", type=float, default=0.1, help="Of the chosen tokens: proportion replaced by a random token.")
+    a("--mlm_smoothing", type=float, default=0.7,
+      help="Smoothing exponent: tokens are chosen with weight count^-smoothing (favours rare tokens).")
+    a("--token_counts", default=None,
+      help="Token counts (scripts/token_counts.py: a pickled list of ints or a .npy), required with --mlm.")
+    a("--interchange_prop", type=float, default=0.3,
+      help="Interchanged positions per example: int(min(len_base, len_source) * prop).")
+    a("--interchange_max_token", type=int, default=-1, help="Cap on interchanged positions per example (-1: none).")
+    a("--interchange_consecutive_only", action="store_true", help="Interchange one consecutive span per example.")
+    a("--interchange_masked_token_only", action="store_true",
+      help="Choose base positions only among the MLM-masked tokens.")
+    a("--data_augment", action="store_true",
+      help="Swap the tokens themselves at the input instead of hidden states.")
+    a("--include_crossway", action="store_true",
+      help="Also train on the reversed pair (source as base) in the same step; losses are averaged.")
+    a("--restrict_ce_to_mask", action="store_true", help="Soft-target losses only on MLM-masked tokens.")
+    a("--no_shared_prefix", action="store_true",
+      help="Run three full forwards per model (plain path, for checking) instead of sharing the base run's prefix.")
+    a("--freeze_pos_embs", action="store_true",
+      help="Freeze the student's position embeddings (learned positions only; not for rotary families).")
+    a("--freeze_token_type_embds", action="store_true", help="Freeze the student's token type embeddings (RoBERTa).")
+    a("--n_epoch", type=int, default=3, help="Number of epochs.")
+    a("--max_steps", type=int, default=-1, help="Stop after this many optimiser steps (-1: run all epochs).")
+    a("--batch_size", type=int, default=5, help="Sequences per micro-batch (per process).")
+    a("--group_by_size", action="store_true", help="Batch sequences of similar lengths together.")
+    a("--gradient_accumulation_steps", type=int, default=50, help="Micro-batches per optimiser step.")
+    a("--warmup_prop", type=float, default=0.05, help="Linear warm-up, as a proportion of all steps.")
+    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and LayerNorms).")
+    a("--learning_rate", type=float, default=5e-4, help="Peak learning rate.")
+    a("--adam_epsilon", type=float, default=1e-6, help="AdamW epsilon.")
+    a("--max_grad_norm", type=float, default=5.0, help="Gradient clipping norm (0: off).")
+    a("--initializer_range", type=float, default=0.02, help="Initialisation range of a student built from scratch.")
+    a("--fp16", action="store_true", help="fp16 autocast with a grad scaler (CUDA only).")
+    a("--bf16", action="store_true", help="bf16 autocast (CUDA or CPU); the teacher runs in bf16.")
+    a("--compile", action="store_true",
+      help="Compile the vocabulary-wide KL kernel with torch.compile (Triton on CUDA, C++ on the CPU: needs a C++ "
+           "compiler). Fuses the bias, softening, log-softmaxes, loss and gradient; the first step pays the "
+           "compile (tens of seconds). The models and their intervention hooks always run eagerly.")
+    a("--n_gpu", type=int, default=1, help="GPUs per node (0: CPU). Use torchrun for several.")
+    a("--local_rank", type=int, default=-1, help="Set by the launcher; kept for the original's interface.")
+    a("--seed", type=int, default=56, help="Seed of every random draw (pairs, masks, positions, init).")
+    a("--log_interval", type=int, default=500, help="Optimiser steps between logs (the only host syncs).")
+    a("--checkpoint_interval", type=int, default=4000, help="Optimiser steps between checkpoints (0: epoch ends only).")
+    a("--save_total_limit", type=int, default=0, help="Keep only the newest N checkpoints (0: keep all).")
+    a("--resume", action="store_true",
+      help="Continue from the newest sound checkpoint in --dump_path (checked against its manifest; a damaged one is "
+           "named and skipped). A finished run continues too, with a larger --max_steps or --n_epoch.")
+    a("--resume_from", default=None, help="Continue from this checkpoint folder (a damaged one is an error).")
+    a("--skip_nonfinite_steps", type=int, default=0,
+      help="Skip up to N steps whose loss is NaN/inf instead of stopping.")
+    a("--num_workers", type=int, default=1,
+      help="DataLoader worker processes for collation (they ignore SIGINT/SIGTERM: the trainer owns the shutdown).")
+    a("--allow_tokenizer_mismatch", action="store_true",
+      help="Train although the --data_file header records another tokenizer (vocabulary fingerprint or size) "
+           "than the teacher's (or --tokenizer_name's). Only for a corpus known to use the same ids.")
+    a("--max_model_input_size", type=int, default=None,
+      help="Longest sequence fed to the models (default: the smaller of teacher and student positions).")
+    a("--no_progress", action="store_true", help="No progress bar.")
+    a("--is_wandb", action="store_true", help="Log to Weights & Biases.")
+    a("--run_name", default=None, help="Run name (wandb).")
+    a("--cache_dir", default=None, help="Cache folder for hub downloads.")
+    return p
+
+
+def sanity_checks(args) -> None:
+    """Argument checks that need no model."""
+    if args.mlm:
+        if args.alpha_clm > 0:
+            raise CliError("--alpha_clm must be 0 with --mlm (use --alpha_mlm)")
+        if args.teacher_type in CAUSAL_FAMILIES or args.student_type in CAUSAL_FAMILIES:
+            raise CliError("--mlm needs masked-LM models (bert/roberta teacher, distilbert/roberta student)")
+        if not args.token_counts:
+            raise CliError("--mlm needs --token_counts (scripts/token_counts.py)")
+    else:
+        if args.alpha_mlm > 0:
+            raise CliError("--alpha_mlm needs --mlm")
+        if args.teacher_type not in CAUSAL_FAMILIES or args.student_type not in CAUSAL_FAMILIES:
+            raise CliError(f"causal-LM training (no --mlm) needs causal-LM teacher and student types "
+                           f"({', '.join(CAUSAL_FAMILIES)}); got {args.teacher_type} and {args.student_type}")
+    if args.freeze_pos_embs and FAMILIES[args.student_type].position_embeddings is None:
+        raise CliError(f"--freeze_pos_embs: a {args.student_type} student has rotary positions, no position "
+                       f"embeddings to freeze")
+    if abs(args.word_mask + args.word_keep + args.word_rand - 1.0) > 1e-6:
+        raise CliError("--word_mask + --word_keep + --word_rand must sum to 1")
+    if not 0.0 <= args.mlm_mask_prop <= 1.0:
+        raise CliError("--mlm_mask_prop must be in [0, 1]")
+    if not 0.0 <= args.interchange_prop <= 1.0:
+        raise CliError("--interchange_prop must be in [0, 1]")
+    if args.temperature <= 0:
+        raise CliError("--temperature must be > 0")
+    alphas = [getattr(args, f"alpha_{name}") for name in LOSS_NAMES]
+    if min(alphas) < 0:
+        raise CliError("the --alpha_* weights must be >= 0")
+    if sum(alphas) <= 0:
+        raise CliError("every --alpha_* weight is 0: nothing to train")
+    if (args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0) and not args.neuron_mapping:
+        raise CliError("--alpha_causal_ce/--alpha_causal_cos need --neuron_mapping")
+    if args.fp16 and args.bf16:
+        raise CliError("choose one of --fp16 and --bf16")
+    if args.gradient_accumulation_steps < 1 or args.batch_size < 1:
+        raise CliError("--batch_size and --gradient_accumulation_steps must be >= 1")
+    for flag, ok, what in (
+        ("n_epoch", args.n_epoch >= 1, ">= 1"),
+        ("max_steps", args.max_steps == -1 or args.max_steps >= 1, "-1 (all epochs) or >= 1"),
+        ("warmup_prop", 0.0 <= args.warmup_prop <= 1.0, "in [0, 1]"),
+        ("learning_rate", args.learning_rate > 0, "> 0"),
+        ("log_interval", args.log_interval >= 1, ">= 1"),
+        ("checkpoint_interval", args.checkpoint_interval >= 0, ">= 0"),
+        ("save_total_limit", args.save_total_limit >= 0, ">= 0"),
+        ("skip_nonfinite_steps", args.skip_nonfinite_steps >= 0, ">= 0"),
+        ("num_workers", args.num_workers >= 0, ">= 0"),
+        ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
+        ("n_gpu", args.n_gpu >= 0, ">= 0"),
+        ("adam_epsilon", args.adam_epsilon > 0, "> 0"),
+        ("weight_decay", args.weight_decay >= 0, ">= 0"),
+        ("max_grad_norm", args.max_grad_norm >= 0, ">= 0"),
+        ("initializer_range", args.initializer_range > 0, "> 0"),
+        ("interchange_max_token", args.interchange_max_token == -1 or args.interchange_max_token >= 1,
+         "-1 (no cap) or >= 1"),
+        ("max_model_input_size", args.max_model_input_size is None or args.max_model_input_size >= 3, ">= 3"),
+    ):
+        if not ok:
+            raise CliError(f"--{flag} must be {what}, not {getattr(args, flag)}")
+    if args.interchange_masked_token_only and not args.mlm:
+        raise CliError("--interchange_masked_token_only needs --mlm")
+    if args.compile:
+        if args.n_gpu > 0 and torch.cuda.is_available():
+            import importlib.util
+
+            if importlib.util.find_spec("triton") is None:
+                raise CliError("--compile on CUDA needs triton (pip install triton), or drop --compile")
+        elif not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            raise CliError("--compile on the CPU needs a C++ compiler on PATH (c++, g++ or clang++), or drop --compile")
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+def load_teacher(args):
+    family = FAMILIES[args.teacher_type]
+    # In the training precision, not the checkpoint's (transformers 5 loads a bf16 hub checkpoint as bf16).
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    try:
+        teacher, info = family.model_class.from_pretrained(args.teacher_name, cache_dir=args.cache_dir,
+                                                           output_loading_info=True, dtype=dtype)
+    except Exception as err:  # noqa: BLE001 -- OSError, ValueError, a truncated safetensors file: one message
+        raise CliError(f"--teacher_name {args.teacher_name}: cannot load a {args.teacher_type} teacher "
+                       f"({type(err).__name__}: {err})") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise CliError(f"--teacher_name {args.teacher_name} lacks weights of {family.model_class.__name__} "
+                       f"({_short(missing)}): a model without its LM head would be distilled from a random head; "
+                       f"give a teacher saved with its MLM/LM head")
+    return teacher
+
+
+def load_special_tokens(args) -> dict[str, int]:
+    """The special token ids of the tokenizer (--tokenizer_name, else --teacher_name), checked against the teacher."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    check_local_path(args.teacher_name, "--teacher_name")
+    check_local_path(args.tokenizer_name, "--tokenizer_name")
+    name = args.tokenizer_name or args.teacher_name
+    try:
+        tok = AutoTokenizer.from_pretrained(name, cache_dir=args.cache_dir)
+        teacher_config = AutoConfig.from_pretrained(args.teacher_name, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as err:
+        raise CliError(f"cannot load the tokenizer {name} or the config of --teacher_name {args.teacher_name} "
+                       f"(set --tokenizer_name): {err}") from None
+    check_tokenizer(tok, teacher_config, tokenizer_flag="--tokenizer_name",
+                    tokenizer_name=args.tokenizer_name or f"(not given, so read from --teacher_name {name})",
+                    model_name=f"teacher {args.teacher_name}")
+    args.tokenizer_vocab_hash, args.tokenizer_size = vocab_fingerprint(tok), len(tok)
+    ids = {}
+    for key in ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token", "bos_token", "eos_token"):
+        tid = getattr(tok, f"{key}_id", None)
+        if tid is not None:
+            ids[key] = int(tid)
+    if args.mlm:
+        missing = [k for k in ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token") if k not in ids]
+        if missing:
+            raise CliError(f"tokenizer {name} lacks {missing}, needed for MLM")
+    else:
+        ids.setdefault("pad_token", ids.get("eos_token", 0))
+        ids.setdefault("unk_token", ids.get("eos_token", 0))
+        ids.setdefault("cls_token", ids.get("bos_token", ids.get("eos_token", 0)))
+        ids.setdefault("sep_token", ids.get("eos_token", 0))
+    return ids
+
+
+def build_student(args):
+    family = FAMILIES[args.student_type]
+    require_file(args.student_config, "--student_config")
+    try:
+        config = family.config_class.from_pretrained(args.student_config)
+    except (OSError, ValueError) as err:
+        raise CliError(f"--student_config {args.student_config}: not a {args.student_type} config ({err})") from None
+    if getattr(config, "model_type", None) != family.name:
+        raise CliError(f"--student_config {args.student_config} is a {config.model_type!r} config, "
+                       f"not {args.student_type!r}")
+    config.initializer_range = args.initializer_range
+    try:
+        model = family.model_class(config)
+    except (ValueError, AttributeError, TypeError) as err:  # e.g. heads that do not divide the width
+        raise CliError(f"--student_config {args.student_config}: cannot build a {args.student_type} from it ({err})") from None
+    if args.student_pretrained_weights is None:
+        logger.info("student initialised at random from %s", args.student_config)
+        return model
+    weights = Path(require_file(args.student_pretrained_weights, "--student_pretrained_weights"))
+    if weights.is_dir():
+        from safetensors.torch import load_file
+
+        files = sorted(weights.glob("*.safetensors")) or sorted(weights.glob("pytorch_model*.bin"))
+        if not files:
+            raise CliError(f"--student_pretrained_weights {weights}: no model weights in this folder")
+        state = {}
+        for f in files:
+            try:
+                state.update(load_file(str(f)) if f.suffix == ".safetensors"
+                             else torch.load(f, map_location="cpu", weights_only=True))
+            except Exception as err:  # noqa: BLE001 -- a truncated or corrupt file: one message
+                raise CliError(f"--student_pretrained_weights {f}: cannot read the weights "
+                               f"({type(err).__name__}: {err})") from None
+    else:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 -- any unreadable file gets one clear message
+            raise CliError(f"--student_pretrained_weights {weights}: not a torch state dict ({err})") from None
+    expected = model.state_dict()
+    # The MLM head's transform is copied only with --vocab_transform at extraction.
+    optional = {k for k in expected if k.startswith(("vocab_transform", "vocab_layer_norm", "lm_head.dense",
+                                                      "lm_head.layer_norm"))}
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in expected if k not in state and k not in optional and k not in tied]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CliError(
+            f"--student_pretrained_weights {weights} does not match --student_config {args.student_config} "
+            f"({config.num_hidden_layers} layers): missing {_short(missing)}, unexpected {_short(unexpected)}. "
+            f"Extract with --num_layers {config.num_hidden_layers} or use the config of that depth."
+        )
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+           if k in state and state[k].shape != v.shape]
+    if bad:
+        raise CliError(f"--student_pretrained_weights {weights}: shapes differ from the config: {_short(bad)}")
+    model.load_state_dict(state, strict=False)
+    not_loaded = sorted(k for k in optional if k not in state)
+    if not_loaded:
+        logger.info("student keys initialised at random (not in the weights): %s", not_loaded)
+    logger.info("student initialised from %s", weights)
+    return model
+
+
+def _short(items, n=6):
+    items = list(items)
+    return str(items[:n])[:-1] + (f", ... {len(items) - n} more]" if len(items) > n else "]")
+
+
+def model_checks(args, student, teacher) -> None:
+    s_vocab, t_vocab = student.config.vocab_size, teacher.config.vocab_size
+    if s_vocab != t_vocab:
+        raise CliError(f"vocabulary sizes differ: student config {args.student_config} has {s_vocab}, "
+                       f"teacher {args.teacher_name} has {t_vocab}")
+    if (args.alpha_cos > 0 or args.alpha_causal_cos > 0) and student.config.hidden_size != teacher.config.hidden_size:
+        raise CliError(f"--alpha_cos/--alpha_causal_cos need equal hidden sizes: student "
+                       f"{student.config.hidden_size}, teacher {teacher.config.hidden_size}")
+
+
+def max_positions(model) -> int:
+    c = model.config
+    n = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions")
+    return n - 2 if c.model_type == "roberta" else n
+
+
+def check_corpus(args, corpus, vocab: int) -> None:
+    """The corpus must be intact and made with the teacher's tokenizer (ids within the models' vocabulary)."""
+    if corpus.format == "mmap" and corpus.verify_checksum(args.data_fingerprint.get("blake2b_from_4096")):
+        logger.info("--data_file %s matches the checksum recorded when it was written", args.data_file)
+    if corpus.vocab_size is not None and corpus.vocab_size > vocab:
+        raise CliError(f"--data_file {args.data_file} was binarized with a vocabulary of {corpus.vocab_size} "
+                       f"entries but the models have {vocab}: binarized with another tokenizer?")
+    tok_name = args.tokenizer_name or args.teacher_name
+    differs = []
+    if corpus.vocab_hash and corpus.vocab_hash != args.tokenizer_vocab_hash:
+        differs.append(f"vocabulary fingerprint {corpus.vocab_hash} vs {args.tokenizer_vocab_hash}")
+    if corpus.vocab_size is not None and corpus.vocab_size != args.tokenizer_size:
+        differs.append(f"vocabulary size {corpus.vocab_size} vs {args.tokenizer_size}")
+    if differs:
+        message = (f"--data_file {args.data_file} was binarized with another tokenizer than {tok_name} "
+                   f"({'; '.join(differs)})")
+        if not args.allow_tokenizer_mismatch:
+            raise CliError(message + ": binarize it with this tokenizer, or add --allow_tokenizer_mismatch if "
+                                     "its ids are known to be the same")
+        logger.warning("%s; going on (--allow_tokenizer_mismatch)", message)
+    if len(corpus) and corpus.max_id() >= vocab:
+        raise CliError(f"--data_file {args.data_file} holds token id {corpus.max_id()} but the models' "
+                       f"vocabulary has {vocab} entries: binarized with another tokenizer?")
+
+
+# --- the run ---------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What `build` assembles: the models (on the device), the data and the distiller with its optimiser."""
+
+    teacher: nn.Module
+    student: nn.Module
+    dataset: LmSeqsDataset
+    distiller: CausalDistiller
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.distiller.optimizer
+
+
+def build(args) -> Run:
+    """Load and check every input named by `args` (parsed, `sanity_checks`-ed, `init_gpu_params`-ed) and
+    assemble the run. Sets `args.data_fingerprint`, `args.special_tok_ids` and, if not given,
+    `args.max_model_input_size`. Writes nothing. Raises CliError naming the input at fault."""
+    require_corpus(args.data_file, "--data_file")
+    args.data_fingerprint = file_fingerprint(args.data_file)
+    args.special_tok_ids = load_special_tokens(args)
+    teacher = load_teacher(args)
+    student = build_student(args)
+    model_checks(args, student, teacher)
+    longest = min(max_positions(teacher), max_positions(student))
+    if args.max_model_input_size is None:
+        args.max_model_input_size = longest
+    elif args.max_model_input_size > longest:
+        raise CliError(f"--max_model_input_size {args.max_model_input_size} is beyond the models' positions "
+                       f"(teacher {max_positions(teacher)}, student {max_positions(student)})")
+    mappings = None
+    if args.neuron_mapping:
+        mappings = load_neuron_mapping(args.neuron_mapping, model_shape(teacher), model_shape(student))
+        logger.info("neuron mapping %s: %d entries", args.neuron_mapping, len(mappings))
+    token_probs = None
+    if args.mlm:
+        token_probs = load_token_probs(args.token_counts, args.mlm_smoothing, student.config.vocab_size,
+                                       args.special_tok_ids)
+    corpus = load_corpus(args.data_file)
+    check_corpus(args, corpus, student.config.vocab_size)
+    ids = args.special_tok_ids
+    dataset = LmSeqsDataset(
+        data=corpus,
+        max_model_input_size=args.max_model_input_size,
+        cls_id=ids["cls_token"], sep_id=ids["sep_token"], pad_id=ids["pad_token"], unk_id=ids["unk_token"],
+        seed=args.seed,
+        paired=args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0,
+    )
+    return build_from_models(args, teacher, student, dataset, token_probs, mappings)
+
+
+def build_from_models(args, teacher: nn.Module, student: nn.Module, dataset, token_probs: torch.Tensor | None,
+                      mappings: list[MappingEntry] | None) -> Run:
+    """The second half of `build`, for models and data already in memory: freeze the embeddings
+    the flags name, move both models to `args.device`, freeze the teacher, and make the distiller."""
+    family = family_of(student)
+    if args.freeze_pos_embs:
+        get_submodule(student, family.position_embeddings).weight.requires_grad = False
+    if args.freeze_token_type_embds and family.token_type_embeddings:
+        get_submodule(student, family.token_type_embeddings).weight.requires_grad = False
+    student.to(args.device)
+    teacher.to(args.device)
+    teacher.eval()
+    for param in teacher.parameters():
+        param.requires_grad = False
+    distiller = CausalDistiller(args, dataset, token_probs, student, teacher, mappings)
+    return Run(teacher=teacher, student=student, dataset=dataset, distiller=distiller)
