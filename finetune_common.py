@@ -1,14 +1,17 @@
-"""What run_mlm.py, run_glue.py, run_ner.py and run_qa.py share.
+"""What run_mlm.py, run_clm.py, run_glue.py, run_ner.py and run_qa.py share.
 
 Argument parsing (HfArgumentParser over dataclasses), the model arguments, model/config/tokenizer
-loading with a vocabulary check, local-or-hub data loading, column checks, checkpoint resumption
-and the `*_results.json` files. Every user mistake surfaces as a `utils.CliError` naming the
-culprit; `utils.run_cli` turns it into one log line and exit status 2.
+loading with a vocabulary check, local-or-hub data loading, column checks, checkpoint resumption,
+the Trainer with its collators, training and the `*_results.json` files. For the two language
+modelling scripts also: the text data arguments, text loading and building an LM (from a
+checkpoint or from scratch), and perplexity. Every user mistake surfaces as a `utils.CliError`
+naming the culprit; `utils.run_cli` turns it into one log line and exit status 2.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -19,7 +22,7 @@ from typing import Iterable, Sequence
 from transformers import HfArgumentParser, TrainingArguments
 
 from input_checks import check_local_path, check_tokenizer
-from utils import CliError, atomic_write_text, cpu_bf16_warning, require_file
+from utils import CliError, atomic_write_text, cpu_bf16_warning, require_file, set_seed
 
 logger = logging.getLogger("causal_distill.finetune")
 
@@ -79,6 +82,27 @@ class FinetuneTrainingArguments(TrainingArguments):
     )
 
 
+@dataclass
+class LmModelArguments(ModelArguments):
+    """Model arguments plus what training a language model from scratch needs (run_mlm.py, run_clm.py)."""
+
+    model_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from scratch (no --model_name_or_path): the model type, e.g. bert or distilbert "
+            "(run_mlm.py), llama, qwen2, mistral or gpt2 (run_clm.py). vocab_size and the special token ids are "
+            "taken from the tokenizer."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "When training from scratch, comma-separated config settings, e.g. "
+            '"num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024".'
+        },
+    )
+
+
 def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None, description: str):
     """Parse `argv` (default: sys.argv[1:]) into the dataclasses; a single `.json` argument is read as a file.
 
@@ -102,6 +126,24 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None, desc
             # Pinned memory only helps copies to an accelerator; on the CPU torch warns at every evaluation.
             args.dataloader_pin_memory = False
     return parsed
+
+
+def start(arguments: Sequence[type], argv: Sequence[str] | None, doc: str,
+          actions: Iterable[str] = ("do_train", "do_eval", "do_predict")) -> tuple:
+    """The opening every script shares: parse `argv` into the `arguments` dataclasses (the first line
+    of `doc` is --help's description), align the logging, require one of the --do_* `actions` and
+    batch sizes >= 1, find the checkpoint to resume from (`resolve_checkpoint`) and seed.
+    Returns (*parsed dataclasses, checkpoint or None)."""
+    parsed = parse_args(arguments, argv, doc.splitlines()[0])
+    training_args = parsed[-1]
+    setup_logging(training_args)
+    require_action(training_args, actions)
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(training_args, flag) < 1:
+            raise CliError(f"--{flag} must be >= 1, not {getattr(training_args, flag)}")
+    checkpoint = resolve_checkpoint(training_args)
+    set_seed(training_args.seed)
+    return (*parsed, checkpoint)
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -145,7 +187,7 @@ def checkpoint_step(path: Path) -> int | None:
     return int(name[len(prefix):])
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def trainer_checkpoint_problem(path: Path) -> str | None:
     """Why `path` cannot be resumed from, or None when it is a complete Trainer checkpoint.
 
     The Trainer writes `trainer_state.json` last, after the weights, optimizer, scheduler and RNG
@@ -171,7 +213,7 @@ def newest_complete_checkpoint(output_dir: Path) -> str | None:
         (step, p) for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and (step := checkpoint_step(p)) is not None
     )
     for _, path in reversed(found):
-        problem = checkpoint_problem(path)
+        problem = trainer_checkpoint_problem(path)
         if problem is None:
             return str(path)
         logger.warning("skipping the incomplete checkpoint %s: %s", path, problem)
@@ -217,7 +259,7 @@ def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
                         training_args)
             return last
         path = require_file(resume, "--resume_from_checkpoint")
-        problem = checkpoint_problem(path)
+        problem = trainer_checkpoint_problem(path)
         if problem is not None:
             raise CliError(f"--resume_from_checkpoint {path}: not a complete Trainer checkpoint ({problem})")
         _log_resume(str(path), "--resume_from_checkpoint", training_args)
@@ -249,20 +291,26 @@ def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
 # ------------------------------------------------------------------------------ models, tokenizers
 
 
+def _name_and_flag(model_args: ModelArguments, own: str) -> tuple[str | None, str]:
+    """(--<own> if given, else --model_name_or_path; the flag it came from), the local path checked."""
+    name = getattr(model_args, own) or model_args.model_name_or_path
+    flag = f"--{own}" if getattr(model_args, own) else "--model_name_or_path"
+    if name:
+        check_local_path(name, flag)
+    return name, flag
+
+
 def load_tokenizer(model_args: ModelArguments, **kwargs):
     """AutoTokenizer from --tokenizer_name, else --model_name_or_path; CliError if it cannot be loaded."""
     from transformers import AutoTokenizer
 
-    name = model_args.tokenizer_name or model_args.model_name_or_path
+    name, flag = _name_and_flag(model_args, "tokenizer_name")
     if not name:
         raise CliError("no tokenizer: pass --tokenizer_name (or a --model_name_or_path folder holding one)")
-    check_local_path(name, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
     try:
-        return AutoTokenizer.from_pretrained(
-            name, cache_dir=model_args.cache_dir, revision=model_args.model_revision, **kwargs
-        )
+        return AutoTokenizer.from_pretrained(name, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                                             **kwargs)
     except (OSError, ValueError, TypeError) as err:
-        flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
         hint = "" if model_args.tokenizer_name else " (a student folder holds no tokenizer: pass --tokenizer_name)"
         raise CliError(f"could not load a tokenizer from {flag} {name}{hint}: {err}") from None
 
@@ -271,16 +319,13 @@ def load_config(model_args: ModelArguments, **overrides):
     """AutoConfig from --config_name, else --model_name_or_path, with `overrides` applied."""
     from transformers import AutoConfig
 
-    name = model_args.config_name or model_args.model_name_or_path
+    name, flag = _name_and_flag(model_args, "config_name")
     if not name:
         raise CliError("no model: pass --model_name_or_path")
-    check_local_path(name, "--config_name" if model_args.config_name else "--model_name_or_path")
     try:
-        return AutoConfig.from_pretrained(
-            name, cache_dir=model_args.cache_dir, revision=model_args.model_revision, **overrides
-        )
+        return AutoConfig.from_pretrained(name, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                                          **overrides)
     except (OSError, ValueError, KeyError) as err:
-        flag = "--config_name" if model_args.config_name else "--model_name_or_path"
         raise CliError(f"could not load a model config from {flag} {name}: {err}") from None
 
 
@@ -398,6 +443,29 @@ def load_raw_datasets(
     return raw, sources
 
 
+def used_splits(raw, training_args: TrainingArguments) -> list[str]:
+    """The splits the --do_* flags ask for (train, validation, test), in that order; CliError naming the
+    data file a flag needs when its split is missing."""
+    actions = (("train", "do_train"), ("validation", "do_eval"), ("test", "do_predict"))
+    for split, action in actions:
+        if getattr(training_args, action) and split not in raw:
+            raise CliError(f"--{action} needs {split} data: pass --{split}_file")
+    return [split for split, action in actions if getattr(training_args, action)]
+
+
+def load_split_files(data_args, training_args: TrainingArguments, cache_dir: str | None, file_loader=None):
+    """The train/validation/test splits of --train_file/--validation_file/--test_file, else of --dataset_name
+    (see `load_raw_datasets`). Returns (splits, sources, the splits the --do_* flags use: `used_splits`)."""
+    raw, sources = load_raw_datasets(
+        data_files={"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file},
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        cache_dir=cache_dir,
+        file_loader=file_loader,
+    )
+    return raw, sources, used_splits(raw, training_args)
+
+
 def check_columns(dataset, required: Iterable[str], source: str) -> None:
     """CliError naming `source` and the missing columns if `dataset` lacks any of `required`."""
     missing = [c for c in required if c not in dataset.column_names]
@@ -432,13 +500,216 @@ def save_metrics(output_dir: str | os.PathLike, split: str, metrics: dict, is_ma
     atomic_write_text(all_path, json.dumps(combined, indent=4, sort_keys=True))
 
 
-def train_and_save(trainer, checkpoint: str | None, n_train: int) -> dict:
-    """Train (resuming from `checkpoint`), save the model, tokenizer and trainer state, write train_results.json."""
+def make_trainer(model, training_args: TrainingArguments, tokenizer, collator, *, train_dataset=None,
+                 eval_dataset=None, compute_metrics=None):
+    """HF's Trainer over these parts (`processing_class` is the tokenizer)."""
+    from transformers import Trainer
+
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+    )
+
+
+def pad_multiple(training_args: TrainingArguments) -> int | None:
+    """Pad batches to a multiple of 8 under fp16/bf16 (tensor-core friendly shapes), else not at all."""
+    return 8 if training_args.fp16 or training_args.bf16 else None
+
+
+def padding_collator(tokenizer, training_args: TrainingArguments, pad_to_max_length: bool):
+    """The collator of inputs already padded to --max_seq_length, or one that pads each batch."""
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    if pad_to_max_length:
+        return default_data_collator
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple(training_args))
+
+
+def train_and_save(trainer, checkpoint: str | None, train_dataset) -> dict:
+    """With --do_train: train (resuming from `checkpoint`), save the model, tokenizer and trainer state and
+    write train_results.json; returns the training metrics ({} without --do_train)."""
+    if not trainer.args.do_train:
+        return {}
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     metrics = dict(result.metrics)
-    metrics["train_samples"] = n_train
+    metrics["train_samples"] = len(train_dataset)
     save_metrics(trainer.args.output_dir, "train", metrics, trainer.is_world_process_zero())
     trainer.save_state()
     return metrics
 
+
+# ------------------------------------------------------------------- language modelling (run_mlm, run_clm)
+
+
+@dataclass
+class LmDataArguments:
+    """Which text to train and evaluate on (what run_mlm.py and run_clm.py share)."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset name, e.g. wikitext."})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The hub dataset's configuration, e.g. wikitext-103-raw-v1."}
+    )
+    dataset_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder written by datasets' save_to_disk: a DatasetDict (train/validation/test splits; "
+            "test stands in for a missing validation) or a single Dataset (used as the training data with "
+            "--do_train, as the evaluation data otherwise)."
+        },
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Training text: .txt (one text per line), .csv or .json."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Evaluation text: .txt (one text per line), .csv or .json."}
+    )
+    text_column_name: str | None = field(
+        default=None, metadata={"help": "The column holding the text (default: 'text', else the first column)."}
+    )
+    validation_split_percentage: int = field(
+        default=5,
+        metadata={"help": "Without a validation split, the percentage of the training data held out for evaluation."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training sequences (run_clm.py: blocks)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N evaluation sequences (run_clm.py: blocks)."}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the cached tokenized datasets."})
+
+    def __post_init__(self):
+        if not 0 <= self.validation_split_percentage < 100:
+            raise CliError(f"--validation_split_percentage must lie in [0, 100), got {self.validation_split_percentage}")
+
+
+def load_text_datasets(data_args: LmDataArguments, training_args, cache_dir: str | None):
+    """The raw train/validation splits, from --dataset_dir, local files or the hub; splits off validation if needed."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    if data_args.dataset_dir:
+        path = require_file(data_args.dataset_dir, "--dataset_dir")
+        try:
+            loaded = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise CliError(f"--dataset_dir {path}: not a folder written by save_to_disk: {err}") from None
+        if isinstance(loaded, Dataset):
+            loaded = DatasetDict({"train" if training_args.do_train else "validation": loaded})
+        raw = DatasetDict(loaded)
+        if "validation" not in raw and "test" in raw:
+            raw["validation"] = raw["test"]
+        sources = {split: f"{path} (split {split})" for split in raw}
+    else:
+        raw, sources = load_raw_datasets(
+            data_files={"train": data_args.train_file, "validation": data_args.validation_file},
+            dataset_name=data_args.dataset_name,
+            dataset_config_name=data_args.dataset_config_name,
+            cache_dir=cache_dir,
+        )
+    if "validation" not in raw and training_args.do_eval:
+        if "train" not in raw:
+            raise CliError("--do_eval needs evaluation data: pass --validation_file")
+        train = raw["train"]
+        n_val = len(train) * data_args.validation_split_percentage // 100
+        if n_val == 0:
+            raise CliError(
+                f"no validation data: pass --validation_file, or a --validation_split_percentage that keeps at "
+                f"least one of the {len(train)} training rows"
+            )
+        logger.info("holding out the first %d of %d training rows for evaluation", n_val, len(train))
+        raw["validation"] = train.select(range(n_val))
+        raw["train"] = train.select(range(n_val, len(train)))
+        sources["validation"] = f"the first {data_args.validation_split_percentage}% of {sources['train']}"
+    if training_args.do_train and "train" not in raw:
+        raise CliError("--do_train needs training data: pass --train_file, --dataset_name or --dataset_dir")
+    return raw, sources
+
+
+def text_column(raw, data_args: LmDataArguments) -> str:
+    """--text_column_name, else 'text', else the first column; CliError if a split lacks it."""
+    first = raw[next(iter(raw))]
+    column = data_args.text_column_name or ("text" if "text" in first.column_names else first.column_names[0])
+    for split, ds in raw.items():
+        if column not in ds.column_names:
+            raise CliError(f"the {split} data lacks the text column {column!r} (it has: {', '.join(ds.column_names)})")
+    return column
+
+
+# How each kind of LM is built from scratch: its auto class, the model types an error suggests, and
+# the tokenizer's special ids copied into the fresh config.
+LM_KINDS = {
+    "masked": dict(auto_class="AutoModelForMaskedLM", examples="bert, distilbert, roberta",
+                   token_ids=("pad_token_id",)),
+    "causal": dict(auto_class="AutoModelForCausalLM", examples="llama, qwen2, mistral, gpt2",
+                   token_ids=("pad_token_id", "bos_token_id", "eos_token_id")),
+}
+
+
+def build_lm(model_args: LmModelArguments, tokenizer, kind: str):
+    """(config, model) of a `kind` ("masked" or "causal") LM: from --model_name_or_path, or fresh from
+    --model_type/--config_name (+ --config_overrides) with the tokenizer's vocabulary size and special ids."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    auto_class = getattr(transformers, LM_KINDS[kind]["auto_class"])
+    from_scratch = not model_args.model_name_or_path
+    if model_args.config_overrides and not from_scratch:
+        raise CliError("--config_overrides only applies when training from scratch (without --model_name_or_path)")
+    if model_args.model_name_or_path or model_args.config_name:
+        config = load_config(model_args)
+    elif model_args.model_type:
+        if model_args.model_type not in CONFIG_MAPPING:
+            raise CliError(f"unknown --model_type {model_args.model_type!r}; e.g. {LM_KINDS[kind]['examples']}")
+        config = CONFIG_MAPPING[model_args.model_type]()
+    else:
+        raise CliError("pass --model_name_or_path, or --model_type (with --tokenizer_name) to train from scratch")
+    if from_scratch:
+        if model_args.config_overrides:
+            try:
+                config.update_from_string(model_args.config_overrides)
+            except (ValueError, TypeError) as err:  # unknown key, malformed value, or a key whose default is None
+                raise CliError(f"--config_overrides {model_args.config_overrides!r}: {err}") from None
+        config.vocab_size = len(tokenizer)
+        for key in LM_KINDS[kind]["token_ids"]:
+            value = getattr(tokenizer, key, None)
+            if value is not None:
+                setattr(config, key, value)
+        logger.info("training a new %s model from scratch: %s", config.model_type, config.to_json_string())
+    check_vocab(tokenizer, config, model_args)
+    if not from_scratch:
+        return config, load_model(auto_class, model_args, config)
+    try:
+        return config, auto_class.from_config(config)
+    except ValueError as err:
+        raise CliError(f"--model_type {config.model_type}: not a {kind} LM ({err})") from None
+
+
+def load_lm_and_text(model_args: LmModelArguments, data_args: LmDataArguments, training_args, kind: str,
+                      length: int | None, default_length: int):
+    """The opening of run_mlm.py and run_clm.py: (raw text splits, tokenizer, config, model, sequence length),
+    the length being `length` (or `default_length`) capped by what the model and tokenizer handle."""
+    raw, _ = load_text_datasets(data_args, training_args, model_args.cache_dir)
+    tokenizer = load_tokenizer(model_args)
+    config, model = build_lm(model_args, tokenizer, kind)
+    if not model_args.model_name_or_path and not training_args.do_train:
+        logger.warning("evaluating a freshly initialised model that was not trained")
+    return raw, tokenizer, config, model, resolve_max_length(length, tokenizer, config, default=default_length)
+
+
+def evaluate_perplexity(trainer, eval_dataset, **extra) -> dict:
+    """Evaluate, add `eval_samples`, `extra` and `perplexity` (exp of the eval loss) and write eval_results.json."""
+    metrics = trainer.evaluate()
+    metrics["eval_samples"] = len(eval_dataset)
+    metrics.update(extra)
+    try:
+        perplexity = math.exp(metrics["eval_loss"])
+    except OverflowError:
+        perplexity = float("inf")
+    metrics["perplexity"] = perplexity
+    save_metrics(trainer.args.output_dir, "eval", metrics, trainer.is_world_process_zero())
+    return metrics

@@ -14,29 +14,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 
-from finetune_common import (
-    FinetuneTrainingArguments,
-    ModelArguments,
-    check_columns,
-    check_vocab,
-    load_config,
-    load_model,
-    load_raw_datasets,
-    load_tokenizer,
-    parse_args,
-    require_action,
-    resolve_checkpoint,
-    resolve_max_length,
-    save_metrics,
-    setup_logging,
-    take,
-    train_and_save,
-)
+from finetune_common import (FinetuneTrainingArguments, ModelArguments, check_columns, check_vocab, load_config,
+                             load_model, load_raw_datasets, load_tokenizer, make_trainer, padding_collator,
+                             resolve_max_length, save_metrics, start, take, train_and_save, used_splits)
 from metrics import GLUE_TASKS, glue_metrics
-from utils import CliError, atomic_write_text, run_cli, set_seed
+from utils import CliError, atomic_write_text, run_cli
 
 logger = logging.getLogger("causal_distill.run_glue")
 
@@ -161,16 +147,27 @@ ARGUMENTS = (ModelArguments, GlueDataArguments, FinetuneTrainingArguments)
 
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune, evaluate and/or predict as the command line `argv` asks; returns all metrics."""
-    from datasets import ClassLabel, Value
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, default_data_collator
+    model_args, data_args, training_args, checkpoint = start(ARGUMENTS, argv, __doc__)
+    data = load_data(data_args, training_args, model_args.cache_dir)
+    labels = resolve_columns_and_labels(data, data_args.task_name)
+    tokenizer, model, config = load_tokenizer_and_model(model_args, data_args.task_name, labels)
+    max_seq_length = resolve_max_length(data_args.max_seq_length, tokenizer, config)
+    processed = tokenize(data, labels, tokenizer, max_seq_length, data_args, training_args)
+    train_dataset = take(processed["train"], data_args.max_train_samples) if training_args.do_train else None
+    trainer = make_trainer(model, training_args, tokenizer,
+                           padding_collator(tokenizer, training_args, data_args.pad_to_max_length),
+                           train_dataset=train_dataset, compute_metrics=metric_function(data_args.task_name, labels))
+    results = train_and_save(trainer, checkpoint, train_dataset)
+    if training_args.do_eval:
+        results.update(evaluate(trainer, processed, data.eval_splits, data_args.max_eval_samples))
+    if training_args.do_predict:
+        predict(trainer, processed["test"], data_args, labels)
+    return results
 
-    model_args, data_args, training_args = parse_args(ARGUMENTS, argv, __doc__.splitlines()[0])
-    setup_logging(training_args)
-    require_action(training_args)
-    checkpoint = resolve_checkpoint(training_args)
-    set_seed(training_args.seed)
+
+def load_data(data_args: GlueDataArguments, training_args, cache_dir: str | None) -> SimpleNamespace:
+    """The raw splits (local files or the hub) with their sources, the splits this run uses and the evaluated ones."""
     task = data_args.task_name
-
     raw, sources = load_raw_datasets(
         data_files={
             "train": data_args.train_file,
@@ -181,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         dataset_name="nyu-mll/glue" if task else None,
         dataset_config_name=task,
         hub_names=["nyu-mll/glue", "glue"],
-        cache_dir=model_args.cache_dir,
+        cache_dir=cache_dir,
     )
     if task == "mnli" and "validation_matched" in raw:  # the hub's names
         raw["validation"] = raw["validation_matched"]
@@ -189,15 +186,19 @@ def main(argv: list[str] | None = None) -> dict:
         if "test_matched" in raw:
             raw["test"] = raw["test_matched"]
             sources["test"] = sources["test_matched"]
-    for split, action in (("train", "do_train"), ("validation", "do_eval"), ("test", "do_predict")):
-        if getattr(training_args, action) and split not in raw:
-            raise CliError(f"--{action} needs {split} data: pass --{split}_file")
+    used_splits(raw, training_args)  # each split a --do_* flag asks for is there
     eval_splits = ["validation"] + (["validation_mismatched"] if task == "mnli" and "validation_mismatched" in raw else [])
     used = (["train"] if training_args.do_train else []) + (eval_splits if training_args.do_eval else []) + (
         ["test"] if training_args.do_predict else []
     )
+    return SimpleNamespace(raw=raw, sources=sources, used=used, eval_splits=eval_splits)
 
-    # Columns and labels.
+
+def resolve_columns_and_labels(data: SimpleNamespace, task: str | None) -> SimpleNamespace:
+    """The sentence columns, regression or classification, the label names and their encoder; checks every used split."""
+    from datasets import ClassLabel, Value
+
+    raw, sources, used = data.raw, data.sources, data.used
     reference = raw["train"] if "train" in raw else raw[used[0]]
     if task:
         sentence1_key, sentence2_key = TASK_TO_KEYS[task]
@@ -233,89 +234,95 @@ def main(argv: list[str] | None = None) -> dict:
         encoder = LabelEncoder(label_names, set_name, accept_ids=bool(task) or isinstance(reference.features["label"], ClassLabel))
         for split in used:
             encoder.check(raw[split], sources[split], allow_missing=split == "test")
-    num_labels = 1 if is_regression else len(label_names)
+    return SimpleNamespace(sentence1_key=sentence1_key, sentence2_key=sentence2_key, is_regression=is_regression,
+                           names=label_names, encoder=encoder)
+
+
+def load_tokenizer_and_model(model_args: ModelArguments, task: str | None, labels: SimpleNamespace):
+    """(tokenizer, sequence-classification model with a head for the label set, its config)."""
+    from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(model_args)
-    config_kwargs = {"num_labels": num_labels, "finetuning_task": task}
-    if label_names is not None:
-        config_kwargs["id2label"] = {i: str(n) for i, n in enumerate(label_names)}
-        config_kwargs["label2id"] = {str(n): i for i, n in enumerate(label_names)}
+    config_kwargs = {"num_labels": 1 if labels.is_regression else len(labels.names), "finetuning_task": task}
+    if labels.names is not None:
+        config_kwargs["id2label"] = {i: str(n) for i, n in enumerate(labels.names)}
+        config_kwargs["label2id"] = {str(n): i for i, n in enumerate(labels.names)}
     config = load_config(model_args, **config_kwargs)
     check_vocab(tokenizer, config, model_args)
     model = load_model(AutoModelForSequenceClassification, model_args, config)
-    max_seq_length = resolve_max_length(data_args.max_seq_length, tokenizer, config)
+    return tokenizer, model, config
+
+
+def tokenize(data: SimpleNamespace, labels: SimpleNamespace, tokenizer, max_seq_length: int,
+             data_args: GlueDataArguments, training_args) -> dict:
+    """Each used split tokenized (pairs when there is a second sentence column), with `labels` as class ids or floats."""
     padding = "max_length" if data_args.pad_to_max_length else False
 
     def preprocess(batch):
-        texts = (batch[sentence1_key],) if sentence2_key is None else (batch[sentence1_key], batch[sentence2_key])
+        texts = (batch[labels.sentence1_key],) if labels.sentence2_key is None else (
+            batch[labels.sentence1_key], batch[labels.sentence2_key])
         result = tokenizer(*texts, padding=padding, max_length=max_seq_length, truncation=True)
         # A new column name: reusing "label" would keep the raw column's type (e.g. strings).
         if "label" in batch:
-            if is_regression:
+            if labels.is_regression:
                 result["labels"] = [float(v) if v is not None else float("nan") for v in batch["label"]]
             else:
-                result["labels"] = [-1 if v is None or v == -1 else encoder.encode(v) for v in batch["label"]]
+                result["labels"] = [-1 if v is None or v == -1 else labels.encoder.encode(v) for v in batch["label"]]
         return result
 
     processed = {}
     with training_args.main_process_first(desc="tokenizing"):
-        for split in used:
-            processed[split] = raw[split].map(
+        for split in data.used:
+            processed[split] = data.raw[split].map(
                 preprocess,
                 batched=True,
-                remove_columns=raw[split].column_names,
+                remove_columns=data.raw[split].column_names,
                 load_from_cache_file=not data_args.overwrite_cache,
                 desc=f"tokenizing {split}",
             )
-    train_dataset = take(processed["train"], data_args.max_train_samples) if training_args.do_train else None
+    return processed
+
+
+def metric_function(task: str | None, labels: SimpleNamespace):
+    """The Trainer's `compute_metrics`: the task's GLUE metric on argmax (or squeezed regression) predictions."""
 
     def compute_metrics(p):
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        preds = np.squeeze(preds, axis=-1) if is_regression else np.argmax(preds, axis=1)
-        return glue_metrics(task, preds, p.label_ids, is_regression=is_regression)
+        preds = np.squeeze(preds, axis=-1) if labels.is_regression else np.argmax(preds, axis=1)
+        return glue_metrics(task, preds, p.label_ids, is_regression=labels.is_regression)
 
-    if data_args.pad_to_max_length:
-        collator = default_data_collator
-    else:
-        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        data_collator=collator,
-        compute_metrics=compute_metrics,
-    )
+    return compute_metrics
 
-    results = {}
-    if training_args.do_train:
-        results.update(train_and_save(trainer, checkpoint, len(train_dataset)))
-    if training_args.do_eval:
-        combined = {}
-        for split in eval_splits:
-            eval_dataset = take(processed[split], data_args.max_eval_samples)
-            metrics = trainer.evaluate(eval_dataset=eval_dataset)
-            metrics["eval_samples"] = len(eval_dataset)
-            if split == "validation_mismatched":
-                metrics = {f"{k}_mm": v for k, v in metrics.items()}
-            combined.update(metrics)
-        save_metrics(training_args.output_dir, "eval", combined, trainer.is_world_process_zero())
-        results.update(combined)
-    if training_args.do_predict:
-        predict_dataset = take(processed["test"], data_args.max_predict_samples)
-        if "labels" in predict_dataset.column_names:
-            predict_dataset = predict_dataset.remove_columns("labels")
-        predictions = trainer.predict(predict_dataset, metric_key_prefix="predict").predictions
-        predictions = predictions[0] if isinstance(predictions, tuple) else predictions
-        predictions = np.squeeze(predictions, axis=-1) if is_regression else np.argmax(predictions, axis=1)
-        if trainer.is_world_process_zero():
-            lines = ["index\tprediction"] + [
-                f"{i}\t{p:3.3f}" if is_regression else f"{i}\t{label_names[p]}" for i, p in enumerate(predictions)
-            ]
-            out = f"{training_args.output_dir}/predict_results_{task or 'custom'}.txt"
-            atomic_write_text(out, "\n".join(lines) + "\n")
-            logger.info("wrote %d predictions to %s", len(predictions), out)
-    return results
+
+def evaluate(trainer, processed: dict, eval_splits: list[str], max_eval_samples: int | None) -> dict:
+    """Evaluate each split (MNLI's mismatched set with `_mm` keys) and write eval_results.json."""
+    combined = {}
+    for split in eval_splits:
+        eval_dataset = take(processed[split], max_eval_samples)
+        metrics = trainer.evaluate(eval_dataset=eval_dataset)
+        metrics["eval_samples"] = len(eval_dataset)
+        if split == "validation_mismatched":
+            metrics = {f"{k}_mm": v for k, v in metrics.items()}
+        combined.update(metrics)
+    save_metrics(trainer.args.output_dir, "eval", combined, trainer.is_world_process_zero())
+    return combined
+
+
+def predict(trainer, test, data_args: GlueDataArguments, labels: SimpleNamespace) -> None:
+    """Predict the test split and write predict_results_<task>.txt (index, label name or score)."""
+    predict_dataset = take(test, data_args.max_predict_samples)
+    if "labels" in predict_dataset.column_names:
+        predict_dataset = predict_dataset.remove_columns("labels")
+    predictions = trainer.predict(predict_dataset, metric_key_prefix="predict").predictions
+    predictions = predictions[0] if isinstance(predictions, tuple) else predictions
+    predictions = np.squeeze(predictions, axis=-1) if labels.is_regression else np.argmax(predictions, axis=1)
+    if trainer.is_world_process_zero():
+        lines = ["index\tprediction"] + [
+            f"{i}\t{p:3.3f}" if labels.is_regression else f"{i}\t{labels.names[p]}" for i, p in enumerate(predictions)
+        ]
+        out = f"{trainer.args.output_dir}/predict_results_{data_args.task_name or 'custom'}.txt"
+        atomic_write_text(out, "\n".join(lines) + "\n")
+        logger.info("wrote %d predictions to %s", len(predictions), out)
 
 
 if __name__ == "__main__":

@@ -13,80 +13,21 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from finetune_common import (
-    FinetuneTrainingArguments,
-    ModelArguments,
-    check_vocab,
-    load_config,
-    load_model,
-    load_raw_datasets,
-    load_tokenizer,
-    parse_args,
-    require_action,
-    resolve_checkpoint,
-    resolve_max_length,
-    save_metrics,
-    setup_logging,
-    take,
-    train_and_save,
-)
-from utils import CliError, require_file, run_cli, set_seed
+from finetune_common import (FinetuneTrainingArguments, LmDataArguments, LmModelArguments, evaluate_perplexity,
+                             load_lm_and_text, make_trainer, pad_multiple, start, take, text_column, train_and_save)
+from utils import CliError, run_cli
 
 logger = logging.getLogger("causal_distill.run_mlm")
 
 
 @dataclass
-class MlmModelArguments(ModelArguments):
-    """Model arguments plus what training from scratch needs."""
+class MlmDataArguments(LmDataArguments):
+    """The text data, and how it is cut into sequences and masked."""
 
-    model_type: str | None = field(
-        default=None,
-        metadata={
-            "help": "Train from scratch (no --model_name_or_path): the model type, e.g. bert or distilbert. "
-            "vocab_size is taken from the tokenizer."
-        },
-    )
-    config_overrides: str | None = field(
-        default=None,
-        metadata={
-            "help": "When training from scratch, comma-separated config settings, e.g. "
-            '"num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024".'
-        },
-    )
-
-
-@dataclass
-class MlmDataArguments:
-    """Which text to train and evaluate on, and how to cut it into sequences."""
-
-    dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset name, e.g. wikitext."})
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "The hub dataset's configuration, e.g. wikitext-103-raw-v1."}
-    )
-    dataset_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "A folder written by datasets' save_to_disk: a DatasetDict (train/validation/test splits; "
-            "test stands in for a missing validation) or a single Dataset (used as the training data with "
-            "--do_train, as the evaluation data otherwise)."
-        },
-    )
-    train_file: str | None = field(default=None, metadata={"help": "Training text: .txt (one text per line), .csv or .json."})
-    validation_file: str | None = field(
-        default=None, metadata={"help": "Evaluation text: .txt (one text per line), .csv or .json."}
-    )
-    text_column_name: str | None = field(
-        default=None, metadata={"help": "The column holding the text (default: 'text', else the first column)."}
-    )
-    validation_split_percentage: int = field(
-        default=5,
-        metadata={"help": "Without a validation split, the percentage of the training data held out for evaluation."},
-    )
     max_seq_length: int | None = field(
         default=None,
         metadata={
@@ -112,97 +53,16 @@ class MlmDataArguments:
             "different models on the same data are comparable."
         },
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training sequences."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation sequences."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
-    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the cached tokenized datasets."})
 
     def __post_init__(self):
         if not 0.0 < self.mlm_probability < 1.0:
             raise CliError(f"--mlm_probability must lie in (0, 1), got {self.mlm_probability}")
-        if not 0 <= self.validation_split_percentage < 100:
-            raise CliError(f"--validation_split_percentage must lie in [0, 100), got {self.validation_split_percentage}")
-
-
-def load_text_datasets(data_args: MlmDataArguments, training_args, cache_dir: str | None):
-    """The raw train/validation splits, from --dataset_dir, local files or the hub; splits off validation if needed."""
-    from datasets import Dataset, DatasetDict, load_from_disk
-
-    if data_args.dataset_dir:
-        path = require_file(data_args.dataset_dir, "--dataset_dir")
-        try:
-            loaded = load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as err:
-            raise CliError(f"--dataset_dir {path}: not a folder written by save_to_disk: {err}") from None
-        if isinstance(loaded, Dataset):
-            loaded = DatasetDict({"train" if training_args.do_train else "validation": loaded})
-        raw = DatasetDict(loaded)
-        if "validation" not in raw and "test" in raw:
-            raw["validation"] = raw["test"]
-        sources = {split: f"{path} (split {split})" for split in raw}
-    else:
-        raw, sources = load_raw_datasets(
-            data_files={"train": data_args.train_file, "validation": data_args.validation_file},
-            dataset_name=data_args.dataset_name,
-            dataset_config_name=data_args.dataset_config_name,
-            cache_dir=cache_dir,
-        )
-    if "validation" not in raw and training_args.do_eval:
-        if "train" not in raw:
-            raise CliError("--do_eval needs evaluation data: pass --validation_file")
-        train = raw["train"]
-        n_val = len(train) * data_args.validation_split_percentage // 100
-        if n_val == 0:
-            raise CliError(
-                f"no validation data: pass --validation_file, or a --validation_split_percentage that keeps at "
-                f"least one of the {len(train)} training rows"
-            )
-        logger.info("holding out the first %d of %d training rows for evaluation", n_val, len(train))
-        raw["validation"] = train.select(range(n_val))
-        raw["train"] = train.select(range(n_val, len(train)))
-        sources["validation"] = f"the first {data_args.validation_split_percentage}% of {sources['train']}"
-    if training_args.do_train and "train" not in raw:
-        raise CliError("--do_train needs training data: pass --train_file, --dataset_name or --dataset_dir")
-    return raw, sources
-
-
-def build_config_and_model(model_args: MlmModelArguments, tokenizer):
-    """The MLM model: from --model_name_or_path, or fresh from --model_type/--config_name (+ --config_overrides)."""
-    from transformers import CONFIG_MAPPING, AutoModelForMaskedLM
-
-    from_scratch = not model_args.model_name_or_path
-    if model_args.config_overrides and not from_scratch:
-        raise CliError("--config_overrides only applies when training from scratch (without --model_name_or_path)")
-    if model_args.model_name_or_path or model_args.config_name:
-        config = load_config(model_args)
-    elif model_args.model_type:
-        if model_args.model_type not in CONFIG_MAPPING:
-            raise CliError(f"unknown --model_type {model_args.model_type!r}; e.g. bert, distilbert, roberta")
-        config = CONFIG_MAPPING[model_args.model_type]()
-    else:
-        raise CliError("pass --model_name_or_path, or --model_type (with --tokenizer_name) to train from scratch")
-    if from_scratch:
-        if model_args.config_overrides:
-            try:
-                config.update_from_string(model_args.config_overrides)
-            except ValueError as err:
-                raise CliError(f"--config_overrides {model_args.config_overrides!r}: {err}") from None
-        config.vocab_size = len(tokenizer)
-        config.pad_token_id = tokenizer.pad_token_id
-        logger.info("training a new %s model from scratch: %s", config.model_type, config.to_json_string())
-        check_vocab(tokenizer, config, model_args)
-        return config, AutoModelForMaskedLM.from_config(config)
-    check_vocab(tokenizer, config, model_args)
-    return config, load_model(AutoModelForMaskedLM, model_args, config)
+        super().__post_init__()
 
 
 def tokenize_texts(raw, data_args: MlmDataArguments, tokenizer, max_seq_length: int, training_args):
     """Tokenized datasets: one sequence per line (--line_by_line) or concatenated text cut into blocks."""
-    first = raw[next(iter(raw))]
-    text_column = data_args.text_column_name or ("text" if "text" in first.column_names else first.column_names[0])
-    for split, ds in raw.items():
-        if text_column not in ds.column_names:
-            raise CliError(f"the {split} data lacks the text column {text_column!r} (it has: {', '.join(ds.column_names)})")
+    column = text_column(raw, data_args)
     padding = "max_length" if data_args.pad_to_max_length else False
     map_kwargs = {
         "batched": True,
@@ -211,13 +71,13 @@ def tokenize_texts(raw, data_args: MlmDataArguments, tokenizer, max_seq_length: 
     }
 
     def tokenize_lines(batch):
-        texts = [t for t in batch[text_column] if isinstance(t, str) and t.strip()]
+        texts = [t for t in batch[column] if isinstance(t, str) and t.strip()]
         return tokenizer(
             texts, padding=padding, truncation=True, max_length=max_seq_length, return_special_tokens_mask=True
         )
 
     def tokenize_all(batch):
-        texts = [t for t in batch[text_column] if isinstance(t, str)]
+        texts = [t for t in batch[column] if isinstance(t, str)]
         return tokenizer(texts, return_special_tokens_mask=True)
 
     def group_texts(batch):
@@ -297,32 +157,28 @@ class MlmCollator:
 
 
 # The command line: HfArgumentParser over these dataclasses.
-ARGUMENTS = (MlmModelArguments, MlmDataArguments, FinetuneTrainingArguments)
+ARGUMENTS = (LmModelArguments, MlmDataArguments, FinetuneTrainingArguments)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run masked-LM training and/or evaluation as the command line `argv` asks; returns all metrics."""
-    from transformers import Trainer
+    model_args, data_args, training_args, checkpoint = start(ARGUMENTS, argv, __doc__, ("do_train", "do_eval"))
+    raw, tokenizer, config, model, max_seq_length = load_lm_and_text(model_args, data_args, training_args, "masked",
+                                                                     data_args.max_seq_length, default_length=512)
+    train_dataset, eval_dataset = prepare_datasets(raw, data_args, tokenizer, max_seq_length, training_args)
+    pad = pad_multiple(training_args) if not data_args.pad_to_max_length else None
+    trainer = make_trainer(model, training_args, tokenizer, MlmCollator(tokenizer, data_args.mlm_probability, pad),
+                           train_dataset=train_dataset, eval_dataset=eval_dataset)
+    results = train_and_save(trainer, checkpoint, train_dataset)
+    if training_args.do_eval:
+        results.update(evaluate_perplexity(trainer, eval_dataset))
+    return results
 
-    model_args, data_args, training_args = parse_args(ARGUMENTS, argv, __doc__.splitlines()[0])
-    setup_logging(training_args)
-    require_action(training_args, ("do_train", "do_eval"))
-    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
-        if getattr(training_args, flag) < 1:
-            raise CliError(f"--{flag} must be >= 1, not {getattr(training_args, flag)}")
-    checkpoint = resolve_checkpoint(training_args)
-    set_seed(training_args.seed)
 
-    raw, _ = load_text_datasets(data_args, training_args, model_args.cache_dir)
-    tokenizer = load_tokenizer(model_args)
-    config, model = build_config_and_model(model_args, tokenizer)
-    if not model_args.model_name_or_path and not training_args.do_train:
-        logger.warning("evaluating a freshly initialised model that was not trained")
-    max_seq_length = resolve_max_length(data_args.max_seq_length, tokenizer, config)
-
+def prepare_datasets(raw, data_args: MlmDataArguments, tokenizer, max_seq_length: int, training_args):
+    """(training sequences or None, evaluation sequences masked once (`mask_fixed`) or None)."""
     splits = [s for s, wanted in (("train", training_args.do_train), ("validation", training_args.do_eval)) if wanted]
     tokenized = tokenize_texts(type(raw)({s: raw[s] for s in splits}), data_args, tokenizer, max_seq_length, training_args)
-
     train_dataset = eval_dataset = None
     if training_args.do_train:
         train_dataset = take(tokenized["train"], data_args.max_train_samples)
@@ -334,31 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise CliError("the evaluation data holds no text")
         with training_args.main_process_first(desc="fixed evaluation masking"):
             eval_dataset = mask_fixed(eval_dataset, tokenizer, data_args.mlm_probability, data_args.eval_mask_seed)
-
-    pad_multiple = 8 if (training_args.fp16 or training_args.bf16) and not data_args.pad_to_max_length else None
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        data_collator=MlmCollator(tokenizer, data_args.mlm_probability, pad_multiple),
-    )
-
-    results = {}
-    if training_args.do_train:
-        results.update(train_and_save(trainer, checkpoint, len(train_dataset)))
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
-        try:
-            perplexity = math.exp(metrics["eval_loss"])
-        except OverflowError:
-            perplexity = float("inf")
-        metrics["perplexity"] = perplexity
-        save_metrics(training_args.output_dir, "eval", metrics, trainer.is_world_process_zero())
-        results.update(metrics)
-    return results
+    return train_dataset, eval_dataset
 
 
 if __name__ == "__main__":

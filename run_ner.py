@@ -17,26 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from finetune_common import (
-    FinetuneTrainingArguments,
-    ModelArguments,
-    check_columns,
-    check_vocab,
-    load_config,
-    load_model,
-    load_raw_datasets,
-    load_tokenizer,
-    parse_args,
-    require_action,
-    resolve_checkpoint,
-    resolve_max_length,
-    save_metrics,
-    setup_logging,
-    take,
-    train_and_save,
-)
+from finetune_common import (FinetuneTrainingArguments, ModelArguments, check_columns, check_vocab, load_config,
+                             load_model, load_split_files, load_tokenizer, make_trainer, pad_multiple,
+                             resolve_max_length, save_metrics, start, take, train_and_save)
 from metrics import seqeval_metrics
-from utils import CliError, atomic_write_text, run_cli, set_seed
+from utils import CliError, atomic_write_text, run_cli
 
 logger = logging.getLogger("causal_distill.run_ner")
 
@@ -143,45 +128,63 @@ ARGUMENTS = (ModelArguments, NerDataArguments, NerTrainingArguments)
 
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune, evaluate and/or predict as the command line `argv` asks; returns all metrics."""
-    from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, Trainer
+    from transformers import DataCollatorForTokenClassification
 
-    model_args, data_args, training_args = parse_args(ARGUMENTS, argv, __doc__.splitlines()[0])
+    model_args, data_args, training_args, checkpoint = start(ARGUMENTS, argv, __doc__)
     given_names = [n.strip() for n in training_args.label_names.split(",") if n.strip()] if training_args.label_names else None
     training_args.label_names = None
-    setup_logging(training_args)
-    require_action(training_args)
-    checkpoint = resolve_checkpoint(training_args)
-    set_seed(training_args.seed)
+    raw, sources, used = load_data(data_args, training_args, model_args.cache_dir)
+    label_list, tags_are_ids = tag_set(raw, sources, used, data_args, given_names, load_config(model_args))
+    tokenizer, model, config = load_tokenizer_and_model(model_args, label_list)
+    max_seq_length = resolve_max_length(data_args.max_seq_length, tokenizer, config)
+    processed = tokenize(raw, used, tokenizer, max_seq_length, label_list, tags_are_ids, data_args, training_args)
+    train_dataset = take(processed["train"], data_args.max_train_samples) if training_args.do_train else None
+    collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_multiple(training_args))
+    trainer = make_trainer(model, training_args, tokenizer, collator, train_dataset=train_dataset,
+                           compute_metrics=metric_function(label_list, data_args.return_entity_level_metrics))
+    results = train_and_save(trainer, checkpoint, train_dataset)
+    if training_args.do_eval:
+        eval_dataset = take(processed["validation"], data_args.max_eval_samples)
+        metrics = trainer.evaluate(eval_dataset=eval_dataset)
+        metrics["eval_samples"] = len(eval_dataset)
+        save_metrics(training_args.output_dir, "eval", metrics, trainer.is_world_process_zero())
+        results.update(metrics)
+    if training_args.do_predict:
+        predict(trainer, processed["test"], raw["test"], tokenizer, max_seq_length, label_list, data_args)
+    return results
 
-    raw, sources = load_raw_datasets(
-        data_files={"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file},
-        dataset_name=data_args.dataset_name,
-        dataset_config_name=data_args.dataset_config_name,
-        cache_dir=model_args.cache_dir,
-    )
-    actions = (("train", "do_train"), ("validation", "do_eval"), ("test", "do_predict"))
-    used = [split for split, action in actions if getattr(training_args, action)]
-    for split, action in actions:
-        if split in used and split not in raw:
-            raise CliError(f"--{action} needs {split} data: pass --{split}_file")
+
+def load_data(data_args: NerDataArguments, training_args, cache_dir: str | None) -> tuple[dict, dict, list[str]]:
+    """(raw splits, their sources, the splits this run uses), each used split checked for its columns."""
+    raw, sources, used = load_split_files(data_args, training_args, cache_dir)
     for split in used:
         required = [data_args.text_column_name] + ([] if split == "test" else [data_args.label_column_name])
         check_columns(raw[split], required, sources[split])
+    return raw, sources, used
+
+
+def tag_set(raw, sources: dict, used: list[str], data_args: NerDataArguments, given_names: list[str] | None,
+            base_config) -> tuple[list[str], bool]:
+    """The tag names in id order and whether the data's tags are ids: from the tagged splits (`resolve_labels`),
+    --label_names, or the model's own tags when it was fine-tuned for tagging already."""
     # The splits whose tags are read, checked and (test) scored.
     labelled = [s for s in used if data_args.label_column_name in raw[s].column_names]
-
-    base_config = load_config(model_args)
     model_labels = trained_labels(base_config)
     if labelled:
         label_list, tags_are_ids = resolve_labels(raw, sources, labelled, data_args, given_names)
         if model_labels and set(model_labels) == set(label_list) and not tags_are_ids:
             label_list = model_labels  # keep the fine-tuned model's own id order
-    elif given_names:
-        label_list, tags_are_ids = given_names, False
-    elif model_labels:
-        label_list, tags_are_ids = model_labels, False
-    else:
-        raise CliError("--do_predict without tagged data needs the tag set: pass --label_names")
+        return label_list, tags_are_ids
+    if given_names:
+        return given_names, False
+    if model_labels:
+        return model_labels, False
+    raise CliError("--do_predict without tagged data needs the tag set: pass --label_names")
+
+
+def load_tokenizer_and_model(model_args: ModelArguments, label_list: list[str]):
+    """(fast tokenizer, token-classification model with a head for `label_list`, its config)."""
+    from transformers import AutoModelForTokenClassification
 
     config = load_config(
         model_args,
@@ -194,9 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not getattr(tokenizer, "is_fast", False):
         raise CliError(f"run_ner.py needs a fast tokenizer (word ids); {type(tokenizer).__name__} is not one")
     check_vocab(tokenizer, config, model_args)
-    model = load_model(AutoModelForTokenClassification, model_args, config)
-    max_seq_length = resolve_max_length(data_args.max_seq_length, tokenizer, config)
+    return tokenizer, load_model(AutoModelForTokenClassification, model_args, config), config
 
+
+def tokenize(raw, used: list[str], tokenizer, max_seq_length: int, label_list: list[str], tags_are_ids: bool,
+             data_args: NerDataArguments, training_args) -> dict:
+    """Each used split tokenized from its words, each word's tag on its first sub-token (-100 elsewhere,
+    or the I- tag on every sub-token with --label_all_tokens)."""
     label_to_id = {n: i for i, n in enumerate(label_list)}
     # For --label_all_tokens: the tag a word's later sub-tokens get (B-X -> I-X when I-X exists).
     b_to_i = [
@@ -241,60 +248,44 @@ def main(argv: list[str] | None = None) -> dict:
                 load_from_cache_file=not data_args.overwrite_cache,
                 desc=f"tokenizing {split}",
             )
+    return processed
 
-    def to_tags(predictions, label_ids):
-        preds = np.argmax(predictions, axis=2)
-        pred_tags = [[label_list[p] for p, l in zip(row_p, row_l) if l != -100] for row_p, row_l in zip(preds, label_ids)]
-        gold_tags = [[label_list[l] for l in row_l if l != -100] for row_l in label_ids]
-        return pred_tags, gold_tags
+
+def metric_function(label_list: list[str], entity_level: bool):
+    """The Trainer's `compute_metrics`: seqeval scores of the argmax tags at the labelled positions."""
 
     def compute_metrics(p):
-        pred_tags, gold_tags = to_tags(p.predictions, p.label_ids)
-        return seqeval_metrics(pred_tags, gold_tags, entity_level=data_args.return_entity_level_metrics)
+        preds = np.argmax(p.predictions, axis=2)
+        pred_tags = [[label_list[q] for q, l in zip(row_p, row_l) if l != -100] for row_p, row_l in zip(preds, p.label_ids)]
+        gold_tags = [[label_list[l] for l in row_l if l != -100] for row_l in p.label_ids]
+        return seqeval_metrics(pred_tags, gold_tags, entity_level=entity_level)
 
-    train_dataset = take(processed["train"], data_args.max_train_samples) if training_args.do_train else None
-    collator = DataCollatorForTokenClassification(
-        tokenizer, pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None
-    )
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        data_collator=collator,
-        compute_metrics=compute_metrics,
-    )
+    return compute_metrics
 
-    results = {}
-    if training_args.do_train:
-        results.update(train_and_save(trainer, checkpoint, len(train_dataset)))
-    if training_args.do_eval:
-        eval_dataset = take(processed["validation"], data_args.max_eval_samples)
-        metrics = trainer.evaluate(eval_dataset=eval_dataset)
-        metrics["eval_samples"] = len(eval_dataset)
-        save_metrics(training_args.output_dir, "eval", metrics, trainer.is_world_process_zero())
-        results.update(metrics)
-    if training_args.do_predict:
-        predict_dataset = take(processed["test"], data_args.max_predict_samples)
-        output = trainer.predict(predict_dataset, metric_key_prefix="predict")
-        if trainer.is_world_process_zero():
-            preds = np.argmax(output.predictions, axis=2)
-            lines = []
-            for i, row in enumerate(preds):
-                words = raw["test"][i][data_args.text_column_name]
-                word_ids = tokenizer(words, truncation=True, max_length=max_seq_length, is_split_into_words=True).word_ids()
-                first = {}
-                for position, word in enumerate(word_ids):
-                    if word is not None and word not in first:
-                        first[word] = position
-                # Words cut off by --max_seq_length get "O".
-                lines.append(" ".join(label_list[row[first[w]]] if w in first else "O" for w in range(len(words))))
-            out = f"{training_args.output_dir}/predictions.txt"
-            atomic_write_text(out, "\n".join(lines) + "\n")
-            logger.info("wrote tags for %d sentences to %s", len(lines), out)
-            if output.metrics and output.label_ids is not None:
-                save_metrics(training_args.output_dir, "predict", output.metrics)
-    return results
+
+def predict(trainer, test, raw_test, tokenizer, max_seq_length: int, label_list: list[str],
+            data_args: NerDataArguments) -> None:
+    """Tag the test sentences: predictions.txt holds one line of tags per sentence, one tag per word."""
+    predict_dataset = take(test, data_args.max_predict_samples)
+    output = trainer.predict(predict_dataset, metric_key_prefix="predict")
+    if not trainer.is_world_process_zero():
+        return
+    preds = np.argmax(output.predictions, axis=2)
+    lines = []
+    for i, row in enumerate(preds):
+        words = raw_test[i][data_args.text_column_name]
+        word_ids = tokenizer(words, truncation=True, max_length=max_seq_length, is_split_into_words=True).word_ids()
+        first = {}
+        for position, word in enumerate(word_ids):
+            if word is not None and word not in first:
+                first[word] = position
+        # Words cut off by --max_seq_length get "O".
+        lines.append(" ".join(label_list[row[first[w]]] if w in first else "O" for w in range(len(words))))
+    out = f"{trainer.args.output_dir}/predictions.txt"
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    logger.info("wrote tags for %d sentences to %s", len(lines), out)
+    if output.metrics and output.label_ids is not None:
+        save_metrics(trainer.args.output_dir, "predict", output.metrics)
 
 
 if __name__ == "__main__":

@@ -21,26 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune_common import (
-    FinetuneTrainingArguments,
-    ModelArguments,
-    check_columns,
-    check_vocab,
-    load_config,
-    load_model,
-    load_raw_datasets,
-    load_tokenizer,
-    parse_args,
-    require_action,
-    resolve_checkpoint,
-    resolve_max_length,
-    save_metrics,
-    setup_logging,
-    take,
-    train_and_save,
-)
+from finetune_common import (FinetuneTrainingArguments, ModelArguments, check_columns, check_vocab, load_config,
+                             load_model, load_split_files, load_tokenizer, make_trainer, padding_collator,
+                             resolve_max_length, save_metrics, start, take, train_and_save)
 from metrics import squad_evaluate, squad_v2_evaluate
-from utils import CliError, atomic_write_text, require_file, run_cli, set_seed
+from utils import CliError, atomic_write_text, require_file, run_cli
 
 logger = logging.getLogger("causal_distill.run_qa")
 
@@ -258,37 +243,10 @@ ARGUMENTS = (ModelArguments, QaDataArguments, FinetuneTrainingArguments)
 
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune, evaluate and/or predict as the command line `argv` asks; returns all metrics."""
-    from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding, Trainer, default_data_collator
+    from transformers import AutoModelForQuestionAnswering
 
-    model_args, data_args, training_args = parse_args(ARGUMENTS, argv, __doc__.splitlines()[0])
-    setup_logging(training_args)
-    require_action(training_args)
-    checkpoint = resolve_checkpoint(training_args)
-    set_seed(training_args.seed)
-    v2 = data_args.version_2_with_negative
-
-    raw, sources = load_raw_datasets(
-        data_files={"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file},
-        dataset_name=data_args.dataset_name,
-        dataset_config_name=data_args.dataset_config_name,
-        cache_dir=model_args.cache_dir,
-        file_loader=load_squad_file,
-    )
-    actions = (("train", "do_train"), ("validation", "do_eval"), ("test", "do_predict"))
-    used = [split for split, action in actions if getattr(training_args, action)]
-    for split, action in actions:
-        if split in used and split not in raw:
-            raise CliError(f"--{action} needs {split} data: pass --{split}_file")
-    for split in used:
-        check_columns(raw[split], ["id", "context", "question"] + ([] if split == "test" else ["answers"]), sources[split])
-        if not v2 and "answers" in raw[split].column_names:
-            unanswerable = sum(1 for a in raw[split]["answers"] if not a["text"])
-            if unanswerable:
-                raise CliError(
-                    f"{sources[split]} has {unanswerable} question(s) without an answer (SQuAD v2 style): "
-                    "pass --version_2_with_negative"
-                )
-
+    model_args, data_args, training_args, checkpoint = start(ARGUMENTS, argv, __doc__)
+    raw, sources, used = load_data(data_args, training_args, model_args.cache_dir)
     tokenizer = load_tokenizer(model_args)
     if not getattr(tokenizer, "is_fast", False):
         raise CliError(f"run_qa.py needs a fast tokenizer (offset mapping); {type(tokenizer).__name__} is not one")
@@ -296,88 +254,100 @@ def main(argv: list[str] | None = None) -> dict:
     check_vocab(tokenizer, config, model_args)
     model = load_model(AutoModelForQuestionAnswering, model_args, config)
     max_seq_length = resolve_max_length(data_args.max_seq_length, tokenizer, config)
-    padding = "max_length" if data_args.pad_to_max_length else False
-
-    # The context windows need room: question + special tokens + stride must fit in a window.
-    for split in used:
-        longest = max((len(ids) for ids in tokenizer(list(raw[split]["question"]), add_special_tokens=False)["input_ids"]), default=0)
-        room = max_seq_length - longest - tokenizer.num_special_tokens_to_add(pair=True)
-        if data_args.doc_stride >= room:
-            raise CliError(
-                f"--doc_stride {data_args.doc_stride} leaves no room in --max_seq_length {max_seq_length} windows: the "
-                f"longest question in {sources[split]} has {longest} tokens; raise --max_seq_length or lower --doc_stride"
-            )
-
+    check_windows_fit(raw, sources, used, tokenizer, max_seq_length, data_args.doc_stride)
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}
     examples = {split: take(raw[split], limits[split]) for split in used}
-    features = {}
-    with training_args.main_process_first(desc="tokenizing"):
-        for split in used:
-            features[split] = examples[split].map(
-                prepare_train_features if split == "train" else prepare_eval_features,
-                fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length, "doc_stride": data_args.doc_stride, "padding": padding},
-                batched=True,
-                remove_columns=examples[split].column_names,
-                load_from_cache_file=not data_args.overwrite_cache,
-                desc=f"windowing {split}",
-            )
-
-    if data_args.pad_to_max_length:
-        collator = default_data_collator
-    else:
-        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=features.get("train"),
-        processing_class=tokenizer,
-        data_collator=collator,
-    )
-
-    def answer(split: str, prefix: str) -> dict:
-        """Predict `split`, write `<prefix>predictions.json` and return the metrics (when answers are known)."""
-        feats = features[split]
-        output = trainer.predict(feats.remove_columns(["example_id", "offset_mapping"]), metric_key_prefix=prefix)
-        start_logits, end_logits = output.predictions[:2]
-        predictions, null_diffs = postprocess_predictions(
-            examples[split],
-            feats,
-            start_logits,
-            end_logits,
-            version_2_with_negative=v2,
-            n_best_size=data_args.n_best_size,
-            max_answer_length=data_args.max_answer_length,
-            null_score_diff_threshold=data_args.null_score_diff_threshold,
-        )
-        out_dir = Path(training_args.output_dir)
-        name = "predictions.json" if prefix == "eval" else f"{prefix}_predictions.json"
-        if trainer.is_world_process_zero():
-            atomic_write_text(out_dir / name, json.dumps(predictions, indent=2, ensure_ascii=False))
-            if v2:
-                atomic_write_text(out_dir / name.replace("predictions", "null_odds"), json.dumps(null_diffs, indent=2))
-            logger.info("wrote %d answers to %s", len(predictions), out_dir / name)
-        metrics = {k: v for k, v in output.metrics.items() if k.endswith(("_runtime", "_per_second"))}
-        if "answers" in examples[split].column_names:
-            references = [{"id": e["id"], "answers": e["answers"]} for e in examples[split]]
-            scores = squad_v2_evaluate(predictions, references) if v2 else squad_evaluate(predictions, references)
-            metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
-        metrics[f"{prefix}_samples"] = len(examples[split])
-        return metrics
-
-    results = {}
-    if training_args.do_train:
-        results.update(train_and_save(trainer, checkpoint, len(features["train"])))
+    features = windows(examples, tokenizer, max_seq_length, data_args, training_args)
+    trainer = make_trainer(model, training_args, tokenizer,
+                           padding_collator(tokenizer, training_args, data_args.pad_to_max_length),
+                           train_dataset=features.get("train"))
+    results = train_and_save(trainer, checkpoint, features.get("train"))
     if training_args.do_eval:
-        metrics = answer("validation", "eval")
+        metrics = answer(trainer, examples["validation"], features["validation"], "eval", data_args)
         if trainer.state.epoch is not None:
             metrics["epoch"] = trainer.state.epoch
         save_metrics(training_args.output_dir, "eval", metrics, trainer.is_world_process_zero())
         results.update(metrics)
     if training_args.do_predict:
-        metrics = answer("test", "predict")
+        metrics = answer(trainer, examples["test"], features["test"], "predict", data_args)
         save_metrics(training_args.output_dir, "predict", metrics, trainer.is_world_process_zero())
         results.update(metrics)
     return results
+
+
+def load_data(data_args: QaDataArguments, training_args, cache_dir: str | None) -> tuple[dict, dict, list[str]]:
+    """(raw splits, their sources, the splits this run uses); checks columns and, for SQuAD v1, that every question has an answer."""
+    raw, sources, used = load_split_files(data_args, training_args, cache_dir, load_squad_file)
+    for split in used:
+        check_columns(raw[split], ["id", "context", "question"] + ([] if split == "test" else ["answers"]), sources[split])
+        if not data_args.version_2_with_negative and "answers" in raw[split].column_names:
+            unanswerable = sum(1 for a in raw[split]["answers"] if not a["text"])
+            if unanswerable:
+                raise CliError(
+                    f"{sources[split]} has {unanswerable} question(s) without an answer (SQuAD v2 style): "
+                    "pass --version_2_with_negative"
+                )
+    return raw, sources, used
+
+
+def check_windows_fit(raw, sources: dict, used: list[str], tokenizer, max_seq_length: int, doc_stride: int) -> None:
+    """The context windows need room: question + special tokens + stride must fit in a window."""
+    for split in used:
+        longest = max((len(ids) for ids in tokenizer(list(raw[split]["question"]), add_special_tokens=False)["input_ids"]), default=0)
+        room = max_seq_length - longest - tokenizer.num_special_tokens_to_add(pair=True)
+        if doc_stride >= room:
+            raise CliError(
+                f"--doc_stride {doc_stride} leaves no room in --max_seq_length {max_seq_length} windows: the "
+                f"longest question in {sources[split]} has {longest} tokens; raise --max_seq_length or lower --doc_stride"
+            )
+
+
+def windows(examples: dict, tokenizer, max_seq_length: int, data_args: QaDataArguments, training_args) -> dict:
+    """Each split's context windows: labelled with the answer span for training, with offsets for evaluation."""
+    padding = "max_length" if data_args.pad_to_max_length else False
+    features = {}
+    with training_args.main_process_first(desc="tokenizing"):
+        for split, split_examples in examples.items():
+            features[split] = split_examples.map(
+                prepare_train_features if split == "train" else prepare_eval_features,
+                fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length, "doc_stride": data_args.doc_stride, "padding": padding},
+                batched=True,
+                remove_columns=split_examples.column_names,
+                load_from_cache_file=not data_args.overwrite_cache,
+                desc=f"windowing {split}",
+            )
+    return features
+
+
+def answer(trainer, examples, feats, prefix: str, data_args: QaDataArguments) -> dict:
+    """Predict the questions of `examples`, write `<prefix>predictions.json` and return the metrics (when answers are known)."""
+    v2 = data_args.version_2_with_negative
+    output = trainer.predict(feats.remove_columns(["example_id", "offset_mapping"]), metric_key_prefix=prefix)
+    start_logits, end_logits = output.predictions[:2]
+    predictions, null_diffs = postprocess_predictions(
+        examples,
+        feats,
+        start_logits,
+        end_logits,
+        version_2_with_negative=v2,
+        n_best_size=data_args.n_best_size,
+        max_answer_length=data_args.max_answer_length,
+        null_score_diff_threshold=data_args.null_score_diff_threshold,
+    )
+    out_dir = Path(trainer.args.output_dir)
+    name = "predictions.json" if prefix == "eval" else f"{prefix}_predictions.json"
+    if trainer.is_world_process_zero():
+        atomic_write_text(out_dir / name, json.dumps(predictions, indent=2, ensure_ascii=False))
+        if v2:
+            atomic_write_text(out_dir / name.replace("predictions", "null_odds"), json.dumps(null_diffs, indent=2))
+        logger.info("wrote %d answers to %s", len(predictions), out_dir / name)
+    metrics = {k: v for k, v in output.metrics.items() if k.endswith(("_runtime", "_per_second"))}
+    if "answers" in examples.column_names:
+        references = [{"id": e["id"], "answers": e["answers"]} for e in examples]
+        scores = squad_v2_evaluate(predictions, references) if v2 else squad_evaluate(predictions, references)
+        metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+    metrics[f"{prefix}_samples"] = len(examples)
+    return metrics
 
 
 if __name__ == "__main__":

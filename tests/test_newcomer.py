@@ -16,6 +16,7 @@ import binarized_data
 import causal_train
 import extract
 import extract_distilbert
+import finetune_common
 import make_mapping
 import run_glue
 import run_mlm
@@ -301,7 +302,7 @@ def tiny_glue_model(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 def test_no_pinned_memory_on_the_cpu(tmp_path):
-    _, _, training_args = run_glue.parse_args(run_glue.ARGUMENTS, ["--task_name", "sst2", "--output_dir", str(tmp_path), "--use_cpu"], "x")
+    _, _, training_args = finetune_common.parse_args(run_glue.ARGUMENTS, ["--task_name", "sst2", "--output_dir", str(tmp_path), "--use_cpu"], "x")
     assert training_args.dataloader_pin_memory is False
 
 
