@@ -2,7 +2,7 @@
 
 The student has the teacher's architecture with fewer blocks: the teacher's embeddings, final
 layer norm (GPT-2) and LM head are copied as they are, the chosen blocks are copied and renumbered
-0..n-1. Output (see `save_extraction`): with a `--dump_checkpoint` ending in .pth, a torch state
+0..n-1. Output (see `extraction.save_extraction`): with a `--dump_checkpoint` ending in .pth, a torch state
 dict with the student's key names (`RobertaForMaskedLM` or `GPT2LMHeadModel`), a JSON sidecar
 `<dump_checkpoint>.json` recording which teacher blocks were taken, and the matching student config
 `<stem>.config.json` (for causal_train.py --student_config); with any other name, a model folder
@@ -30,22 +30,15 @@ student's depth and every per-layer list (`layer_types`, `no_rope_layers`) cut t
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from input_checks import check_local_path  # noqa: E402
-from utils import CliError, atomic_dir, atomic_open, atomic_write_text, logger, run_cli  # noqa: E402
-
-# The original's choice of blocks for a 12-layer teacher (DistilBERT paper: "one layer out of two",
-# keeping the first and the last); the 9-entry table is the original's ablation with 9 layers.
-TWELVE_LAYER_TABLE_UP_TO_6 = (0, 2, 4, 7, 9, 11)
-TWELVE_LAYER_TABLE_UP_TO_9 = (0, 2, 3, 4, 7, 8, 9, 10, 11)
-# A --dump_checkpoint with one of these endings is a state-dict file; any other name a model folder.
-STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from extraction import (add_student_arguments, check_dump_path, choose_teacher_layers, load_teacher,  # noqa: E402
+                        load_teacher_config, log_choice, save_extraction, student_config, warn_head_left_random)
+from utils import logger, run_cli  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -76,176 +69,6 @@ for _type, (_class, _default) in LLAMA_LAYOUT_DEFAULTS.items():
     FAMILIES[_type] = Family(_class, "model.layers", (), _default)
 
 
-def default_teacher_layers(n_teacher: int, num_layers: int) -> tuple[list[int], str]:
-    """The teacher blocks a `num_layers`-block student starts from, and how they were chosen.
-
-    Returns (sorted block indices, "table" or "spread"). Assumes 1 <= num_layers <= n_teacher.
-    """
-    if n_teacher == 12 and num_layers <= 6:
-        return list(TWELVE_LAYER_TABLE_UP_TO_6[:num_layers]), "table"
-    if n_teacher == 12 and num_layers <= 9:
-        return list(TWELVE_LAYER_TABLE_UP_TO_9[:num_layers]), "table"
-    if num_layers == 1:
-        return [0], "spread"
-    # Evenly spaced from the first to the last block, rounded half up; the step is >= 1, so the
-    # indices are strictly increasing.
-    step = (n_teacher - 1) / (num_layers - 1)
-    return [int(i * step + 0.5) for i in range(num_layers)], "spread"
-
-
-def choose_teacher_layers(n_teacher: int, num_layers: int | None, layers: str | None) -> tuple[list[int], str]:
-    """Validate `--num_layers` / `--layers` against a teacher of `n_teacher` blocks.
-
-    Returns (teacher block indices in student order, how they were chosen). Raises CliError naming
-    the flag at fault.
-    """
-    if layers is not None:
-        try:
-            chosen = [int(x) for x in layers.split(",")]
-        except ValueError:
-            raise CliError(f"--layers {layers!r}: expected comma-separated block indices, e.g. 0,2,4") from None
-        bad = [i for i in chosen if not 0 <= i < n_teacher]
-        if bad:
-            raise CliError(
-                f"--layers {layers}: block {bad[0]} is out of range for a {n_teacher}-layer teacher "
-                f"(valid: 0..{n_teacher - 1})"
-            )
-        if any(b <= a for a, b in zip(chosen, chosen[1:])):
-            raise CliError(f"--layers {layers}: indices must be strictly increasing (the student keeps the teacher's order)")
-        if num_layers is not None and num_layers != len(chosen):
-            raise CliError(f"--num_layers {num_layers} disagrees with --layers {layers} ({len(chosen)} blocks); give one of them")
-        return chosen, "--layers"
-    num_layers = 6 if num_layers is None else num_layers
-    if not 1 <= num_layers <= n_teacher:
-        raise CliError(f"--num_layers {num_layers}: must be between 1 and the teacher's depth ({n_teacher})")
-    return default_teacher_layers(n_teacher, num_layers)
-
-
-def check_dump_path(dump_checkpoint: str) -> Path:
-    """Refuse, before any work is done, an output path that would overwrite something else.
-
-    A `.pth`/`.pt` name must not be a folder; a folder name must not be a file, nor a folder holding
-    anything but an earlier extraction (extraction.json), which is replaced.
-    """
-    path = Path(dump_checkpoint)
-    if path.suffix in STATE_DICT_SUFFIXES:
-        if path.is_dir():
-            raise CliError(f"--dump_checkpoint {path} is a folder; give the path of a .pth file (or a folder name "
-                           f"without .pth for a model folder)")
-    elif path.is_file():
-        raise CliError(f"--dump_checkpoint {path} is a file; give a .pth name or a new folder name")
-    elif path.is_dir() and any(path.iterdir()) and not (path / "extraction.json").is_file():
-        raise CliError(f"--dump_checkpoint {path} is a folder holding other files; give a new folder name or a .pth name")
-    return path
-
-
-def student_config_like(teacher_config, teacher_layers: list[int]):
-    """A same-family student's config: the teacher's, with only the blocks `teacher_layers` (see `student_config`)."""
-    return student_config(teacher_config, teacher_layers)
-
-
-def load_teacher_config(model_name: str, model_types: tuple[str, ...], flag_type: str):
-    """The config of `model_name` (hub name or local folder), checked to be one of `model_types`.
-
-    Read before the weights so that a wrong model or a bad layer choice fails fast. Raises
-    CliError naming `--model_name`.
-    """
-    import transformers
-
-    check_local_path(model_name, "--model_name")
-    try:
-        config = transformers.AutoConfig.from_pretrained(model_name)
-    except (OSError, ValueError) as err:
-        raise CliError(f"--model_name {model_name}: cannot load its config ({err})") from None
-    if config.model_type not in model_types:
-        raise CliError(
-            f"--model_name {model_name} is a {config.model_type!r} model; --model_type {flag_type} needs "
-            f"a model of type {' or '.join(repr(t) for t in model_types)}"
-        )
-    return config
-
-
-def load_teacher(model_name: str, model_class: str):
-    """Load `model_name` as `transformers.<model_class>` in eval mode.
-
-    Every weight of `model_class` must be in the checkpoint: a missing MLM head (a bare `BertModel`
-    checkpoint, say) would otherwise be extracted as random numbers. Raises CliError naming
-    `--model_name`.
-    """
-    import transformers
-
-    try:
-        model, info = getattr(transformers, model_class).from_pretrained(model_name, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CliError(f"--model_name {model_name}: cannot load it as {model_class} ({err})") from None
-    missing = sorted(info.get("missing_keys", ()))
-    if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise CliError(
-            f"--model_name {model_name}: the checkpoint lacks {len(missing)} weight(s) of {model_class} "
-            f"({shown}); extraction would copy random values"
-        )
-    return model.eval()
-
-
-def save_extraction(state_dict: dict, dump_checkpoint: Path, record: dict, student_config, model_class: str,
-                    optional: tuple[str, ...] = ()) -> None:
-    """Write the student: its weights, the matching config and `record` (which teacher blocks), each atomically.
-
-    `dump_checkpoint` ending in .pth/.pt/.bin: the state dict there, `record` in `<dump_checkpoint>.json`
-    and `student_config` in `<stem>.config.json`. Any other name: a model folder holding config.json,
-    model.safetensors (through `transformers.<model_class>.save_pretrained`, so tied weights are
-    stored once) and extraction.json. State-dict keys starting with one of `optional` may be missing
-    (they keep the student's initialisation); any other mismatch is a bug and raises.
-    """
-    import torch
-    import transformers
-
-    model = getattr(transformers, model_class)(student_config)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = [k for k in missing if not k.startswith(optional) and k not in tied]
-    if missing or unexpected:
-        raise RuntimeError(f"extraction does not fit {model_class}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    record = {**record, "student_config": student_config.to_dict()}
-    if dump_checkpoint.suffix in STATE_DICT_SUFFIXES:
-        with atomic_open(dump_checkpoint, "wb") as fh:
-            torch.save(state_dict, fh)
-        config_file = dump_checkpoint.with_suffix(".config.json")
-        atomic_write_text(config_file, student_config.to_json_string())
-        sidecar = dump_checkpoint.with_name(dump_checkpoint.name + ".json")
-        atomic_write_text(sidecar, json.dumps(record, indent=2) + "\n")
-        logger.info("wrote %d tensors to %s, the student config to %s (--student_config) and the record to %s",
-                    len(state_dict), dump_checkpoint, config_file, sidecar)
-        return
-    with atomic_dir(dump_checkpoint) as tmp:
-        model.save_pretrained(tmp)
-        atomic_write_text(tmp / "extraction.json", json.dumps(record, indent=2) + "\n")
-    logger.info("wrote the student folder %s (config.json, model.safetensors, extraction.json): pass it as both "
-                "--student_config and --student_pretrained_weights", dump_checkpoint)
-
-
-def warn_head_left_random(model_type: str, keys: tuple[str, ...]) -> None:
-    """Say loudly that the LM head's transform keeps the student's random initialisation."""
-    logger.warning(
-        "no --vocab_transform: the %s student's MLM-head transform (%s) stays randomly initialised, so its "
-        "predictions start as noise until training; add --vocab_transform to copy the teacher's (the paper's setting)",
-        model_type, ", ".join(k.rstrip(".") for k in keys),
-    )
-
-
-def log_choice(n_teacher: int, teacher_layers: list[int], how: str) -> None:
-    """Log which teacher blocks the student starts from, saying so when the spread rule chose them."""
-    if how == "spread":
-        logger.info(
-            "teacher has %d layers and the student %d: the 12-layer table does not apply, taking teacher blocks "
-            "spread evenly: %s",
-            n_teacher, len(teacher_layers), teacher_layers,
-        )
-    else:
-        logger.info("student block i <- teacher block %s (chosen by %s)", teacher_layers, how)
-
-
 def extract_same_family(teacher_sd: dict, family: Family, teacher_layers: list[int], vocab_transform: bool) -> dict:
     """The student state dict: every non-block tensor of the teacher, and the chosen blocks renumbered.
 
@@ -266,22 +89,6 @@ def extract_same_family(teacher_sd: dict, family: Family, teacher_layers: list[i
     return student_sd
 
 
-def student_config(config, teacher_layers: list[int]):
-    """The teacher's `config` cut to the chosen blocks: `num_hidden_layers` = their number, and every
-    per-layer list of the config (a list as long as the teacher's depth: Qwen2's `layer_types`,
-    SmolLM3's `no_rope_layers`) keeps the chosen blocks' entries, so each block keeps its attention
-    kind and positions."""
-    import copy
-
-    n_teacher = config.num_hidden_layers
-    out = copy.deepcopy(config)
-    for key, value in config.to_dict().items():
-        if isinstance(value, list) and len(value) == n_teacher and key != "architectures":
-            setattr(out, key, [value[i] for i in teacher_layers])
-    out.num_hidden_layers = len(teacher_layers)
-    return out
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Extract some blocks of a RobertaForMaskedLM, GPT2LMHeadModel or Llama-layout *ForCausalLM "
@@ -291,12 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the teacher's family, which is also the student's (default: roberta)")
     parser.add_argument("--model_name", default=None, help="hub name or local folder (default per --model_type: "
                         "roberta-base, gpt2, HuggingFaceTB/SmolLM2-135M for llama, Qwen/Qwen2.5-0.5B for qwen2, ...)")
-    parser.add_argument("--dump_checkpoint", required=True,
-                        help="output: a .pth (or .pt, .bin) name (state dict, plus <name>.pth.json record and "
-                             "<name>.config.json student config) or any other name for a model folder (config.json, "
-                             "model.safetensors, extraction.json)")
-    parser.add_argument("--num_layers", type=int, default=None, help="student depth (default 6)")
-    parser.add_argument("--layers", default=None, help="comma-separated teacher blocks to copy, e.g. 0,2,4,7,9,11")
+    add_student_arguments(parser)
     parser.add_argument(
         "--vocab_transform", action="store_true", help="also copy the MLM head's dense + layer norm (RoBERTa)"
     )

@@ -3,7 +3,7 @@
 Copies the teacher's word and position embeddings and embedding LayerNorm, the chosen blocks
 (renumbered 0..n-1) and the MLM head (`vocab_projector` <- the decoder weight and bias; with
 `--vocab_transform` also `vocab_transform` / `vocab_layer_norm` <- the head's dense + LayerNorm).
-The output (as in `extract.py`): with a `--dump_checkpoint` ending in .pth, a torch state dict with
+The output (as in `extract.py`; see `extraction.save_extraction`): with a `--dump_checkpoint` ending in .pth, a torch state dict with
 `DistilBertForMaskedLM` key names, a JSON sidecar `<dump_checkpoint>.json` recording the teacher
 blocks taken, and the matching `DistilBertConfig` in `<stem>.config.json`; with any other name, a
 model folder (config.json, model.safetensors, extraction.json) for causal_train.py's
@@ -28,15 +28,8 @@ from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extract import (  # noqa: E402
-    check_dump_path,
-    choose_teacher_layers,
-    load_teacher,
-    load_teacher_config,
-    log_choice,
-    save_extraction,
-    warn_head_left_random,
-)
+from extraction import (add_student_arguments, check_dump_path, choose_teacher_layers, load_teacher,  # noqa: E402
+                        load_teacher_config, log_choice, save_extraction, warn_head_left_random)
 from utils import CliError, logger, run_cli  # noqa: E402
 
 if TYPE_CHECKING:
@@ -132,12 +125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the teacher's family: bert only (kept for the original's command line; "
                              "scripts/extract.py handles roberta and gpt2)")
     parser.add_argument("--model_name", default="bert-base-uncased", help="hub name or local folder")
-    parser.add_argument("--dump_checkpoint", required=True,
-                        help="output: a .pth (or .pt, .bin) name (state dict, plus <name>.pth.json record and "
-                             "<name>.config.json student config) or any other name for a model folder (config.json, "
-                             "model.safetensors, extraction.json)")
-    parser.add_argument("--num_layers", type=int, default=None, help="student depth (default 6)")
-    parser.add_argument("--layers", default=None, help="comma-separated teacher blocks to copy, e.g. 0,2,4,7,9,11")
+    add_student_arguments(parser)
     parser.add_argument("--vocab_transform", action="store_true", help="also copy the MLM head's dense + LayerNorm")
     return parser.parse_args(argv)
 

@@ -20,24 +20,21 @@ import json
 import math
 import os
 import platform
-import shlex
-import shutil
 import statistics
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
-import quickstart as qs
 import quickstart_report as qr
-from utils import REPO_ROOT, CliError, atomic_write_text
+from extraction import student_config
+from quickstart_pipeline import ALPHA_CAUSAL_CE, PRESETS, TEACHER_SEED, Preset, Quickstart, load_fast_tokenizer
+from utils import CliError, atomic_write_text
 
 FAMILIES = ("llama", "gpt2")
 NAMES = {"llama": "Llama", "gpt2": "GPT-2"}
 # The BERT quickstart's objective with the causal-LM loss in place of the masked-LM one.
 ALPHAS = {"alpha_ce": 0.25, "alpha_clm": 0.25, "alpha_cos": 0.25, "alpha_mlm": 0.0}
-ALPHA_CAUSAL_CE = qs.ALPHA_CAUSAL_CE
 SPECIALS = ["<pad>", "<s>", "</s>"]
+COLORS = {"standard": "tab:blue", "diito": "tab:orange"}
 OBJECTIVES = ("standard", "diito")  # (the BERT quickstart's equal-compute arm and IIA stage are not run here)
 N_STAGES = 8
 
@@ -48,12 +45,12 @@ N_STAGES = 8
 # every 50 steps reached perplexity 67.5 at steps 550-600, flat there (README, "Causal LMs"). GPT-2,
 # same sizes and corpus, takes the same count (not measured). gpu: the same number of passes at its
 # 4x larger batch (not measured). test: the test suite's, unchanged.
-TEACHER_STEPS = {"small": 600, "gpu": 150, "test": qs.PRESETS["test"].teacher_steps}
+TEACHER_STEPS = {"small": 600, "gpu": 150, "test": PRESETS["test"].teacher_steps}
 
 
-def preset_for(name: str) -> qs.Preset:
+def preset_for(name: str) -> Preset:
     """The BERT quickstart's preset of that name, with the causal-LM teacher's step count (`TEACHER_STEPS`)."""
-    return replace(qs.PRESETS[name], teacher_steps=TEACHER_STEPS[name])
+    return replace(PRESETS[name], teacher_steps=TEACHER_STEPS[name])
 
 
 def labels(family: str) -> dict[str, str]:
@@ -69,7 +66,7 @@ def verdict(ppl: dict[str, dict[int, float]], seeds: list[int]) -> str:
             f"(DIITO lower on {wins} of {len(seeds)} seeds).")
 
 
-def config_overrides(family: str, p: qs.Preset) -> str:
+def config_overrides(family: str, p: Preset) -> str:
     """run_clm.py --config_overrides for the teacher of `family` at preset `p`."""
     if family == "gpt2":  # (GPT-2's FFN is 4 x the width)
         return f"n_layer={p.teacher_layers},n_embd={p.hidden},n_head={p.heads},n_positions={p.max_seq_length}"
@@ -95,57 +92,46 @@ def train_bpe(lines: list[str], out_dir: Path, vocab_size: int) -> Path:
 
 
 def copy_tokenizer(name: str, out_dir: Path) -> None:
-    """Save the --tokenizer into `out_dir`; CliError unless it is a fast tokenizer with an EOS."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name, use_fast=True)
-    except Exception as err:  # noqa: BLE001 -- transformers raises many types; all mean "cannot load"
-        raise CliError(f"--tokenizer {name}: cannot load it offline ({type(err).__name__}: {err})") from None
-    if not getattr(tok, "is_fast", False):
-        raise CliError(f"--tokenizer {name}: no fast (Rust) implementation, which scripts/binarized_data.py needs")
+    """Save the --tokenizer into `out_dir`; CliError unless it has an EOS."""
+    tok = load_fast_tokenizer(name)
     if tok.eos_token is None:
         raise CliError(f"--tokenizer {name}: has no EOS token, which a causal LM's documents need")
     tok.save_pretrained(out_dir)
 
 
-class ClmQuickstart(qs.Quickstart):
-    """The BERT quickstart's corpus and bookkeeping, with a causal-LM teacher, students and evaluation."""
+class ClmQuickstart(Quickstart):
+    """The pipeline's corpus and bookkeeping, with a causal-LM teacher, students and evaluation."""
+
+    n_stages = N_STAGES
+    eval_script = "run_clm.py"
+    extract_script = "scripts/extract.py"
 
     def __init__(self, args, preset, user_docs):
         super().__init__(args, preset, user_docs)
         self.family = args.family
         self.labels = labels(self.family)
-        self.pipe.banner = lambda k, title: print(f"\n[stage {k}/{N_STAGES}] {title}", flush=True)
 
-    # 2
-    def tokenizer(self, corpus: dict) -> dict:
-        self.pipe.banner(2, "tokenizer: " + (f"--tokenizer {self.args.tokenizer}" if self.args.tokenizer
-                                              else f"byte-level BPE ({self.preset.vocab_size} entries) on the train part"))
-        settings = {"corpus": corpus["key"], "vocab_size": self.preset.vocab_size, "tokenizer": self.args.tokenizer,
-                    "kind": "bpe"}
+    def family_settings(self) -> dict:
+        return {"family": self.family}
 
-        def work(folder: Path) -> dict:
-            os.environ.update(qs.OFFLINE_ENV)
-            if self.args.tokenizer:
-                copy_tokenizer(self.args.tokenizer, folder)
-            else:
-                lines = (self.out / "corpus" / "train.txt").read_text(encoding="utf-8").splitlines()
-                train_bpe(lines, folder, self.preset.vocab_size)
-            from transformers import AutoTokenizer
+    def tokenizer_title(self) -> str:
+        return f"byte-level BPE ({self.preset.vocab_size} entries) on the train part"
 
-            size = len(AutoTokenizer.from_pretrained(folder))
-            print(f"  {size} entries, saved to {folder}", flush=True)
-            return {"vocab_size": size}
+    def tokenizer_settings(self) -> dict:
+        return {"kind": "bpe"}
 
-        return self.pipe.unit("tokenizer", self.out / "tokenizer", settings, work, ("tokenizer.json",))
+    def make_tokenizer(self, folder: Path) -> int:
+        from transformers import AutoTokenizer
 
-    # 3
-    def teacher(self, corpus: dict, tokenizer: dict) -> dict:
+        if self.args.tokenizer:
+            copy_tokenizer(self.args.tokenizer, folder)
+        else:
+            lines = (self.out / "corpus" / "train.txt").read_text(encoding="utf-8").splitlines()
+            train_bpe(lines, folder, self.preset.vocab_size)
+        return len(AutoTokenizer.from_pretrained(folder))
+
+    def teacher_command(self, steps: int) -> tuple[str, str, list]:
         p = self.preset
-        steps = self.args.teacher_steps or p.teacher_steps
-        self.pipe.banner(3, f"teacher: {NAMES[self.family]} {p.teacher_layers} layers x {p.hidden} from scratch, "
-                            f"{steps} steps (run_clm.py --do_train)")
         argv = [
             "--model_type", self.family, "--config_overrides", config_overrides(self.family, p),
             "--tokenizer_name", self.out / "tokenizer", "--train_file", self.out / "corpus" / "train.txt",
@@ -153,67 +139,37 @@ class ClmQuickstart(qs.Quickstart):
             "--do_train", "--max_steps", steps, "--per_device_train_batch_size", p.teacher_batch,
             "--learning_rate", p.teacher_lr, "--warmup_steps", max(1, steps // 16), "--weight_decay", 0.01,
             "--adam_beta2", 0.98, "--logging_steps", max(1, steps // 40), "--save_strategy", "no",
-            "--report_to", "none", "--seed", qs.TEACHER_SEED, "--dataloader_num_workers", 0,
+            "--report_to", "none", "--seed", TEACHER_SEED, "--dataloader_num_workers", 0,
             *self.trainer_device_args,
         ]
-        settings = {"corpus": corpus["key"], "tokenizer": tokenizer["key"], "argv": [str(a) for a in argv]}
+        title = (f"teacher: {NAMES[self.family]} {p.teacher_layers} layers x {p.hidden} from scratch, "
+                 f"{steps} steps (run_clm.py --do_train)")
+        return title, "run_clm.py", argv
 
-        def work(folder: Path) -> dict:
-            seconds = self.pipe.command("teacher", "run_clm.py", [*argv, "--output_dir", folder, "--overwrite_output_dir"])
-            return {"train_seconds": round(seconds, 2), "steps": steps}
+    def extract_title_flags(self) -> tuple[str, ...]:
+        return ("--model_type", self.family)
 
-        return self.pipe.unit("teacher", self.out / "teacher", settings, work, ("model.safetensors", "config.json"))
+    def student_config_text(self, record: dict) -> str:
+        from transformers import AutoConfig
 
-    # 4
-    def data(self, corpus: dict, tokenizer: dict) -> dict:
-        self.pipe.banner(4, f"data: binarize the train part (scripts/binarized_data.py --tokenizer_type {self.family})")
-        settings = {"corpus": corpus["key"], "tokenizer": tokenizer["key"], "family": self.family}
+        return student_config(AutoConfig.from_pretrained(self.out / "teacher"), record["teacher_layers"]).to_json_string()
 
-        def work(folder: Path) -> dict:
-            self.pipe.command("binarize", "scripts/binarized_data.py", [
-                "--file_path", self.out / "corpus" / "train.txt", "--tokenizer_type", self.family,
-                "--tokenizer_name", self.out / "tokenizer", "--dump_file", folder / "binarized_text", "--seed", 0])
-            found = sorted(folder.glob("binarized_text.*.bin"))
-            if len(found) != 1:
-                raise qs.StageFailed(f"scripts/binarized_data.py left {len(found)} .bin files in {folder}, expected one")
-            return {"data_file": found[0].name}
-
-        return self.pipe.unit("data", self.out / "data", settings, work)
-
-    # 5
-    def student_init(self, teacher: dict) -> dict:
+    def eval_options(self) -> tuple[str, list]:
         p = self.preset
-        self.pipe.banner(5, f"student initialisation: {p.student_layers} of the teacher's {p.teacher_layers} blocks "
-                            f"(scripts/extract.py --model_type {self.family}), config and DIITO mapping")
-        settings = {"teacher": teacher["key"], "student_layers": p.student_layers, "family": self.family}
-
-        def work(folder: Path) -> dict:
-            from transformers import AutoConfig
-
-            from extract import student_config
-
-            weights = folder / "student_init.pth"
-            self.pipe.command("extract", "scripts/extract.py", [
-                "--model_type", self.family, "--model_name", self.out / "teacher", "--dump_checkpoint", weights,
-                "--num_layers", p.student_layers])
-            record = json.loads(weights.with_name(weights.name + ".json").read_text())
-            config = student_config(AutoConfig.from_pretrained(self.out / "teacher"), record["teacher_layers"])
-            atomic_write_text(folder / "student_config.json", config.to_json_string())
-            atomic_write_text(folder / "diito.nm", json.dumps(qs.neuron_mapping(record["teacher_layers"], p.heads,
-                                                                                p.hidden // p.heads), indent=2) + "\n")
-            print(f"  student block i <- teacher block {record['teacher_layers']}; DIITO aligns the outputs of "
-                  f"each pair, full width ({folder / 'diito.nm'})", flush=True)
-            return {"teacher_layers": record["teacher_layers"]}
-
-        return self.pipe.unit("student_init", self.out / "student_init", settings, work,
-                              ("student_init.pth", "student_config.json", "diito.nm"))
+        common = [
+            "--tokenizer_name", self.out / "tokenizer", "--validation_file", self.out / "corpus" / "heldout.txt",
+            "--block_size", p.max_seq_length, "--do_eval", "--per_device_eval_batch_size", p.eval_batch,
+            "--seed", 0, "--report_to", "none", "--dataloader_num_workers", 0,
+            *(["--use_cpu", "--no_dataloader_pin_memory"] if not p.gpu else []),
+        ]
+        return f"--block_size {p.max_seq_length}", common
 
     # 6
     def students(self, data: dict, init: dict) -> dict[str, dict]:
         p = self.preset
         steps = self.args.steps or p.student_steps
         runs = [(objective, seed) for seed in self.seeds for objective in OBJECTIVES]
-        self.pipe.banner(6, f"students: causal_train.py, standard and DIITO, {steps} steps each, "
+        self.banner(6, f"students: causal_train.py, standard and DIITO, {steps} steps each, "
                             f"seeds {', '.join(map(str, self.seeds))} ({len(runs)} runs)")
         common = [
             "--data_file", self.out / "data" / data["data_file"],
@@ -237,52 +193,13 @@ class ClmQuickstart(qs.Quickstart):
             settings = {"data": data["key"], "init": init["key"], "argv": [str(a) for a in argv]}
             print(f"  run {i}/{len(runs)}: {self.labels[objective]}, seed {seed}", flush=True)
 
-            def work(folder: Path, argv=argv, objective=objective, seed=seed, name=name) -> dict:
-                seconds = self.pipe.command(f"student_{name}", "causal_train.py",
-                                            ["--dump_path", folder, "--force", *argv])
-                for checkpoint in folder.glob("checkpoint-*"):  # the final student is what the report needs
-                    shutil.rmtree(checkpoint, ignore_errors=True)
-                return {"train_seconds": round(seconds, 2), "objective": objective, "seed": seed, "steps": steps}
-
-            records[name] = self.pipe.unit(name, self.out / "students" / name, settings, work,
-                                           ("model.safetensors", "config.json"))
-        return records
-
-    # 7
-    def evaluate(self, teacher: dict, students: dict[str, dict]) -> dict[str, dict]:
-        p = self.preset
-        models = {"teacher": (self.out / "teacher", teacher)}
-        models.update({name: (self.out / "students" / name, rec) for name, rec in students.items()})
-        self.pipe.banner(7, f"evaluation: held-out perplexity of {len(models)} models (run_clm.py --do_eval, "
-                            f"--block_size {p.max_seq_length})")
-        common = [
-            "--tokenizer_name", self.out / "tokenizer", "--validation_file", self.out / "corpus" / "heldout.txt",
-            "--block_size", p.max_seq_length, "--do_eval", "--per_device_eval_batch_size", p.eval_batch,
-            "--seed", 0, "--report_to", "none", "--dataloader_num_workers", 0,
-            *(["--use_cpu", "--no_dataloader_pin_memory"] if not p.gpu else []),
-        ]
-        records = {}
-        for name, (model_dir, model_record) in models.items():
-            argv = ["--model_name_or_path", model_dir, *common]
-            settings = {"model": model_record["key"], "argv": [str(a) for a in argv]}
-
-            def work(folder: Path, argv=argv, name=name) -> dict:
-                self.pipe.command(f"eval_{name}", "run_clm.py", [*argv, "--output_dir", folder])
-                metrics = json.loads((folder / "eval_results.json").read_text())
-                print(f"  {name}: held-out perplexity {metrics['perplexity']:.2f}", flush=True)
-                return {"perplexity": metrics["perplexity"], "eval_loss": metrics["eval_loss"],
-                        "eval_samples": metrics.get("eval_samples")}
-
-            records[name] = self.pipe.unit(f"eval {name}", self.out / "eval" / name, settings, work,
-                                           ("eval_results.json",))
+            records[name] = self.student(name, argv, settings, {"objective": objective, "seed": seed, "steps": steps})
         return records
 
     # 8
     def report(self, stages: dict, students: dict, evals: dict) -> dict:
-        self.pipe.banner(8, "report: table and plots")
-        settings = {group: {k: (v["key"], v["finished"]) for k, v in records.items()}
-                    for group, records in (("stages", stages), ("students", students), ("evals", evals))}
-        settings["version"] = "clm-1"
+        self.banner(8, "report: table and plots")
+        settings = self.report_settings("clm-1", stages=stages, students=students, evals=evals)
 
         def work(folder: Path) -> dict:
             summary = write_report(self, stages, students, evals)
@@ -292,31 +209,17 @@ class ClmQuickstart(qs.Quickstart):
         return self.pipe.unit("report", self.out / "plots", settings, work,
                               ("heldout_perplexity.png", "training_losses.png", "../report.md", "../summary.json"))
 
-    def run(self) -> dict:
-        start = time.time()
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.pipe.commands, "a", encoding="utf-8") as fh:
-            fh.write(f"# quickstart {dt.datetime.now().isoformat(timespec='seconds')}: "
-                     f"{shlex.join(['python', 'scripts/quickstart.py', *sys.argv[1:]])}\n"
-                     f"cd {shlex.quote(str(REPO_ROOT))}\n"
-                     + "".join(f"export {k}={v}\n" for k, v in qs.OFFLINE_ENV.items())
-                     + f"export OMP_NUM_THREADS={self.args.threads} MKL_NUM_THREADS={self.args.threads}\n")
+    def run_stages(self) -> dict:
         stages = {}
         stages["corpus"] = corpus = self.corpus()
         stages["tokenizer"] = tokenizer = self.tokenizer(corpus)
         stages["teacher"] = teacher = self.teacher(corpus, tokenizer)
-        stages["data"] = data = self.data(corpus, tokenizer)
+        stages["data"] = data = self.data(corpus, tokenizer, f"data: binarize the train part "
+                                          f"(scripts/binarized_data.py --tokenizer_type {self.family})")
         stages["student_init"] = init = self.student_init(teacher)
         students = self.students(data, init)
         evals = self.evaluate(teacher, students)
-        report = self.report(stages, students, evals)
-        elapsed = time.time() - start
-        print(f"\nquickstart finished in {qr.format_seconds(elapsed)} "
-              f"(ran {len(self.pipe.ran)}, skipped {len(self.pipe.skipped)} found done already)")
-        print((self.out / "report_table.md").read_text(encoding="utf-8"))
-        print(report["verdict"])
-        print(f"report: {self.out / 'report.md'}; full output of every command: {self.out / 'logs'}")
-        return {"seconds": elapsed, "ran": self.pipe.ran, "skipped": self.pipe.skipped}
+        return self.report(stages, students, evals)
 
 
 def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) -> dict:
@@ -328,16 +231,11 @@ def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) ->
 
     out, preset, seeds, lab = q.out, q.preset, q.seeds, q.labels
     vocab = stages["tokenizer"]["vocab_size"]
-    corpus = stages["corpus"]
     ppl = {obj: {s: evals[f"{obj}_seed{s}"]["perplexity"] for s in seeds} for obj in OBJECTIVES}
     train_s = {obj: [students[f"{obj}_seed{s}"]["train_seconds"] for s in seeds] for obj in OBJECTIVES}
     params = {"teacher": qr.count_parameters(out / "teacher"),
               "student": qr.count_parameters(out / "students" / f"standard_seed{seeds[0]}")}
     teacher_steps, student_steps = stages["teacher"]["steps"], students[f"standard_seed{seeds[0]}"]["steps"]
-
-    def pm(values, fmt="{:.2f}"):
-        mean, std = qr.mean_std(values)
-        return fmt.format(mean) + (" ± " + fmt.format(std) if std is not None else "")
 
     rows = [
         "| model | layers x width | parameters | held-out perplexity | per seed | training steps | training time |",
@@ -349,17 +247,41 @@ def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) ->
     for obj in OBJECTIVES:
         rows.append(
             f"| {lab[obj]} | {preset.student_layers} x {preset.hidden} | {params['student'] / 1e6:.2f} M | "
-            f"{pm(list(ppl[obj].values()))} | {', '.join(f'{ppl[obj][s]:.2f}' for s in seeds)} | "
-            f"{student_steps} per run | {pm(train_s[obj], '{:.0f}')} s per run |")
+            f"{qr.plus_minus(list(ppl[obj].values()))} | {', '.join(f'{ppl[obj][s]:.2f}' for s in seeds)} | "
+            f"{student_steps} per run | {qr.plus_minus(train_s[obj], '{:.0f}')} s per run |")
     table = "\n".join(rows) + "\n"
     sentence = verdict(ppl, seeds)
     cost_ratio = statistics.fmean(train_s["diito"]) / statistics.fmean(train_s["standard"])
-    colors = {"standard": "tab:blue", "diito": "tab:orange"}
+    _plot_losses(out, students, seeds, lab, plt)
+    _plot_perplexity(out, evals["teacher"]["perplexity"], ppl, seeds, vocab, lab, plt)
 
+    machine = (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
+               + ("GPU preset (--n_gpu 1 --bf16)" if preset.gpu else f"CPU only, {q.args.threads} thread(s) per process")
+               + f", Python {platform.python_version()}")
+    all_records = {**stages, **{f"students: {k}": v for k, v in students.items()},
+                   **{f"evaluation: {k}": v for k, v in evals.items()}}
+    stage_rows = [f"| {k} | {qr.format_seconds(v['seconds'])} | {v['finished']} |" for k, v in all_records.items()]
+    atomic_write_text(out / "report.md", _report_markdown(q, table, sentence, stages, evals, vocab, student_steps,
+                                                           cost_ratio, machine, stage_rows))
+    atomic_write_text(out / "report_table.md", table)
+    summary = {
+        "preset": q.args.preset, "family": q.family, "seeds": seeds, "vocab_size": vocab, "verdict": sentence,
+        "teacher": {"perplexity": evals["teacher"]["perplexity"], "parameters": params["teacher"],
+                    "train_seconds": stages["teacher"]["train_seconds"], "steps": teacher_steps},
+        **{obj: {"perplexity": ppl[obj], "mean": qr.mean_std(list(ppl[obj].values()))[0],
+                 "std": qr.mean_std(list(ppl[obj].values()))[1], "parameters": params["student"],
+                 "train_seconds": dict(zip(seeds, train_s[obj])), "steps": student_steps} for obj in OBJECTIVES},
+        "stage_seconds": {k: v["seconds"] for k, v in all_records.items()},
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _plot_losses(out: Path, students: dict, seeds: list[int], lab: dict, plt) -> None:
+    """The teacher's causal-LM loss and each student loss, one line per seed."""
     curves = {name: qr.read_loss_curves(out / "students" / name / "log" / "train") for name in students}
     names = [n for n in ("loss", "ce", "clm", "cos", "causal_ce") if any(n in c for c in curves.values())]
-    teacher_log = json.loads((out / "teacher" / "trainer_state.json").read_text()).get("log_history", [])
-    teacher_curve = [(e["step"], e["loss"]) for e in teacher_log if "loss" in e]
+    teacher_curve = qr.teacher_loss_curve(out)
     ncols = min(3, len(names) + 1)
     nrows = math.ceil((len(names) + 1) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
@@ -369,11 +291,7 @@ def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) ->
     axes[0].plot([s for s, _ in teacher_curve], [v for _, v in teacher_curve], color="black")
     axes[0].set_title("teacher: causal-LM loss (run_clm.py)")
     for ax, loss in zip(axes[1:], names):
-        for name, curve in sorted(curves.items()):
-            if loss in curve:
-                obj = students[name]["objective"]
-                ax.plot(*zip(*curve[loss]), color=colors[obj], alpha=0.8, lw=1,
-                        label=lab[obj] if students[name]["seed"] == seeds[0] else None)
+        qr.plot_student_curves(ax, curves, students, loss, seeds, COLORS, lab)
         ax.set_title(f"students: {loss}")
     for ax in axes:
         ax.set_xlabel("step")
@@ -384,9 +302,12 @@ def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) ->
     fig.savefig(out / "plots" / "training_losses.png", dpi=110)
     plt.close(fig)
 
+
+def _plot_perplexity(out: Path, teacher_ppl: float, ppl: dict, seeds: list[int], vocab: int, lab: dict, plt) -> None:
+    """Held-out perplexity: means ± std and the seeds."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    models = [("teacher", [evals["teacher"]["perplexity"]], "0.3")] + \
-        [(obj, [ppl[obj][s] for s in seeds], colors[obj]) for obj in OBJECTIVES]
+    models = [("teacher", [teacher_ppl], "0.3")] + \
+        [(obj, [ppl[obj][s] for s in seeds], COLORS[obj]) for obj in OBJECTIVES]
     for x, (model, values, color) in enumerate(models):
         mean, std = qr.mean_std(values)
         ax.errorbar([x], [mean], yerr=[std or 0.0], fmt="D", color=color, capsize=6, ms=8)
@@ -401,13 +322,12 @@ def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) ->
     fig.savefig(out / "plots" / "heldout_perplexity.png", dpi=110)
     plt.close(fig)
 
-    machine = (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
-               + ("GPU preset (--n_gpu 1 --bf16)" if preset.gpu else f"CPU only, {q.args.threads} thread(s) per process")
-               + f", Python {platform.python_version()}")
-    all_records = {**stages, **{f"students: {k}": v for k, v in students.items()},
-                   **{f"evaluation: {k}": v for k, v in evals.items()}}
-    stage_rows = [f"| {k} | {qr.format_seconds(v['seconds'])} | {v['finished']} |" for k, v in all_records.items()]
-    report = f"""# Quickstart report (causal LM: {NAMES[q.family]})
+
+def _report_markdown(q: ClmQuickstart, table: str, sentence: str, stages: dict, evals: dict, vocab: int,
+                     student_steps: int, cost_ratio: float, machine: str, stage_rows: list[str]) -> str:
+    """The text of report.md."""
+    preset, seeds, corpus, teacher_steps = q.preset, q.seeds, stages["corpus"], stages["teacher"]["steps"]
+    return f"""# Quickstart report (causal LM: {NAMES[q.family]})
 
 {dt.date.today().isoformat()}, preset `{q.args.preset}`, `--family {q.family}`, {machine}.
 
@@ -450,22 +370,9 @@ def write_report(q: ClmQuickstart, stages: dict, students: dict, evals: dict) ->
 |---|---|---|
 {chr(10).join(stage_rows)}
 """
-    atomic_write_text(out / "report.md", report)
-    atomic_write_text(out / "report_table.md", table)
-    summary = {
-        "preset": q.args.preset, "family": q.family, "seeds": seeds, "vocab_size": vocab, "verdict": sentence,
-        "teacher": {"perplexity": evals["teacher"]["perplexity"], "parameters": params["teacher"],
-                    "train_seconds": stages["teacher"]["train_seconds"], "steps": teacher_steps},
-        **{obj: {"perplexity": ppl[obj], "mean": qr.mean_std(list(ppl[obj].values()))[0],
-                 "std": qr.mean_std(list(ppl[obj].values()))[1], "parameters": params["student"],
-                 "train_seconds": dict(zip(seeds, train_s[obj])), "steps": student_steps} for obj in OBJECTIVES},
-        "stage_seconds": {k: v["seconds"] for k, v in all_records.items()},
-    }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
 
 
-def checked_preset(name: str, family: str) -> qs.Preset:
+def checked_preset(name: str, family: str) -> Preset:
     """The preset for `family`; CliError if its sizes do not fit the family."""
     if family not in FAMILIES:
         raise CliError(f"--family {family}: the causal-LM quickstart knows {', '.join(FAMILIES)}")

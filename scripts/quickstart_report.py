@@ -81,9 +81,26 @@ def verdict(ppl: dict[str, dict[int, float]], iia: dict[str, dict[int, float]], 
     return "Against standard distillation: " + "; ".join(heads) + ". " + " ".join(parts)
 
 
-def _pm(values, fmt="{:.2f}"):
+def plus_minus(values, fmt="{:.2f}") -> str:
+    """`mean ± std` of `values` (the mean alone for one value)."""
     mean, std = mean_std(values)
     return fmt.format(mean) + (" ± " + fmt.format(std) if std is not None else "")
+
+
+def teacher_loss_curve(out: Path) -> list[tuple[int, float]]:
+    """(step, loss) of the teacher's training, from its trainer_state.json."""
+    teacher_log = json.loads((out / "teacher" / "trainer_state.json").read_text()).get("log_history", [])
+    return [(e["step"], e["loss"]) for e in teacher_log if "loss" in e]
+
+
+def plot_student_curves(ax, curves: dict, students: dict, loss: str, seeds: list[int], colors: dict,
+                        labels: dict) -> None:
+    """One line per student run of the `loss` curve, coloured by objective, labelled once (first seed)."""
+    for name, curve in sorted(curves.items()):
+        if loss in curve:
+            obj = students[name]["objective"]
+            ax.plot(*zip(*curve[loss]), color=colors[obj], alpha=0.8, lw=1,
+                    label=labels[obj] if students[name]["seed"] == seeds[0] else None)
 
 
 def _plot_losses(out: Path, students: dict, seeds: list[int], plt) -> None:
@@ -91,8 +108,7 @@ def _plot_losses(out: Path, students: dict, seeds: list[int], plt) -> None:
     curves = {name: read_loss_curves(out / "students" / name / "log" / "train") for name in students}
     names = [n for n in ("loss", "ce", "mlm", "cos", "causal_ce") if any(n in c for c in curves.values())]
     names += sorted({n for c in curves.values() for n in c} - set(names))
-    teacher_log = json.loads((out / "teacher" / "trainer_state.json").read_text()).get("log_history", [])
-    teacher_curve = [(e["step"], e["loss"]) for e in teacher_log if "loss" in e]
+    teacher_curve = teacher_loss_curve(out)
     panels = len(names) + 1
     ncols = min(3, panels)
     nrows = math.ceil(panels / ncols)
@@ -107,11 +123,7 @@ def _plot_losses(out: Path, students: dict, seeds: list[int], plt) -> None:
     ylabels = {"loss": "weighted sum of the losses", "ce": "KL × T² (nats)", "mlm": "cross-entropy (nats)",
                "cos": "1 − cosine", "causal_ce": "KL × T² (nats)"}
     for ax, loss in zip(axes[1:], names):
-        for name, curve in sorted(curves.items()):
-            if loss in curve:
-                obj = students[name]["objective"]
-                ax.plot(*zip(*curve[loss]), color=COLORS[obj], alpha=0.8, lw=1,
-                        label=LABELS[obj] if students[name]["seed"] == seeds[0] else None)
+        plot_student_curves(ax, curves, students, loss, seeds, COLORS, LABELS)
         title = f"students: {loss}"
         if loss == "mlm":  # the masking of training favours rare tokens (count^-0.7): a harder target
             title += "\n(rare tokens masked more often: above the held-out\nloss, ln perplexity, of uniform masking)"
@@ -157,10 +169,9 @@ def write_report(out: Path, preset, args, stages: dict, students: dict, evals: d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from run_iia import draw_heatmaps
+    from iia import draw_heatmaps
 
     vocab = stages["tokenizer"]["vocab_size"]
-    corpus = stages["corpus"]
     ppl = {obj: {s: evals[f"{obj}_seed{s}"]["perplexity"] for s in seeds} for obj in OBJECTIVES}
     iia = {obj: {s: alignment[f"{obj}_seed{s}"]["iia"] for s in seeds} for obj in OBJECTIVES}
     eff = {obj: {s: alignment[f"{obj}_seed{s}"]["effective_iia"] for s in seeds} for obj in OBJECTIVES}
@@ -172,6 +183,44 @@ def write_report(out: Path, preset, args, stages: dict, students: dict, evals: d
     teacher_steps = stages["teacher"]["steps"]
     plots = out / "plots"
 
+    table = _results_table(preset, stages, evals, flops, params, ppl, iia, eff, train_s, steps, seeds)
+    sentence = verdict(ppl, iia, seeds)
+    chance_ratio = vocab / evals["teacher"]["perplexity"]
+    time_ratio = statistics.fmean(train_s["diito"]) / statistics.fmean(train_s["standard"])
+
+    _plot_losses(out, students, seeds, plt)
+    _plot_perplexity(out, evals["teacher"]["perplexity"], ppl, seeds, vocab, plt)
+    first = seeds[0]
+    panels = [(f"{LABELS[obj]}, seed {first}", json.loads((out / "iia" / f"{obj}_seed{first}" / "iia_results.json")
+                                                          .read_text())["sweep"]) for obj in ("standard", "diito")]
+    draw_heatmaps(panels, plots / "iia_heatmaps.png")
+
+    machine, stage_rows, stage_seconds = _stage_times(preset, args, stages, students, evals, alignment)
+    total = sum(stage_seconds.values())
+    atomic_write_text(out / "report.md", _report_markdown(
+        args, preset, machine, table, sentence, stages["corpus"], vocab, chance_ratio,
+        stages["student_init"]["teacher_layers"], flops, steps, time_ratio, seeds, stage_rows, total, teacher_steps))
+    atomic_write_text(out / "report_table.md", table)
+    summary = {
+        "preset": args.preset, "seeds": seeds, "vocab_size": vocab, "verdict": sentence,
+        "teacher": {"perplexity": evals["teacher"]["perplexity"], "parameters": params["teacher"],
+                    "train_seconds": stages["teacher"]["train_seconds"], "steps": teacher_steps},
+        **{obj: {"perplexity": ppl[obj], "mean": mean_std(list(ppl[obj].values()))[0],
+                 "std": mean_std(list(ppl[obj].values()))[1], "iia": iia[obj], "effective_iia": eff[obj],
+                 "iia_ci95": {s: alignment[f"{obj}_seed{s}"]["iia_ci95"] for s in seeds},
+                 "parameters": params["student"], "train_seconds": dict(zip(seeds, train_s[obj])),
+                 "steps": steps[obj]} for obj in OBJECTIVES},
+        "flops_per_step": {k: flops[k] for k in ("standard", "diito", "ratio")},
+        "stage_seconds": stage_seconds,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _results_table(preset, stages: dict, evals: dict, flops: dict, params: dict, ppl: dict, iia: dict, eff: dict,
+                   train_s: dict, steps: dict, seeds: list[int]) -> str:
+    """The result table (markdown): the teacher, then each objective's students over the seeds."""
+    teacher_steps = stages["teacher"]["steps"]
     rows = [
         "| model | layers x width | parameters | held-out perplexity | per seed | IIA % | effective IIA % "
         "| training steps | training compute (TFLOP) | training time |",
@@ -184,22 +233,15 @@ def write_report(out: Path, preset, args, stages: dict, students: dict, evals: d
         per_step = flops["diito" if obj == "diito" else "standard"]
         rows.append(
             f"| {LABELS[obj]} | {preset.student_layers} x {preset.hidden} | {params['student'] / 1e6:.2f} M | "
-            f"{_pm(list(ppl[obj].values()))} | {', '.join(f'{ppl[obj][s]:.2f}' for s in seeds)} | "
-            f"{_pm([100 * v for v in iia[obj].values()], '{:.1f}')} | "
-            f"{_pm([100 * v for v in eff[obj].values()], '{:.1f}')} | {steps[obj]} per run | "
-            f"{per_step * steps[obj] / 1e12:.3g} per run | {_pm(train_s[obj], '{:.0f}')} s per run |")
-    table = "\n".join(rows) + "\n"
-    sentence = verdict(ppl, iia, seeds)
-    chance_ratio = vocab / evals["teacher"]["perplexity"]
-    time_ratio = statistics.fmean(train_s["diito"]) / statistics.fmean(train_s["standard"])
+            f"{plus_minus(list(ppl[obj].values()))} | {', '.join(f'{ppl[obj][s]:.2f}' for s in seeds)} | "
+            f"{plus_minus([100 * v for v in iia[obj].values()], '{:.1f}')} | "
+            f"{plus_minus([100 * v for v in eff[obj].values()], '{:.1f}')} | {steps[obj]} per run | "
+            f"{per_step * steps[obj] / 1e12:.3g} per run | {plus_minus(train_s[obj], '{:.0f}')} s per run |")
+    return "\n".join(rows) + "\n"
 
-    _plot_losses(out, students, seeds, plt)
-    _plot_perplexity(out, evals["teacher"]["perplexity"], ppl, seeds, vocab, plt)
-    first = seeds[0]
-    panels = [(f"{LABELS[obj]}, seed {first}", json.loads((out / "iia" / f"{obj}_seed{first}" / "iia_results.json")
-                                                          .read_text())["sweep"]) for obj in ("standard", "diito")]
-    draw_heatmaps(panels, plots / "iia_heatmaps.png")
 
+def _stage_times(preset, args, stages: dict, students: dict, evals: dict, alignment: dict):
+    """(the machine in words, the rows of the stage-time table, the stages' seconds by name)."""
     stage_rows = [f"| {k} | {format_seconds(v['seconds'])} | {v['finished']} |" for k, v in stages.items()]
     for group, records in (("students", students), ("evaluation", evals), ("alignment", alignment)):
         stage_rows += [f"| {group}: {k} | {format_seconds(v['seconds'])} | {v['finished']} |" for k, v in records.items()]
@@ -215,9 +257,15 @@ def write_report(out: Path, preset, args, stages: dict, students: dict, evals: d
     stage_seconds = {k: v["seconds"] for k, v in stages.items()}
     for group, records in (("students", students), ("eval", evals), ("iia", alignment)):
         stage_seconds.update({f"{group}/{k}": v["seconds"] for k, v in records.items()})
-    total = sum(stage_seconds.values())
-    mapping = stages["student_init"]["teacher_layers"]
-    report = f"""# Quickstart report
+    return machine, stage_rows, stage_seconds
+
+
+def _report_markdown(args, preset, machine: str, table: str, sentence: str, corpus: dict, vocab: int,
+                     chance_ratio: float, mapping: list[int], flops: dict, steps: dict, time_ratio: float,
+                     seeds: list[int], stage_rows: list[str], total: float, teacher_steps: int) -> str:
+    """The text of report.md."""
+    first = seeds[0]
+    return f"""# Quickstart report
 
 {dt.date.today().isoformat()}, preset `{args.preset}`, {machine}.
 
@@ -278,19 +326,3 @@ Alignment of every (teacher block, student block) pair of full-width sites (`run
 
 Sum: {format_seconds(total)} (stages skipped on a re-run keep the time of the run that did them).
 """
-    atomic_write_text(out / "report.md", report)
-    atomic_write_text(out / "report_table.md", table)
-    summary = {
-        "preset": args.preset, "seeds": seeds, "vocab_size": vocab, "verdict": sentence,
-        "teacher": {"perplexity": evals["teacher"]["perplexity"], "parameters": params["teacher"],
-                    "train_seconds": stages["teacher"]["train_seconds"], "steps": teacher_steps},
-        **{obj: {"perplexity": ppl[obj], "mean": mean_std(list(ppl[obj].values()))[0],
-                 "std": mean_std(list(ppl[obj].values()))[1], "iia": iia[obj], "effective_iia": eff[obj],
-                 "iia_ci95": {s: alignment[f"{obj}_seed{s}"]["iia_ci95"] for s in seeds},
-                 "parameters": params["student"], "train_seconds": dict(zip(seeds, train_s[obj])),
-                 "steps": steps[obj]} for obj in OBJECTIVES},
-        "flops_per_step": {k: flops[k] for k in ("standard", "diito", "ratio")},
-        "stage_seconds": stage_seconds,
-    }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return summary

@@ -18,6 +18,7 @@ import torch
 
 import extract
 import extract_distilbert
+import extraction
 from utils import CliError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +103,7 @@ def _assert_bert_blocks_copied(student_sd: dict, teacher_sd: dict, teacher_layer
 
 
 def test_default_choice_table_and_spread():
-    choose = extract.default_teacher_layers
+    choose = extraction.default_teacher_layers
     assert choose(12, 6) == ([0, 2, 4, 7, 9, 11], "table")
     assert choose(12, 3) == ([0, 2, 4], "table")
     assert choose(12, 9) == ([0, 2, 3, 4, 7, 8, 9, 10, 11], "table")

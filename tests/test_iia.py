@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import iia
 import interventions
 import run_iia
 from losses import soft_target_kl
@@ -91,9 +92,9 @@ def test_causal_lm_teacher_as_student_evaluates_every_next_token_position(setup)
     overall = record["mapping"]["overall"]
     assert overall["iia"]["value"] == 1.0 and overall["effective_iia"]["value"] == 1.0
     # every real position that has a next token: sum over pairs of (length - 1)
-    tok, special = run_iia.load_tokenizer(str(setup / "teacher"), _vocab(setup), False)
+    tok, special = run_iia.load_tokenizer_and_special_ids(str(setup / "teacher"), _vocab(setup), False)
     dataset = run_iia.load_dataset(str(setup / "heldout.txt"), tok, special, 128, 42)
-    pairs = run_iia.choose_pairs(dataset, 48, 42)
+    pairs = iia.choose_pairs(dataset, 48, 42)
     assert overall["positions"] == int(sum(dataset.lengths[pairs] - 1))
 
 
@@ -114,16 +115,16 @@ def _preparer(vocab):
 
 
 def test_positions_and_masks_repeat_and_are_shared_by_teacher_and_student(setup, monkeypatch):
-    tok, special = run_iia.load_tokenizer(str(setup / "teacher"), _vocab(setup), True)
+    tok, special = run_iia.load_tokenizer_and_special_ids(str(setup / "teacher"), _vocab(setup), True)
     dataset = run_iia.load_dataset(str(setup / "heldout.txt"), tok, special, 128, 7)
-    pairs = run_iia.choose_pairs(dataset, 40, 7)
-    assert np.array_equal(pairs, run_iia.choose_pairs(dataset, 40, 7))
+    pairs = iia.choose_pairs(dataset, 40, 7)
+    assert np.array_equal(pairs, iia.choose_pairs(dataset, 40, 7))
     torch.manual_seed(123)
-    first = run_iia.prepare_batches(dataset, pairs, _preparer(len(tok)), 16, 7)
+    first = iia.prepare_batches(dataset, pairs, _preparer(len(tok)), 16, 7)
     torch.manual_seed(456)  # the global generator's state does not matter
     torch.rand(10)
-    second = run_iia.prepare_batches(dataset, pairs, _preparer(len(tok)), 16, 7)
-    other = run_iia.prepare_batches(dataset, pairs, _preparer(len(tok)), 16, 8)
+    second = iia.prepare_batches(dataset, pairs, _preparer(len(tok)), 16, 7)
+    other = iia.prepare_batches(dataset, pairs, _preparer(len(tok)), 16, 8)
     for a, b in zip(first, second):
         for key in ("input_ids", "mlm_mask", "logit_idx", "batch_idx", "base_pos", "source_pos", "source_ids"):
             assert torch.equal(getattr(a, key), getattr(b, key)), key
@@ -151,8 +152,8 @@ def test_positions_and_masks_repeat_and_are_shared_by_teacher_and_student(setup,
     monkeypatch.setattr(interventions, "run_model", run_spy)
     teacher = run_iia.load_lm(str(setup / "teacher"), "--teacher_name")
     student = run_iia.load_lm(str(setup / "student"), "--student_name")
-    entries = run_iia.sweep_entries(teacher, student)[:2]
-    run_iia.evaluate(teacher, student, first[:2], entries)
+    entries = iia.sweep_entries(teacher, student)[:2]
+    iia.evaluate(teacher, student, first[:2], entries)
     assert len(calls) == 2 * 2 * 2  # batches x entries x (teacher, student)
     for t_call, s_call in zip(calls[0::2], calls[1::2]):
         assert all(torch.equal(a, b) for a, b in zip(t_call, s_call))
@@ -174,15 +175,15 @@ def test_same_command_same_numbers(setup):
 def test_kl_metric_is_the_soft_target_loss_at_t1():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(7, 50, generator=g), torch.randn(7, 50, generator=g)
-    torch.testing.assert_close(run_iia.kl_per_row(t, s).mean(), soft_target_kl(s, t, 1.0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(iia.kl_per_row(t, s).mean(), soft_target_kl(s, t, 1.0), rtol=1e-5, atol=1e-6)
 
 
 def test_bootstrap_interval_covers_the_value_and_shrinks_with_pairs():
     rng = np.random.default_rng(0)
     small = rng.random(20) < 0.7
     large = rng.random(2000) < 0.7
-    m_small = run_iia._metric(small.astype(float), np.ones(20), 500, 0)
-    m_large = run_iia._metric(large.astype(float), np.ones(2000), 500, 0)
+    m_small = iia._metric(small.astype(float), np.ones(20), 500, 0)
+    m_large = iia._metric(large.astype(float), np.ones(2000), 500, 0)
     for m in (m_small, m_large):
         assert m["ci95"][0] <= m["value"] <= m["ci95"][1]
     assert m_large["ci95"][1] - m_large["ci95"][0] < (m_small["ci95"][1] - m_small["ci95"][0]) / 3
@@ -193,7 +194,7 @@ def test_num_pairs_larger_than_the_data_warns_and_uses_all(setup, caplog):
     (setup / "few.txt").write_text("\n".join(lines) + "\n")
     with caplog.at_level(logging.WARNING, logger="causal_distill"):
         record = run(setup, "--num_pairs", "1000", data="few.txt", out="few")
-    tok, special = run_iia.load_tokenizer(str(setup / "teacher"), _vocab(setup), True)
+    tok, special = run_iia.load_tokenizer_and_special_ids(str(setup / "teacher"), _vocab(setup), True)
     n = len(run_iia.load_dataset(str(setup / "few.txt"), tok, special, 128, 42))
     assert record["mapping"]["pairs"] == n <= 30
     assert "--num_pairs 1000 is more than" in caplog.text

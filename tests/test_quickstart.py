@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import quickstart
+import quickstart_pipeline
 from utils import CliError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,30 +197,30 @@ def test_user_text_corpus_stage(tmp_path):
     text = tmp_path / "book.txt"
     text.write_text("\n\n".join(paragraphs) + "\n")
     args = quickstart.parse_args(["--preset", "test", "--text", str(text), "--out", str(tmp_path / "out")])
-    docs = quickstart.read_text_files(args.text)
+    docs = quickstart_pipeline.read_text_files(args.text)
     assert len(docs) == 40 and all("\n" not in d and d.endswith("wrapped.") for d in docs)
-    record = quickstart.Quickstart(args, quickstart.PRESETS["test"], docs).corpus()
+    record = quickstart.MlmQuickstart(args, quickstart.PRESETS["test"], docs).corpus()
     assert record["train_documents"] + record["heldout_documents"] == 40 and record["heldout_documents"] == 4
     train = (tmp_path / "out" / "corpus" / "train.txt").read_text().splitlines()
     heldout = (tmp_path / "out" / "corpus" / "heldout.txt").read_text().splitlines()
     assert not set(train) & set(heldout) and len(train) == 36
     # Which documents are held out does not depend on their order or on duplicates.
-    assert set(quickstart.split_corpus(docs, 0.1, "x")[1]) == set(quickstart.split_corpus(docs[::-1] + docs[:3], 0.1, "x")[1])
+    assert set(quickstart_pipeline.split_corpus(docs, 0.1, "x")[1]) == set(quickstart_pipeline.split_corpus(docs[::-1] + docs[:3], 0.1, "x")[1])
 
 
 def test_split_documents_lines_or_paragraphs():
-    assert quickstart.split_documents("one doc\ntwo doc\n\n") == ["one doc", "two doc"]
-    assert quickstart.split_documents("first para\nwrapped\n\nsecond  para\n") == ["first para wrapped", "second para"]
+    assert quickstart_pipeline.split_documents("one doc\ntwo doc\n\n") == ["one doc", "two doc"]
+    assert quickstart_pipeline.split_documents("first para\nwrapped\n\nsecond  para\n") == ["first para wrapped", "second para"]
 
 
 def test_topic_prose_is_cleaned():
-    assert quickstart.clean_topic_paragraph(
+    assert quickstart_pipeline.clean_topic_paragraph(
         "   Called after the instance has been created, but before it is\n   returned to the caller.") \
         == "Called after the instance has been created, but before it is returned to the caller."
-    assert quickstart.clean_topic_paragraph("The \"if\" statement\n******************") is None
-    assert quickstart.clean_topic_paragraph("   >>> x = 1\n   >>> print(x)") is None
-    assert quickstart.clean_topic_paragraph('   if_stmt ::= "if" assignment_expression ":" suite') is None
-    docs = quickstart.pydoc_topic_documents()
+    assert quickstart_pipeline.clean_topic_paragraph("The \"if\" statement\n******************") is None
+    assert quickstart_pipeline.clean_topic_paragraph("   >>> x = 1\n   >>> print(x)") is None
+    assert quickstart_pipeline.clean_topic_paragraph('   if_stmt ::= "if" assignment_expression ":" suite') is None
+    docs = quickstart_pipeline.pydoc_topic_documents()
     assert len(docs) > 500 and sum(len(d.split()) for d in docs) > 20000
 
 

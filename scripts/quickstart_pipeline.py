@@ -1,0 +1,544 @@
+"""The quickstart's pipeline: what the masked-LM (BERT) and causal-LM quickstarts share.
+
+The corpus and its split, the stage bookkeeping (`Pipeline`: `.done` markers, commands with a
+progress bar and a log each), the presets, and the stages whose shape is the same for both families
+(`Quickstart`: corpus, tokenizer, teacher, data, student initialisation, one student run,
+evaluation, the run itself). Each family (scripts/quickstart.py for BERT, scripts/quickstart_clm.py
+for Llama and GPT-2) names its scripts, flags and settings and adds its own stages.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from quickstart_report import format_seconds
+from utils import REPO_ROOT, CliError, atomic_write_text
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+    "PYTHONUNBUFFERED": "1",
+}
+PROGRESS = re.compile(rb"(\d+)/(\d+) \[")  # a tqdm bar's `n/total [` in a command's output
+MIN_DOCUMENTS = 20  # fewer cannot be split into a training part and a held-out part worth evaluating on
+SPLIT_SEED = "quickstart-split-v1"
+TEACHER_SEED = 0
+ALPHA_CAUSAL_CE = 0.25  # DIITO's weight, added to each family's standard objective
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model sizes and run lengths of one quickstart size."""
+
+    vocab_size: int
+    teacher_layers: int
+    hidden: int
+    heads: int
+    ffn: int
+    max_seq_length: int
+    teacher_steps: int
+    teacher_batch: int
+    teacher_lr: float
+    student_layers: int
+    student_steps: int
+    student_batch: int
+    student_lr: float
+    eval_batch: int
+    iia_pairs: int = 256
+    gpu: bool = False
+    max_documents: int | None = None
+
+
+# Sizes measured on a 2-core CPU shared with another job (see the README): a 128-wide teacher gets
+# well past the unigram plateau in the time a 256-wide one needs to reach it.
+PRESETS = {
+    "small": Preset(vocab_size=2000, teacher_layers=4, hidden=128, heads=4, ffn=512, max_seq_length=128,
+                    teacher_steps=1200, teacher_batch=32, teacher_lr=2e-3,
+                    student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64),
+    "gpu": Preset(vocab_size=8000, teacher_layers=6, hidden=512, heads=8, ffn=2048, max_seq_length=128,
+                  teacher_steps=6000, teacher_batch=128, teacher_lr=5e-4,
+                  student_layers=3, student_steps=3000, student_batch=64, student_lr=5e-4, eval_batch=256,
+                  iia_pairs=1024, gpu=True),
+    "test": Preset(vocab_size=400, teacher_layers=2, hidden=32, heads=2, ffn=64, max_seq_length=64,
+                   teacher_steps=20, teacher_batch=16, teacher_lr=2e-3,
+                   student_layers=1, student_steps=6, student_batch=8, student_lr=5e-4, eval_batch=64,
+                   iia_pairs=32, max_documents=400),
+}
+
+
+
+# --- corpus ------------------------------------------------------------------------------------
+_BULLET = re.compile(r"^(?:[*\-+]|\d+\.|\(\d+\)|[a-z][.)])\s+")
+_UNDERLINE = re.compile(r"^\s*([*=\-~^\"#+])\1{2,}\s*$")
+_NOT_PROSE = re.compile(r">>>|::=|[{}\\|]|-\[")
+
+
+def clean_topic_paragraph(paragraph: str) -> str | None:
+    """One paragraph of `pydoc_data.topics` as a line of prose, or None for code, grammar, tables, headings.
+
+    Prose there is plain text wrapped at 70 columns, sometimes indented as a whole (a method's
+    description) or opened by a list bullet; code and grammar blocks have ragged indentation or
+    markers such as `>>>` and `::=`.
+    """
+    lines = [line.rstrip() for line in paragraph.splitlines() if line.strip()]
+    if not lines or any(_UNDERLINE.match(line) for line in lines):
+        return None
+    indents = [len(line) - len(line.lstrip()) for line in lines]
+    bullet = _BULLET.match(lines[0].lstrip())
+    body_indent = indents[0] + (bullet.end() if bullet else 0)
+    if any(indent != body_indent for indent in indents[1:]):
+        return None
+    text = " ".join(line.strip() for line in lines)
+    if bullet:
+        text = text[bullet.end():]
+    text = re.sub(r"\*\*?([^*]+)\*\*?", r"\1", text)  # *emphasis*
+    text = re.sub(r"\s*\[\d+\]", "", text)  # footnote references
+    text = re.sub(r"\s+", " ", text).strip()
+    if not text or _NOT_PROSE.search(text):
+        return None
+    if len(text.split()) < 8 or not text[0].isupper() or text[-1] not in ".?!:":
+        return None
+    letters = sum(ch.isalpha() or ch == " " for ch in text)
+    return text if letters / len(text) > 0.85 else None
+
+
+def pydoc_topic_documents() -> list[str]:
+    """The prose paragraphs of the interpreter's topic help (`pydoc_data.topics`), in topic order."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # a trimmed Python without pydoc_data: the docstrings alone will do
+        return []
+    docs = []
+    for name in sorted(topics):
+        for paragraph in re.split(r"\n\s*\n", topics[name]):
+            text = clean_topic_paragraph(paragraph)
+            if text:
+                docs.append(text)
+    return docs
+
+
+def split_documents(text: str) -> list[str]:
+    """A user's text as documents: paragraphs separated by blank lines if it has any, else one per line."""
+    text = text.replace("\r\n", "\n").strip()
+    blocks = re.split(r"\n\s*\n", text) if re.search(r"\n\s*\n", text) else text.splitlines()
+    return [" ".join(block.split()) for block in blocks if block.strip()]
+
+
+def read_text_files(paths: list[str]) -> list[str]:
+    """The documents of the --text files; CliError for a missing, unreadable or empty file."""
+    docs = []
+    for name in paths:
+        path = Path(name)
+        if not path.exists():
+            raise CliError(f"--text {name}: no such file")
+        if not path.is_file():
+            raise CliError(f"--text {name}: not a file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise CliError(f"--text {name}: not UTF-8 text ({err})") from None
+        except OSError as err:
+            raise CliError(f"--text {name}: cannot read it ({err.strerror})") from None
+        found = split_documents(text)
+        if not found:
+            raise CliError(f"--text {name} is empty")
+        docs.extend(found)
+    return docs
+
+
+def split_corpus(docs: list[str], heldout_fraction: float, source: str) -> tuple[list[str], list[str]]:
+    """Deduplicate `docs` and split them into (train, held-out), sharing no document.
+
+    The held-out part is the documents with the smallest hashes, so the split does not depend on
+    their order and moves little when a few documents come or go. Raises CliError when there are
+    too few documents to split.
+    """
+    unique = list(dict.fromkeys(docs))
+    if len(unique) < MIN_DOCUMENTS:
+        raise CliError(
+            f"{source}: {len(unique)} distinct document(s), too few to split into a training part and a "
+            f"held-out part; give at least {MIN_DOCUMENTS} (one per line, or paragraphs separated by blank lines)"
+        )
+    n_heldout = max(1, round(len(unique) * heldout_fraction))
+    ranked = sorted(unique, key=lambda d: hashlib.sha256(f"{SPLIT_SEED}\n{d}".encode()).hexdigest())
+    heldout = set(ranked[:n_heldout])
+    return [d for d in unique if d not in heldout], [d for d in unique if d in heldout]
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+def load_fast_tokenizer(name: str):
+    """The --tokenizer (local folder or cached hub name); CliError unless it loads offline as a fast tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, use_fast=True)
+    except Exception as err:  # noqa: BLE001 -- transformers raises many types; all mean "cannot load"
+        raise CliError(f"--tokenizer {name}: cannot load it offline ({type(err).__name__}: {err})") from None
+    if not getattr(tok, "is_fast", False):
+        raise CliError(f"--tokenizer {name}: no fast (Rust) implementation, which scripts/binarized_data.py needs")
+    return tok
+
+
+# --- stage bookkeeping -------------------------------------------------------------------------
+def fingerprint(settings: dict) -> str:
+    """A short stable hash of a stage's settings (upstream fingerprints included)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The `.done` record of `folder`, or None if it has none (or an unreadable one)."""
+    try:
+        return json.loads((folder / ".done").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class StageFailed(Exception):
+    """A command of the pipeline exited with an error."""
+
+
+class Pipeline:
+    """Runs stages and commands, skipping what a matching `.done` marker says is finished."""
+
+    def __init__(self, out: Path, force: bool, env: dict[str, str]):
+        self.out = out
+        self.force = force
+        self.env = env
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.commands = out / "commands.sh"
+        self.skipped: list[str] = []
+        self.ran: list[str] = []
+
+    def complete(self, folder: Path, key: str, outputs: tuple[str, ...] = ()) -> dict | None:
+        """The marker of `folder` if it records `key` and every one of `outputs` exists, else None."""
+        if self.force:
+            return None
+        marker = read_marker(folder)
+        if marker is None or marker.get("key") != key:
+            return None
+        if not all((folder / name).exists() for name in outputs):
+            return None
+        return marker
+
+    def unit(self, name: str, folder: Path, settings: dict, work, outputs: tuple[str, ...] = ()) -> dict:
+        """Run `work(folder) -> dict` unless `folder` holds a matching marker; write the marker last.
+
+        The folder is emptied first, so no output of an older run survives into the new one.
+        Returns the marker: the key, the settings, the seconds the work took and what it returned.
+        """
+        key = fingerprint(settings)
+        marker = self.complete(folder, key, outputs)
+        if marker is not None:
+            print(f"  {name}: done already ({format_seconds(marker['seconds'])} on {marker['finished']}); skipping",
+                  flush=True)
+            self.skipped.append(name)
+            return marker
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        result = work(folder) or {}
+        marker = {"name": name, "key": key, "settings": settings, "seconds": round(time.time() - start, 2),
+                  "finished": dt.datetime.now().isoformat(timespec="seconds"), **result}
+        atomic_write_text(folder / ".done", json.dumps(marker, indent=2, default=str))
+        self.ran.append(name)
+        return marker
+
+    def command(self, log_name: str, script: str, args: list[str]) -> float:
+        """Run `python <script> <args>` from the repository root, its whole output to `logs/<log_name>.log`.
+
+        The terminal shows one progress bar for it, fed by the progress counts (`n/total`) the
+        command prints. Returns the wall time in seconds; raises StageFailed on a non-zero exit.
+        """
+        from tqdm import tqdm
+
+        argv = [sys.executable, script, *map(str, args)]
+        shown = shlex.join(["python", script, *map(str, args)])
+        with open(self.commands, "a", encoding="utf-8") as fh:
+            fh.write(shown + "\n")
+        log_path = self.logs / f"{log_name}.log"
+        start = time.time()
+        bar = tqdm(total=None, desc=f"  {log_name}", leave=False, dynamic_ncols=True, file=sys.stderr, disable=None,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
+        with open(log_path, "wb") as log:
+            log.write(f"$ {shown}\n".encode())
+            proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+            try:
+                while chunk := os.read(proc.stdout.fileno(), 65536):
+                    log.write(chunk)
+                    found = PROGRESS.findall(chunk)
+                    if found:
+                        done, total = (int(x) for x in found[-1])
+                        if bar.total != total:
+                            bar.reset(total=total)
+                        bar.n = min(done, total)
+                        bar.refresh()
+                rc = proc.wait()
+            except BaseException:
+                proc.terminate()
+                proc.wait()
+                raise
+            finally:
+                bar.close()
+        if rc != 0:
+            tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+            raise StageFailed(f"{script} exited with status {rc}; its output is in {log_path}, ending with:\n"
+                              + "\n".join("    " + line[-300:] for line in tail) + f"\nThe command was:\n  {shown}")
+        return time.time() - start
+
+
+# --- the stages both families share --------------------------------------------------------------
+class Quickstart:
+    """Runs the stages of one family's quickstart; a subclass fills in what differs (see the hooks below)."""
+
+    n_stages = 0  # stages the terminal announces
+    family = ""  # --model_type / --tokenizer_type of the teacher's family
+    eval_script = ""  # run_mlm.py or run_clm.py
+    extract_script = ""  # scripts/extract_distilbert.py or scripts/extract.py
+
+    def __init__(self, args, preset: Preset, user_docs: list[str] | None):
+        self.args = args
+        self.preset = preset
+        self.user_docs = user_docs
+        self.out = Path(args.out).resolve()
+        self.seeds = list(range(1, args.seeds + 1))
+        env = dict(os.environ, **OFFLINE_ENV)
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+        self.pipe = Pipeline(self.out, args.force, env)
+        self.device_args = ["--n_gpu", "1", "--bf16"] if preset.gpu else ["--n_gpu", "0"]
+        self.trainer_device_args = ["--bf16"] if preset.gpu else ["--use_cpu", "--no_dataloader_pin_memory"]
+
+    # --- hooks: what each family fills in ------------------------------------------------------------
+    def family_settings(self) -> dict:
+        """Settings that key the data and student stages' markers besides their inputs."""
+        return {}
+
+    def tokenizer_title(self) -> str:
+        raise NotImplementedError
+
+    def make_tokenizer(self, folder: Path) -> int:
+        """Copy --tokenizer or train one on the train part into `folder`; return its size."""
+        raise NotImplementedError
+
+    def teacher_command(self, steps: int) -> tuple[str, str, list]:
+        """(banner title, script, arguments) of the teacher's training."""
+        raise NotImplementedError
+
+    def after_binarize(self, folder: Path, data_file: Path) -> None:
+        """What the data stage does after binarizing (the BERT family counts tokens)."""
+
+    def student_config_text(self, record: dict) -> str:
+        """The student config (JSON text) from the extraction's record."""
+        raise NotImplementedError
+
+    def eval_options(self) -> tuple[str, list]:
+        """(banner detail, options) of the held-out evaluation common to every model."""
+        raise NotImplementedError
+
+    def run_stages(self) -> tuple[dict, dict]:
+        """Run the stages in order; return (the report stage's record, the stage records)."""
+        raise NotImplementedError
+
+    def banner(self, k: int, title: str) -> None:
+        print(f"\n[stage {k}/{self.n_stages}] {title}", flush=True)
+
+    # 1
+    def corpus(self) -> dict:
+        p, args = self.preset, self.args
+        self.banner(1, "corpus: real English prose, split into train and held-out parts")
+        if self.user_docs is not None:
+            source = {"text": [str(Path(t).resolve()) for t in args.text],
+                      "sha256": hashlib.sha256("\n".join(self.user_docs).encode()).hexdigest()}
+        else:
+            source = {"stdlib": sys.version, "max_documents": p.max_documents}
+        settings = {"source": source, "heldout_fraction": args.heldout_fraction, "split": SPLIT_SEED}
+
+        def work(folder: Path) -> dict:
+            if self.user_docs is not None:
+                docs, origin = self.user_docs, "your --text files: " + ", ".join(args.text)
+            else:
+                stdlib = folder / "stdlib_docstrings.txt"
+                self.pipe.command("corpus_stdlib", "scripts/stdlib_corpus.py", ["--out", stdlib])
+                docs = stdlib.read_text(encoding="utf-8").splitlines()
+                topics = pydoc_topic_documents()
+                atomic_write_text(folder / "pydoc_topics.txt", "\n".join(topics) + "\n")
+                docs += topics
+                if p.max_documents:
+                    docs = docs[: p.max_documents]
+                origin = (f"the standard library's docstrings (scripts/stdlib_corpus.py) and the prose of "
+                          f"pydoc's topic help ({len(topics)} paragraphs), Python {platform.python_version()}")
+            train, heldout = split_corpus(docs, args.heldout_fraction, "the corpus")
+            atomic_write_text(folder / "train.txt", "\n".join(train) + "\n")
+            atomic_write_text(folder / "heldout.txt", "\n".join(heldout) + "\n")
+            stats = {"origin": origin, "train_documents": len(train), "heldout_documents": len(heldout),
+                     "train_words": sum(len(d.split()) for d in train),
+                     "heldout_words": sum(len(d.split()) for d in heldout)}
+            print(f"  {stats['train_documents']} training documents ({stats['train_words']} words), "
+                  f"{stats['heldout_documents']} held-out documents ({stats['heldout_words']} words)", flush=True)
+            return stats
+
+        return self.pipe.unit("corpus", self.out / "corpus", settings, work, ("train.txt", "heldout.txt"))
+
+    # 2
+    def tokenizer(self, corpus: dict) -> dict:
+        self.banner(2, "tokenizer: " + (f"--tokenizer {self.args.tokenizer}" if self.args.tokenizer
+                                         else self.tokenizer_title()))
+        settings = {"corpus": corpus["key"], "vocab_size": self.preset.vocab_size, "tokenizer": self.args.tokenizer,
+                    **self.tokenizer_settings()}
+
+        def work(folder: Path) -> dict:
+            os.environ.update(OFFLINE_ENV)
+            size = self.make_tokenizer(folder)
+            print(f"  {size} entries, saved to {folder}", flush=True)
+            return {"vocab_size": size}
+
+        return self.pipe.unit("tokenizer", self.out / "tokenizer", settings, work, ("tokenizer.json",))
+
+    def tokenizer_settings(self) -> dict:
+        return {}
+
+    # 3
+    def teacher(self, corpus: dict, tokenizer: dict) -> dict:
+        steps = self.args.teacher_steps or self.preset.teacher_steps
+        title, script, argv = self.teacher_command(steps)
+        self.banner(3, title)
+        settings = {"corpus": corpus["key"], "tokenizer": tokenizer["key"], "argv": [str(a) for a in argv]}
+
+        def work(folder: Path) -> dict:
+            seconds = self.pipe.command("teacher", script, [*argv, "--output_dir", folder, "--overwrite_output_dir"])
+            return {"train_seconds": round(seconds, 2), "steps": steps}
+
+        return self.pipe.unit("teacher", self.out / "teacher", settings, work, ("model.safetensors", "config.json"))
+
+    # 4
+    def data(self, corpus: dict, tokenizer: dict, title: str, outputs: tuple[str, ...] = ()) -> dict:
+        self.banner(4, title)
+        settings = {"corpus": corpus["key"], "tokenizer": tokenizer["key"], **self.family_settings()}
+
+        def work(folder: Path) -> dict:
+            self.pipe.command("binarize", "scripts/binarized_data.py", [
+                "--file_path", self.out / "corpus" / "train.txt", "--tokenizer_type", self.family,
+                "--tokenizer_name", self.out / "tokenizer", "--dump_file", folder / "binarized_text", "--seed", 0])
+            found = sorted(folder.glob("binarized_text.*.bin"))
+            if len(found) != 1:
+                raise StageFailed(f"scripts/binarized_data.py left {len(found)} .bin files in {folder}, expected one")
+            self.after_binarize(folder, found[0])
+            return {"data_file": found[0].name}
+
+        return self.pipe.unit("data", self.out / "data", settings, work, outputs)
+
+    # 5
+    def student_init(self, teacher: dict, extract_flags: tuple[str, ...] = ()) -> dict:
+        p = self.preset
+        self.banner(5, f"student initialisation: {p.student_layers} of the teacher's {p.teacher_layers} blocks "
+                       f"({self.extract_script}{''.join(' ' + f for f in self.extract_title_flags())}), "
+                       f"config and DIITO mapping")
+        settings = {"teacher": teacher["key"], "student_layers": p.student_layers, **self.family_settings()}
+
+        def work(folder: Path) -> dict:
+            weights = folder / "student_init.pth"
+            self.pipe.command("extract", self.extract_script, [
+                "--model_type", self.family, "--model_name", self.out / "teacher", "--dump_checkpoint", weights,
+                "--num_layers", p.student_layers, *extract_flags])
+            record = json.loads(weights.with_name(weights.name + ".json").read_text())
+            atomic_write_text(folder / "student_config.json", self.student_config_text(record))
+            atomic_write_text(folder / "diito.nm", json.dumps(neuron_mapping(record["teacher_layers"], p.heads,
+                                                                             p.hidden // p.heads), indent=2) + "\n")
+            print(f"  student block i <- teacher block {record['teacher_layers']}; DIITO aligns the outputs of "
+                  f"each pair, full width ({folder / 'diito.nm'})", flush=True)
+            return {"teacher_layers": record["teacher_layers"]}
+
+        return self.pipe.unit("student_init", self.out / "student_init", settings, work,
+                              ("student_init.pth", "student_config.json", "diito.nm"))
+
+    def extract_title_flags(self) -> tuple[str, ...]:
+        return ()
+
+    # 6
+    def student(self, name: str, argv: list, settings: dict, record: dict, done_line=None) -> dict:
+        """One causal_train.py run into students/<name> (its checkpoints removed: the final student is what
+        the report needs). `done_line(seconds)`, if given, is printed when it finishes."""
+
+        def work(folder: Path) -> dict:
+            seconds = self.pipe.command(f"student_{name}", "causal_train.py", ["--dump_path", folder, "--force", *argv])
+            for checkpoint in folder.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint, ignore_errors=True)
+            if done_line is not None:
+                print(done_line(seconds), flush=True)
+            return {"train_seconds": round(seconds, 2), **record}
+
+        return self.pipe.unit(name, self.out / "students" / name, settings, work, ("model.safetensors", "config.json"))
+
+    # 7
+    def evaluate(self, teacher: dict, students: dict[str, dict]) -> dict[str, dict]:
+        """Held-out perplexity of the teacher and every student, with the same options for each."""
+        models = {"teacher": (self.out / "teacher", teacher)}
+        models.update({name: (self.out / "students" / name, rec) for name, rec in students.items()})
+        detail, common = self.eval_options()
+        self.banner(7, f"evaluation: held-out perplexity of {len(models)} models ({self.eval_script} --do_eval, "
+                       f"{detail})")
+        records = {}
+        for name, (model_dir, model_record) in models.items():
+            argv = ["--model_name_or_path", model_dir, *common]
+            settings = {"model": model_record["key"], "argv": [str(a) for a in argv]}
+
+            def work(folder: Path, argv=argv, name=name) -> dict:
+                self.pipe.command(f"eval_{name}", self.eval_script, [*argv, "--output_dir", folder])
+                metrics = json.loads((folder / "eval_results.json").read_text())
+                print(f"  {name}: held-out perplexity {metrics['perplexity']:.2f}", flush=True)
+                return {"perplexity": metrics["perplexity"], "eval_loss": metrics["eval_loss"],
+                        "eval_samples": metrics.get("eval_samples")}
+
+            records[name] = self.pipe.unit(f"eval {name}", self.out / "eval" / name, settings, work,
+                                           ("eval_results.json",))
+        return records
+
+    def report_settings(self, version, **groups: dict) -> dict:
+        """The report stage's key: when each input was made too, so that anything redone upstream is reported afresh."""
+        settings = {group: {k: (v["key"], v["finished"]) for k, v in records.items()}
+                    for group, records in groups.items()}
+        settings["version"] = version
+        return settings
+
+    def run(self) -> dict:
+        start = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.pipe.commands, "a", encoding="utf-8") as fh:
+            fh.write(f"# quickstart {dt.datetime.now().isoformat(timespec='seconds')}: "
+                     f"{shlex.join(['python', 'scripts/quickstart.py', *sys.argv[1:]])}\n"
+                     f"cd {shlex.quote(str(REPO_ROOT))}\n"
+                     + "".join(f"export {k}={v}\n" for k, v in OFFLINE_ENV.items())
+                     + f"export OMP_NUM_THREADS={self.args.threads} MKL_NUM_THREADS={self.args.threads}\n")
+        report = self.run_stages()
+        elapsed = time.time() - start
+        print(f"\nquickstart finished in {format_seconds(elapsed)} "
+              f"(ran {len(self.pipe.ran)}, skipped {len(self.pipe.skipped)} found done already)")
+        print((self.out / "report_table.md").read_text(encoding="utf-8"))
+        print(report["verdict"])
+        print(f"report: {self.out / 'report.md'}; full output of every command: {self.out / 'logs'}")
+        return {"seconds": elapsed, "ran": self.pipe.ran, "skipped": self.pipe.skipped}
+
+
+def neuron_mapping(teacher_layers: list[int], heads: int, head_dim: int) -> dict:
+    """A DIITO mapping that aligns the output of student block i with that of the teacher block copied into it."""
+    width = f"$H:[0:{heads}]$[0:{head_dim}]"
+    return {"interchange_variable_mappings": [
+        {"teacher_variable_names": [f"$L:{t}{width}"], "student_variable_names": [f"$L:{i}{width}"]}
+        for i, t in enumerate(teacher_layers)
+    ]}
