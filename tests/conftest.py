@@ -1,4 +1,10 @@
-"""Shared test fixtures: offline environment, a local WordPiece tokenizer, a small real-prose corpus."""
+"""Shared test fixtures: offline environment, a local WordPiece tokenizer, a small real-prose corpus, and the
+one tiny distillation set-up (teacher, student, corpus, counts, mapping) every causal_train.py test uses.
+
+`ROOT` is the repository root (import it: `from conftest import ROOT`). End-to-end runs (the
+quickstarts, DDP, the long fault-injection runs) carry the `e2e` marker: `pytest -m "not e2e"` is
+the fast loop, `pytest tests` runs everything.
+"""
 from __future__ import annotations
 
 import os
@@ -56,3 +62,18 @@ def tokenizer_dir(tmp_path_factory, corpus_lines) -> Path:
     from helpers import train_wordpiece
 
     return train_wordpiece(corpus_lines, tmp_path_factory.mktemp("tokenizer"), vocab_size=2000)
+
+
+# Documents of the corpus in the distillation set-up: about 36 batches of 8 per epoch after cleaning.
+DISTILL_DOCUMENTS = 300
+
+
+@pytest.fixture(scope="session")
+def distill_setup(tmp_path_factory, tokenizer_dir, corpus_lines) -> dict:
+    """Everything causal_train.py needs, built once, small and local (`helpers.make_distill_setup`): a 4-layer
+    BERT teacher with its tokenizer, a binarized corpus of the first DISTILL_DOCUMENTS documents, token
+    counts, a 2-layer DistilBERT student config and weights, a 2-entry neuron mapping. Read-only: copy before
+    changing a file."""
+    from helpers import make_distill_setup
+
+    return make_distill_setup(tmp_path_factory.mktemp("distill"), tokenizer_dir, corpus_lines[:DISTILL_DOCUMENTS])

@@ -1,7 +1,28 @@
-"""Builders for tests: tokenizers and tiny models made locally, never downloaded."""
+"""Builders for tests: tokenizers and tiny models made locally, never downloaded; and small shared checks."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# A causal_train.py run in a subprocess: one thread (bitwise equality with an in-process run needs the
+# same kernels) and no hub.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def student_weights(folder) -> dict:
+    """The tensors of `<folder>/model.safetensors`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two state dicts hold the same tensors, bitwise."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def train_wordpiece(lines, out_dir: Path, vocab_size: int = 2000) -> Path:

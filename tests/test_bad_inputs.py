@@ -11,15 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_distill_setup, train_argv
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
+from helpers import train_argv
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tokenizer_dir, corpus_lines):
+def world(tmp_path_factory, distill_setup, corpus_lines):
     root = tmp_path_factory.mktemp("bad")
-    setup = make_distill_setup(root / "setup", tokenizer_dir, corpus_lines[:60])
+    setup = distill_setup
     w = dict(setup)
     w["a_file"] = root / "a_file.txt"
     w["a_file"].write_text("not a folder\n")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from binarized_io import HEADER_SIZE, CliError, CorpusWriter, InMemoryCorpus, load_corpus, output_path
 from utils import run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 N_DOCS = 300  # documents of the stdlib corpus used by the CLI tests: enough for several batches
 
 

@@ -7,15 +7,10 @@ import sys
 
 import pytest
 import torch
-from helpers import make_distill_setup, train_argv
+from helpers import train_argv
 
 import causal_train
 from utils import CliError
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tokenizer_dir, corpus_lines):
-    return make_distill_setup(tmp_path_factory.mktemp("distill"), tokenizer_dir, corpus_lines[:600])
 
 
 def _losses_from_log(caplog):
@@ -28,12 +23,12 @@ def _losses_from_log(caplog):
     return out
 
 
-def test_diito_run_lowers_loss_and_saves_a_reloadable_student(setup, tmp_path, caplog):
+def test_diito_run_lowers_loss_and_saves_a_reloadable_student(distill_setup, tmp_path, caplog):
     from transformers import AutoModelForMaskedLM
 
     dump = tmp_path / "run"
     caplog.set_level("INFO")
-    causal_train.main(train_argv(setup, dump, "--max_steps", "30", "--interchange_consecutive_only",
+    causal_train.main(train_argv(distill_setup, dump, "--max_steps", "30", "--interchange_consecutive_only",
                                  "--learning_rate", "5e-3", "--checkpoint_interval", "10", "--mlm_smoothing", "0"))
     logged = _losses_from_log(caplog)
     assert len(logged) >= 5
@@ -77,13 +72,13 @@ def _forward_counts(monkeypatch, argv) -> dict:
     return seen
 
 
-def test_standard_kd_runs_no_source_or_counterfactual_forward(setup, tmp_path, monkeypatch):
-    seen = _forward_counts(monkeypatch, train_argv(setup, tmp_path / "kd", "--max_steps", "3", causal=False))
+def test_standard_kd_runs_no_source_or_counterfactual_forward(distill_setup, tmp_path, monkeypatch):
+    seen = _forward_counts(monkeypatch, train_argv(distill_setup, tmp_path / "kd", "--max_steps", "3", causal=False))
     assert seen["teacher"] == {"base": 3} and seen["student"] == {"base": 3}
 
 
-def test_diito_counts_three_runs_per_model(setup, tmp_path, monkeypatch):
-    seen = _forward_counts(monkeypatch, train_argv(setup, tmp_path / "diito", "--max_steps", "2", "--include_crossway"))
+def test_diito_counts_three_runs_per_model(distill_setup, tmp_path, monkeypatch):
+    seen = _forward_counts(monkeypatch, train_argv(distill_setup, tmp_path / "diito", "--max_steps", "2", "--include_crossway"))
     # crossway: two pairs per step, each with base, source and counterfactual runs
     assert seen["student"] == {"base": 4, "source": 4, "counterfactual": 4} == seen["teacher"]
 
@@ -94,7 +89,7 @@ def _expect_error(argv, fragment):
     assert fragment in str(err.value), str(err.value)
 
 
-def test_checks_before_training(setup, tmp_path, monkeypatch):
+def test_checks_before_training(distill_setup, tmp_path, monkeypatch):
     import pickle
 
     from transformers import DistilBertConfig
@@ -102,19 +97,19 @@ def test_checks_before_training(setup, tmp_path, monkeypatch):
     # dump path exists without --force
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "f").write_text("x")
-    _expect_error(train_argv(setup, tmp_path / "exists"), "--force")
+    _expect_error(train_argv(distill_setup, tmp_path / "exists"), "--force")
     # vocabulary sizes differ
-    cfg = DistilBertConfig.from_json_file(setup["student_config"])
+    cfg = DistilBertConfig.from_json_file(distill_setup["student_config"])
     cfg.vocab_size += 7
     cfg.to_json_file(tmp_path / "bigvocab.json")
-    argv = train_argv(setup, tmp_path / "a")
+    argv = train_argv(distill_setup, tmp_path / "a")
     i = argv.index("--student_pretrained_weights")
     del argv[i:i + 2]  # a student built at random from the config
     i = argv.index("--student_config")
     argv[i + 1] = str(tmp_path / "bigvocab.json")
     _expect_error(argv, "vocabulary sizes differ")
     # hidden sizes differ with cos on
-    cfg = DistilBertConfig.from_json_file(setup["student_config"])
+    cfg = DistilBertConfig.from_json_file(distill_setup["student_config"])
     cfg.dim, cfg.hidden_dim = 16, 32
     cfg.to_json_file(tmp_path / "narrow.json")
     argv[i + 1] = str(tmp_path / "narrow.json")
@@ -122,44 +117,44 @@ def test_checks_before_training(setup, tmp_path, monkeypatch):
     # token counts of the wrong length
     with open(tmp_path / "counts.pickle", "wb") as fh:
         pickle.dump([1, 2, 3], fh)
-    _expect_error(train_argv(setup, tmp_path / "b", "--token_counts", str(tmp_path / "counts.pickle")),
+    _expect_error(train_argv(distill_setup, tmp_path / "b", "--token_counts", str(tmp_path / "counts.pickle")),
                   "has 3 entries")
     # student weights of another depth than the config
-    cfg = DistilBertConfig.from_json_file(setup["student_config"])
+    cfg = DistilBertConfig.from_json_file(distill_setup["student_config"])
     cfg.n_layers = 3
     cfg.to_json_file(tmp_path / "deeper.json")
-    _expect_error(train_argv(setup, tmp_path / "c", "--student_config", str(tmp_path / "deeper.json")),
+    _expect_error(train_argv(distill_setup, tmp_path / "c", "--student_config", str(tmp_path / "deeper.json")),
                   "does not match --student_config")
     # malformed mapping
     (tmp_path / "bad.nm").write_text('{"interchange_variable_mappings": [{"teacher_variable_names": ["$L:9$H:0$[0:1]"], '
                                      '"student_variable_names": ["$L:0$H:0$[0:1]"]}]}')
-    _expect_error(train_argv(setup, tmp_path / "d", "--neuron_mapping", str(tmp_path / "bad.nm")), "layer 9")
+    _expect_error(train_argv(distill_setup, tmp_path / "d", "--neuron_mapping", str(tmp_path / "bad.nm")), "layer 9")
     # missing data file
-    _expect_error(train_argv(setup, tmp_path / "e", "--data_file", str(tmp_path / "nope.bin")), "nope.bin")
+    _expect_error(train_argv(distill_setup, tmp_path / "e", "--data_file", str(tmp_path / "nope.bin")), "nope.bin")
     # causal weight without a mapping
-    argv = train_argv(setup, tmp_path / "f", causal=False) + ["--alpha_causal_ce", "0.5"]
+    argv = train_argv(distill_setup, tmp_path / "f", causal=False) + ["--alpha_causal_ce", "0.5"]
     _expect_error(argv, "--neuron_mapping")
     # --compile on a CPU machine without a C++ compiler
     import shutil
 
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
-    _expect_error(train_argv(setup, tmp_path / "h", "--compile"), "C++ compiler")
+    _expect_error(train_argv(distill_setup, tmp_path / "h", "--compile"), "C++ compiler")
 
 
-def test_cli_error_exits_nonzero_without_traceback(setup, tmp_path):
-    argv = train_argv(setup, tmp_path / "g", "--teacher_name", str(tmp_path / "no_teacher"))
+def test_cli_error_exits_nonzero_without_traceback(distill_setup, tmp_path):
+    argv = train_argv(distill_setup, tmp_path / "g", "--teacher_name", str(tmp_path / "no_teacher"))
     out = subprocess.run([sys.executable, "causal_train.py", *argv], capture_output=True, text=True,
                          cwd=causal_train.__file__.rsplit("/", 1)[0])
     assert out.returncode == 2
     assert "no_teacher" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_data_augment_swaps_tokens_without_a_source_run(setup, tmp_path, monkeypatch):
-    seen = _forward_counts(monkeypatch, train_argv(setup, tmp_path / "aug", "--max_steps", "2", "--data_augment"))
+def test_data_augment_swaps_tokens_without_a_source_run(distill_setup, tmp_path, monkeypatch):
+    seen = _forward_counts(monkeypatch, train_argv(distill_setup, tmp_path / "aug", "--max_steps", "2", "--data_augment"))
     assert seen["student"] == {"base": 2, "counterfactual": 2} == seen["teacher"]
 
 
-def test_masked_token_only_interchange_trains(setup, tmp_path, monkeypatch):
-    seen = _forward_counts(monkeypatch, train_argv(setup, tmp_path / "masked", "--max_steps", "2",
+def test_masked_token_only_interchange_trains(distill_setup, tmp_path, monkeypatch):
+    seen = _forward_counts(monkeypatch, train_argv(distill_setup, tmp_path / "masked", "--max_steps", "2",
                                                    "--interchange_masked_token_only", "--restrict_ce_to_mask"))
     assert seen["student"] == {"base": 2, "source": 2, "counterfactual": 2}

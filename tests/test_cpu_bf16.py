@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import make_distill_setup, train_argv
+from helpers import train_argv
 
 import causal_train
 import utils
@@ -60,9 +60,7 @@ def _warnings(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "--bf16" in r.getMessage()]
 
 
-def test_causal_train_warns_and_still_trains_in_bf16(cpu_without_bf16, tmp_path, tokenizer_dir, corpus_lines, caplog,
-                                                    monkeypatch):
-    setup = make_distill_setup(tmp_path / "setup", tokenizer_dir, corpus_lines[:200])
+def test_causal_train_warns_and_still_trains_in_bf16(cpu_without_bf16, tmp_path, distill_setup, caplog, monkeypatch):
     seen = {}
     import causal_distiller
 
@@ -74,19 +72,18 @@ def test_causal_train_warns_and_still_trains_in_bf16(cpu_without_bf16, tmp_path,
 
     monkeypatch.setattr(causal_distiller.CausalDistiller, "__init__", spy)
     with caplog.at_level(logging.WARNING):
-        causal_train.main(train_argv(setup, tmp_path / "run", "--max_steps", "1", "--bf16"))
+        causal_train.main(train_argv(distill_setup, tmp_path / "run", "--max_steps", "1", "--bf16"))
     (message,) = _warnings(caplog)
     assert "AVX2" in message and "fp32" in message
     assert seen["amp"] == torch.bfloat16  # still honoured
 
 
-def test_causal_train_is_quiet_without_bf16_or_on_a_bf16_cpu(cpu_without_bf16, tmp_path, tokenizer_dir, corpus_lines,
-                                                            caplog, monkeypatch):
-    setup = make_distill_setup(tmp_path / "setup", tokenizer_dir, corpus_lines[:200])
+def test_causal_train_is_quiet_without_bf16_or_on_a_bf16_cpu(cpu_without_bf16, tmp_path, distill_setup, caplog,
+                                                            monkeypatch):
     with caplog.at_level(logging.WARNING):
-        causal_train.main(train_argv(setup, tmp_path / "fp32", "--max_steps", "1"))
+        causal_train.main(train_argv(distill_setup, tmp_path / "fp32", "--max_steps", "1"))
         monkeypatch.setattr(utils, "cpu_flags", lambda: NO_BF16 | {"amx_bf16"})
-        causal_train.main(train_argv(setup, tmp_path / "amx", "--max_steps", "1", "--bf16"))
+        causal_train.main(train_argv(distill_setup, tmp_path / "amx", "--max_steps", "1", "--bf16"))
     assert _warnings(caplog) == []
 
 
@@ -117,18 +114,27 @@ def _child_succeeded(cmd):
     return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
 
 
-def test_bench_skips_bf16_modes_on_such_a_cpu(cpu_without_bf16, monkeypatch, capsys):
-    bench = _bench()
-    ran = []
+def _fake_children(monkeypatch, bench, child) -> None:
+    """The bench's children (one per mode and precision) answered by `child(cmd)`; any other command runs."""
     real_run = subprocess.run
 
     def fake_run(cmd, **kwargs):
         if "--mode" not in cmd:  # not a bench child (platform.processor runs uname)
             return real_run(cmd, **kwargs)
+        return child(cmd)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+
+
+def test_bench_skips_bf16_modes_on_such_a_cpu(cpu_without_bf16, monkeypatch, capsys):
+    bench = _bench()
+    ran = []
+
+    def child(cmd):
         ran.append(cmd[cmd.index("--dtype") + 1])
         return _child_succeeded(cmd)
 
-    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    _fake_children(monkeypatch, bench, child)
     monkeypatch.setattr(sys, "argv", ["bench", "--modes", "kd", "--dtypes", "fp32,bf16"])
     bench.main()
     out = capsys.readouterr()
@@ -154,11 +160,8 @@ def test_bench_skips_bf16_modes_on_such_a_cpu(cpu_without_bf16, monkeypatch, cap
 def test_bench_reports_a_failed_mode_and_runs_the_rest(monkeypatch, capsys, result, reason):
     bench = _bench()
     calls = []
-    real_run = subprocess.run
 
-    def fake_run(cmd, **kwargs):
-        if "--mode" not in cmd:  # not a bench child (platform.processor runs uname)
-            return real_run(cmd, **kwargs)
+    def child(cmd):
         mode = cmd[cmd.index("--mode") + 1]
         calls.append(mode)
         if mode == "kd":
@@ -167,7 +170,7 @@ def test_bench_reports_a_failed_mode_and_runs_the_rest(monkeypatch, capsys, resu
             return result
         return _child_succeeded(cmd)
 
-    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    _fake_children(monkeypatch, bench, child)
     monkeypatch.setattr(sys, "argv", ["bench", "--modes", "kd,diito_shared", "--dtypes", "fp32", "--timeout", "5"])
     with pytest.raises(SystemExit) as exit_info:
         bench.main()

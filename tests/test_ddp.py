@@ -1,23 +1,22 @@
 """torchrun with 2 CPU processes (gloo): trains a few steps and both ranks end with identical weights."""
-import os
 import subprocess
 import sys
 
-from helpers import make_distill_setup, train_argv
+import pytest
+from conftest import ROOT
+from helpers import SUBPROCESS_ENV, train_argv
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def test_torchrun_two_cpu_ranks(tmp_path, tokenizer_dir, corpus_lines):
-    setup = make_distill_setup(tmp_path / "setup", tokenizer_dir, corpus_lines[:400])
+@pytest.mark.e2e
+def test_torchrun_two_cpu_ranks(tmp_path, distill_setup):
+    setup = distill_setup
     dump = tmp_path / "ddp"
     argv = train_argv(setup, dump, "--max_steps", "4", "--log_interval", "2", "--gradient_accumulation_steps", "2",
                       "--include_crossway")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
          "causal_train.py", *argv],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=280,
+        cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=280,
     )
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 import extract
 import extract_distilbert
 import extraction
 from utils import CliError
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "training_configs"
 TINY = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, intermediate_size=37, max_position_embeddings=40)
 

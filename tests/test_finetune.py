@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-
-import run_glue  # noqa: E402
-import run_mlm  # noqa: E402
-import run_ner  # noqa: E402
-import run_qa  # noqa: E402
-from utils import CliError, run_cli  # noqa: E402
+import run_glue
+import run_mlm
+import run_ner
+import run_qa
+from utils import CliError, run_cli
 
 
 # ------------------------------------------------------------------------------------------ fixtures

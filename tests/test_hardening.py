@@ -3,19 +3,19 @@ extending a finished run, untrusted token counts (issue 12; issue 13 item 4)."""
 import errno
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from helpers import make_distill_setup, train_argv
-from safetensors.torch import load_file
+from conftest import ROOT
+from helpers import SUBPROCESS_ENV, assert_same_weights, student_weights, train_argv
 
 import causal_distiller
 import causal_train
@@ -24,27 +24,9 @@ import lm_seqs_dataset
 from binarized_io import HEADER_SIZE, CorpusWriter, load_corpus, load_token_counts
 from utils import CliError
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tokenizer_dir, corpus_lines):
-    return make_distill_setup(tmp_path_factory.mktemp("hard"), tokenizer_dir, corpus_lines[:160])
-
-
-def _argv(setup, dump, *extra):
-    return train_argv(setup, dump, "--max_steps", "4", "--checkpoint_interval", "1", "--log_interval", "1", *extra)
-
-
-def _weights(folder):
-    return load_file(str(Path(folder) / "model.safetensors"))
-
-
-def _assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+def _argv(distill_setup, dump, *extra):
+    return train_argv(distill_setup, dump, "--max_steps", "4", "--checkpoint_interval", "1", "--log_interval", "1", *extra)
 
 
 @pytest.fixture
@@ -57,10 +39,11 @@ def one_thread():
 
 # --- preemption -----------------------------------------------------------------------------------
 
-def test_sigterm_to_the_process_group_with_a_worker_checkpoints_and_resumes_exactly(setup, tmp_path, one_thread):
+@pytest.mark.e2e
+def test_sigterm_to_the_process_group_with_a_worker_checkpoints_and_resumes_exactly(distill_setup, tmp_path, one_thread):
     """What Slurm, Kubernetes and docker stop do: SIGTERM to every process of the group, DataLoader worker included."""
-    argv = _argv(setup, tmp_path / "cut", "--num_workers", "1", "--checkpoint_interval", "0", "--max_steps", "8")
-    proc = subprocess.Popen([sys.executable, "causal_train.py", *argv], cwd=ROOT, env=ENV, start_new_session=True,
+    argv = _argv(distill_setup, tmp_path / "cut", "--num_workers", "1", "--checkpoint_interval", "0", "--max_steps", "8")
+    proc = subprocess.Popen([sys.executable, "causal_train.py", *argv], cwd=ROOT, env=SUBPROCESS_ENV, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log, deadline = [], time.time() + 300
     for line in proc.stdout:
@@ -76,11 +59,11 @@ def test_sigterm_to_the_process_group_with_a_worker_checkpoints_and_resumes_exac
     assert len(ckpts) == 1 and 2 <= int(ckpts[0].name.split("-")[1]) < 8
     causal_train.main(argv + ["--resume"])
     full = tmp_path / "full"
-    causal_train.main(_argv(setup, full, "--num_workers", "1", "--checkpoint_interval", "0", "--max_steps", "8"))
-    _assert_same(_weights(tmp_path / "cut"), _weights(full))
+    causal_train.main(_argv(distill_setup, full, "--num_workers", "1", "--checkpoint_interval", "0", "--max_steps", "8"))
+    assert_same_weights(student_weights(tmp_path / "cut"), student_weights(full))
 
 
-def test_worker_death_while_stopping_still_ends_in_the_stop_checkpoint(setup, tmp_path, monkeypatch):
+def test_worker_death_while_stopping_still_ends_in_the_stop_checkpoint(distill_setup, tmp_path, monkeypatch):
     """A worker that dies anyway while the run stops: the rest of the step is collated in-process."""
     original = lm_seqs_dataset.make_loader
 
@@ -94,7 +77,7 @@ def test_worker_death_while_stopping_still_ends_in_the_stop_checkpoint(setup, tm
     monkeypatch.setattr(lm_seqs_dataset, "make_loader", dying_loader)
     dump = tmp_path / "die"
     with pytest.raises(SystemExit) as stop:
-        causal_train.main(_argv(setup, dump, "--gradient_accumulation_steps", "3", "--checkpoint_interval", "0"))
+        causal_train.main(_argv(distill_setup, dump, "--gradient_accumulation_steps", "3", "--checkpoint_interval", "0"))
     assert stop.value.code == 128 + signal.SIGTERM
     assert [p.name for p in checkpoints.list_checkpoints(dump)] == ["checkpoint-1"]
 
@@ -107,15 +90,15 @@ def _previous_run(folder):
     return folder
 
 
-def test_force_checks_every_input_before_touching_the_previous_run(setup, tmp_path):
+def test_force_checks_every_input_before_touching_the_previous_run(distill_setup, tmp_path):
     dump = _previous_run(tmp_path / "run")
     with pytest.raises(CliError, match="--data_file"):
-        causal_train.main(_argv(setup, dump, "--force", "--data_file", str(tmp_path / "typo.bin")))
+        causal_train.main(_argv(distill_setup, dump, "--force", "--data_file", str(tmp_path / "typo.bin")))
     assert (dump / "model.safetensors").read_bytes() == b"weights of a week-long run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_force_restores_the_previous_run_when_failing_before_the_first_checkpoint(setup, tmp_path, monkeypatch):
+def test_force_restores_the_previous_run_when_failing_before_the_first_checkpoint(distill_setup, tmp_path, monkeypatch):
     dump = _previous_run(tmp_path / "run")
 
     def crash(self):
@@ -124,12 +107,12 @@ def test_force_restores_the_previous_run_when_failing_before_the_first_checkpoin
 
     monkeypatch.setattr(causal_distiller.CausalDistiller, "train", crash)
     with pytest.raises(CliError):
-        causal_train.main(_argv(setup, dump, "--force"))
+        causal_train.main(_argv(distill_setup, dump, "--force"))
     assert (dump / "model.safetensors").read_bytes() == b"weights of a week-long run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_force_deletes_the_previous_run_once_the_first_checkpoint_exists(setup, tmp_path, monkeypatch):
+def test_force_deletes_the_previous_run_once_the_first_checkpoint_exists(distill_setup, tmp_path, monkeypatch):
     dump = _previous_run(tmp_path / "run")
     seen = []
     original = checkpoints.CheckpointWriter._write
@@ -139,21 +122,21 @@ def test_force_deletes_the_previous_run_once_the_first_checkpoint_exists(setup, 
         return original(self, target, student, state)
 
     monkeypatch.setattr(checkpoints.CheckpointWriter, "_write", spy)
-    causal_train.main(_argv(setup, dump, "--force", "--max_steps", "2"))
+    causal_train.main(_argv(distill_setup, dump, "--force", "--max_steps", "2"))
     assert seen[0] == [".run.replaced", "run"] and seen[1] == ["run"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    assert _weights(dump)  # the new student replaced the old file
+    assert student_weights(dump)  # the new student replaced the old file
 
 
-def test_a_failed_run_leaves_no_folder_behind(setup, tmp_path):
+def test_a_failed_run_leaves_no_folder_behind(distill_setup, tmp_path):
     with pytest.raises(CliError):
-        causal_train.main(_argv(setup, tmp_path / "new" / "run", "--token_counts", str(tmp_path / "none.pickle")))
+        causal_train.main(_argv(distill_setup, tmp_path / "new" / "run", "--token_counts", str(tmp_path / "none.pickle")))
     assert not (tmp_path / "new" / "run").exists()
 
 
 # --- full disk, limits, leftovers ---------------------------------------------------------------------
 
-def test_disk_full_while_writing_the_weights_names_the_intact_checkpoint(setup, tmp_path, monkeypatch):
+def test_disk_full_while_writing_the_weights_names_the_intact_checkpoint(distill_setup, tmp_path, monkeypatch):
     import safetensors
     import transformers.modeling_utils as mu
 
@@ -169,14 +152,14 @@ def test_disk_full_while_writing_the_weights_names_the_intact_checkpoint(setup, 
     monkeypatch.setattr(mu, "safe_save_file", full_disk)
     dump = tmp_path / "full"
     with pytest.raises(CliError) as err:
-        causal_train.main(_argv(setup, dump))
+        causal_train.main(_argv(distill_setup, dump))
     assert str(err.value) == (f"no space left on device at {dump / 'checkpoint-3'}; the previous checkpoint "
                               f"{dump / 'checkpoint-2'} is intact; free space and resume with --resume")
     assert [p.name for p in checkpoints.list_checkpoints(dump)] == ["checkpoint-1", "checkpoint-2"]
     assert not [p for p in dump.iterdir() if p.name.startswith(".")]
 
 
-def test_save_total_limit_frees_the_oldest_first_when_the_disk_is_short(setup, tmp_path, monkeypatch):
+def test_save_total_limit_frees_the_oldest_first_when_the_disk_is_short(distill_setup, tmp_path, monkeypatch):
     seen = []
     original = checkpoints.CheckpointWriter._write
 
@@ -187,7 +170,7 @@ def test_save_total_limit_frees_the_oldest_first_when_the_disk_is_short(setup, t
     monkeypatch.setattr(checkpoints.CheckpointWriter, "_write", spy)
     monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=0))
     dump = tmp_path / "limit"
-    causal_train.main(_argv(setup, dump, "--save_total_limit", "2"))
+    causal_train.main(_argv(distill_setup, dump, "--save_total_limit", "2"))
     # before writing checkpoint-n only checkpoint-(n-1) is left: the limit's victim went first
     assert seen == [("checkpoint-1", []), ("checkpoint-2", ["checkpoint-1"]), ("checkpoint-3", ["checkpoint-2"]),
                     ("checkpoint-4", ["checkpoint-3"])]
@@ -209,30 +192,30 @@ def _enospc_at(monkeypatch, name):
     return seen
 
 
-def test_enospc_frees_the_checkpoint_beyond_the_limit_and_retries(setup, tmp_path, monkeypatch):
+def test_enospc_frees_the_checkpoint_beyond_the_limit_and_retries(distill_setup, tmp_path, monkeypatch):
     seen = _enospc_at(monkeypatch, "checkpoint-3")
     dump = tmp_path / "limit2"
-    causal_train.main(_argv(setup, dump, "--save_total_limit", "2", "--max_steps", "3"))
+    causal_train.main(_argv(distill_setup, dump, "--save_total_limit", "2", "--max_steps", "3"))
     assert seen[2:] == [("checkpoint-3", ["checkpoint-1", "checkpoint-2"]), ("checkpoint-3", ["checkpoint-2"])]
     assert [p.name for p in checkpoints.list_checkpoints(dump)] == ["checkpoint-2", "checkpoint-3"]
 
 
-def test_limit_one_never_frees_the_newest_checkpoint(setup, tmp_path, monkeypatch):
+def test_limit_one_never_frees_the_newest_checkpoint(distill_setup, tmp_path, monkeypatch):
     _enospc_at(monkeypatch, "checkpoint-3")
     dump = tmp_path / "limit1"
     with pytest.raises(CliError, match="no space left on device at .*checkpoint-3; the previous checkpoint"):
-        causal_train.main(_argv(setup, dump, "--save_total_limit", "1", "--max_steps", "3"))
+        causal_train.main(_argv(distill_setup, dump, "--save_total_limit", "1", "--max_steps", "3"))
     assert [p.name for p in checkpoints.list_checkpoints(dump)] == ["checkpoint-2"]
 
 
-def test_stale_temporaries_are_cleaned_and_no_empty_final_folder(setup, tmp_path):
+def test_stale_temporaries_are_cleaned_and_no_empty_final_folder(distill_setup, tmp_path):
     dump = tmp_path / "stale"
-    causal_train.main(_argv(setup, dump, "--max_steps", "1"))
+    causal_train.main(_argv(distill_setup, dump, "--max_steps", "1"))
     (dump / ".checkpoint-7.x1y2.tmp").mkdir()
     (dump / ".checkpoint-7.old").mkdir()
     (dump / ".final").mkdir()  # what older versions left
     (dump / ".model.safetensors.abc.tmp").write_bytes(b"half")
-    causal_train.main(_argv(setup, dump, "--resume", "--max_steps", "2"))
+    causal_train.main(_argv(distill_setup, dump, "--resume", "--max_steps", "2"))
     assert not [p.name for p in dump.iterdir() if p.name.startswith(".")]
     # and the corpus writer cleans the temporaries of the file it writes
     out = tmp_path / "c.bin"
@@ -245,9 +228,9 @@ def test_stale_temporaries_are_cleaned_and_no_empty_final_folder(setup, tmp_path
 # --- verified checkpoints -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def three_checkpoints(setup, tmp_path_factory):
+def three_checkpoints(distill_setup, tmp_path_factory):
     dump = tmp_path_factory.mktemp("three") / "run"
-    causal_train.main(_argv(setup, dump, "--max_steps", "3"))
+    causal_train.main(_argv(distill_setup, dump, "--max_steps", "3"))
     return dump
 
 
@@ -274,32 +257,32 @@ def test_damaged_newest_checkpoint_is_named_and_skipped(three_checkpoints, tmp_p
     assert f"checkpoint {dump / 'checkpoint-3'} is damaged or incomplete: {name}" in caplog.text
 
 
-def test_resume_falls_back_to_the_newest_sound_checkpoint(setup, three_checkpoints, tmp_path, caplog):
+def test_resume_falls_back_to_the_newest_sound_checkpoint(distill_setup, three_checkpoints, tmp_path, caplog):
     dump = tmp_path / "run"
     shutil.copytree(three_checkpoints, dump)
     _damage(dump / "checkpoint-3" / "model.safetensors", "bitflip")
     caplog.set_level("INFO")
-    causal_train.main(_argv(setup, dump, "--resume", "--max_steps", "3"))
+    causal_train.main(_argv(distill_setup, dump, "--resume", "--max_steps", "3"))
     assert "resuming from" in caplog.text and "checkpoint-2, the newest sound checkpoint (skipped: checkpoint-3: model.safetensors" in caplog.text
     assert "resumed from %s: epoch 0, step 2" % (dump / "checkpoint-2") in caplog.text
-    _assert_same(_weights(dump), _weights(three_checkpoints))  # step 3 redone, the same weights
+    assert_same_weights(student_weights(dump), student_weights(three_checkpoints))  # step 3 redone, the same weights
     assert checkpoints.checkpoint_problem(dump / "checkpoint-3") is None  # and rewritten sound
 
 
-def test_resume_from_a_damaged_checkpoint_is_an_error(setup, three_checkpoints, tmp_path):
+def test_resume_from_a_damaged_checkpoint_is_an_error(distill_setup, three_checkpoints, tmp_path):
     dump = tmp_path / "run"
     shutil.copytree(three_checkpoints, dump)
     _damage(dump / "checkpoint-2" / "training_state.pt", "truncated")
     with pytest.raises(CliError, match=r"--resume_from .*checkpoint-2 is damaged or incomplete: training_state.pt has"):
-        causal_train.main(_argv(setup, dump, "--resume_from", str(dump / "checkpoint-2")))
+        causal_train.main(_argv(distill_setup, dump, "--resume_from", str(dump / "checkpoint-2")))
 
 
-def test_extending_a_finished_run_with_a_larger_max_steps(setup, three_checkpoints, tmp_path, caplog):
+def test_extending_a_finished_run_with_a_larger_max_steps(distill_setup, three_checkpoints, tmp_path, caplog):
     """Issue 13.4: every run ends with a checkpoint, and --resume with more steps continues it."""
     dump = tmp_path / "run"
     shutil.copytree(three_checkpoints, dump)
     caplog.set_level("INFO")
-    causal_train.main(_argv(setup, dump, "--resume", "--max_steps", "5"))
+    causal_train.main(_argv(distill_setup, dump, "--resume", "--max_steps", "5"))
     assert "resumed from %s: epoch 0, step 3" % (dump / "checkpoint-3") in caplog.text
     assert [p.name for p in checkpoints.list_checkpoints(dump)][-2:] == ["checkpoint-4", "checkpoint-5"]
     state = torch.load(dump / "checkpoint-5" / "training_state.pt", weights_only=False)
@@ -353,16 +336,16 @@ def test_a_bin_written_before_checksums_still_loads(tmp_path):
     assert corpus[0].tolist() == [1, 2, 3]
 
 
-def test_causal_train_checks_the_recorded_checksum_at_start(setup, tmp_path):
+def test_causal_train_checks_the_recorded_checksum_at_start(distill_setup, tmp_path):
     data = tmp_path / "data.bin"
-    shutil.copy(setup["data"], data)
+    shutil.copy(distill_setup["data"], data)
     corpus = load_corpus(data)
     pos = HEADER_SIZE + 2 * int(corpus.starts[0] + 3)  # a token inside the first sequence (uint16)
     with open(data, "r+b") as fh:
         fh.seek(pos)
         fh.write(b"\x07\x00")
     with pytest.raises(CliError, match="data.bin: the tokens differ from the checksum"):
-        causal_train.main(_argv(setup, tmp_path / "r", "--data_file", str(data)))
+        causal_train.main(_argv(distill_setup, tmp_path / "r", "--data_file", str(data)))
 
 
 # --- untrusted token counts --------------------------------------------------------------------------
@@ -375,46 +358,46 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_token_counts_pickle_cannot_run_code(setup, tmp_path):
+def test_token_counts_pickle_cannot_run_code(distill_setup, tmp_path):
     marker = tmp_path / "pwned"
     crafted = tmp_path / "counts.pickle"
     with open(crafted, "wb") as fh:
         pickle.dump([1, 2, _Payload(marker)], fh)
     with pytest.raises(CliError, match="counts.pickle: not a token counts file"):
-        causal_train.main(_argv(setup, tmp_path / "r", "--token_counts", str(crafted)))
+        causal_train.main(_argv(distill_setup, tmp_path / "r", "--token_counts", str(crafted)))
     assert not marker.exists()
 
 
-def test_token_counts_as_npy(setup, tmp_path):
+def test_token_counts_as_npy(distill_setup, tmp_path):
     import token_counts
 
     npy = tmp_path / "counts.npy"
-    token_counts.main(["--data_file", str(setup["data"]), "--token_counts_dump", str(npy)])
-    with open(setup["counts"], "rb") as fh:
+    token_counts.main(["--data_file", str(distill_setup["data"]), "--token_counts_dump", str(npy)])
+    with open(distill_setup["counts"], "rb") as fh:
         assert load_token_counts(npy).tolist() == pickle.load(fh)
-    causal_train.main(_argv(setup, tmp_path / "r", "--token_counts", str(npy), "--max_steps", "1"))
+    causal_train.main(_argv(distill_setup, tmp_path / "r", "--token_counts", str(npy), "--max_steps", "1"))
     assert (tmp_path / "r" / "model.safetensors").is_file()
 
 
 # --- models and tokenizer ------------------------------------------------------------------------------
 
-def test_teacher_without_its_lm_head_is_an_error(setup, tmp_path):
+def test_teacher_without_its_lm_head_is_an_error(distill_setup, tmp_path):
     from transformers import BertModel
 
     headless = tmp_path / "headless"
-    BertModel.from_pretrained(setup["teacher"]).save_pretrained(headless)
+    BertModel.from_pretrained(distill_setup["teacher"]).save_pretrained(headless)
     with pytest.raises(CliError, match=r"headless lacks weights of BertForMaskedLM .*cls\.predictions"):
-        causal_train.main(_argv(setup, tmp_path / "r", "--teacher_name", str(headless),
-                                "--tokenizer_name", str(setup["teacher"])))
+        causal_train.main(_argv(distill_setup, tmp_path / "r", "--teacher_name", str(headless),
+                                "--tokenizer_name", str(distill_setup["teacher"])))
 
 
-def test_corpus_of_another_tokenizer_is_an_error_unless_allowed(setup, tmp_path, caplog):
+def test_corpus_of_another_tokenizer_is_an_error_unless_allowed(distill_setup, tmp_path, caplog):
     data = tmp_path / "other.bin"
-    corpus = load_corpus(setup["data"])
+    corpus = load_corpus(distill_setup["data"])
     with CorpusWriter(data, vocab_size=corpus.vocab_size, vocab_hash="0123456789abcdef", shuffle=False) as w:
         for seq in corpus:
             w.add(seq)
-    argv = _argv(setup, tmp_path / "r", "--data_file", str(data), "--max_steps", "1")
+    argv = _argv(distill_setup, tmp_path / "r", "--data_file", str(data), "--max_steps", "1")
     with pytest.raises(CliError, match="other.bin was binarized with another tokenizer .*vocabulary fingerprint "
                                        "0123456789abcdef vs .*--allow_tokenizer_mismatch"):
         causal_train.main(argv)
@@ -424,20 +407,22 @@ def test_corpus_of_another_tokenizer_is_an_error_unless_allowed(setup, tmp_path,
 
 # --- the original's training-loop bugs, pinned ----------------------------------------------------------
 
-def test_same_command_twice_gives_bitwise_equal_students(setup, three_checkpoints, tmp_path):
+def test_same_command_twice_gives_bitwise_equal_students(distill_setup, three_checkpoints, tmp_path):
     """--seed seeds Python's random too (the step's mapping entry is drawn with it); the original did not."""
-    causal_train.main(_argv(setup, tmp_path / "again", "--max_steps", "3"))
-    _assert_same(_weights(tmp_path / "again"), _weights(three_checkpoints))
+    causal_train.main(_argv(distill_setup, tmp_path / "again", "--max_steps", "3"))
+    assert_same_weights(student_weights(tmp_path / "again"), student_weights(three_checkpoints))
 
 
-def test_crossway_with_accumulation_steps_once_per_window(setup, tmp_path):
+def test_crossway_with_accumulation_steps_once_per_window(distill_setup, tmp_path, caplog):
     """The original stepped the optimiser and the schedule for each direction of a crossway pair."""
     dump = tmp_path / "cross"
-    causal_train.main(train_argv(setup, dump, "--include_crossway", "--gradient_accumulation_steps", "2",
+    caplog.set_level("INFO")
+    causal_train.main(train_argv(distill_setup, dump, "--include_crossway", "--gradient_accumulation_steps", "2",
                                  "--checkpoint_interval", "0", "--batch_size", "16"))
     state = torch.load(checkpoints.list_checkpoints(dump)[-1] / "training_state.pt", weights_only=False)
     assert state["batch_in_epoch"] == 0 and state["epoch"] == 1
-    n_batches = -(-151 // 16)  # 151 sequences after cleaning (see the log), batches of 16
+    (n_batches,) = [int(m.group(1)) for r in caplog.records if (m := re.search(r"\((\d+) batches per epoch", r.getMessage()))]
+    assert n_batches > 2
     assert state["n_step"] == -(-n_batches // 2)
     assert state["scheduler"]["last_epoch"] == state["n_step"]
     assert all(int(s["step"]) == state["n_step"] for s in state["optimizer"]["state"].values())

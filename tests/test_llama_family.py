@@ -66,19 +66,24 @@ def test_full_width_swap_at_every_position_gives_the_source_run(family):
     assert not torch.allclose(base_last, src_last)
 
 
-@pytest.mark.parametrize("family", LLAMA_LAYOUT)
-def test_extracted_student_with_every_block_reproduces_the_teacher(family, tmp_path):
+def _extracted(family, tmp_path, *flags):
+    """(teacher, the student scripts/extract.py makes of it with `flags`, (missing, unexpected) keys of its weights)."""
     import extract
 
     teacher = tiny_causal(family)
     teacher.save_pretrained(tmp_path / "teacher")
     out = tmp_path / "student.pth"
     extract.main(["--model_type", family, "--model_name", str(tmp_path / "teacher"), "--dump_checkpoint", str(out),
-                  "--num_layers", "4"])
+                  *flags])
     fam = FAMILIES[family]
-    config = fam.config_class.from_json_file(tmp_path / "student.config.json")
-    student = fam.model_class(config).eval()
-    missing, unexpected = student.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    student = fam.model_class(fam.config_class.from_json_file(tmp_path / "student.config.json")).eval()
+    keys = student.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    return teacher, student, keys
+
+
+@pytest.mark.parametrize("family", LLAMA_LAYOUT)
+def test_extracted_student_with_every_block_reproduces_the_teacher(family, tmp_path):
+    teacher, student, (missing, unexpected) = _extracted(family, tmp_path, "--num_layers", "4")
     assert not unexpected and set(missing) <= set(student._tied_weights_keys or {})
     ids, mask = _inputs()
     with torch.no_grad():
@@ -91,16 +96,7 @@ def test_extracted_student_with_every_block_reproduces_the_teacher(family, tmp_p
 def test_extraction_keeps_each_chosen_blocks_per_layer_config(family, tmp_path):
     """A student of blocks 0, 2, 3 runs each block as the teacher did (attention kind, RoPE or not):
     its output equals the teacher's run with block 1 skipped."""
-    import extract
-
-    teacher = tiny_causal(family)
-    teacher.save_pretrained(tmp_path / "teacher")
-    out = tmp_path / "s.pth"
-    extract.main(["--model_type", family, "--model_name", str(tmp_path / "teacher"), "--dump_checkpoint", str(out),
-                  "--layers", "0,2,3"])
-    fam = FAMILIES[family]
-    student = fam.model_class(fam.config_class.from_json_file(tmp_path / "s.config.json")).eval()
-    student.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    teacher, student, _ = _extracted(family, tmp_path, "--layers", "0,2,3")
     ids, mask = _inputs()
     _, cap = run_model(teacher, ids, mask, capture=(0,), stop_after=0)
     skipped, _ = run_model(teacher, ids, mask, start_after=(1, cap[0]))  # block 0's output fed to block 2

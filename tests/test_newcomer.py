@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 import binarized_data
 import causal_train
@@ -22,27 +23,20 @@ import run_glue
 import run_mlm
 import token_counts
 from binarized_io import CorpusWriter, load_corpus
-from helpers import make_distill_setup, train_argv
+from helpers import train_argv
 from input_checks import check_local_path, check_tokenizer, looks_local
 from neuron_mapping import load_neuron_mapping
 from utils import CliError
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "training_configs"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tokenizer_dir, corpus_lines) -> dict:
-    """A 4-layer BERT teacher folder (with its tokenizer), a corpus, token counts, a 2-layer student."""
-    return make_distill_setup(tmp_path_factory.mktemp("newcomer"), tokenizer_dir, corpus_lines[:200])
-
-
-@pytest.fixture(scope="module")
-def model_without_tokenizer(tmp_path_factory, setup) -> Path:
+def model_without_tokenizer(tmp_path_factory, distill_setup) -> Path:
     """The teacher's weights and config without its tokenizer files, as a student folder is."""
     folder = tmp_path_factory.mktemp("no_tokenizer")
     for name in ("config.json", "model.safetensors"):
-        shutil.copy(setup["teacher"] / name, folder / name)
+        shutil.copy(distill_setup["teacher"] / name, folder / name)
     return folder
 
 
@@ -86,8 +80,8 @@ def test_binarized_data_refuses_a_tokenizer_without_vocabulary(tmp_path, model_w
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_causal_train_blames_the_tokenizer_not_the_corpus(tmp_path, setup, model_without_tokenizer):
-    argv = train_argv(setup, tmp_path / "run", "--max_steps", "1")
+def test_causal_train_blames_the_tokenizer_not_the_corpus(tmp_path, distill_setup, model_without_tokenizer):
+    argv = train_argv(distill_setup, tmp_path / "run", "--max_steps", "1")
     argv[argv.index("--teacher_name") + 1] = str(model_without_tokenizer)
     with pytest.raises(CliError, match="--tokenizer_name") as err:
         causal_train.main(argv)
@@ -113,14 +107,14 @@ def test_check_tokenizer_compares_size_and_special_ids(tokenizer_dir):
 # ----------------------------------------------------------------------------- 2. corpus file names
 
 
-def test_missing_pickle_names_the_bin_of_the_same_stem(tmp_path, setup):
+def test_missing_pickle_names_the_bin_of_the_same_stem(tmp_path, distill_setup):
     stem = tmp_path / "binarized_text.train.bert-base-uncased"
-    shutil.copy(setup["data"], f"{stem}.bin")
+    shutil.copy(distill_setup["data"], f"{stem}.bin")
     for call in (lambda p: load_corpus(p), lambda p: token_counts.main(["--data_file", p, "--token_counts_dump",
                                                                         str(tmp_path / "counts.pickle")])):
         with pytest.raises(CliError, match=f"not found; {stem}.bin exists"):
             call(f"{stem}.pickle")
-    argv = train_argv(setup, tmp_path / "run", "--max_steps", "1")
+    argv = train_argv(distill_setup, tmp_path / "run", "--max_steps", "1")
     argv[argv.index("--data_file") + 1] = f"{stem}.pickle"
     with pytest.raises(CliError, match=f"--data_file {stem}.pickle: binarized corpus not found; {stem}.bin exists"):
         causal_train.main(argv)
@@ -142,22 +136,22 @@ def test_binarized_data_help_states_the_naming_rule(capsys):
 # ------------------------------------------------------------- 3. extract -> map -> train, no editing
 
 
-def test_extract_map_train_chain_needs_no_hand_written_file(tmp_path, setup, caplog):
+def test_extract_map_train_chain_needs_no_hand_written_file(tmp_path, distill_setup, caplog):
     """Student folder from extract_distilbert.py, .nm from make_mapping.py, straight into causal_train.py."""
     from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
     student = tmp_path / "student"
-    extract_distilbert.main(["--model_name", str(setup["teacher"]), "--dump_checkpoint", str(student),
+    extract_distilbert.main(["--model_name", str(distill_setup["teacher"]), "--dump_checkpoint", str(student),
                              "--num_layers", "2", "--vocab_transform"])
     nm = tmp_path / "maps" / "full.nm"
-    make_mapping.main(["--teacher", str(setup["teacher"]), "--student", str(student), "--alignment", "full",
+    make_mapping.main(["--teacher", str(distill_setup["teacher"]), "--student", str(student), "--alignment", "full",
                        "--output", str(nm)])
     mapping = json.loads(nm.read_text())["interchange_variable_mappings"]
     assert [(e["teacher_variable_names"], e["student_variable_names"]) for e in mapping] == [
         (["$L:[0:2]$H:[0:4]$[0:8]"], ["$L:0$H:[0:4]$[0:8]"]),
         (["$L:[2:4]$H:[0:4]$[0:8]"], ["$L:1$H:[0:4]$[0:8]"]),
     ]
-    argv = train_argv(setup, tmp_path / "run", "--max_steps", "2", "--checkpoint_interval", "0")
+    argv = train_argv(distill_setup, tmp_path / "run", "--max_steps", "2", "--checkpoint_interval", "0")
     for flag, value in (("--student_config", student), ("--student_pretrained_weights", student), ("--neuron_mapping", nm)):
         argv[argv.index(flag) + 1] = str(value)
     caplog.set_level(logging.INFO)
@@ -168,9 +162,9 @@ def test_extract_map_train_chain_needs_no_hand_written_file(tmp_path, setup, cap
 
     # A full-depth student folder loads with AutoModelForMaskedLM and computes what the teacher computes.
     full = tmp_path / "full_student"
-    extract_distilbert.main(["--model_name", str(setup["teacher"]), "--dump_checkpoint", str(full),
+    extract_distilbert.main(["--model_name", str(distill_setup["teacher"]), "--dump_checkpoint", str(full),
                              "--num_layers", "4", "--vocab_transform"])
-    teacher = BertForMaskedLM.from_pretrained(setup["teacher"]).eval()
+    teacher = BertForMaskedLM.from_pretrained(distill_setup["teacher"]).eval()
     loaded = AutoModelForMaskedLM.from_pretrained(full).eval()
     ids = torch.randint(5, teacher.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -178,15 +172,15 @@ def test_extract_map_train_chain_needs_no_hand_written_file(tmp_path, setup, cap
     assert json.loads((full / "extraction.json").read_text())["teacher_layers"] == [0, 1, 2, 3]
 
 
-def test_pth_extraction_writes_its_config_beside_it(tmp_path, setup):
+def test_pth_extraction_writes_its_config_beside_it(tmp_path, distill_setup):
     from transformers import DistilBertConfig, DistilBertForMaskedLM
 
     out = tmp_path / "s.pth"
-    extract_distilbert.main(["--model_name", str(setup["teacher"]), "--dump_checkpoint", str(out), "--num_layers", "2"])
+    extract_distilbert.main(["--model_name", str(distill_setup["teacher"]), "--dump_checkpoint", str(out), "--num_layers", "2"])
     config = DistilBertConfig.from_pretrained(tmp_path / "s.config.json")
     assert config.n_layers == 2 and config.dim == 32 and config.vocab_size == len(torch.load(out)["vocab_projector.bias"])
     DistilBertForMaskedLM(config).load_state_dict(torch.load(out), strict=False)
-    nm = make_mapping.main(["--teacher", str(setup["teacher"]), "--student", str(out), "--alignment", "middle",
+    nm = make_mapping.main(["--teacher", str(distill_setup["teacher"]), "--student", str(out), "--alignment", "middle",
                             "--output", str(tmp_path / "m.nm")])
     assert json.loads(nm.read_text())["interchange_variable_mappings"][0]["student_variable_names"] == ["$L:1$H:[0:4]$[0:8]"]
 
@@ -321,7 +315,7 @@ def test_looks_local(tmp_path, monkeypatch):
         check_local_path("models/teachr", "--x")
 
 
-def test_every_script_says_no_such_folder_at_once(tmp_path, setup, corpus_file, tokenizer_dir):
+def test_every_script_says_no_such_folder_at_once(tmp_path, distill_setup, corpus_file, tokenizer_dir):
     missing = str(tmp_path / "no_such_teacher")
     cases = [
         (run_glue.main, ["--model_name_or_path", missing, "--tokenizer_name", str(tokenizer_dir), "--do_eval"]
@@ -330,9 +324,9 @@ def test_every_script_says_no_such_folder_at_once(tmp_path, setup, corpus_file, 
                         "--do_train", "--output_dir", str(tmp_path / "m"), "--use_cpu"], "--tokenizer_name"),
         (binarized_data.main, ["--file_path", str(corpus_file), "--tokenizer_name", missing, "--dump_file",
                                str(tmp_path / "d")], "--tokenizer_name"),
-        (causal_train.main, _with(train_argv(setup, tmp_path / "run", "--max_steps", "1"), "--teacher_name", missing),
+        (causal_train.main, _with(train_argv(distill_setup, tmp_path / "run", "--max_steps", "1"), "--teacher_name", missing),
          "--teacher_name"),
-        (causal_train.main, train_argv(setup, tmp_path / "run2", "--max_steps", "1", "--tokenizer_name", missing),
+        (causal_train.main, train_argv(distill_setup, tmp_path / "run2", "--max_steps", "1", "--tokenizer_name", missing),
          "--tokenizer_name"),
         (extract.main, ["--model_type", "gpt2", "--model_name", missing, "--dump_checkpoint", str(tmp_path / "e.pth")],
          "--model_name"),

@@ -7,15 +7,14 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 import quickstart
 import quickstart_pipeline
 from utils import CliError
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "quickstart.py"
 SEEDS = 1  # the smallest run; the ± of several seeds is tested on the report function
 
@@ -39,6 +38,7 @@ def test_run(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.e2e
 def test_every_stage_announced_and_its_output_written(test_run):
     out, proc = test_run
     for k in range(1, quickstart.N_STAGES + 1):
@@ -67,6 +67,7 @@ def test_every_stage_announced_and_its_output_written(test_run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.e2e
 def test_terminal_shows_stage_lines_not_the_commands_output(test_run):
     out, proc = test_run
     assert len(proc.stdout) < 20_000, len(proc.stdout)
@@ -77,6 +78,7 @@ def test_terminal_shows_stage_lines_not_the_commands_output(test_run):
     assert "quickstart finished" in proc.stdout and "report:" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_stage_seconds_are_those_of_each_stage(test_run):
     """summary.json's stage_seconds: the teacher's training is not overwritten by its evaluation."""
     out, _ = test_run
@@ -87,6 +89,7 @@ def test_stage_seconds_are_those_of_each_stage(test_run):
     assert seconds["iia/diito_seed1"] == json.loads((out / "iia" / "diito_seed1" / ".done").read_text())["seconds"]
 
 
+@pytest.mark.e2e
 def test_same_command_same_numbers(test_run, tmp_path):
     """A second run of the same command, from nothing, gives bitwise the same tokenizer and the same numbers."""
     out, _ = test_run
@@ -103,6 +106,7 @@ def test_same_command_same_numbers(test_run, tmp_path):
     assert first["verdict"] == again["verdict"]
 
 
+@pytest.mark.e2e
 def test_train_and_heldout_share_no_document(test_run):
     out, _ = test_run
     train = set((out / "corpus" / "train.txt").read_text().splitlines())
@@ -110,6 +114,7 @@ def test_train_and_heldout_share_no_document(test_run):
     assert train and heldout and not train & heldout
 
 
+@pytest.mark.e2e
 def test_report_numbers_are_finite(test_run):
     out, _ = test_run
     summary = json.loads((out / "summary.json").read_text())
@@ -145,6 +150,7 @@ def test_report_numbers_are_finite(test_run):
     assert [m["teacher_variable_names"][0].split("$")[1] for m in mapping] == [f"L:{t}" for t in sidecar["teacher_layers"]]
 
 
+@pytest.mark.e2e
 def test_rerun_skips_finished_stages_and_redoes_only_what_is_missing(test_run):
     out, _ = test_run
     args = ["--preset", "test", "--seeds", str(SEEDS), "--out", str(out)]

@@ -7,16 +7,15 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 import quickstart
 import quickstart_clm
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
+@pytest.mark.e2e
 def test_llama_quickstart_runs_end_to_end_and_reports(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, **quickstart.OFFLINE_ENV)
