@@ -97,9 +97,6 @@ def run_single(args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from distill_setup import build_from_models
-    from lm_seqs_dataset import LmSeqsDataset
-    from neuron_mapping import MappingEntry
     from utils import count_cpu_flash_attention, tune_cpu_allocator
 
     tune_cpu_allocator()  # as causal_train.py does
@@ -111,28 +108,8 @@ def run_single(args) -> dict:
     device = torch.device(args.device)
     mlm = cfg.get("family") is None
     ids = SPECIAL_IDS["bert" if mlm else cfg["family"]]
-    data = _synthetic_sequences(2000, cfg["vocab"], 0, ids["cls_token"], ids["sep_token"])
-    if args.data_file:
-        from binarized_io import load_corpus
-
-        corpus = load_corpus(args.data_file)
-        data = [np.asarray(corpus[i]) for i in range(len(corpus))]
-    dataset = LmSeqsDataset(data=data, max_model_input_size=cfg["max_len"], cls_id=ids["cls_token"],
-                            sep_id=ids["sep_token"], pad_id=ids["pad_token"], unk_id=ids["unk_token"], seed=0,
-                            paired=True)
-    teacher, student = _models(cfg)
-    params = train_args(args, cfg, mlm)
-    params.__dict__.update(device=device, is_master=True, multi_gpu=False, world_size=1, global_rank=0,
-                           special_tok_ids=ids)
-    token_probs = None
-    if mlm:
-        token_probs = torch.ones(cfg["vocab"])
-        token_probs[list(ids.values())] = 0
-    t, s = cfg["t_site"], cfg["s_site"]
-    hidden = cfg["hidden"]
-    entry = MappingEntry(0, {t: tuple(range(hidden))}, {s: tuple(range(hidden))}, (), ())
-    distiller = build_from_models(params, teacher, student, dataset, token_probs, [entry]).distiller
-    student.train()
+    dataset = _dataset(args, cfg, ids)
+    distiller = _distiller(args, cfg, device, dataset, ids, mlm)
     rng = np.random.default_rng(1)
     n_batches = args.warmup + args.steps
     batches = []
@@ -176,6 +153,48 @@ def run_single(args) -> dict:
         peak_gib=peak, gflop_per_token=flops_per_token / 1e9, flop_s=flops_per_token * tok_s,
         mean_loss=statistics.mean(losses_seen), forwards=distiller.forward_counts, yardstick=stick.value(),
     )
+
+
+def _dataset(args, cfg: dict, ids: dict):
+    """The paired dataset of --data_file, or of synthetic sequences with WikiText-like lengths."""
+    import numpy as np
+
+    from lm_seqs_dataset import LmSeqsDataset
+
+    data = _synthetic_sequences(2000, cfg["vocab"], 0, ids["cls_token"], ids["sep_token"])
+    if args.data_file:
+        from binarized_io import load_corpus
+
+        corpus = load_corpus(args.data_file)
+        data = [np.asarray(corpus[i]) for i in range(len(corpus))]
+    dataset = LmSeqsDataset(data=data, max_model_input_size=cfg["max_len"], cls_id=ids["cls_token"],
+                            sep_id=ids["sep_token"], pad_id=ids["pad_token"], unk_id=ids["unk_token"], seed=0,
+                            paired=True)
+    return dataset
+
+
+def _distiller(args, cfg: dict, device, dataset, ids: dict, mlm: bool):
+    """The distiller of one (mode, dtype), as causal_train.py builds it (`build_from_models`), on in-memory
+    models and data; one full-width mapping entry at the preset's sites."""
+    import torch
+
+    from distill_setup import build_from_models
+    from neuron_mapping import MappingEntry
+
+    teacher, student = _models(cfg)
+    params = train_args(args, cfg, mlm)
+    params.__dict__.update(device=device, is_master=True, multi_gpu=False, world_size=1, global_rank=0,
+                           special_tok_ids=ids)
+    token_probs = None
+    if mlm:
+        token_probs = torch.ones(cfg["vocab"])
+        token_probs[list(ids.values())] = 0
+    t, s = cfg["t_site"], cfg["s_site"]
+    hidden = cfg["hidden"]
+    entry = MappingEntry(0, {t: tuple(range(hidden))}, {s: tuple(range(hidden))}, (), ())
+    distiller = build_from_models(params, teacher, student, dataset, token_probs, [entry]).distiller
+    student.train()
+    return distiller
 
 
 def train_args(args, cfg: dict, mlm: bool):
@@ -269,9 +288,6 @@ def main() -> None:
         print(json.dumps(run_single(args)))
         return
 
-    import torch
-    import transformers
-
     dtypes = args.dtypes.split(",")
     if args.device == "cpu" and "bf16" in dtypes and not args.force_bf16:
         from utils import cpu_bf16_warning
@@ -315,6 +331,18 @@ def main() -> None:
     if not rows:
         sys.exit("no mode ran to the end" + "".join(f"\n  {f}" for f in failures))
     dtypes = [d for d in dtypes if any(r["dtype"] == d for r in rows)]
+    sticks = print_tables(args, rows, failures, dtypes)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"rows": rows, "yardstick": sticks, "failures": failures}, indent=2))
+    if failures:
+        sys.exit(1)
+
+
+def print_tables(args, rows: list[dict], failures: list[str], dtypes: list[str]) -> dict[str, float]:
+    """Print the figures of every (mode, dtype) that ran and the ratios between modes; return the yardsticks."""
+    import torch
+    import transformers
+
     sticks = {d: statistics.median(r["yardstick"] for r in rows if r["dtype"] == d) for d in dtypes}
     by = {(r["mode"], r["dtype"]): r for r in rows}
     machine = f"{cpu_description()}, {os.cpu_count()} cores"
@@ -347,10 +375,7 @@ def main() -> None:
             print(f"| bf16 over fp32 (diito_shared) | {a['tok_s'] / b['tok_s']:.2f}x | - | - |")
     if failures:
         print("\nfailed modes (not in the tables):\n" + "\n".join(f"- {f}" for f in failures))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"rows": rows, "yardstick": sticks, "failures": failures}, indent=2))
-    if failures:
-        sys.exit(1)
+    return sticks
 
 
 def cpu_description() -> str:
