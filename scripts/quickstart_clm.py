@@ -42,7 +42,7 @@ N_STAGES = 8
 # Teacher steps of a causal-LM teacher per preset. The BERT presets' 1200 steps (~38 passes over the
 # stdlib train part) let a causal LM memorise it: held-out perplexity 687, worse than its students.
 # small: 600 steps (~19 passes), the held-out optimum of a Llama teacher: a 600-step run evaluated
-# every 50 steps reached perplexity 67.5 at steps 550-600, flat there (README, "Causal LMs"). GPT-2,
+# every 50 steps reached perplexity 67.5 at steps 550-600, flat there (docs/causal_lm.md). GPT-2,
 # same sizes and corpus, takes the same count (not measured). gpu: the same number of passes at its
 # 4x larger batch (not measured). test: the test suite's, unchanged.
 TEACHER_STEPS = {"small": 600, "gpu": 150, "test": PRESETS["test"].teacher_steps}
