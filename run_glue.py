@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                            train_dataset=train_dataset, compute_metrics=metric_function(data_args.task_name, labels))
     results = train_and_save(trainer, checkpoint, train_dataset)
     if training_args.do_eval:
-        results.update(evaluate(trainer, processed, data.eval_splits, data_args.max_eval_samples))
+        results.update(evaluate_splits(trainer, processed, data.eval_splits, data_args.max_eval_samples))
     if training_args.do_predict:
         predict(trainer, processed["test"], data_args, labels)
     return results
@@ -294,7 +294,7 @@ def metric_function(task: str | None, labels: SimpleNamespace):
     return compute_metrics
 
 
-def evaluate(trainer, processed: dict, eval_splits: list[str], max_eval_samples: int | None) -> dict:
+def evaluate_splits(trainer, processed: dict, eval_splits: list[str], max_eval_samples: int | None) -> dict:
     """Evaluate each split (MNLI's mismatched set with `_mm` keys) and write eval_results.json."""
     combined = {}
     for split in eval_splits:

@@ -183,7 +183,7 @@ def _is_binarized(path: Path) -> bool:
     return head == MAGIC or head[:1] == b"\x80"
 
 
-def load_dataset(path: str, tok, special: dict, max_len: int, seed: int) -> LmSeqsDataset:
+def load_pairs(path: str, tok, special: dict, max_len: int, seed: int) -> LmSeqsDataset:
     """Paired sequences of a binarized file or a text file; CliError when the file holds fewer than 2."""
     file = Path(path)
     if not file.is_file():
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     positions = [getattr(m.config, "max_position_embeddings", None) or m.config.n_positions for m in (teacher, student)]
     positions = [n - 2 if m.config.model_type == "roberta" else n for n, m in zip(positions, (teacher, student))]
     max_len = min(positions + ([args.max_seq_length] if args.max_seq_length else []))
-    dataset = load_dataset(args.data_file, tok, special, max_len, args.seed)
+    dataset = load_pairs(args.data_file, tok, special, max_len, args.seed)
     pairs = choose_pairs(dataset, args.num_pairs, args.seed)
     preparer = BatchPreparer(
         mlm=mlm, vocab_size=vocab, mask_id=special["mask"],

@@ -44,7 +44,7 @@ def main() -> None:
         text_file.write_text("\n".join(stdlib_documents() * args.repeat) + "\n", encoding="utf-8")
     lines = [line.strip() for line in text_file.read_text(encoding="utf-8").splitlines()]
     lines = [line for line in lines if line]
-    tokenizer, _, _ = binarized_data.load_tokenizer(args.tokenizer_name, "bert")
+    tokenizer, _, _ = binarized_data.load_tokenizer_and_wrap_ids(args.tokenizer_name, "bert")
 
     def bare():
         n = 0

@@ -64,7 +64,7 @@ LOADERS = {
 }
 
 
-def load_tokenizer(name: str, tokenizer_type: str, cache_dir: str | None = None):
+def load_tokenizer_and_wrap_ids(name: str, tokenizer_type: str, cache_dir: str | None = None):
     """Load a fast tokenizer (hub name or local folder) and return `(tokenizer, bos_id, eos_id)`."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -343,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     source_name = args.file_path or args.dataset_name
 
     logger.info("loading tokenizer %s", args.tokenizer_name)
-    tokenizer, bos_id, eos_id = load_tokenizer(args.tokenizer_name, args.tokenizer_type, args.cache_dir)
+    tokenizer, bos_id, eos_id = load_tokenizer_and_wrap_ids(args.tokenizer_name, args.tokenizer_type, args.cache_dir)
     vocab_size = len(tokenizer)
     dtype = dtype_for_vocab(vocab_size)
     sources = load_sources(args)

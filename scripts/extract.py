@@ -36,13 +36,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extraction import (add_student_arguments, check_dump_path, choose_teacher_layers, load_teacher,  # noqa: E402
+from extraction import (add_student_arguments, check_dump_checkpoint, choose_teacher_layers, load_teacher,  # noqa: E402
                         load_teacher_config, log_choice, save_extraction, student_config, warn_head_left_random)
 from utils import logger, run_cli  # noqa: E402
 
 
 @dataclass(frozen=True)
-class Family:
+class ExtractionFamily:
     """Where one model family keeps what extraction needs, by state-dict key prefix."""
 
     model_class: str  # the transformers class that loads teacher and student
@@ -51,9 +51,9 @@ class Family:
     default_model: str
 
 
-FAMILIES = {
-    "roberta": Family("RobertaForMaskedLM", "roberta.encoder.layer", ("lm_head.dense.", "lm_head.layer_norm."), "roberta-base"),
-    "gpt2": Family("GPT2LMHeadModel", "transformer.h", (), "gpt2"),
+EXTRACTION_FAMILIES = {
+    "roberta": ExtractionFamily("RobertaForMaskedLM", "roberta.encoder.layer", ("lm_head.dense.", "lm_head.layer_norm."), "roberta-base"),
+    "gpt2": ExtractionFamily("GPT2LMHeadModel", "transformer.h", (), "gpt2"),
 }
 # The Llama-layout rows (the same rows as interventions.FAMILIES): default teachers on the hub.
 LLAMA_LAYOUT_DEFAULTS = {
@@ -66,10 +66,10 @@ LLAMA_LAYOUT_DEFAULTS = {
     "smollm3": ("SmolLM3ForCausalLM", "HuggingFaceTB/SmolLM3-3B-Base"),
 }
 for _type, (_class, _default) in LLAMA_LAYOUT_DEFAULTS.items():
-    FAMILIES[_type] = Family(_class, "model.layers", (), _default)
+    EXTRACTION_FAMILIES[_type] = ExtractionFamily(_class, "model.layers", (), _default)
 
 
-def extract_same_family(teacher_sd: dict, family: Family, teacher_layers: list[int], vocab_transform: bool) -> dict:
+def extract_same_family(teacher_sd: dict, family: ExtractionFamily, teacher_layers: list[int], vocab_transform: bool) -> dict:
     """The student state dict: every non-block tensor of the teacher, and the chosen blocks renumbered.
 
     The LM-head transform (`family.head_transform`) is left out unless `vocab_transform`.
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Extract some blocks of a RobertaForMaskedLM, GPT2LMHeadModel or Llama-layout *ForCausalLM "
         "(llama, mistral, qwen2, qwen3, gemma, olmo2, smollm3) to initialise a shallower student."
     )
-    parser.add_argument("--model_type", default="roberta", choices=sorted(FAMILIES),
+    parser.add_argument("--model_type", default="roberta", choices=sorted(EXTRACTION_FAMILIES),
                         help="the teacher's family, which is also the student's (default: roberta)")
     parser.add_argument("--model_name", default=None, help="hub name or local folder (default per --model_type: "
                         "roberta-base, gpt2, HuggingFaceTB/SmolLM2-135M for llama, Qwen/Qwen2.5-0.5B for qwen2, ...)")
@@ -107,9 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    family = FAMILIES[args.model_type]
+    family = EXTRACTION_FAMILIES[args.model_type]
     model_name = args.model_name or family.default_model
-    dump_checkpoint = check_dump_path(args.dump_checkpoint)
+    dump_checkpoint = check_dump_checkpoint(args.dump_checkpoint)
 
     config = load_teacher_config(model_name, (args.model_type,), args.model_type)
     n_teacher = config.num_hidden_layers

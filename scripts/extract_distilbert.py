@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extraction import (add_student_arguments, check_dump_path, choose_teacher_layers, load_teacher,  # noqa: E402
+from extraction import (add_student_arguments, check_dump_checkpoint, choose_teacher_layers, load_teacher,  # noqa: E402
                         load_teacher_config, log_choice, save_extraction, warn_head_left_random)
 from utils import CliError, logger, run_cli  # noqa: E402
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     args = parse_args(argv)
-    dump_checkpoint = check_dump_path(args.dump_checkpoint)
+    dump_checkpoint = check_dump_checkpoint(args.dump_checkpoint)
     config = load_teacher_config(args.model_name, ("bert",), args.model_type)
     check_bert_teacher(config, args.model_name)
     n_teacher = config.num_hidden_layers

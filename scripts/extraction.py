@@ -69,7 +69,7 @@ def choose_teacher_layers(n_teacher: int, num_layers: int | None, layers: str | 
     return default_teacher_layers(n_teacher, num_layers)
 
 
-def check_dump_path(dump_checkpoint: str) -> Path:
+def check_dump_checkpoint(dump_checkpoint: str) -> Path:
     """Refuse, before any work is done, an output path that would overwrite something else.
 
     A `.pth`/`.pt` name must not be a folder; a folder name must not be a file, nor a folder holding

@@ -29,7 +29,7 @@ from extraction import student_config
 from quickstart_pipeline import ALPHA_CAUSAL_CE, PRESETS, TEACHER_SEED, Preset, Quickstart, load_fast_tokenizer
 from utils import CliError, atomic_write_text
 
-FAMILIES = ("llama", "gpt2")
+CLM_FAMILIES = ("llama", "gpt2")
 NAMES = {"llama": "Llama", "gpt2": "GPT-2"}
 # The BERT quickstart's objective with the causal-LM loss in place of the masked-LM one.
 ALPHAS = {"alpha_ce": 0.25, "alpha_clm": 0.25, "alpha_cos": 0.25, "alpha_mlm": 0.0}
@@ -374,8 +374,8 @@ def _report_markdown(q: ClmQuickstart, table: str, sentence: str, stages: dict, 
 
 def checked_preset(name: str, family: str) -> Preset:
     """The preset for `family`; CliError if its sizes do not fit the family."""
-    if family not in FAMILIES:
-        raise CliError(f"--family {family}: the causal-LM quickstart knows {', '.join(FAMILIES)}")
+    if family not in CLM_FAMILIES:
+        raise CliError(f"--family {family}: the causal-LM quickstart knows {', '.join(CLM_FAMILIES)}")
     preset = preset_for(name)
     if preset.hidden % preset.heads:
         raise CliError(f"preset {name}: hidden size {preset.hidden} is not a multiple of {preset.heads} heads")

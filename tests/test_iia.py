@@ -93,7 +93,7 @@ def test_causal_lm_teacher_as_student_evaluates_every_next_token_position(setup)
     assert overall["iia"]["value"] == 1.0 and overall["effective_iia"]["value"] == 1.0
     # every real position that has a next token: sum over pairs of (length - 1)
     tok, special = run_iia.load_tokenizer_and_special_ids(str(setup / "teacher"), _vocab(setup), False)
-    dataset = run_iia.load_dataset(str(setup / "heldout.txt"), tok, special, 128, 42)
+    dataset = run_iia.load_pairs(str(setup / "heldout.txt"), tok, special, 128, 42)
     pairs = iia.choose_pairs(dataset, 48, 42)
     assert overall["positions"] == int(sum(dataset.lengths[pairs] - 1))
 
@@ -116,7 +116,7 @@ def _preparer(vocab):
 
 def test_positions_and_masks_repeat_and_are_shared_by_teacher_and_student(setup, monkeypatch):
     tok, special = run_iia.load_tokenizer_and_special_ids(str(setup / "teacher"), _vocab(setup), True)
-    dataset = run_iia.load_dataset(str(setup / "heldout.txt"), tok, special, 128, 7)
+    dataset = run_iia.load_pairs(str(setup / "heldout.txt"), tok, special, 128, 7)
     pairs = iia.choose_pairs(dataset, 40, 7)
     assert np.array_equal(pairs, iia.choose_pairs(dataset, 40, 7))
     torch.manual_seed(123)
@@ -195,7 +195,7 @@ def test_num_pairs_larger_than_the_data_warns_and_uses_all(setup, caplog):
     with caplog.at_level(logging.WARNING, logger="causal_distill"):
         record = run(setup, "--num_pairs", "1000", data="few.txt", out="few")
     tok, special = run_iia.load_tokenizer_and_special_ids(str(setup / "teacher"), _vocab(setup), True)
-    n = len(run_iia.load_dataset(str(setup / "few.txt"), tok, special, 128, 42))
+    n = len(run_iia.load_pairs(str(setup / "few.txt"), tok, special, 128, 42))
     assert record["mapping"]["pairs"] == n <= 30
     assert "--num_pairs 1000 is more than" in caplog.text
 
