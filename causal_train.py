@@ -12,7 +12,7 @@ from pathlib import Path
 
 from causal_distiller import NonFiniteLoss, Preempted
 from checkpoints import checkpoint_problem, find_resume_checkpoint, list_checkpoints
-from distill_setup import Run, build, build_parser, sanity_checks  # noqa: F401 -- build and Run: the recipe's API
+from distill_setup import build, build_parser, sanity_checks
 from utils import (CliError, check_output_parent, clean_stale_temporaries, cpu_bf16_warning, git_log, init_gpu_params,
                    logger, require_file, run_cli, save_args, set_seed, tune_cpu_allocator)
 

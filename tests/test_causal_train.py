@@ -158,3 +158,48 @@ def test_masked_token_only_interchange_trains(distill_setup, tmp_path, monkeypat
     seen = _forward_counts(monkeypatch, train_argv(distill_setup, tmp_path / "masked", "--max_steps", "2",
                                                    "--interchange_masked_token_only", "--restrict_ce_to_mask"))
     assert seen["student"] == {"base": 2, "source": 2, "counterfactual": 2}
+
+
+def test_the_first_step_of_a_run_is_build_then_step(distill_setup, tmp_path):
+    """causal_train.main trains what distill_setup.build builds, one CausalDistiller.step per optimiser step:
+    build + one step on the first window gives the weights of a one-step run, bitwise."""
+    from itertools import islice
+
+    from distill_setup import build, build_parser, sanity_checks
+    from helpers import student_weights
+    from utils import init_gpu_params, set_seed
+
+    argv = train_argv(distill_setup, tmp_path / "run", "--max_steps", "1", "--gradient_accumulation_steps", "2",
+                      "--freeze_pos_embs", "--include_crossway")
+    causal_train.main(argv)
+
+    args = build_parser().parse_args(argv)
+    sanity_checks(args)
+    init_gpu_params(args)
+    set_seed(args.seed)
+    run = build(args)
+    assert not run.student.distilbert.embeddings.position_embeddings.weight.requires_grad
+    assert not any(p.requires_grad for p in run.teacher.parameters()) and not run.teacher.training
+    run.student.train()
+    run.dataset.set_epoch(0)
+    window = list(islice(run.distiller.collated(run.distiller.epoch_batches(0)), 2))
+    losses = run.distiller.step(window)
+    assert run.distiller.n_step == 1 and len(run.optimizer.state) > 0
+    assert set(losses) == {"ce", "mlm", "cos", "causal_ce", "causal_cos", "loss"}
+    saved = student_weights(tmp_path / "run")
+    for name, value in run.student.state_dict().items():
+        if name in saved:
+            assert torch.equal(value, saved[name]), name
+
+
+def test_count_step_flops_counts_the_runs_own_steps(distill_setup, tmp_path):
+    """scripts/count_step_flops.py builds the run of its causal_train.py arguments and counts its first steps."""
+    import count_step_flops
+
+    diito = count_step_flops.count(train_argv(distill_setup, tmp_path / "unused", "--freeze_pos_embs"), 2)
+    standard = count_step_flops.count(train_argv(distill_setup, tmp_path / "unused", causal=False), 2)
+    assert diito["steps_counted"] == standard["steps_counted"] == 2
+    assert diito["real_tokens"] == standard["real_tokens"] > 0  # the same first batches
+    assert all(s < d for s, d in zip(standard["flops_each"], diito["flops_each"]))
+    assert diito == count_step_flops.count(train_argv(distill_setup, tmp_path / "unused", "--freeze_pos_embs"), 2)
+    assert not (tmp_path / "unused").exists()  # nothing written
