@@ -6,8 +6,9 @@ student run the same counterfactual: the base input, with the activations of the
 (the output of a block, some hidden dimensions) at the interchanged positions taken from the
 source run. Both models see the very same masked input, masked positions and interchange
 positions (drawn once per batch, seeded by --seed), through the project's own intervention code
-(`interventions.model_outputs`, the function DIITO trains with; the evaluation itself is `iia.py`). Reported, per mapping entry
-and over all entries together, each with a bootstrap 95% interval over pairs:
+(`interventions.model_outputs`, the function DIITO trains with; the evaluation is `iia.py`).
+Reported, per mapping entry and over all entries together, each with a bootstrap 95% interval
+over pairs:
 
   IIA               share of evaluated positions where the student's counterfactual top-1 prediction
                     equals the teacher's (masked positions for masked LMs; every real position that

@@ -1,8 +1,9 @@
 """FLOPs of one causal_train.py training step, counted on the run's own first batches.
 
 Builds exactly what `causal_train.py` builds for the given command line (`distill_setup.build`:
-models, data, masking, mapping, distiller), then runs its first --batches steps under torch's FlopCounterMode
-(every matmul of the forward and backward passes, the vocabulary-wide losses included) and writes
+models, data, masking, mapping, distiller), then runs its first --batches steps
+(`CausalDistiller.step`) under torch's FlopCounterMode (every matmul of the forward and backward
+passes, the vocabulary-wide losses included) and writes
 the mean FLOPs per step as JSON. Nothing is trained or saved. The count depends only on the
 shapes, so it is the same on every machine and every run: the quickstart uses it to give standard
 distillation the compute of a DIITO run.
