@@ -135,7 +135,7 @@ def configure_optimizer(student: nn.Module, params, total_steps: int):
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A NaN or infinite loss beyond --skip_nonfinite_steps: the run stops with its last good state."""
 
 
 class Preempted(Exception):
@@ -550,6 +550,7 @@ class TrainingLog:
         self.tb = None
 
     def open(self) -> None:
+        """Open TensorBoard's writer (and W&B with --is_wandb); once."""
         if self.tb is not None:
             return
         from tensorboardX import SummaryWriter

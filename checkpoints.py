@@ -151,6 +151,7 @@ def find_resume_checkpoint(dump_path: Path) -> Path:
 
 
 def folder_size(folder: Path) -> int:
+    """Bytes of the files directly in `folder`."""
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
 
 

@@ -202,6 +202,7 @@ def sanity_checks(args) -> None:
 
 # --- inputs ------------------------------------------------------------------------------------------
 def load_teacher(args):
+    """The --teacher_type model of --teacher_name in the training precision; CliError if it cannot load or lacks its LM head."""
     family = FAMILIES[args.teacher_type]
     # In the training precision, not the checkpoint's (transformers 5 loads a bf16 hub checkpoint as bf16).
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -254,6 +255,7 @@ def load_special_tokens(args) -> dict[str, int]:
 
 
 def build_student(args):
+    """The --student_type model of --student_config, from --student_pretrained_weights (a .pth or a folder) or at random; CliError when they do not match."""
     family = FAMILIES[args.student_type]
     require_file(args.student_config, "--student_config")
     try:
@@ -322,6 +324,7 @@ def _short(items, n=6):
 
 
 def model_checks(args, student, teacher) -> None:
+    """Teacher and student must share the vocabulary (and the hidden size when a cosine loss is on)."""
     s_vocab, t_vocab = student.config.vocab_size, teacher.config.vocab_size
     if s_vocab != t_vocab:
         raise CliError(f"vocabulary sizes differ: student config {args.student_config} has {s_vocab}, "
@@ -332,6 +335,7 @@ def model_checks(args, student, teacher) -> None:
 
 
 def max_positions(model) -> int:
+    """The longest input the model's position table takes (RoBERTa reserves two rows)."""
     c = model.config
     n = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions")
     return n - 2 if c.model_type == "roberta" else n

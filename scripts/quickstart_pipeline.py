@@ -360,6 +360,7 @@ class Quickstart:
 
     # 1
     def corpus(self) -> dict:
+        """Stage 1: the documents (stdlib prose or --text), deduplicated and split into train and held-out parts."""
         p, args = self.preset, self.args
         self.banner(1, "corpus: real English prose, split into train and held-out parts")
         if self.user_docs is not None:
@@ -397,6 +398,7 @@ class Quickstart:
 
     # 2
     def tokenizer(self, corpus: dict) -> dict:
+        """Stage 2: the family's tokenizer, trained on the train part or copied from --tokenizer."""
         self.banner(2, "tokenizer: " + (f"--tokenizer {self.args.tokenizer}" if self.args.tokenizer
                                          else self.tokenizer_title()))
         settings = {"corpus": corpus["key"], "vocab_size": self.preset.vocab_size, "tokenizer": self.args.tokenizer,
@@ -415,6 +417,7 @@ class Quickstart:
 
     # 3
     def teacher(self, corpus: dict, tokenizer: dict) -> dict:
+        """Stage 3: the teacher trained from scratch (the family's `teacher_command`)."""
         steps = self.args.teacher_steps or self.preset.teacher_steps
         title, script, argv = self.teacher_command(steps)
         self.banner(3, title)
@@ -428,6 +431,7 @@ class Quickstart:
 
     # 4
     def data(self, corpus: dict, tokenizer: dict, title: str, outputs: tuple[str, ...] = ()) -> dict:
+        """Stage 4: the train part binarized with the tokenizer (then the family's `after_binarize`)."""
         self.banner(4, title)
         settings = {"corpus": corpus["key"], "tokenizer": tokenizer["key"], **self.family_settings()}
 
@@ -445,6 +449,7 @@ class Quickstart:
 
     # 5
     def student_init(self, teacher: dict, extract_flags: tuple[str, ...] = ()) -> dict:
+        """Stage 5: the student extracted from the teacher's blocks, its config and DIITO's neuron mapping."""
         p = self.preset
         self.banner(5, f"student initialisation: {p.student_layers} of the teacher's {p.teacher_layers} blocks "
                        f"({self.extract_script}{''.join(' ' + f for f in self.extract_title_flags())}), "
@@ -517,6 +522,7 @@ class Quickstart:
         return settings
 
     def run(self) -> dict:
+        """Run every stage (those found done are skipped); returns the wall time and what ran or was skipped."""
         start = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.pipe.commands, "a", encoding="utf-8") as fh:
