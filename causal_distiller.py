@@ -255,6 +255,9 @@ class CausalDistiller:
             interchange_max_token=params.interchange_max_token,
             interchange_mode="consecutive" if params.interchange_consecutive_only else "random",
             masked_only=params.interchange_masked_token_only,
+            pad_to_multiple_of=getattr(params, "pad_to_multiple_of", None) or 1,
+            max_width=params.max_model_input_size,
+            pad_id=params.special_tok_ids.get("pad_token") or 0,
         )
         self._site_cache: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
 

@@ -177,7 +177,15 @@ def run_single(args) -> dict:
         weight_decay=0.0, learning_rate=1e-4, adam_epsilon=1e-6, warmup_prop=0.0, max_grad_norm=5.0,
         num_workers=0, is_wandb=False, skip_nonfinite_steps=0, save_total_limit=0, log_interval=10**9,
         checkpoint_interval=0, no_progress=True, run_name=None, compile=args.compile, **mode,
+        pad_to_multiple_of=args.pad_to_multiple_of if args.pad_to_multiple_of is not None else
+        (64 if device.type == "cuda" else 1),
     )
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if args.head_align is not None:
+        import losses
+
+        losses.HEAD_ALIGN[device.type] = args.head_align
     token_probs = None
     if mlm:
         token_probs = torch.ones(cfg["vocab"])
@@ -384,6 +392,13 @@ def main() -> None:
     parser.add_argument("--max_batch", action="store_true",
                         help="CUDA: also find the largest batch one step fits in (doubling, then bisecting) and its "
                              "peak memory per token. Use with --seq_len 512.")
+    parser.add_argument("--pad_to_multiple_of", type=int, default=None,
+                        help="As causal_train.py's flag (default: 64 on CUDA, 1 on the CPU).")
+    parser.add_argument("--no_cudnn_sdp", action="store_true",
+                        help="CUDA: switch off the cuDNN attention backend of scaled_dot_product_attention.")
+    parser.add_argument("--head_align", type=int, default=None,
+                        help="Pad the head's vocabulary to a multiple of this (losses.HEAD_ALIGN; default: 64 on "
+                             "CUDA, none on the CPU; 0 or 1: off).")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="Write a torch.profiler operator table of three steps per mode to DIR/<mode>_<dtype>.txt.")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -424,6 +439,12 @@ def main() -> None:
                 cmd += ["--max_batch"]
             if args.profile:
                 cmd += ["--profile", args.profile]
+            if args.pad_to_multiple_of is not None:
+                cmd += ["--pad_to_multiple_of", str(args.pad_to_multiple_of)]
+            if args.no_cudnn_sdp:
+                cmd += ["--no_cudnn_sdp"]
+            if args.head_align is not None:
+                cmd += ["--head_align", str(args.head_align)]
             print(f"running {mode} {dtype} ...", file=sys.stderr, flush=True)
             failure = None
             try:
@@ -452,6 +473,12 @@ def main() -> None:
     if args.device == "cuda":
         machine = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
     lengths = f"all {args.seq_len} tokens" if args.seq_len else ("--data_file" if args.data_file else "WikiText-like")
+    for flag in ("compile", "no_cudnn_sdp"):
+        if getattr(args, flag):
+            lengths += f"; --{flag}"
+    for flag in ("pad_to_multiple_of", "head_align"):
+        if getattr(args, flag) is not None:
+            lengths += f"; --{flag} {getattr(args, flag)}"
     print(f"\n## bench_train_step --preset {args.preset} ({args.device}; {machine}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}; sequences {lengths}; {time.strftime('%Y-%m-%d')})\n")
     print("yardstick (median over the modes; each mode's utilisation uses its own, timed between its steps): "
