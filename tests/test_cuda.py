@@ -187,12 +187,14 @@ def _argv(setup, dump, *extra, n_gpu="1"):
 
 
 def _step_losses(caplog) -> dict[int, float]:
+    """The weighted total (`loss`) of each logged step: `step N | ce x mlm y ... loss z | lr ...`."""
     out = {}
     for rec in caplog.records:
         msg = rec.getMessage()
         if msg.startswith("step ") and " loss " in msg:
             parts = msg.split("|")
-            out[int(parts[0].split()[1])] = float(parts[1].split()[1])
+            values = parts[1].split()
+            out[int(parts[0].split()[1])] = float(values[values.index("loss") + 1])
     return out
 
 
@@ -219,6 +221,9 @@ def test_causal_train_on_cuda_mixed_precision_tracks_fp32(setup, tmp_path, caplo
     assert ref[8] < ref[1]
     student = AutoModelForMaskedLM.from_pretrained(tmp_path / "amp")  # a plain HF folder, fp32 weights
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in student.parameters())
+    # mixed precision was on: the weights track fp32's, but not bitwise
+    amp, fp32 = _weights(tmp_path / "amp"), _weights(tmp_path / "fp32")
+    assert any(not torch.equal(amp[k], fp32[k]) for k in amp)
     state = torch.load(tmp_path / "amp" / "checkpoint-8" / "training_state.pt", weights_only=False)
     if "--fp16" in flags:
         assert state["scaler"]["scale"] > 0  # the grad scaler's state travels with the checkpoint
