@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +28,11 @@ SHAPES = {
     "tiny": dict(layers=6, hidden=256, heads=4, ffn=1024, student_layers=3),
     "base": dict(layers=12, hidden=768, heads=12, ffn=3072, student_layers=6),
 }
+
+
+def run(script: str, *args: str) -> None:
+    """One of the pipeline's scripts, as a user runs it (its own process)."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], check=True)
 
 
 def main(argv=None) -> None:
@@ -41,17 +47,11 @@ def main(argv=None) -> None:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    import binarized_data
-    import extract_distilbert
-    import make_mapping
-    import token_counts
-    from stdlib_corpus import stdlib_documents
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.txt"
     if not corpus.exists():
-        corpus.write_text("\n".join(stdlib_documents()) + "\n", encoding="utf-8")
+        run("stdlib_corpus.py", "--out", str(corpus))
     tok_dir = Path(args.tokenizer) if args.tokenizer else out / "tokenizer"
     if not args.tokenizer and not (tok_dir / "tokenizer.json").exists():
         from deterministic_wordpiece import train_wordpiece
@@ -59,11 +59,11 @@ def main(argv=None) -> None:
         train_wordpiece(corpus.read_text(encoding="utf-8").splitlines(), tok_dir, vocab_size=8000)
     data = out / f"data.train.{tok_dir.name}.bin"
     if not data.exists():
-        data = binarized_data.main(["--file_path", str(corpus), "--tokenizer_type", "bert", "--tokenizer_name",
-                                    str(tok_dir), "--dump_file", str(out / "data")])
+        run("binarized_data.py", "--file_path", str(corpus), "--tokenizer_type", "bert", "--tokenizer_name",
+            str(tok_dir), "--dump_file", str(out / "data"))
     counts = out / "counts.pickle"
     if not counts.exists():
-        token_counts.main(["--data_file", str(data), "--token_counts_dump", str(counts)])
+        run("token_counts.py", "--data_file", str(data), "--token_counts_dump", str(counts))
 
     shape = SHAPES[args.shape]
     teacher = out / f"teacher_{args.shape}"
@@ -77,12 +77,12 @@ def main(argv=None) -> None:
         tok.save_pretrained(teacher)
     student = out / f"student_{args.shape}"
     if not (student / "model.safetensors").exists():
-        extract_distilbert.main(["--model_type", "bert", "--model_name", str(teacher), "--dump_checkpoint",
-                                 str(student), "--num_layers", str(shape["student_layers"]), "--vocab_transform"])
+        run("extract_distilbert.py", "--model_type", "bert", "--model_name", str(teacher), "--dump_checkpoint",
+            str(student), "--num_layers", str(shape["student_layers"]), "--vocab_transform")
     mapping = out / f"single_middle_{args.shape}.nm"
     if not mapping.exists():
-        make_mapping.main(["--teacher", str(teacher), "--student", str(student), "--alignment", "single_middle",
-                           "--output", str(mapping)])
+        run("make_mapping.py", "--teacher", str(teacher), "--student", str(student), "--alignment", "single_middle",
+            "--output", str(mapping))
     for name, path in (("DATA", data), ("COUNTS", counts), ("TEACHER", teacher), ("STUDENT", student),
                        ("MAPPING", mapping)):
         print(f"{name}={shlex.quote(str(path))}")
