@@ -64,6 +64,8 @@ class BatchPreparer:
     token_probs: (V,) masking weight of each token id (frequency-smoothed; 0 for special tokens).
     pred_probs: (3,) probabilities of [MASK] / keep / random for a chosen token.
     interchange_mode: "random" or "consecutive"; masked_only: base positions among MLM-masked tokens.
+    pad_to_multiple_of: widen each batch with padding to a multiple of this many positions (at most
+    `max_width`): on CUDA a few distinct shapes let kernels and attention plans be reused.
     """
 
     def __init__(
@@ -80,8 +82,14 @@ class BatchPreparer:
         interchange_max_token: int = -1,
         interchange_mode: str = "random",
         masked_only: bool = False,
+        pad_to_multiple_of: int = 1,
+        max_width: int | None = None,
+        pad_id: int = 0,
     ):
         self.mlm = mlm
+        self.pad_to_multiple_of = max(1, pad_to_multiple_of)
+        self.max_width = max_width
+        self.pad_id = pad_id
         self.vocab_size = vocab_size
         self.mask_id = mask_id
         self.token_probs = token_probs.float() if token_probs is not None else None
@@ -162,6 +170,18 @@ class BatchPreparer:
         _, source_pos = source_sel.nonzero(as_tuple=True)
         return batch_idx, base_pos, source_pos
 
+    def widen(self, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """`ids` (B, L) padded on the right to a multiple of `pad_to_multiple_of` (capped at `max_width`)."""
+        if ids is None or self.pad_to_multiple_of == 1:
+            return ids
+        width = ids.shape[1]
+        target = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        if self.max_width is not None:
+            target = max(width, min(target, self.max_width))
+        if target == width:
+            return ids
+        return torch.nn.functional.pad(ids, (0, target - width), value=self.pad_id)
+
     # --- the whole batch -----------------------------------------------------------------------
     def prepare(self, batch: dict, causal: bool, reverse: bool = False) -> Prepared:
         """Prepare a collated batch (`base_ids`, `base_lengths`[, `source_ids`, `source_lengths`]).
@@ -171,6 +191,7 @@ class BatchPreparer:
         """
         base_ids, base_len = batch["base_ids"], batch["base_lengths"]
         source_ids, source_len = batch.get("source_ids"), batch.get("source_lengths")
+        base_ids, source_ids = self.widen(base_ids), self.widen(source_ids)
         if reverse:
             base_ids, source_ids, base_len, source_len = source_ids, base_ids, source_len, base_len
         width = base_ids.shape[1]

@@ -186,6 +186,9 @@ class CausalDistiller:
             interchange_max_token=params.interchange_max_token,
             interchange_mode="consecutive" if params.interchange_consecutive_only else "random",
             masked_only=params.interchange_masked_token_only,
+            pad_to_multiple_of=getattr(params, "pad_to_multiple_of", None) or 1,
+            max_width=params.max_model_input_size,
+            pad_id=params.special_tok_ids.get("pad_token") or 0,
         )
         self._site_cache: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
 
@@ -393,9 +396,9 @@ class CausalDistiller:
             finite = flag[0] > 0
         if not bool(finite):  # one host sync per optimiser step: a bad step must never update the weights
             bad = [k for k, v in window.items() if k != "loss" and not torch.isfinite(v)]
+            # (the grad scaler is left as it is: nothing was unscaled, and its update() would refuse a
+            # step without inf checks; a non-finite loss is not a gradient overflow it could back off from)
             self.optimizer.zero_grad(set_to_none=True)
-            if self.params.fp16:
-                self.scaler.update()
             if self.n_skipped_nonfinite < self.params.skip_nonfinite_steps:
                 self.n_skipped_nonfinite += 1
                 logger.warning("step %d: non-finite loss (%s); step skipped (%d/%d skips used)", self.n_step + 1,

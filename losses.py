@@ -20,6 +20,13 @@ LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "causal_ce", "causal_cos")
 
 CHUNK_ROWS = {"cpu": 256, "cuda": 4096}  # rows per chunk: temporaries of rows x vocabulary
 CHUNK_VOCAB = 32768  # ... for vocabularies up to this size; larger ones (Llama 3, Qwen) get fewer rows
+# On CUDA the head's vocabulary is padded to a multiple of this many entries inside `head_losses`:
+# with an odd vocabulary (BERT's 30,522) the rows of a half-precision logits chunk are not 16-byte
+# aligned, and cuBLAS falls back from Hopper's kernels to slower ones. The padded entries get a
+# bias of -1e4 after softening, so their probability is exactly 0 and the losses are unchanged.
+# 0 turns it off (the CPU never pads: its results stay bitwise those of the plain computation).
+HEAD_ALIGN = {"cuda": 64}
+_PAD_LOGIT = -1.0e4
 
 
 def _chunk_rows(t: torch.Tensor, vocab: int) -> int:
@@ -149,10 +156,29 @@ class _HeadLosses(torch.autograd.Function):
         kl_total = s_feat.new_zeros((), dtype=torch.float32)
         lm_total = s_feat.new_zeros((), dtype=torch.float32)
         g_feat = torch.zeros_like(s_feat)
-        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        g_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
-        step = _chunk_rows(s_feat, weight.shape[0])
+        vocab, has_bias = weight.shape[0], bias is not None
+        step = _chunk_rows(s_feat, vocab)
         autocast = torch.is_autocast_enabled(s_feat.device.type)
+        align = HEAD_ALIGN.get(s_feat.device.type, 0)
+        padded = align > 1 and vocab % align != 0
+        if padded:  # aligned copies of the heads (padded rows 0, padded biases below)
+            dtype = torch.get_autocast_dtype(s_feat.device.type) if autocast else weight.dtype
+            weight = _pad_rows(weight.to(dtype), align)
+            if t_weight is not None:
+                t_weight = _pad_rows(t_weight.to(dtype), align)
+        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        g_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if has_bias else None
+        if padded:  # a bias for every head, -1e4 at the padded entries once softened by `scale`
+
+            def pad_bias(b, scale):
+                out = torch.full((weight.shape[0],), _PAD_LOGIT / scale, dtype=torch.float32, device=weight.device)
+                out[:vocab] = b if b is not None else 0.0
+                return out
+
+            kl_bias, kl_t_bias = pad_bias(bias, 1.0 / t), pad_bias(t_bias, 1.0 / t)
+            lm_bias = pad_bias(bias, 1.0)
+        else:
+            kl_bias, kl_t_bias, lm_bias = bias, t_bias, bias
 
         def logits(feat, w, b, scale):
             # scale * (feat @ w.T + b) in one GEMM, as fp32 scratch for the row kernels
@@ -174,8 +200,8 @@ class _HeadLosses(torch.autograd.Function):
             # d(T^2 KL(p_t || p_s))/d(logits) = T (p_s - p_t): the 1/T of the softening times T^2
             kl_scale = alpha_kl * t / max(n, 1)
             if _compiled_kl is not None:
-                s_bias = bias if bias is not None else weight.new_zeros(weight.shape[0])
-                t_bias_ = t_bias if t_bias is not None else t_weight.new_zeros(t_weight.shape[0])
+                s_bias = kl_bias if kl_bias is not None else weight.new_zeros(weight.shape[0])
+                t_bias_ = kl_t_bias if kl_t_bias is not None else t_weight.new_zeros(t_weight.shape[0])
             for start in range(0, n, step):
                 rows = slice(start, start + step)
                 if _compiled_kl is not None:
@@ -184,9 +210,9 @@ class _HeadLosses(torch.autograd.Function):
                         t_raw = torch.mm(t_feat[rows], t_weight.t())
                     loss, grad = _compiled_kl(s_raw, t_raw, s_bias, t_bias_, 1.0 / t)
                 else:
-                    s_scaled = logits(s_feat[rows], weight, bias, 1.0 / t)
+                    s_scaled = logits(s_feat[rows], weight, kl_bias, 1.0 / t)
                     with torch.no_grad():
-                        t_scaled = logits(t_feat[rows], t_weight, t_bias, 1.0 / t)
+                        t_scaled = logits(t_feat[rows], t_weight, kl_t_bias, 1.0 / t)
                     loss, grad = _kl_rows(s_scaled, t_scaled, True)
                 kl_total += loss
                 g_feat[rows] = backward_of_projection(grad, s_feat[rows], kl_scale)
@@ -195,11 +221,14 @@ class _HeadLosses(torch.autograd.Function):
             lm_scale = alpha_lm / n_lm
             for start in range(0, n_lm, step):
                 rows = slice(start, start + step)
-                loss, grad = _ce_rows(logits(lm_feat[rows], weight, bias, 1.0), lm_targets[rows], True)
+                loss, grad = _ce_rows(logits(lm_feat[rows], weight, lm_bias, 1.0), lm_targets[rows], True)
                 lm_total += loss
                 g_feat.index_add_(0, lm_rows[rows], backward_of_projection(grad, lm_feat[rows], lm_scale))
+        if padded:
+            g_weight = g_weight[:vocab]
+            g_bias = g_bias[:vocab] if g_bias is not None else None
         ctx.save_for_backward(g_feat, g_weight, g_bias if g_bias is not None else torch.empty(0))
-        ctx.has_bias = bias is not None
+        ctx.has_bias = has_bias
         kl = kl_total * (t * t / max(n, 1))
         lm = lm_total / max(n_lm, 1)
         total = alpha_kl * kl + alpha_lm * lm
@@ -212,6 +241,12 @@ class _HeadLosses(torch.autograd.Function):
         g_bias = g_bias * grad_total if ctx.has_bias else None
         return (g_feat * grad_total.to(g_feat.dtype), g_weight * grad_total, g_bias,
                 None, None, None, None, None, None, None, None)
+
+
+def _pad_rows(w: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`w` (V, H) with zero rows appended up to a multiple of `multiple` rows."""
+    extra = -w.shape[0] % multiple
+    return torch.cat([w, w.new_zeros(extra, w.shape[1])]) if extra else w
 
 
 def head_losses(

@@ -10,6 +10,14 @@ mode's steps so that both see the same machine; the device's bf16 dense peak on 
     python bench/bench_train_step.py --preset tiny --data_file ../shared/fixtures/wikitext-demo/binarized_text.train.bert-base-uncased.pickle
     python bench/bench_train_step.py --preset base --device cuda --dtypes bf16
     python bench/bench_train_step.py --preset tiny_clm   # Llama-layout causal LMs (losses ce + clm)
+    python bench/bench_train_step.py --preset base --device cuda --dtypes bf16 --seq_len 512 --max_batch
+    python bench/bench_train_step.py --preset base_clm --device cuda --dtypes bf16 --seq_len 512
+
+On CUDA the yardstick is an 8192^3 matmul of the mode's precision timed with CUDA events in the same
+process (the datasheet's dense bf16 peak is printed beside it, never used as the yardstick).
+`--seq_len L` makes every synthetic sequence L tokens long (no padding: the device's best case);
+`--max_batch` then also searches the largest batch of such sequences that one step fits in, and
+reports peak memory per token; `--profile DIR` writes a torch.profiler table of three steps per mode.
 """
 from __future__ import annotations
 
@@ -39,6 +47,11 @@ PRESETS = {
     # student, Llama-2's vocabulary of 32,000, batch 16; losses ce + clm (no masking).
     "tiny_clm": dict(t_layers=6, s_layers=3, hidden=256, heads=4, kv_heads=2, ffn=1024, vocab=32000, batch=16,
                      max_len=512, t_site=3, s_site=1, family="llama"),
+    # A realistic causal-LM size for a GPU: a Llama teacher of 16 x 1024 (16 query heads, 8 key/value
+    # heads, MLP 4096) with Llama 3's vocabulary of 128,256 (about 514M parameters, half of them the
+    # embeddings and the untied head) -> an 8-block student (about 388M); batch 16.
+    "base_clm": dict(t_layers=16, s_layers=8, hidden=1024, heads=16, kv_heads=8, ffn=4096, vocab=128256, batch=16,
+                     max_len=512, t_site=8, s_site=4, family="llama"),
 }
 # Special ids of the synthetic data: BERT's [CLS] [SEP] [PAD] [UNK] [MASK]; Llama's <s> </s> (pad 0).
 SPECIAL_IDS = {
@@ -54,16 +67,20 @@ MODES = {
 GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def _synthetic_sequences(n: int, vocab: int, seed: int, first: int = 101, last: int = 102):
-    """Lengths like the WikiText fixture (log-normal, mean about 62, 12..466 tokens)."""
+def _synthetic_sequences(n: int, vocab: int, seed: int, first: int = 101, last: int = 102,
+                         length: int | None = None):
+    """Lengths like the WikiText fixture (log-normal, mean about 62, 12..466 tokens), or all `length` long."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(mean=3.8, sigma=0.8, size=n).astype(int), 12, 466)
+    if length is not None:
+        lengths = np.full(n, length)
+    dtype = np.uint16 if vocab <= 2**16 else np.int32
     seqs = []
     for length in lengths:
         body = rng.integers(1000, vocab, size=length - 2)
-        seqs.append(np.concatenate([[first], body, [last]]).astype(np.uint16))
+        seqs.append(np.concatenate([[first], body, [last]]).astype(dtype))
     return seqs
 
 
@@ -91,6 +108,26 @@ def _models(cfg, seed=0):
     return teacher, student
 
 
+def _count_gqa_attention() -> None:
+    """FlopCounterMode's attention formulas assert that query, key and value have the same number of
+    heads; CUDA's kernels take grouped-query attention (Llama's 16 query heads over 8 key/value heads)
+    as is. Count such a call as the attention it computes: each key/value head serves its group."""
+    import torch.utils.flop_counter as fc
+
+    if getattr(fc, "_causal_distill_gqa", False):
+        return
+    forward, backward = fc.sdpa_flop_count, fc.sdpa_backward_flop_count
+
+    def widened(query_shape, shape):
+        if len(shape) == 4 and len(query_shape) == 4 and shape[1] != query_shape[1]:
+            return (shape[0], query_shape[1], shape[2], shape[3])
+        return shape
+
+    fc.sdpa_flop_count = lambda q, k, v, *a, **kw: forward(q, widened(q, k), widened(q, v), *a, **kw)
+    fc.sdpa_backward_flop_count = lambda g, q, k, v, *a, **kw: backward(g, q, widened(q, k), widened(q, v), *a, **kw)
+    fc._causal_distill_gqa = True
+
+
 def run_single(args) -> dict:
     """One (mode, dtype) in this process; returns its figures."""
     import numpy as np
@@ -101,6 +138,7 @@ def run_single(args) -> dict:
 
     tune_cpu_allocator()  # as causal_train.py does
     count_cpu_flash_attention()
+    _count_gqa_attention()
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +148,10 @@ def run_single(args) -> dict:
     ids = SPECIAL_IDS["bert" if mlm else cfg["family"]]
     dataset = _dataset(args, cfg, ids)
     distiller = _distiller(args, cfg, device, dataset, ids, mlm)
+
+    def step(batch):
+        return distiller.step([batch])
+
     rng = np.random.default_rng(1)
     n_batches = args.warmup + args.steps
     batches = []
@@ -127,7 +169,7 @@ def run_single(args) -> dict:
     for i, batch in enumerate(batches):
         sync()
         start = time.perf_counter()
-        losses = distiller.step([batch])
+        losses = step(batch)
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -143,25 +185,100 @@ def run_single(args) -> dict:
     counted = []
     for batch in batches[args.warmup:][:3]:
         with FlopCounterMode(display=False) as counter:
-            distiller.step([batch])
+            step(batch)
         counted.append((counter.get_total_flops(), int(batch["base_lengths"].sum())))
     flops_per_token = sum(f for f, _ in counted) / sum(n for _, n in counted)
     median = statistics.median(times)
     tok_s = tokens / sum(times)
-    return dict(
+    result = dict(
         mode=args.mode, dtype=args.dtype, median_step_s=median, seq_s=seqs / sum(times), tok_s=tok_s,
         peak_gib=peak, gflop_per_token=flops_per_token / 1e9, flop_s=flops_per_token * tok_s,
         mean_loss=statistics.mean(losses_seen), forwards=distiller.forward_counts, yardstick=stick.value(),
+        tokens_per_step=tokens / max(len(times), 1), peak_gib_per_ktok=peak / max(tokens / max(len(times), 1), 1) * 1e3,
+        datasheet_peak=stick.datasheet,
     )
+    if args.profile:
+        result["profile"] = _profile(step, batches[args.warmup:][:3], Path(args.profile), f"{args.mode}_{args.dtype}")
+    if args.max_batch and device.type == "cuda":
+        result["max_batch"] = _max_batch(distiller, dataset, cfg, step)
+    return result
+
+
+def _profile(step, batches, folder: Path, name: str) -> str:
+    """torch.profiler over `batches`: the operator table by device time, written to folder/name.txt."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(batch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.txt"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60))
+    return str(path)
+
+
+def _max_batch(distiller, dataset, cfg, step) -> dict:
+    """The largest batch of the dataset's (fixed-length) sequences that one training step fits in:
+    doubling from the preset's batch until out of memory, then halving the gap four times."""
+    import gc
+
+    import torch
+
+    from utils import CliError
+
+    def fits(n: int) -> float | None:
+        idx = [i % len(dataset) for i in range(n)]
+        batch = dataset.batch_sequences([dataset[i] for i in idx])
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            step(batch)
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**30
+        except (CliError, torch.OutOfMemoryError) as err:
+            if "out of memory" not in str(err):
+                raise
+            return None
+        finally:
+            distiller.optimizer.zero_grad(set_to_none=True)
+            del batch
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    tried = {}
+    good, bad = 0, None
+    n = cfg["batch"]
+    while bad is None and n <= 8192:
+        tried[n] = fits(n)
+        if tried[n] is None:
+            bad = n
+        else:
+            good, n = n, n * 2
+    for _ in range(4 if bad else 0):
+        mid = (good + bad) // 2
+        if mid in (good, bad):
+            break
+        tried[mid] = fits(mid)
+        good, bad = (mid, bad) if tried[mid] is not None else (good, mid)
+    length = int(dataset.lengths.max()) if len(dataset) else 0
+    peak = tried.get(good)
+    return dict(largest=good, first_failure=bad, seq_len=length, peak_gib=peak,
+                peak_gib_per_ktok=(peak / (good * length) * 1e3) if peak and good else None,
+                tried={str(k): v for k, v in sorted(tried.items())})
 
 
 def _dataset(args, cfg: dict, ids: dict):
-    """The paired dataset of --data_file, or of synthetic sequences with WikiText-like lengths."""
+    """The paired dataset of --data_file, or of synthetic sequences with WikiText-like lengths (or all --seq_len long)."""
     import numpy as np
 
     from lm_seqs_dataset import LmSeqsDataset
 
-    data = _synthetic_sequences(2000, cfg["vocab"], 0, ids["cls_token"], ids["sep_token"])
+    length = min(args.seq_len, cfg["max_len"]) if args.seq_len else None
+    data = _synthetic_sequences(2000, cfg["vocab"], 0, ids["cls_token"], ids["sep_token"], length)
     if args.data_file:
         from binarized_io import load_corpus
 
@@ -184,7 +301,15 @@ def _distiller(args, cfg: dict, device, dataset, ids: dict, mlm: bool):
     teacher, student = _models(cfg)
     params = train_args(args, cfg, mlm)
     params.__dict__.update(device=device, is_master=True, multi_gpu=False, world_size=1, global_rank=0,
-                           special_tok_ids=ids)
+                           special_tok_ids=ids,
+                           pad_to_multiple_of=args.pad_to_multiple_of if args.pad_to_multiple_of is not None else
+                           (64 if device.type == "cuda" else 1))
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if args.head_align is not None:
+        import losses
+
+        losses.HEAD_ALIGN[device.type] = args.head_align
     token_probs = None
     if mlm:
         token_probs = torch.ones(cfg["vocab"])
@@ -218,45 +343,50 @@ def train_args(args, cfg: dict, mlm: bool):
 
 
 class Yardstick:
-    """Achieved FLOP/s of the device's matrix units: a large matmul (or the bf16 dense peak on known GPUs).
+    """Achieved FLOP/s of the device's matrix units: a large matmul of the mode's precision, measured.
 
-    `sample()` times one batch of matmuls; `value()` is the median of the samples.
+    `sample()` times one batch of matmuls (2048^3 on the CPU; 8192^3 on CUDA, timed with CUDA
+    events after three warm-ups); `value()` is the median of the samples. `datasheet` is the dense
+    bf16 peak of known GPUs, reported beside the measurement, never used in its place.
     """
 
     def __init__(self, device: str, dtype: str):
         import torch
 
-        self.device, self.peak, self.samples = device, None, []
+        self.device, self.datasheet, self.samples = device, None, []
         if device == "cuda":
             name = torch.cuda.get_device_name()
-            self.peak = next((p for key, p in GPU_BF16_PEAK.items() if key in name and dtype == "bf16"), None)
+            self.datasheet = next((p for key, p in GPU_BF16_PEAK.items() if key in name and dtype == "bf16"), None)
         self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        self.n = 4096 if device == "cuda" else 2048
+        self.n = 8192 if device == "cuda" else 2048
 
     def sample(self, reps: int | None = None) -> None:
         import torch
 
-        if self.peak is not None:
-            return
         if reps is None:  # about 0.1-0.2 s per sample on a small CPU (bf16 matmuls run faster)
             reps = 12 if self.dtype == torch.bfloat16 else 3
         # Allocated per sample, so that the matrices are not part of the step's peak memory.
-        a = torch.randn(self.n, self.n, dtype=self.dtype, device=self.device)
-        b = torch.randn(self.n, self.n, dtype=self.dtype, device=self.device)
-        a @ b  # warm-up
+        gen = torch.Generator(device=self.device).manual_seed(len(self.samples))
+        a = torch.randn(self.n, self.n, dtype=self.dtype, device=self.device, generator=gen)
+        b = torch.randn(self.n, self.n, dtype=self.dtype, device=self.device, generator=gen)
         if self.device == "cuda":
-            reps *= 10
-            torch.cuda.synchronize()
+            for _ in range(3):
+                a @ b
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                a @ b
+            end.record()
+            end.synchronize()
+            self.samples.append(2 * self.n**3 * 10 / (start.elapsed_time(end) / 1e3))
+            return
+        a @ b  # warm-up
         start = time.perf_counter()
         for _ in range(reps):
             a @ b
-        if self.device == "cuda":
-            torch.cuda.synchronize()
         self.samples.append(2 * self.n**3 * reps / (time.perf_counter() - start))
 
     def value(self) -> float:
-        if self.peak is not None:
-            return self.peak
         if not self.samples:
             self.sample()
         return statistics.median(self.samples)
@@ -280,6 +410,21 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800,
                         help="Seconds one (mode, precision) may run before it is stopped and reported as failed.")
     parser.add_argument("--json_out", default=None, help="Also write the figures to this JSON file.")
+    parser.add_argument("--seq_len", type=int, default=None,
+                        help="Synthetic sequences all of this many tokens (capped at the preset's positions) instead "
+                             "of WikiText-like lengths: no padding, the device's best case.")
+    parser.add_argument("--max_batch", action="store_true",
+                        help="CUDA: also find the largest batch one step fits in (doubling, then bisecting) and its "
+                             "peak memory per token. Use with --seq_len 512.")
+    parser.add_argument("--pad_to_multiple_of", type=int, default=None,
+                        help="As causal_train.py's flag (default: 64 on CUDA, 1 on the CPU).")
+    parser.add_argument("--no_cudnn_sdp", action="store_true",
+                        help="CUDA: switch off the cuDNN attention backend of scaled_dot_product_attention.")
+    parser.add_argument("--head_align", type=int, default=None,
+                        help="Pad the head's vocabulary to a multiple of this (losses.HEAD_ALIGN; default: 64 on "
+                             "CUDA, none on the CPU; 0 or 1: off).")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="Write a torch.profiler operator table of three steps per mode to DIR/<mode>_<dtype>.txt.")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", default="/tmp/bench_train_step", help=argparse.SUPPRESS)
@@ -309,6 +454,18 @@ def main() -> None:
                 cmd += ["--threads", str(args.threads)]
             if args.compile:
                 cmd += ["--compile"]
+            if args.seq_len:
+                cmd += ["--seq_len", str(args.seq_len)]
+            if args.max_batch:
+                cmd += ["--max_batch"]
+            if args.profile:
+                cmd += ["--profile", args.profile]
+            if args.pad_to_multiple_of is not None:
+                cmd += ["--pad_to_multiple_of", str(args.pad_to_multiple_of)]
+            if args.no_cudnn_sdp:
+                cmd += ["--no_cudnn_sdp"]
+            if args.head_align is not None:
+                cmd += ["--head_align", str(args.head_align)]
             print(f"running {mode} {dtype} ...", file=sys.stderr, flush=True)
             failure = None
             try:
@@ -347,17 +504,40 @@ def print_tables(args, rows: list[dict], failures: list[str], dtypes: list[str])
     by = {(r["mode"], r["dtype"]): r for r in rows}
     machine = f"{cpu_description()}, {os.cpu_count()} cores"
     if args.device == "cuda":
-        machine = torch.cuda.get_device_name()
+        machine = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+    lengths = f"all {args.seq_len} tokens" if args.seq_len else ("--data_file" if args.data_file else "WikiText-like")
+    for flag in ("compile", "no_cudnn_sdp"):
+        if getattr(args, flag):
+            lengths += f"; --{flag}"
+    for flag in ("pad_to_multiple_of", "head_align"):
+        if getattr(args, flag) is not None:
+            lengths += f"; --{flag} {getattr(args, flag)}"
     print(f"\n## bench_train_step --preset {args.preset} ({args.device}; {machine}; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')})\n")
+          f"transformers {transformers.__version__}; sequences {lengths}; {time.strftime('%Y-%m-%d')})\n")
     print("yardstick (median over the modes; each mode's utilisation uses its own, timed between its steps): "
-          + ", ".join(f"{d} {v / 1e12:.3f} TFLOP/s" for d, v in sticks.items()) + "\n")
-    print("| mode | dtype | median step (s) | seq/s | real tok/s | peak mem (GiB) | GFLOP/token | util | loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          + ", ".join(f"{d} {v / 1e12:.3f} TFLOP/s" for d, v in sticks.items())
+          + "".join(f" (datasheet dense bf16 peak {r['datasheet_peak'] / 1e12:.0f} TFLOP/s)"
+                    for r in rows[:1] if r.get("datasheet_peak")) + "\n")
+    print("| mode | dtype | median step (s) | seq/s | real tok/s | peak mem (GiB) | GiB per 1k tok | GFLOP/token "
+          "| util | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         util = r["flop_s"] / r["yardstick"]
         print(f"| {r['mode']} | {r['dtype']} | {r['median_step_s']:.3f} | {r['seq_s']:.1f} | {r['tok_s']:.0f} | "
-              f"{r['peak_gib']:.2f} | {r['gflop_per_token']:.3f} | {util:.0%} | {r['mean_loss']:.3f} |")
+              f"{r['peak_gib']:.2f} | {r.get('peak_gib_per_ktok', float('nan')):.3f} | {r['gflop_per_token']:.3f} | "
+              f"{util:.0%} | "
+              f"{r['mean_loss']:.3f} |")
+    searched = [r for r in rows if r.get("max_batch")]
+    if searched:
+        print("\n| mode | dtype | largest batch that fits | sequence length | peak mem (GiB) | GiB per 1k tok "
+              "| first batch out of memory |")
+        print("|---|---|---|---|---|---|---|")
+        for r in searched:
+            m = r["max_batch"]
+            per = f"{m['peak_gib_per_ktok']:.3f}" if m["peak_gib_per_ktok"] else "-"
+            peak = f"{m['peak_gib']:.1f}" if m["peak_gib"] else "-"
+            print(f"| {r['mode']} | {r['dtype']} | {m['largest']} | {m['seq_len']} | {peak} | {per} | "
+                  f"{m['first_failure'] or 'none up to 8192'} |")
     print("\n| ratio | measured (tok/s) | measured, each mode's tok/s over its yardstick | FLOP-count prediction |")
     print("|---|---|---|---|")
     for dtype in dtypes:

@@ -149,3 +149,36 @@ def train_argv(setup: dict, dump: Path, *extra: str, causal: bool = True) -> lis
     if causal:
         argv += ["--neuron_mapping", str(setup["mapping"]), "--alpha_causal_ce", "0.5", "--alpha_causal_cos", "0.1"]
     return argv + list(extra)
+
+
+def load_bench():
+    """bench/bench_train_step.py as a module (it is a script, not on the import path)."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "bench" / "bench_train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def head_losses_eager_and_compiled(s_feat, proj, t_feat, t_proj, rows, targets) -> tuple[list, list]:
+    """`losses.head_losses` (T = 2, weights 0.4 KL and 0.6 LM) and its gradients, eager then with the compiled
+    KL kernel: (eager, compiled), each [total, kl, lm, grad of s_feat, of the weight, of the bias]."""
+    import losses
+
+    def run():
+        for p in (s_feat, proj.weight, proj.bias):
+            p.grad = None
+        total, kl, lm = losses.head_losses(s_feat, proj, t_feat, t_proj, rows, targets, 2.0, 0.4, 0.6)
+        total.backward()
+        return [total.detach(), kl, lm, s_feat.grad.clone(), proj.weight.grad.clone(), proj.bias.grad.clone()]
+
+    eager = run()
+    try:
+        losses.use_compiled_kernels(True)
+        compiled = run()
+    finally:
+        losses.use_compiled_kernels(False)
+    return eager, compiled

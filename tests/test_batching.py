@@ -120,3 +120,26 @@ def test_reverse_swaps_roles():
     batch = _paired([10, 12], [14, 8])
     out = BatchPreparer(mlm=False, vocab_size=VOCAB).prepare(batch, causal=True, reverse=True)
     assert torch.equal(out.input_ids, batch["source_ids"]) and torch.equal(out.source_ids, batch["base_ids"])
+
+
+def test_widening_pads_to_a_multiple_and_keeps_every_selection_on_real_tokens():
+    """--pad_to_multiple_of (CUDA's default 64): the batch grows by padding only; nothing selects it."""
+    batch = _paired([13, 9, 11], [10, 13, 6])
+    assert batch["base_ids"].shape[1] == 13
+    for multiple, cap, want in [(8, None, 16), (8, 14, 14), (1, None, 13), (13, None, 13)]:
+        for mlm in (True, False):
+            prep = _preparer(pad_to_multiple_of=multiple, max_width=cap, interchange_prop=0.5) if mlm else \
+                BatchPreparer(mlm=False, vocab_size=VOCAB, pad_to_multiple_of=multiple, max_width=cap, interchange_prop=0.5)
+            torch.manual_seed(0)
+            p = prep.prepare(batch, causal=True)
+            assert p.input_ids.shape[1] == p.source_ids.shape[1] == want
+            real = length_mask(batch["base_lengths"], want)
+            assert torch.equal(p.attention_mask.bool(), real)
+            assert torch.equal(p.source_mask.bool(), length_mask(batch["source_lengths"], want))
+            # the real tokens, in order, are the batch's own; selections index only them
+            flat = p.input_ids.flatten()
+            assert real.flatten()[p.real_idx].all() and real.flatten()[p.logit_idx].all()
+            if not mlm:
+                assert torch.equal(flat[p.real_idx], batch["base_ids"][length_mask(batch["base_lengths"], 13)])
+            assert (p.base_pos < batch["base_lengths"][p.batch_idx]).all()
+            assert (p.source_pos < batch["source_lengths"][p.batch_idx]).all()

@@ -1,6 +1,5 @@
 """--bf16 on a CPU without bf16 instructions: a warning from causal_train.py and the run_* scripts,
 and a benchmark that skips its bf16 modes there and reports every failed mode with its reason."""
-import importlib.util
 import logging
 import platform
 import subprocess
@@ -8,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import train_argv
+from helpers import load_bench, train_argv
 
 import causal_train
 import utils
@@ -97,13 +96,6 @@ def test_finetune_scripts_warn(cpu_without_bf16, tmp_path, caplog):
     assert "AVX2" in message
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_train_step", utils.REPO_ROOT / "bench" / "bench_train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _child_succeeded(cmd):
     """What a bench child that ran its (mode, dtype) to the end prints: one JSON row of figures."""
     import json
@@ -127,7 +119,7 @@ def _fake_children(monkeypatch, bench, child) -> None:
 
 
 def test_bench_skips_bf16_modes_on_such_a_cpu(cpu_without_bf16, monkeypatch, capsys):
-    bench = _bench()
+    bench = load_bench()
     ran = []
 
     def child(cmd):
@@ -158,7 +150,7 @@ def test_bench_skips_bf16_modes_on_such_a_cpu(cpu_without_bf16, monkeypatch, cap
     (subprocess.TimeoutExpired([], 5, stderr=b"still going"), "timed out after 5 s"),
 ])
 def test_bench_reports_a_failed_mode_and_runs_the_rest(monkeypatch, capsys, result, reason):
-    bench = _bench()
+    bench = load_bench()
     calls = []
 
     def child(cmd):

@@ -1,6 +1,8 @@
 """Each loss equals its formula on hand-made tensors."""
 import math
 
+import pytest
+
 import torch
 
 from losses import hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl
@@ -102,7 +104,7 @@ def test_compiled_kl_kernel_equals_the_eager_one():
     import pytest
 
     import losses
-    from losses import head_losses
+    from helpers import head_losses_eager_and_compiled
 
     if not any(shutil.which(c) for c in ("c++", "g++", "gcc", "clang++")):
         pytest.skip("torch.compile on the CPU needs a C++ compiler")
@@ -114,19 +116,38 @@ def test_compiled_kl_kernel_equals_the_eager_one():
     rows = torch.arange(0, n, 7)
     targets = torch.randint(0, v, rows.shape)
 
-    def run():
-        for p in (s_feat, proj.weight, proj.bias):
-            p.grad = None
-        total, kl, lm = head_losses(s_feat, proj, t_feat, t_proj, rows, targets, 2.0, 0.4, 0.6)
-        total.backward()
-        return [total.detach(), kl, lm, s_feat.grad.clone(), proj.weight.grad.clone(), proj.bias.grad.clone()]
-
-    eager = run()
-    try:
-        losses.use_compiled_kernels(True)
-        compiled = run()
-    finally:
-        losses.use_compiled_kernels(False)
+    eager, compiled = head_losses_eager_and_compiled(s_feat, proj, t_feat, t_proj, rows, targets)
     assert losses._compiled_kl is None
     for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_head_losses_with_the_vocabulary_padded_are_unchanged(monkeypatch, with_bias, temperature):
+    """The CUDA alignment (`losses.HEAD_ALIGN`), switched on for the CPU: a 300-entry vocabulary padded
+    to 320 gives the same losses and gradients as the plain computation."""
+    import losses
+    from losses import head_losses
+
+    torch.manual_seed(0)
+    n, h, v = 600, 16, 300
+    proj, t_proj = torch.nn.Linear(h, v, bias=with_bias), torch.nn.Linear(h, v, bias=with_bias)
+    s_feat = torch.randn(n, h, requires_grad=True)
+    t_feat = torch.randn(n, h)
+    rows = torch.arange(0, n, 5)
+    targets = torch.randint(0, v, rows.shape)
+
+    def run():
+        for p in (s_feat, *proj.parameters()):
+            p.grad = None
+        total, kl, lm = head_losses(s_feat, proj, t_feat, t_proj, rows, targets, temperature, 0.4, 0.6)
+        total.backward()
+        return [total.detach(), kl, lm, s_feat.grad.clone()] + [p.grad.clone() for p in proj.parameters()]
+
+    plain = run()
+    monkeypatch.setitem(losses.HEAD_ALIGN, "cpu", 64)
+    padded = run()
+    assert all(p.grad.shape == p.shape for p in proj.parameters())
+    for a, b in zip(padded, plain):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
