@@ -134,6 +134,26 @@ def configure_optimizer(student: nn.Module, params, total_steps: int):
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
 
 
+def batch_preparer(params, vocab_size: int, token_probs) -> BatchPreparer:
+    """The masking, interchange and padding settings of causal_train.py's flags."""
+    return BatchPreparer(
+        mlm=params.mlm,
+        vocab_size=vocab_size,
+        mask_id=params.special_tok_ids.get("mask_token"),
+        token_probs=token_probs,
+        mlm_mask_prop=params.mlm_mask_prop,
+        pred_probs=(params.word_mask, params.word_keep, params.word_rand),
+        restrict_ce_to_mask=params.restrict_ce_to_mask,
+        interchange_prop=params.interchange_prop,
+        interchange_max_token=params.interchange_max_token,
+        interchange_mode="consecutive" if params.interchange_consecutive_only else "random",
+        masked_only=params.interchange_masked_token_only,
+        pad_to_multiple_of=getattr(params, "pad_to_multiple_of", None) or 1,
+        max_width=params.max_model_input_size,
+        pad_id=params.special_tok_ids.get("pad_token") or 0,
+    )
+
+
 class NonFiniteLoss(RuntimeError):
     """A NaN or infinite loss beyond --skip_nonfinite_steps: the run stops with its last good state."""
 
@@ -174,22 +194,7 @@ class CausalDistiller:
         self.include_crossway = params.include_crossway and self.needs.causal
         self.grad_acc = params.gradient_accumulation_steps
 
-        self.preparer = BatchPreparer(
-            mlm=params.mlm,
-            vocab_size=student.config.vocab_size,
-            mask_id=params.special_tok_ids.get("mask_token"),
-            token_probs=token_probs,
-            mlm_mask_prop=params.mlm_mask_prop,
-            pred_probs=(params.word_mask, params.word_keep, params.word_rand),
-            restrict_ce_to_mask=params.restrict_ce_to_mask,
-            interchange_prop=params.interchange_prop,
-            interchange_max_token=params.interchange_max_token,
-            interchange_mode="consecutive" if params.interchange_consecutive_only else "random",
-            masked_only=params.interchange_masked_token_only,
-            pad_to_multiple_of=getattr(params, "pad_to_multiple_of", None) or 1,
-            max_width=params.max_model_input_size,
-            pad_id=params.special_tok_ids.get("pad_token") or 0,
-        )
+        self.preparer = batch_preparer(params, student.config.vocab_size, token_probs)
         self._site_cache: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
 
         # Precision: one context, chosen once.

@@ -159,26 +159,11 @@ class _HeadLosses(torch.autograd.Function):
         vocab, has_bias = weight.shape[0], bias is not None
         step = _chunk_rows(s_feat, vocab)
         autocast = torch.is_autocast_enabled(s_feat.device.type)
-        align = HEAD_ALIGN.get(s_feat.device.type, 0)
-        padded = align > 1 and vocab % align != 0
-        if padded:  # aligned copies of the heads (padded rows 0, padded biases below)
-            dtype = torch.get_autocast_dtype(s_feat.device.type) if autocast else weight.dtype
-            weight = _pad_rows(weight.to(dtype), align)
-            if t_weight is not None:
-                t_weight = _pad_rows(t_weight.to(dtype), align)
+        weight, t_weight, (kl_bias, kl_t_bias, lm_bias) = _aligned_heads(
+            weight, t_weight, bias, t_bias, t, torch.get_autocast_dtype(s_feat.device.type) if autocast else None)
+        padded = weight.shape[0] != vocab
         g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         g_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if has_bias else None
-        if padded:  # a bias for every head, -1e4 at the padded entries once softened by `scale`
-
-            def pad_bias(b, scale):
-                out = torch.full((weight.shape[0],), _PAD_LOGIT / scale, dtype=torch.float32, device=weight.device)
-                out[:vocab] = b if b is not None else 0.0
-                return out
-
-            kl_bias, kl_t_bias = pad_bias(bias, 1.0 / t), pad_bias(t_bias, 1.0 / t)
-            lm_bias = pad_bias(bias, 1.0)
-        else:
-            kl_bias, kl_t_bias, lm_bias = bias, t_bias, bias
 
         def logits(feat, w, b, scale):
             # scale * (feat @ w.T + b) in one GEMM, as fp32 scratch for the row kernels
@@ -241,6 +226,26 @@ class _HeadLosses(torch.autograd.Function):
         g_bias = g_bias * grad_total if ctx.has_bias else None
         return (g_feat * grad_total.to(g_feat.dtype), g_weight * grad_total, g_bias,
                 None, None, None, None, None, None, None, None)
+
+
+def _aligned_heads(weight, t_weight, bias, t_bias, temperature: float, autocast_dtype):
+    """The student's and teacher's heads padded to a multiple of HEAD_ALIGN[device] rows (cast to the
+    autocast precision), and the biases of the KL and LM logits: -1e4 at the padded entries once
+    softened (by 1/T for the KL, 1 for the LM loss). Unchanged where no padding is needed."""
+    align, vocab = HEAD_ALIGN.get(weight.device.type, 0), weight.shape[0]
+    if align <= 1 or vocab % align == 0:
+        return weight, t_weight, (bias, t_bias, bias)
+    dtype = autocast_dtype or weight.dtype
+    weight = _pad_rows(weight.to(dtype), align)
+    t_weight = _pad_rows(t_weight.to(dtype), align) if t_weight is not None else None
+
+    def pad_bias(b, scale):
+        out = torch.full((weight.shape[0],), _PAD_LOGIT / scale, dtype=torch.float32, device=weight.device)
+        out[:vocab] = b if b is not None else 0.0
+        return out
+
+    return weight, t_weight, (pad_bias(bias, 1.0 / temperature), pad_bias(t_bias, 1.0 / temperature),
+                              pad_bias(bias, 1.0))
 
 
 def _pad_rows(w: torch.Tensor, multiple: int) -> torch.Tensor:
