@@ -637,6 +637,9 @@ class Runner:
         extra: tuple = ()
         if stage.kind == "distil":
             extra = ("--resume",) if status == "resume" else ("--force",)
+            if status == "run" and has_checkpoint(stage.folder):
+                logger.warning("%s: the checkpoints in %s were written by another command (another config, number of "
+                               "GPUs or precision): starting afresh", stage.title, stage.folder)
             self.state.write(stage, {"key": key, "started": now_iso()}, ".started")
         elif stage.kind == "finetune" and (stage.folder / "train_results.json").exists():
             extra = ("--overwrite_output_dir",)  # a finished training whose stage did not finish: train afresh
@@ -693,6 +696,15 @@ class Runner:
                         errors.append(future.exception())
         if errors:
             raise errors[0]
+
+
+def emit(text: str) -> None:
+    """Print `text` to stdout; a closed pipe (`| head`) ends the program quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 def now_iso() -> str:
@@ -969,7 +981,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config_dir = Path(args.config_dir)
     if args.list:
-        print(list_rows(config_dir))
+        emit(list_rows(config_dir))
         return {}
     names = list(dict.fromkeys(n.strip() for n in args.rows.split(",") if n.strip()))
     if not names:
@@ -990,23 +1002,23 @@ def main(argv: list[str] | None = None) -> dict:
         statuses[stage.id] = stage_status(plan, stage, state, args.force)
 
     if args.dry_run:
-        print(f"# scripts/reproduce.py --dry_run: {len(stages)} stages for rows {', '.join(names)}, seeds "
+        emit(f"# scripts/reproduce.py --dry_run: {len(stages)} stages for rows {', '.join(names)}, seeds "
               f"1..{args.seeds}, tasks {', '.join(tasks)}; preset {args.preset}; "
               f"{gpus} GPU(s) ({'torchrun --nproc_per_node ' + str(gpus) if gpus > 1 else 'one process'}), "
               f"{jobs} fine-tuning job(s) at once")
-        print(f"cd {shlex.quote(str(REPO_ROOT))}")
+        emit(f"cd {shlex.quote(str(REPO_ROOT))}")
         for stage in stages:
-            print(f"# [{statuses[stage.id]}] {stage.title}")
+            emit(f"# [{statuses[stage.id]}] {stage.title}")
             if stage.work is not None:
-                print(f"#   in scripts/reproduce.py: {stage.info['work']}")
+                emit(f"#   in scripts/reproduce.py: {stage.info['work']}")
             for i, command in enumerate(stage.commands):
                 extra = ()
                 if stage.kind == "distil" and i == 0:
                     extra = ("--resume",) if statuses[stage.id] == "resume" else ("--force",)
-                print(command.shown(extra))
+                emit(command.shown(extra))
         speed, source = read_speed(args.bench_json, plan.bf16)
         for line in estimate(plan, stages, statuses, speed, source, jobs):
-            print("# " + line)
+            emit("# " + line)
         return {"stages": [s.id for s in stages], "statuses": statuses}
 
     if args.only == "finetune":

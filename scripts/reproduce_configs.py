@@ -249,7 +249,8 @@ def tiny_row(row: Row, standins: Path, teacher: Path) -> Row:
     cfg = copy.deepcopy(row.config)
     cfg["teacher"] = {"type": "bert", "name": str(teacher), "tokenizer": str(standins / "tokenizer")}
     cfg["data"] = {"name": "tiny-text", "file_path": str(standins / "text" / "train.txt"), "datasets": [],
-                   "split": "train", "field_name": "text", "training_tokens": cfg["data"]["training_tokens"],
+                   "split": "train", "field_name": "text",
+                   "training_tokens": f"tiny (for {cfg['data']['training_tokens']})",
                    "token_budget": TINY["token_budget"]}
     distil = cfg["distillation"]
     distil.update(effective_batch=TINY["distil_batch"], batch_size=TINY["distil_batch"], n_epoch=1,
