@@ -57,7 +57,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_configs import (  # noqa: E402
-    ALL_TASKS, CONFIG_DIR, GLUE_COLUMNS, TINY, TRAINED_TASKS, Row, available_rows, fingerprint, load_rows,
+    ALL_TASKS, CONFIG_DIR, GLUE_COLUMNS, GLUE_TASKS, TINY, TRAINED_TASKS, Row, available_rows, fingerprint, load_rows,
     parse_tasks, tiny_row,
 )
 from reproduce_tables import format_hours, write_tables  # noqa: E402
@@ -774,7 +774,7 @@ def hub_names(plan: Plan, tasks: list[str]) -> dict[str, set[str]]:
             names["dataset"].update(d.split(":")[0] for d in cfg["data"]["datasets"])
         for task in tasks:
             hub = cfg["finetune"][task]["hub_data"]
-            if task in ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli"):
+            if task in GLUE_TASKS:
                 if "train_file" not in hub:
                     names["dataset"].add("glue")
             elif "dataset_name" in hub:
@@ -867,7 +867,7 @@ def read_speed(bench_json: str | None, bf16: bool) -> tuple[dict, str]:
                    f"real tokens/s ({dtype} preferred)")
 
 
-def estimate(plan: Plan, stages: list[Stage], statuses: dict, speed: dict, source: str, jobs: int) -> list[str]:
+def estimate(stages: list[Stage], statuses: dict, speed: dict, source: str) -> list[str]:
     """Lines of the GPU-hours estimate for `stages` (those not done yet, and all)."""
     def distil_hours(s: Stage) -> float:
         return s.info["tokens"] / speed[s.info["mode"]] / 3600
@@ -1017,7 +1017,7 @@ def main(argv: list[str] | None = None) -> dict:
                     extra = ("--resume",) if statuses[stage.id] == "resume" else ("--force",)
                 emit(command.shown(extra))
         speed, source = read_speed(args.bench_json, plan.bf16)
-        for line in estimate(plan, stages, statuses, speed, source, jobs):
+        for line in estimate(stages, statuses, speed, source):
             emit("# " + line)
         return {"stages": [s.id for s in stages], "statuses": statuses}
 

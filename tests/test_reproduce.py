@@ -182,6 +182,22 @@ def test_tasks_narrow_the_plan_and_only_distil_drops_finetuning(tmp_path, capsys
     assert "causal_train.py" in out and "run_glue.py" not in out
 
 
+def test_finetune_seeds_give_each_student_several_seeded_runs(tmp_path, capsys):
+    out = dry_run(capsys, "--rows", "diito-6L-0.1B", "--seeds", "2", "--out", str(tmp_path / "r"), "--gpus", "1",
+                  "--tasks", "rte", "--finetune_seeds", "2")
+    runs = [line for line in out.splitlines() if line.startswith("python run_glue.py")]
+    found = sorted((re.search(r"--seed (\d+)", r).group(1), r.rsplit("/", 2)[-2] + "/" + r.rsplit("/", 1)[-1])
+                   for r in runs)
+    assert found == [("1", "seed1/rte-ft1"), ("1001", "seed1/rte-ft2"), ("1002", "seed2/rte-ft2"),
+                     ("2", "seed2/rte-ft1")]
+
+
+def test_only_finetune_needs_the_students_first(tmp_path):
+    with pytest.raises(CliError, match="--only finetune needs the students distilled first"):
+        reproduce.main(["--rows", "diito-6L-0.1B", "--out", str(tmp_path / "r"), "--gpus", "0", "--only", "finetune"])
+    assert not (tmp_path / "r").exists()
+
+
 # --- bad input ---------------------------------------------------------------------------------
 def broken_config_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "configs"
