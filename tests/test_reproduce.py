@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import reproduce
+import reproduce_plan
 import reproduce_tables
 from reproduce_configs import ALL_TASKS, CONFIG_DIR, GLUE_COLUMNS, GLUE_TASKS, available_rows, load_rows
 from utils import CliError
@@ -361,7 +362,7 @@ def test_tiny_mapping_keeps_layers_and_heads_and_scales_dimensions(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"hidden_size": 48, "num_attention_heads": 12}))
     target = tmp_path / "m.nm"
-    reproduce.rescale_mapping(ROOT / "training_configs" / "single_multilayer_headwise.nm", target, config)
+    reproduce_plan.rescale_mapping(ROOT / "training_configs" / "single_multilayer_headwise.nm", target, config)
     entry = json.loads(target.read_text())["interchange_variable_mappings"][0]
     assert entry == {"teacher_variable_names": ["$L:[0:4]$H:[0:4]$[0:4]"], "student_variable_names": ["$L:0$H:[0:4]$[0:4]"]}
 
