@@ -27,7 +27,6 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator
 
-import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -43,6 +42,9 @@ from lm_seqs_dataset import collated_batches
 from losses import (LOSS_NAMES, head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl,
                     use_compiled_kernels)
 from neuron_mapping import MappingEntry
+from sharded_checkpoints import (check_engine, full_student_state, read_sharded_checkpoint, stock_model,
+                                 write_sharded_checkpoint)
+from training_log import TrainingLog, check_replicas  # noqa: F401 -- (check_replicas: imported from here before)
 from utils import CliError, logger
 
 
@@ -128,7 +130,7 @@ def configure_optimizer(student: nn.Module, params, total_steps: int):
                 sum(p.numel() for _, p in named))
     optimizer = torch.optim.AdamW(
         groups, lr=params.learning_rate, eps=params.adam_epsilon, betas=(0.9, 0.98),
-        fused=params.device.type == "cuda",
+        fused=params.device.type == "cuda" and not getattr(params, "fsdp_cpu_offload", False),  # (offload: on the CPU)
     )
     warmup = math.ceil(total_steps * params.warmup_prop)
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
@@ -217,10 +219,18 @@ class CausalDistiller:
         self.total_steps = steps_per_epoch * params.n_epoch
         if params.max_steps > 0:
             self.total_steps = min(self.total_steps, params.max_steps)
+        # --fsdp: the models are sharded before the optimizer is made (it holds the shards).
+        self.fsdp = None
+        if getattr(params, "fsdp", False):
+            from sharding import FsdpEngine
+
+            self.fsdp = FsdpEngine(params, student, teacher, compute_losses)
         self.optimizer, self.scheduler = configure_optimizer(student, params, self.total_steps)
 
         self.step_module: nn.Module = StudentStep(student)
-        if self.multi_gpu:
+        if self.fsdp is not None:
+            self.step_module = self.fsdp.student_step
+        elif self.multi_gpu:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -329,6 +339,8 @@ class CausalDistiller:
         """
         prepared = self._prepare(batch)
         t_sites, s_sites = self._draw_sites()
+        if self.fsdp is not None:
+            return self._sharded_losses(prepared, t_sites, s_sites)
         with self.autocast():
             with torch.inference_mode():
                 t_outs = [
@@ -339,6 +351,21 @@ class CausalDistiller:
             t_outs = [_usable_outside_inference(o) for o in t_outs]
             s_outs = self.step_module(prepared, s_sites, self.needs, self.data_augment, self.shared_prefix)
             per_pair = [compute_losses(s, t, p, self.alphas, self.temperature) for s, t, p in zip(s_outs, t_outs, prepared)]
+        return self._mean_losses(prepared, t_outs, s_outs, per_pair)
+
+    def _sharded_losses(self, prepared: list[Prepared], t_sites, s_sites):
+        """`losses_for_batch` under --fsdp: the same runs and losses, the student's losses inside its FSDP root."""
+        with self.autocast():
+            with torch.inference_mode():
+                t_outs = self.fsdp.teacher_outputs(self.teacher, prepared, t_sites, self.needs, self.data_augment,
+                                                   self.shared_prefix)
+            t_outs = [_usable_outside_inference(o) for o in t_outs]
+            s_outs, per_pair = self.fsdp.student_losses(prepared, s_sites, self.needs, self.data_augment,
+                                                        self.shared_prefix, t_outs, self.alphas, self.temperature)
+        return self._mean_losses(prepared, t_outs, s_outs, per_pair)
+
+    def _mean_losses(self, prepared, t_outs, s_outs, per_pair):
+        """(each loss averaged over the prepared batches, the total); counts the runs."""
         self._count(prepared, t_outs, s_outs)
         values = {name: sum(v[name] for v, _ in per_pair) / len(per_pair) for name in per_pair[0][0]}
         total = sum(t for _, t in per_pair) / len(per_pair)
@@ -356,6 +383,8 @@ class CausalDistiller:
         if not self.needs.causal:
             return None, None
         entry = random.choice(self.mappings)
+        if self.fsdp is not None:  # every rank must run the same blocks (their all-gathers are collectives)
+            entry = self.mappings[self.fsdp.same_entry(self.mappings.index(entry))]
         return self._sites(entry, "teacher"), self._sites(entry, "student")
 
     def _sites(self, entry: MappingEntry, side: str) -> dict[int, torch.Tensor]:
@@ -376,7 +405,9 @@ class CausalDistiller:
         self.n_tokens += sum(p.n_real_tokens for p in prepared)
 
     def _micro_step(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
-        no_sync = self.step_module.no_sync if (self.multi_gpu and not sync) else contextlib.nullcontext
+        # (--fsdp reduce-scatters at every micro-step: a rank keeps only its shard of the gradient)
+        no_sync = self.step_module.no_sync if (self.multi_gpu and not sync and self.fsdp is None) else \
+            contextlib.nullcontext
         try:
             with no_sync():
                 losses, total = self.losses_for_batch(batch)
@@ -477,10 +508,11 @@ class CausalDistiller:
         """Write `checkpoint-<step>/` with everything a continuation needs (checkpoints.CheckpointWriter).
 
         Every rank takes part (the RNG states are gathered); the master writes, then prunes beyond
-        --save_total_limit. Returns the folder on the master, None elsewhere.
+        --save_total_limit. Under --fsdp every rank writes its shards (`sharded_checkpoints.py`).
+        Returns the folder on the master, None elsewhere.
         """
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.fsdp is not None else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
@@ -494,9 +526,14 @@ class CausalDistiller:
             "rng": rng_states_all_ranks(self.multi_gpu),  # collective
         }
         self.last_checkpoint_step = self.n_step
+        if self.fsdp is not None:
+            del state["optimizer"]  # (its tensors are sharded beside the weights)
+            target = write_sharded_checkpoint(self.checkpoints, self.n_step, self.student, self.optimizer, state,
+                                              self.is_master)
+        elif self.is_master:
+            target = self.checkpoints.write(self.n_step, self.student, state)
         if not self.is_master:
             return None
-        target = self.checkpoints.write(self.n_step, self.student, state)
         if self.on_checkpoint is not None:
             self.on_checkpoint(target)
         self.checkpoints.prune()
@@ -508,11 +545,15 @@ class CausalDistiller:
         A damaged checkpoint, a changed data file or another number of processes is a CliError.
         """
         p = self.params
-        state = read_checkpoint(folder, self.student, p.data_file, getattr(p, "data_fingerprint", None))
-        if state["world_size"] != p.world_size:
-            raise CliError(f"checkpoint {folder} was written by {state['world_size']} processes; "
-                           f"resume with the same number (now {p.world_size})")
-        self.optimizer.load_state_dict(state["optimizer"])
+        check_engine(folder, sharded=self.fsdp is not None)
+        if self.fsdp is not None:
+            state = read_sharded_checkpoint(folder, self.student, self.optimizer, p)
+        else:
+            state = read_checkpoint(folder, self.student, p.data_file, getattr(p, "data_fingerprint", None))
+            if state["world_size"] != p.world_size:
+                raise CliError(f"checkpoint {folder} was written by {state['world_size']} processes; "
+                               f"resume with the same number (now {p.world_size})")
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.n_step = state["epoch"], state["n_step"]
@@ -527,7 +568,14 @@ class CausalDistiller:
                         "train further)", self.total_steps)
 
     def save_final(self) -> None:
-        """The student as a plain HF model folder at --dump_path (config.json + model.safetensors)."""
+        """The student as a plain HF model folder at --dump_path (config.json + model.safetensors); under
+        --fsdp the shards gathered on the master into one consolidated folder."""
+        if self.fsdp is not None:
+            full = full_student_state(self.student)  # (a collective)
+            if self.is_master:
+                self.checkpoints.write_final(stock_model(self.student.config, full))
+                self.log.flush()
+            return
         if self.multi_gpu:
             check_replicas(self.student, self.is_master)
         if not self.is_master:
@@ -546,67 +594,3 @@ def _usable_outside_inference(o: Outputs) -> Outputs:
         if value is not None:
             setattr(o, name, value.clone())
     return o
-
-
-class TrainingLog:
-    """What a run reports every --log_interval steps: a log line, TensorBoard scalars
-    (<dump_path>/log/train) and, with --is_wandb, Weights & Biases. The master rank's job."""
-
-    def __init__(self, params, dump_path: Path):
-        self.params = params
-        self.dump_path = Path(dump_path)
-        self.tb = None
-
-    def open(self) -> None:
-        """Open TensorBoard's writer (and W&B with --is_wandb); once."""
-        if self.tb is not None:
-            return
-        from tensorboardX import SummaryWriter
-
-        self.tb = SummaryWriter(log_dir=str(self.dump_path / "log" / "train"), flush_secs=30)
-        if self.params.is_wandb:
-            import wandb
-
-            wandb.init(project="causal-distill", name=self.params.run_name, config=vars(self.params))
-
-    def write(self, step: int, values: dict[str, float], lr: float, tok_s: float, n_skipped: int, bar) -> None:
-        """Log the mean `values` of the losses since the last log, the learning rate and the speed."""
-        for k, v in values.items():
-            self.tb.add_scalar(f"losses/{k}", v, step)
-        self.tb.add_scalar("learning_rate/lr", lr, step)
-        self.tb.add_scalar("speed/real_tokens_per_s", tok_s * self.params.world_size, step)
-        self.tb.add_scalar("memory/rss_gib", psutil.Process().memory_info().rss / 2**30, step)
-        if self.params.device.type == "cuda":
-            self.tb.add_scalar("memory/cuda_max_allocated_gib", torch.cuda.max_memory_allocated() / 2**30, step)
-        if n_skipped:
-            self.tb.add_scalar("faults/skipped_nonfinite_steps", n_skipped, step)
-        if self.params.is_wandb:
-            import wandb
-
-            wandb.log({**{f"loss/{k}": v for k, v in values.items()}, "lr": lr, "tok_s": tok_s}, step=step)
-        if bar is not None:
-            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
-        logger.info("step %d | %s | lr %.2e | %.0f tok/s", step, " ".join(f"{k} {v:.4f}" for k, v in values.items()),
-                    lr, tok_s)
-
-    def flush(self) -> None:
-        if self.tb is not None:
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def check_replicas(student: nn.Module, is_master: bool) -> None:
-    """Under DDP, check that every rank holds the same student weights (bitwise), and say so."""
-    flat = torch.cat([p.detach().reshape(-1).double() for p in student.parameters()])
-    digest = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(flat.numel(), device=flat.device,
-                                                                                dtype=torch.float64)).sum()])
-    gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, digest)
-    if any(not torch.equal(g, gathered[0]) for g in gathered):
-        raise RuntimeError(f"student weights differ across ranks: {[g.tolist() for g in gathered]}")
-    if is_master:
-        logger.info("all %d ranks hold identical student weights (digest %s)", len(gathered),
-                    [f"{x:.6e}" for x in gathered[0].tolist()])

@@ -2,7 +2,9 @@
 
 A checkpoint is `checkpoint-<step>/` in the dump path: the student (an HF folder), `training_state.pt`
 (one dictionary with everything a continuation needs, the RNG state of every rank included) and
-`manifest.json` (size and blake2b of every other file, written last). `CheckpointWriter` writes
+`manifest.json` (size and blake2b of every other file, written last). An --fsdp run writes sharded
+checkpoints instead (`sharded_checkpoints.py`: DCP shards and `.metadata` in place of the HF
+folder, the same state file and manifest), which the functions here list and verify alike. `CheckpointWriter` writes
 them (and the final student) for `CausalDistiller`, `read_checkpoint` verifies and loads one, and
 `causal_train.py` picks the one to resume from (`find_resume_checkpoint`). The data file's
 fingerprint, recorded in the state, ties a checkpoint to its corpus.
@@ -26,6 +28,7 @@ from utils import CliError, atomic_dir, atomic_write_text, file_blake2b, is_disk
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "manifest.json"
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards: marks a sharded checkpoint
 
 # The bytes a data file's full checksum covers: everything after the .bin header (the header's own
 # fields are checked by the reader), so the same digest is the one binarized_io records in the header.
@@ -74,9 +77,20 @@ def list_checkpoints(dump_path: Path) -> list[Path]:
     found = []
     for child in Path(dump_path).glob(f"{CHECKPOINT_PREFIX}*"):
         suffix = child.name[len(CHECKPOINT_PREFIX):]
-        if suffix.isdigit() and (child / STATE_FILE).is_file() and (child / "model.safetensors").is_file():
+        if suffix.isdigit() and all((child / name).is_file() for name in required_files(child)):
             found.append((int(suffix), child))
     return [c for _, c in sorted(found)]
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    """True for a checkpoint of an --fsdp run (DCP shards, `sharded_checkpoints.py`)."""
+    return (Path(folder) / DCP_METADATA).is_file()
+
+
+def required_files(folder: Path) -> tuple[str, ...]:
+    """The files a complete checkpoint `folder` holds besides its manifest: the state and the weights (the
+    HF folder's, or DCP's index of the shards, whose files the manifest lists)."""
+    return (STATE_FILE, DCP_METADATA if is_sharded_checkpoint(folder) else "model.safetensors")
 
 
 def save_training_state(state: dict, path: Path) -> None:
@@ -104,17 +118,22 @@ def checkpoint_problem(folder: Path) -> str | None:
     folder = Path(folder)
     if not folder.is_dir():
         return "no such folder"
-    for name in (STATE_FILE, "model.safetensors"):
+    for name in required_files(folder):
         if not (folder / name).is_file():
             return f"{name} is missing"
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
+        if is_sharded_checkpoint(folder):  # (sharded checkpoints always had one)
+            return f"{MANIFEST_FILE} is missing (written last, it seals the checkpoint: the write was interrupted)"
         logger.warning("checkpoint %s has no %s (written by an older version): not verified", folder, MANIFEST_FILE)
         return None
     try:
         files = json.loads(manifest_path.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"{MANIFEST_FILE} is unreadable ({err})"
+    unlisted = [name for name in required_files(folder) if name not in files]
+    if unlisted:
+        return f"{MANIFEST_FILE} does not list {', '.join(unlisted)}"
     for name, entry in files.items():
         path = folder / name
         if not path.is_file():

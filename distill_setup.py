@@ -25,6 +25,7 @@ from interventions import CAUSAL_FAMILIES, FAMILIES, family_of, get_submodule, m
 from lm_seqs_dataset import LmSeqsDataset
 from losses import LOSS_NAMES
 from neuron_mapping import MappingEntry, load_neuron_mapping
+from sharding import fsdp_flag_problem
 from utils import CliError, logger, require_file
 
 STUDENT_TYPES = ("distilbert", "roberta", *CAUSAL_FAMILIES)
@@ -109,6 +110,17 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
            "compile (tens of seconds). The models and their intervention hooks always run eagerly.")
     a("--n_gpu", type=int, default=1, help="GPUs per node (0: CPU). Use torchrun for several.")
     a("--local_rank", type=int, default=-1, help="Set by the launcher; kept for the original's interface.")
+    a("--fsdp", action="store_true",
+      help="Shard the student over the ranks with PyTorch FSDP2 (fully_shard per block and at the root) instead of "
+           "DDP: each rank holds 1/N of its weights, gradients and AdamW state. Needs torchrun "
+           "(torchrun --nproc_per_node N causal_train.py --fsdp ...). Checkpoints are sharded (DCP); the final "
+           "student is one consolidated HF folder. Which engine when: docs/fsdp.md.")
+    a("--fsdp_teacher", action="store_true",
+      help="With --fsdp: also shard the frozen teacher (inference only), so that a teacher no single device holds "
+           "can serve.")
+    a("--fsdp_cpu_offload", action="store_true",
+      help="With --fsdp: keep the student's sharded weights, gradients and optimizer state in host memory "
+           "(FSDP's CPUOffloadPolicy; the optimizer step runs on the CPU). Saves device memory, costs transfers.")
     a("--seed", type=int, default=56, help="Seed of every random draw (pairs, masks, positions, init).")
     a("--log_interval", type=int, default=500, help="Optimiser steps between logs (the only host syncs).")
     a("--checkpoint_interval", type=int, default=4000, help="Optimiser steps between checkpoints (0: epoch ends only).")
@@ -135,6 +147,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 def sanity_checks(args) -> None:
     """Argument checks that need no model."""
+    problem = fsdp_flag_problem(args)
+    if problem:
+        raise CliError(problem)
     if args.mlm:
         if args.alpha_clm > 0:
             raise CliError("--alpha_clm must be 0 with --mlm (use --alpha_mlm)")
@@ -429,14 +444,19 @@ def build(args) -> Run:
 def build_from_models(args, teacher: nn.Module, student: nn.Module, dataset, token_probs: torch.Tensor | None,
                       mappings: list[MappingEntry] | None) -> Run:
     """The second half of `build`, for models and data already in memory: freeze the embeddings
-    the flags name, move both models to `args.device`, freeze the teacher, and make the distiller."""
+    the flags name, move both models to `args.device`, freeze the teacher, and make the distiller.
+    Under --fsdp (--fsdp_teacher) the student (teacher) stays where it is: `fully_shard` moves each
+    block's shard to the device as it shards it, so the whole model never sits on one device."""
     family = family_of(student)
     if args.freeze_pos_embs:
         get_submodule(student, family.position_embeddings).weight.requires_grad = False
     if args.freeze_token_type_embds and family.token_type_embeddings:
         get_submodule(student, family.token_type_embeddings).weight.requires_grad = False
-    student.to(args.device)
-    teacher.to(args.device)
+    fsdp = getattr(args, "fsdp", False)
+    if not fsdp:
+        student.to(args.device)
+    if not (fsdp and args.fsdp_teacher):
+        teacher.to(args.device)
     teacher.eval()
     for param in teacher.parameters():
         param.requires_grad = False

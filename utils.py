@@ -89,10 +89,12 @@ def init_gpu_params(params) -> None:
     import torch
 
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    # --fsdp under torchrun runs in a process group even with one process (to shard or offload on one GPU)
+    sharded_alone = getattr(params, "fsdp", False) and "RANK" in os.environ
     use_cuda = params.n_gpu > 0 and torch.cuda.is_available()
     if params.n_gpu > 0 and not torch.cuda.is_available():
         logger.warning("--n_gpu %d asked for but CUDA is not available: training on the CPU", params.n_gpu)
-    if env_world > 1:
+    if env_world > 1 or sharded_alone:
         params.global_rank = int(os.environ["RANK"])
         params.world_size = env_world
         params.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
