@@ -1,6 +1,7 @@
 """Builders of tiny Llama-layout causal LMs and a local byte-level BPE tokenizer, for tests (no hub)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # Per family: config overrides that exercise what differs between the rows (GQA, a head_dim that is
@@ -58,3 +59,42 @@ def train_bpe(lines, out_dir: Path, vocab_size: int = 400) -> Path:
     out_dir = Path(out_dir)
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+def llama_distill_setup(tmp_path, corpus_lines, teacher_family="llama", student_family="llama"):
+    """A causal_train.py set-up in `tmp_path`: a byte-level BPE tokenizer, a binarized corpus of 300 documents, a
+    tiny 4-block teacher, a 2-block student extracted from its blocks 0 and 3, a 2-entry mapping `m.nm`.
+    Returns (the corpus file, the tokenizer)."""
+    import binarized_data
+    import extract
+
+    tok_dir = train_bpe(corpus_lines, tmp_path / "tok")
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(corpus_lines[:300]) + "\n", encoding="utf-8")
+    data = binarized_data.main(["--file_path", str(text), "--tokenizer_type", teacher_family, "--tokenizer_name",
+                                str(tok_dir), "--dump_file", str(tmp_path / "data" / "bin")])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    teacher = tiny_causal(teacher_family, vocab=len(tok), pad_token_id=tok.pad_token_id,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    extract.main(["--model_type", teacher_family, "--model_name", str(tmp_path / "teacher"),
+                  "--dump_checkpoint", str(tmp_path / "student.pth"), "--layers", "0,3"])
+    (tmp_path / "m.nm").write_text(json.dumps({"interchange_variable_mappings": [
+        {"teacher_variable_names": ["$L:2$H:[0:4]$[0:8]"], "student_variable_names": ["$L:0$H:[0:4]$[0:8]"]},
+        {"teacher_variable_names": ["$L:3$H:1$[0:8]"], "student_variable_names": ["$L:1$H:1$[0:8]"]}]}))
+    return data, tok
+
+
+def llama_train_argv(tmp_path, data, *extra, family="llama"):
+    """A causal_train.py command line for a `llama_distill_setup` folder (CPU, 4 steps, DIITO on)."""
+    return ["--dump_path", str(tmp_path / "run"), "--data_file", str(data), "--student_type", family,
+            "--student_config", str(tmp_path / "student.config.json"),
+            "--student_pretrained_weights", str(tmp_path / "student.pth"), "--teacher_type", family,
+            "--teacher_name", str(tmp_path / "teacher"), "--alpha_ce", "0.5", "--alpha_clm", "0.5",
+            "--alpha_cos", "0.1", "--alpha_causal_ce", "0.5", "--alpha_causal_cos", "0.1",
+            "--neuron_mapping", str(tmp_path / "m.nm"), "--n_gpu", "0", "--batch_size", "8",
+            "--gradient_accumulation_steps", "1", "--max_steps", "4", "--log_interval", "2", "--num_workers", "0",
+            "--learning_rate", "1e-3", "--no_progress", "--seed", "3", *extra]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from clm_helpers import FAMILY_OVERRIDES, tiny_causal
+from clm_helpers import FAMILY_OVERRIDES, llama_distill_setup, llama_train_argv, tiny_causal
 
 from batching import BatchPreparer, length_mask
 from causal_distiller import _usable_outside_inference, compute_losses, needs_from_alphas
@@ -189,54 +189,18 @@ def test_mapping_past_the_model_is_a_clear_error(name, message, tmp_path):
 
 # --- end to end: binarize with --tokenizer_type, extract, distil with DIITO, reload ---------------
 
-def _distil_setup(tmp_path, corpus_lines, teacher_family="llama", student_family="llama"):
-    import binarized_data
-    import extract
-    from clm_helpers import train_bpe
-
-    tok_dir = train_bpe(corpus_lines, tmp_path / "tok")
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n".join(corpus_lines[:300]) + "\n", encoding="utf-8")
-    data = binarized_data.main(["--file_path", str(text), "--tokenizer_type", teacher_family, "--tokenizer_name",
-                                str(tok_dir), "--dump_file", str(tmp_path / "data" / "bin")])
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    teacher = tiny_causal(teacher_family, vocab=len(tok), pad_token_id=tok.pad_token_id,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    teacher.save_pretrained(tmp_path / "teacher")
-    tok.save_pretrained(tmp_path / "teacher")
-    extract.main(["--model_type", teacher_family, "--model_name", str(tmp_path / "teacher"),
-                  "--dump_checkpoint", str(tmp_path / "student.pth"), "--layers", "0,3"])
-    (tmp_path / "m.nm").write_text(json.dumps({"interchange_variable_mappings": [
-        {"teacher_variable_names": ["$L:2$H:[0:4]$[0:8]"], "student_variable_names": ["$L:0$H:[0:4]$[0:8]"]},
-        {"teacher_variable_names": ["$L:3$H:1$[0:8]"], "student_variable_names": ["$L:1$H:1$[0:8]"]}]}))
-    return data, tok
-
-
-def _argv(tmp_path, data, *extra, family="llama"):
-    return ["--dump_path", str(tmp_path / "run"), "--data_file", str(data), "--student_type", family,
-            "--student_config", str(tmp_path / "student.config.json"),
-            "--student_pretrained_weights", str(tmp_path / "student.pth"), "--teacher_type", family,
-            "--teacher_name", str(tmp_path / "teacher"), "--alpha_ce", "0.5", "--alpha_clm", "0.5",
-            "--alpha_cos", "0.1", "--alpha_causal_ce", "0.5", "--alpha_causal_cos", "0.1",
-            "--neuron_mapping", str(tmp_path / "m.nm"), "--n_gpu", "0", "--batch_size", "8",
-            "--gradient_accumulation_steps", "1", "--max_steps", "4", "--log_interval", "2", "--num_workers", "0",
-            "--learning_rate", "1e-3", "--no_progress", "--seed", "3", *extra]
-
-
 def test_causal_train_distils_a_llama_student_that_reloads(tmp_path, corpus_lines, caplog):
     import causal_train
     from transformers import AutoModelForCausalLM
 
     from binarized_io import load_corpus
 
-    data, tok = _distil_setup(tmp_path, corpus_lines)
+    data, tok = llama_distill_setup(tmp_path, corpus_lines)
     corpus = load_corpus(data)
     first = corpus[0]
     assert first[0] == tok.bos_token_id and first[-1] == tok.eos_token_id  # BOS text EOS from the tokenizer
     caplog.set_level("INFO")
-    causal_train.main(_argv(tmp_path, data))
+    causal_train.main(llama_train_argv(tmp_path, data))
     steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 4 |")]
     assert steps and " clm " in steps[0] and " causal_ce " in steps[0] and " causal_cos " in steps[0]
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
@@ -250,12 +214,12 @@ def test_causal_train_distils_a_llama_student_that_reloads(tmp_path, corpus_line
 def test_causal_train_bad_inputs_get_clear_errors(tmp_path, corpus_lines):
     import causal_train
 
-    data, tok = _distil_setup(tmp_path, corpus_lines)
+    data, tok = llama_distill_setup(tmp_path, corpus_lines)
     # a student config with another vocabulary
     cfg = json.loads((tmp_path / "student.config.json").read_text())
     cfg["vocab_size"] += 7
     (tmp_path / "other.json").write_text(json.dumps(cfg))
-    argv = _argv(tmp_path, data)
+    argv = llama_train_argv(tmp_path, data)
     argv[argv.index("--student_config") + 1] = str(tmp_path / "other.json")
     argv[argv.index("--student_pretrained_weights"):argv.index("--student_pretrained_weights") + 2] = []
     with pytest.raises(CliError, match="vocabulary sizes differ"):
@@ -263,14 +227,14 @@ def test_causal_train_bad_inputs_get_clear_errors(tmp_path, corpus_lines):
     # a mapping past the student's depth (2 blocks)
     (tmp_path / "deep.nm").write_text(json.dumps({"interchange_variable_mappings": [
         {"teacher_variable_names": ["$L:3$H:0$[0:8]"], "student_variable_names": ["$L:2$H:0$[0:8]"]}]}))
-    argv = _argv(tmp_path, data, "--force")
+    argv = llama_train_argv(tmp_path, data, "--force")
     argv[argv.index("--neuron_mapping") + 1] = str(tmp_path / "deep.nm")
     with pytest.raises(CliError, match="student variable '.L:2.*the model has 2 layers"):
         causal_train.main(argv)
     with pytest.raises(CliError, match="--mlm needs masked-LM models"):
-        causal_train.main(_argv(tmp_path, data, "--force", "--mlm", "--alpha_clm", "0"))
+        causal_train.main(llama_train_argv(tmp_path, data, "--force", "--mlm", "--alpha_clm", "0"))
     with pytest.raises(CliError, match="rotary positions"):
-        causal_train.main(_argv(tmp_path, data, "--force", "--freeze_pos_embs"))
+        causal_train.main(llama_train_argv(tmp_path, data, "--force", "--freeze_pos_embs"))
 
 
 def test_binarize_llama_tokenizer_beyond_uint16(tmp_path):

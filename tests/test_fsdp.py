@@ -1,0 +1,333 @@
+"""causal_train.py --fsdp (PyTorch FSDP2) on the CPU: torchrun with 2 processes and gloo.
+
+FSDP and DDP give the same losses and student weights (fp32, DIITO on) for a BERT and a Llama pair;
+a run killed with kill -9, then stopped by SIGTERM to its process group, resumes to the weights of
+the run that never stopped (bitwise); the sharded checkpoints are verified by their manifest and
+their consolidation reloads equal; every family's interventions work on sharded blocks
+(`fsdp_families_check.py`); misuse is one clear error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from clm_helpers import llama_distill_setup, llama_train_argv
+from conftest import ROOT
+from helpers import SUBPROCESS_ENV, assert_same_weights, student_weights, train_argv
+
+import causal_train
+from utils import CliError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(argv: list[str], nproc: int = 2, script: str = "causal_train.py", timeout: int = 280, **popen):
+    """Run `script` under torchrun with `nproc` CPU processes; returns the CompletedProcess (output as text)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), script, *argv]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=timeout, **popen)
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """Send `sig` to torchrun (`pid`) and to every process under it: torchrun starts each rank in a session of
+    its own, so a signal to torchrun's process group alone reaches no rank (torchrun forwards SIGTERM, not SIGKILL).
+    What a node failure (SIGKILL) or a scheduler stopping every process of the job (SIGTERM) does."""
+    import psutil
+
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def step_losses(log: str) -> dict[int, dict[str, float]]:
+    """The losses of each logged step ("step N | ce x mlm y ... loss z | lr ..."), from rank 0's log lines."""
+    out = {}
+    for match in re.finditer(r"step (\d+) \| ((?:\w+ [-\d.e+]+ ?)+)\|", log):
+        parts = match.group(2).split()
+        out[int(match.group(1))] = {parts[i]: float(parts[i + 1]) for i in range(0, len(parts), 2)}
+    return out
+
+
+def assert_close_runs(ddp_log: str, fsdp_log: str, ddp_dump, fsdp_dump) -> None:
+    """The same losses at every logged step and the same final weights, within fp32 rounding."""
+    a, b = step_losses(ddp_log), step_losses(fsdp_log)
+    assert a and a.keys() == b.keys(), (a, b)
+    for step in a:
+        assert a[step].keys() == b[step].keys()
+        for name in a[step]:
+            assert b[step][name] == pytest.approx(a[step][name], rel=2e-4, abs=2e-4), (step, name)
+    wa, wb = student_weights(ddp_dump), student_weights(fsdp_dump)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+BERT_STEPS = 12
+
+
+def _bert_argv(setup, dump, *extra):
+    return train_argv(setup, dump, "--max_steps", str(BERT_STEPS), "--include_crossway", "--log_interval", "1",
+                      *extra)
+
+
+@pytest.fixture(scope="module")
+def bert_runs(distill_setup, tmp_path_factory):
+    """The BERT -> DistilBERT pair (DIITO on, with the reversed pairs) trained for 12 steps by DDP and by FSDP,
+    2 ranks each (Llama's test accumulates gradients)."""
+    root = tmp_path_factory.mktemp("fsdp_bert")
+    runs = {}
+    for engine, flags in (("ddp", ()), ("fsdp", ("--fsdp",))):
+        dump = root / engine
+        out = torchrun(_bert_argv(distill_setup, dump, "--checkpoint_interval", "6", *flags))
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-4000:]
+        runs[engine] = (dump, log)
+    return runs
+
+
+@pytest.mark.e2e
+def test_fsdp_matches_ddp_for_a_bert_pair(bert_runs):
+    (ddp, ddp_log), (fsdp, fsdp_log) = bert_runs["ddp"], bert_runs["fsdp"]
+    assert_close_runs(ddp_log, fsdp_log, ddp, fsdp)
+    assert "causal_ce" in step_losses(fsdp_log)[BERT_STEPS]
+    # the checkpoints are sharded: one file of shards per rank, DCP's index, the state, the config, the manifest
+    ckpt = fsdp / f"checkpoint-{BERT_STEPS}"
+    names = {p.name for p in ckpt.iterdir()}
+    assert names == {"__0_0.distcp", "__1_0.distcp", ".metadata", "training_state.pt", "config.json", "manifest.json"}
+    assert set(json.loads((ckpt / "manifest.json").read_text())["files"]) == names - {"manifest.json"}
+    state = torch.load(ckpt / "training_state.pt", weights_only=True)  # plain data: no unpickling of objects
+    assert state["n_step"] == BERT_STEPS and state["world_size"] == 2 and state["has_optimizer_state"]
+    # the final student is one consolidated HF folder of the stock class, tied weights saved once
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(fsdp)
+    assert type(model).__name__ == "DistilBertForMaskedLM"
+    assert json.loads((fsdp / "config.json").read_text())["architectures"] == ["DistilBertForMaskedLM"]
+    assert student_weights(fsdp).keys() == student_weights(ddp).keys()
+    assert_same_weights({k: v for k, v in model.state_dict().items() if k in student_weights(fsdp)},
+                        student_weights(fsdp))
+
+
+@pytest.mark.e2e
+def test_fsdp_with_a_sharded_teacher_matches_ddp_for_a_llama_pair(tmp_path, corpus_lines):
+    data, _ = llama_distill_setup(tmp_path, corpus_lines)
+    logs = {}
+    for engine, flags in (("ddp", ()), ("fsdp", ("--fsdp", "--fsdp_teacher"))):
+        argv = llama_train_argv(tmp_path, data, "--log_interval", "1", "--gradient_accumulation_steps", "2",
+                                "--checkpoint_interval", "0", *flags)
+        argv[argv.index("--dump_path") + 1] = str(tmp_path / engine)
+        out = torchrun(argv)
+        logs[engine] = out.stdout + out.stderr
+        assert out.returncode == 0, logs[engine][-4000:]
+    assert_close_runs(logs["ddp"], logs["fsdp"], tmp_path / "ddp", tmp_path / "fsdp")
+    assert " clm " in logs["fsdp"] and " causal_cos " in logs["fsdp"]
+    from transformers import AutoModelForCausalLM
+
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp")).__name__ == "LlamaForCausalLM"
+
+
+@pytest.mark.e2e
+def test_fsdp_kill9_then_sigterm_then_resume_equals_uninterrupted(bert_runs, distill_setup, tmp_path):
+    full, _ = bert_runs["fsdp"]
+    cut = tmp_path / "cut"
+    argv = _bert_argv(distill_setup, cut, "--checkpoint_interval", "1", "--fsdp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "causal_train.py"]
+    # 1. kill -9 to torchrun and its ranks as soon as checkpoint-2 is written
+    proc = subprocess.Popen(cmd + argv, cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 200
+    for line in proc.stdout:
+        if "checkpoint written: " in line and line.rstrip().endswith(("checkpoint-2 (2 ranks)",)) \
+                or time.time() > deadline:
+            break
+    signal_tree(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert (cut / "checkpoint-2").exists(), "the run ended before the kill"
+    assert not (cut / "model.safetensors").exists() and not (cut / f"checkpoint-{BERT_STEPS}").exists()
+    # 2. --resume, then SIGTERM to every process of the job (as Slurm sends it) after a step
+    proc = subprocess.Popen(cmd + argv + ["--resume"], cwd=ROOT, env=SUBPROCESS_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if re.search(r"step \d+ \|", line) or time.time() > deadline:
+            break
+    signal_tree(proc.pid, signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=200)
+    log = "".join(log) + rest
+    assert "resumed from" in log and "received SIGTERM" in log, log[-4000:]
+    assert log.count("stopped by signal 15; resume with the same command plus --resume") == 2, log[-4000:]
+    assert not (cut / "model.safetensors").exists()
+    # 3. --resume to the end: the weights of the run that never stopped, bitwise
+    out = torchrun(argv + ["--resume"])
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert_same_weights(student_weights(cut), student_weights(full))
+
+
+@pytest.mark.e2e
+def test_sharded_checkpoint_consolidates_to_an_equal_hf_folder_and_is_verified(bert_runs, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    import checkpoints
+
+    full, _ = bert_runs["fsdp"]
+    ckpt = full / f"checkpoint-{BERT_STEPS}"
+    out = tmp_path / "student"
+    run = subprocess.run([sys.executable, "scripts/consolidate_checkpoint.py", "--checkpoint", str(ckpt), "--out",
+                          str(out)], cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_weights(student_weights(out), student_weights(full))  # the last checkpoint is the final student
+    reloaded = AutoModelForMaskedLM.from_pretrained(out).state_dict()
+    assert_same_weights({k: reloaded[k] for k in student_weights(out)}, student_weights(full))
+    # a truncated shard is named by the manifest check, and neither resumed from nor consolidated
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ckpt, damaged)
+    shard = damaged / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert "__1_0.distcp has" in checkpoints.checkpoint_problem(damaged)
+    assert checkpoints.checkpoint_problem(ckpt) is None
+    run = subprocess.run([sys.executable, "scripts/consolidate_checkpoint.py", "--checkpoint", str(damaged), "--out",
+                          str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV,
+                         timeout=200)
+    assert run.returncode == 2 and "__1_0.distcp" in run.stderr and "Traceback" not in run.stderr
+    # a checkpoint whose write was interrupted before its manifest is not a checkpoint to resume from
+    (damaged / "manifest.json").unlink()
+    shard.write_bytes((ckpt / "__1_0.distcp").read_bytes())
+    assert "manifest.json is missing" in checkpoints.checkpoint_problem(damaged)
+
+
+@pytest.mark.e2e
+def test_sharded_checkpoints_are_refused_by_another_engine_or_rank_count(bert_runs, distill_setup, tmp_path,
+                                                                         monkeypatch):
+    fsdp, _ = bert_runs["fsdp"]
+    ddp, _ = bert_runs["ddp"]
+    # one process without --fsdp
+    copy = tmp_path / "fsdp_copy"
+    shutil.copytree(fsdp, copy)
+    with pytest.raises(CliError, match="written by an --fsdp run .*with --fsdp under torchrun"):
+        causal_train.main(_bert_argv(distill_setup, copy, "--resume"))
+    # one rank of torchrun (its environment, in this process) with --fsdp: the 2-rank checkpoint, then DDP's
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(name, value)
+    try:
+        with pytest.raises(CliError, match="written by 2 processes; resume with the same number .now 1."):
+            causal_train.main(_bert_argv(distill_setup, copy, "--resume", "--fsdp"))
+        with pytest.raises(CliError, match="written without --fsdp: resume it without --fsdp"):
+            causal_train.main(_bert_argv(distill_setup, tmp_path / "new", "--fsdp", "--resume_from",
+                                         str(ddp / f"checkpoint-{BERT_STEPS}")))
+    finally:  # (a process exits after such an error; this one goes on testing)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@pytest.mark.e2e
+def test_bf16_policy_sharded_teacher_and_cpu_offload_train_on_the_cpu(distill_setup, tmp_path):
+    dump = tmp_path / "bf16"
+    out = torchrun(train_argv(distill_setup, dump, "--max_steps", "2", "--log_interval", "1", "--fsdp",
+                              "--fsdp_teacher", "--fsdp_cpu_offload", "--bf16"))
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    losses = step_losses(log)
+    assert set(losses) == {1, 2} and all(v == v and abs(v) < 1e4 for v in losses[2].values())
+    weights = student_weights(dump)
+    assert {w.dtype for w in weights.values()} == {torch.float32}  # fp32 master weights, saved as such
+
+
+@pytest.mark.e2e
+def test_every_family_sharded_gives_the_unsharded_losses_and_gradients():
+    out = torchrun([], script="tests/fsdp_families_check.py")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    from interventions import FAMILIES
+
+    assert {line.split()[1] for line in out.stdout.splitlines() if line.startswith("OK ")} == set(FAMILIES)
+
+
+# --- fast checks -------------------------------------------------------------------------------------------
+def test_fsdp_flags_are_clear_errors(distill_setup, tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    argv = train_argv(distill_setup, tmp_path / "run", "--max_steps", "1")
+    for extra, message in ((["--fsdp"], "--fsdp shards the models across the processes of torchrun"),
+                           (["--fsdp_teacher"], "--fsdp_teacher needs --fsdp"),
+                           (["--fsdp_cpu_offload"], "--fsdp_cpu_offload needs --fsdp")):
+        with pytest.raises(CliError, match=re.escape(message)):
+            causal_train.main(argv + extra)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(CliError, match="--fp16 cannot be combined with --fsdp"):
+        causal_train.main(argv + ["--fsdp", "--fp16"])
+    assert not (tmp_path / "run").exists()
+    # the command line: exit status 2, one message, no traceback
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k not in ("RANK", "WORLD_SIZE")}
+    run = subprocess.run([sys.executable, "causal_train.py", *argv, "--fsdp"], cwd=ROOT, capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert run.returncode == 2 and "torchrun --nproc_per_node N causal_train.py --fsdp" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_mixed_precision_policy_of_bf16():
+    from argparse import Namespace
+
+    from sharding import policies
+
+    params = Namespace(bf16=True, fsdp_cpu_offload=True, device=torch.device("cpu"))
+    mp, offload = policies(params, trainable=True)
+    assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert type(offload).__name__ == "CPUOffloadPolicy" and not offload.pin_memory
+    mp, offload = policies(params, trainable=False)  # the frozen teacher: as loaded, never offloaded
+    assert mp.param_dtype is None and type(offload).__name__ == "OffloadPolicy"
+
+
+def test_dcp_metadata_is_read_without_unrestricted_unpickling(tmp_path):
+    """DCP's own reader unpickles `.metadata` unrestricted; ours admits only DCP's metadata classes."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    import sharded_checkpoints
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={}, planner_data=Evil())))
+    with pytest.raises(pickle.UnpicklingError, match="refers to (posix|os|nt).system"):
+        sharded_checkpoints.safe_metadata_reader(tmp_path).read_metadata()
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={})))
+    assert sharded_checkpoints.safe_metadata_reader(tmp_path).read_metadata().state_dict_metadata == {}
+
+
+def test_training_state_of_a_sharded_checkpoint_loads_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    import checkpoints
+    import sharded_checkpoints
+
+    state = {"rng": [checkpoints.rng_state()], "pairing": np.arange(5)}
+    checkpoints.save_training_state(sharded_checkpoints.portable_state(state), tmp_path / "s.pt")
+    draws = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert torch.equal(loaded["pairing"], torch.arange(5))
+    checkpoints.set_rng_state(sharded_checkpoints.native_rng(loaded["rng"][0]))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == draws
