@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+from bench_machine import Yardstick, cpu_description, describe_exit  # noqa: E402
 
 PRESETS = {
     # The issue's reference configuration: teacher 6 x 256, student 3 x 256, vocabulary 30,522, batch 16.
@@ -50,6 +49,11 @@ PRESETS = {
     # A realistic causal-LM size for a GPU: a Llama teacher of 16 x 1024 (16 query heads, 8 key/value
     # heads, MLP 4096) with Llama 3's vocabulary of 128,256 (about 514M parameters, half of them the
     # embeddings and the untied head) -> an 8-block student (about 388M); batch 16.
+    # A larger Llama shape for the DDP/FSDP memory comparison on a CPU (--fsdp): teacher 8 x 768 (12 query heads, 4
+    # key/value heads, MLP 2048; about 100M parameters, half of them the embeddings and the untied head) -> a 4-block
+    # student (about 74M: 1.2 GB of fp32 weights, gradients and AdamW state); batch 4.
+    "mid_clm": dict(t_layers=8, s_layers=4, hidden=768, heads=12, kv_heads=4, ffn=2048, vocab=32000, batch=4,
+                    max_len=256, t_site=4, s_site=2, family="llama"),
     "base_clm": dict(t_layers=16, s_layers=8, hidden=1024, heads=16, kv_heads=8, ffn=4096, vocab=128256, batch=16,
                      max_len=512, t_site=8, s_site=4, family="llama"),
 }
@@ -63,8 +67,6 @@ MODES = {
     "diito_plain": dict(alpha_causal_ce=0.25, no_shared_prefix=True),
     "diito_shared": dict(alpha_causal_ce=0.25, no_shared_prefix=False),
 }
-# H100 SXM / H200 bf16 dense peak (FLOP/s); other GPUs fall back to a measured matmul.
-GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def _synthetic_sequences(n: int, vocab: int, seed: int, first: int = 101, last: int = 102,
@@ -342,56 +344,6 @@ def train_args(args, cfg: dict, mlm: bool):
     return build_parser().parse_args(argv)
 
 
-class Yardstick:
-    """Achieved FLOP/s of the device's matrix units: a large matmul of the mode's precision, measured.
-
-    `sample()` times one batch of matmuls (2048^3 on the CPU; 8192^3 on CUDA, timed with CUDA
-    events after three warm-ups); `value()` is the median of the samples. `datasheet` is the dense
-    bf16 peak of known GPUs, reported beside the measurement, never used in its place.
-    """
-
-    def __init__(self, device: str, dtype: str):
-        import torch
-
-        self.device, self.datasheet, self.samples = device, None, []
-        if device == "cuda":
-            name = torch.cuda.get_device_name()
-            self.datasheet = next((p for key, p in GPU_BF16_PEAK.items() if key in name and dtype == "bf16"), None)
-        self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        self.n = 8192 if device == "cuda" else 2048
-
-    def sample(self, reps: int | None = None) -> None:
-        import torch
-
-        if reps is None:  # about 0.1-0.2 s per sample on a small CPU (bf16 matmuls run faster)
-            reps = 12 if self.dtype == torch.bfloat16 else 3
-        # Allocated per sample, so that the matrices are not part of the step's peak memory.
-        gen = torch.Generator(device=self.device).manual_seed(len(self.samples))
-        a = torch.randn(self.n, self.n, dtype=self.dtype, device=self.device, generator=gen)
-        b = torch.randn(self.n, self.n, dtype=self.dtype, device=self.device, generator=gen)
-        if self.device == "cuda":
-            for _ in range(3):
-                a @ b
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                a @ b
-            end.record()
-            end.synchronize()
-            self.samples.append(2 * self.n**3 * 10 / (start.elapsed_time(end) / 1e3))
-            return
-        a @ b  # warm-up
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        self.samples.append(2 * self.n**3 * reps / (time.perf_counter() - start))
-
-    def value(self) -> float:
-        if not self.samples:
-            self.sample()
-        return statistics.median(self.samples)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="Model sizes and batch size.")
@@ -425,6 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "CUDA, none on the CPU; 0 or 1: off).")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="Write a torch.profiler operator table of three steps per mode to DIR/<mode>_<dtype>.txt.")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="Compare DDP and FSDP (causal_train.py --fsdp) under torchrun at each --ranks: per-rank peak "
+                             "memory and step time (bench/bench_sharded.py says what is measured).")
+    parser.add_argument("--ranks", default="1,2,4", help="With --fsdp: comma-separated numbers of processes.")
+    parser.add_argument("--engines", default="ddp,fsdp",
+                        help="With --fsdp: comma-separated engines: ddp, fsdp (the student sharded), fsdp_teacher "
+                             "(the teacher too).")
+    parser.add_argument("--engine", choices=["ddp", "fsdp", "fsdp_teacher"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", default="/tmp/bench_train_step", help=argparse.SUPPRESS)
@@ -461,9 +421,18 @@ def run_child(cmd: list[str], timeout: float) -> tuple[dict | None, tuple[str, s
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.mode and args.engine:  # one rank of a torchrun child (--fsdp)
+        from bench_sharded import run_sharded
+
+        row = run_sharded(args)
+        if row is not None:
+            print(json.dumps(row))
+        return
     if args.mode:  # child process
         print(json.dumps(run_single(args)))
         return
+    if args.fsdp:
+        return main_sharded(args)
 
     dtypes = args.dtypes.split(",")
     if args.device == "cpu" and "bf16" in dtypes and not args.force_bf16:
@@ -495,6 +464,30 @@ def main() -> None:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"rows": rows, "yardstick": sticks, "failures": failures}, indent=2))
     if failures:
+        sys.exit(1)
+
+
+def main_sharded(args) -> None:
+    """--fsdp: one torchrun child per (rank count, engine, mode, dtype); the table of bench_sharded.py."""
+    from bench_sharded import print_sharded_table, torchrun_command
+
+    rows, failures = [], []
+    for ranks in [int(r) for r in args.ranks.split(",")]:
+        for dtype in args.dtypes.split(","):
+            for mode in args.modes.split(","):
+                for engine in args.engines.split(","):
+                    print(f"running {engine} x {ranks} {mode} {dtype} ...", file=sys.stderr, flush=True)
+                    cmd = torchrun_command(child_command(args, mode, dtype), ranks, engine)
+                    row, failure = run_child(cmd, args.timeout)
+                    if failure:
+                        print(f"{engine} x {ranks} failed: {failure[0]}\n{failure[1][-3000:]}", file=sys.stderr)
+                        failures.append(f"{engine} x {ranks} {mode} {dtype}: {failure[0]}")
+                    else:
+                        rows.append(row)
+    print_sharded_table(args, rows, failures)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"rows": rows, "failures": failures}, indent=2))
+    if failures or not rows:
         sys.exit(1)
 
 
@@ -559,39 +552,6 @@ def print_tables(args, rows: list[dict], failures: list[str], dtypes: list[str])
     if failures:
         print("\nfailed modes (not in the tables):\n" + "\n".join(f"- {f}" for f in failures))
     return sticks
-
-
-def cpu_description() -> str:
-    """The CPU's model name and the bf16-relevant flags it has (the bf16 figures depend on them)."""
-    from utils import BF16_CPU_FLAGS, cpu_flags
-
-    import torch
-
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    flags = cpu_flags() or set()
-    known = [f for fs in BF16_CPU_FLAGS.values() for f in fs] + ["avx512f"]
-    present = [f for f in known if f in flags]
-    return (f"{name}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; "
-            f"flags {' '.join(present) if present else 'none of ' + ' '.join(known)}")
-
-
-def describe_exit(returncode: int) -> str:
-    """A child's exit status in words (a negative status is the signal that killed it)."""
-    if returncode >= 0:
-        return f"exit status {returncode}"
-    try:
-        name = signal.Signals(-returncode).name
-    except ValueError:
-        name = f"signal {-returncode}"
-    hint = " (the kernel's out-of-memory killer sends this)" if -returncode == signal.SIGKILL else ""
-    return f"killed by {name}{hint}"
 
 
 if __name__ == "__main__":

@@ -43,9 +43,9 @@ def torchrun(argv: list[str], nproc: int = 2, script: str = "causal_train.py", t
 
 
 def signal_tree(pid: int, sig: int) -> None:
-    """Send `sig` to torchrun (`pid`) and to every process under it: torchrun starts each rank in a session of
-    its own, so a signal to torchrun's process group alone reaches no rank (torchrun forwards SIGTERM, not SIGKILL).
-    What a node failure (SIGKILL) or a scheduler stopping every process of the job (SIGTERM) does."""
+    """Send `sig` to torchrun (`pid`) and to every process under it, as a node failure does (SIGKILL): torchrun
+    starts each rank in a session of its own, so a signal to torchrun's process group reaches the ranks only
+    through torchrun, which passes SIGTERM on and cannot pass SIGKILL on."""
     import psutil
 
     procs = [psutil.Process(pid)]
@@ -163,15 +163,15 @@ def test_fsdp_kill9_then_sigterm_then_resume_equals_uninterrupted(bert_runs, dis
     proc.communicate()
     assert (cut / "checkpoint-2").exists(), "the run ended before the kill"
     assert not (cut / "model.safetensors").exists() and not (cut / f"checkpoint-{BERT_STEPS}").exists()
-    # 2. --resume, then SIGTERM to every process of the job (as Slurm sends it) after a step
-    proc = subprocess.Popen(cmd + argv + ["--resume"], cwd=ROOT, env=SUBPROCESS_ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # 2. --resume, then SIGTERM to torchrun's process group after a step (torchrun passes it on to the ranks)
+    proc = subprocess.Popen(cmd + argv + ["--resume"], cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log = []
     for line in proc.stdout:
         log.append(line)
         if re.search(r"step \d+ \|", line) or time.time() > deadline:
             break
-    signal_tree(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     rest, _ = proc.communicate(timeout=200)
     log = "".join(log) + rest
     assert "resumed from" in log and "received SIGTERM" in log, log[-4000:]
@@ -241,16 +241,19 @@ def test_sharded_checkpoints_are_refused_by_another_engine_or_rank_count(bert_ru
 
 
 @pytest.mark.e2e
-def test_bf16_policy_sharded_teacher_and_cpu_offload_train_on_the_cpu(distill_setup, tmp_path):
+def test_bf16_policy_sharded_teacher_cpu_offload_and_frozen_positions_train_on_the_cpu(distill_setup, tmp_path):
     dump = tmp_path / "bf16"
     out = torchrun(train_argv(distill_setup, dump, "--max_steps", "2", "--log_interval", "1", "--fsdp",
-                              "--fsdp_teacher", "--fsdp_cpu_offload", "--bf16"))
+                              "--fsdp_teacher", "--fsdp_cpu_offload", "--bf16", "--freeze_pos_embs"))
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     losses = step_losses(log)
     assert set(losses) == {1, 2} and all(v == v and abs(v) < 1e4 for v in losses[2].values())
     weights = student_weights(dump)
     assert {w.dtype for w in weights.values()} == {torch.float32}  # fp32 master weights, saved as such
+    initial = torch.load(distill_setup["student_weights"], weights_only=True)
+    frozen, trained = "distilbert.embeddings.position_embeddings.weight", "distilbert.transformer.layer.0.ffn.lin1.weight"
+    assert torch.equal(weights[frozen], initial[frozen]) and not torch.equal(weights[trained], initial[trained])
 
 
 @pytest.mark.e2e
