@@ -42,6 +42,7 @@ from lm_seqs_dataset import collated_batches
 from losses import (LOSS_NAMES, head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl,
                     use_compiled_kernels)
 from neuron_mapping import MappingEntry
+from sharding import FsdpEngine
 from sharded_checkpoints import (check_engine, full_student_state, read_sharded_checkpoint, stock_model,
                                  write_sharded_checkpoint)
 from training_log import TrainingLog, check_replicas  # noqa: F401 -- (check_replicas: imported from here before)
@@ -222,8 +223,6 @@ class CausalDistiller:
         # --fsdp: the models are sharded before the optimizer is made (it holds the shards).
         self.fsdp = None
         if getattr(params, "fsdp", False):
-            from sharding import FsdpEngine
-
             self.fsdp = FsdpEngine(params, student, teacher, compute_losses)
         self.optimizer, self.scheduler = configure_optimizer(student, params, self.total_steps)
 
@@ -356,7 +355,7 @@ class CausalDistiller:
     def _sharded_losses(self, prepared: list[Prepared], t_sites, s_sites):
         """`losses_for_batch` under --fsdp: the same runs and losses, the student's losses inside its FSDP root."""
         with self.autocast():
-            with torch.inference_mode():
+            with self.fsdp.teacher_mode():
                 t_outs = self.fsdp.teacher_outputs(self.teacher, prepared, t_sites, self.needs, self.data_augment,
                                                    self.shared_prefix)
             t_outs = [_usable_outside_inference(o) for o in t_outs]
@@ -511,8 +510,9 @@ class CausalDistiller:
         --save_total_limit. Under --fsdp every rank writes its shards (`sharded_checkpoints.py`).
         Returns the folder on the master, None elsewhere.
         """
-        state = {
-            "optimizer": None if self.fsdp is not None else self.optimizer.state_dict(),
+        # (under --fsdp the optimizer's tensors are sharded beside the weights)
+        state = {} if self.fsdp is not None else {"optimizer": self.optimizer.state_dict()}
+        state.update({
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
@@ -524,10 +524,9 @@ class CausalDistiller:
             "world_size": self.params.world_size,
             "data_fingerprint": getattr(self.params, "data_fingerprint", None),
             "rng": rng_states_all_ranks(self.multi_gpu),  # collective
-        }
+        })
         self.last_checkpoint_step = self.n_step
         if self.fsdp is not None:
-            del state["optimizer"]  # (its tensors are sharded beside the weights)
             target = write_sharded_checkpoint(self.checkpoints, self.n_step, self.student, self.optimizer, state,
                                               self.is_master)
         elif self.is_master:

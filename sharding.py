@@ -15,9 +15,10 @@ What differs from DDP, and why:
   tensor), never a shard. Blocks are gathered and freed one at a time, in every run that uses
   them (a block run three times in a step is gathered three times in the forward, and its
   gradient is reduce-scattered after each of its backward passes).
-- **The teacher's root is `TeacherRuns`**, run under `torch.inference_mode()` like the unsharded
-  teacher. FSDP keeps a root's parameters gathered after its forward; the student's losses read
-  the teacher's LM head from there, then `release_teacher` frees it.
+- **The teacher's root is `TeacherRuns`**, run without gradients (under `torch.no_grad()`: torch
+  2.13's FSDP2 gathers a one-rank group with an op that refuses inference tensors). FSDP keeps a
+  root's parameters gathered after its forward; the student's losses read the teacher's LM head
+  from there, then `release_teacher` frees it.
 - **Every rank runs the same blocks.** The all-gathers are collectives: ranks that ran different
   blocks would wait for each other forever. The blocks a step runs depend only on the mapping
   entry drawn for it, which every rank draws from the same seeded generator; `same_entry`
@@ -135,8 +136,13 @@ class FsdpEngine:
             self.teacher_step = TeacherRuns(teacher)
             shard(teacher, self.teacher_step, self.mesh, *policies(params, trainable=False))
 
+    def teacher_mode(self):
+        """The teacher's grad mode: `torch.inference_mode()`, or `torch.no_grad()` for a sharded teacher (torch 2.13's
+        FSDP2 gathers a one-rank group with an op that inference tensors refuse)."""
+        return torch.no_grad() if self.teacher_step is not None else torch.inference_mode()
+
     def teacher_outputs(self, teacher: nn.Module, prepared, sites, needs, data_augment: bool, shared_prefix: bool):
-        """The teacher's outputs of each prepared batch (call under torch.inference_mode())."""
+        """The teacher's outputs of each prepared batch (call under `teacher_mode()`)."""
         if self.teacher_step is not None:
             return self.teacher_step(prepared, sites, needs, data_augment, shared_prefix)
         return [model_outputs(teacher, p, sites, needs, want_logits=needs.teacher_logits, data_augment=data_augment,

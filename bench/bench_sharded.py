@@ -147,10 +147,16 @@ def run_sharded(args) -> dict | None:
                 optimizer_gib=held_gib(v for s in distiller.optimizer.state.values() for v in s.values()
                                        if isinstance(v, torch.Tensor)),
                 teacher_gib=held_gib(run.teacher.parameters()))
+    # The models, DDP's reducer and FSDP's state go before the process group: freed after it (when this frame
+    # ends), they hung a rank now and then in their destructors, or aborted it ("terminate called without an
+    # active exception").
+    del run, distiller
+    gc.collect()
     gathered = [mine]
     if params.multi_gpu:
         gathered = [None] * params.world_size
         dist.all_gather_object(gathered, mine)
+        dist.barrier()
         dist.destroy_process_group()
     if params.global_rank != 0:
         return None

@@ -216,8 +216,8 @@ def test_sharded_checkpoint_consolidates_to_an_equal_hf_folder_and_is_verified(b
 
 
 @pytest.mark.e2e
-def test_sharded_checkpoints_are_refused_by_another_engine_or_rank_count(bert_runs, distill_setup, tmp_path,
-                                                                         monkeypatch):
+def test_sharded_checkpoints_are_refused_by_another_engine_or_rank_count_and_one_rank_trains(
+        bert_runs, distill_setup, tmp_path, monkeypatch):
     fsdp, _ = bert_runs["fsdp"]
     ddp, _ = bert_runs["ddp"]
     # one process without --fsdp
@@ -235,6 +235,10 @@ def test_sharded_checkpoints_are_refused_by_another_engine_or_rank_count(bert_ru
         with pytest.raises(CliError, match="written without --fsdp: resume it without --fsdp"):
             causal_train.main(_bert_argv(distill_setup, tmp_path / "new", "--fsdp", "--resume_from",
                                          str(ddp / f"checkpoint-{BERT_STEPS}")))
+        # one rank is a process group too: --fsdp trains (the teacher sharded: torch's one-rank gather refuses
+        # inference tensors, so a sharded teacher runs under no_grad)
+        causal_train.main(train_argv(distill_setup, tmp_path / "one", "--max_steps", "1", "--fsdp", "--fsdp_teacher"))
+        assert (tmp_path / "one" / "model.safetensors").is_file()
     finally:  # (a process exits after such an error; this one goes on testing)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
