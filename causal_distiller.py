@@ -507,14 +507,22 @@ class CausalDistiller:
         if state["world_size"] != p.world_size:
             raise CliError(f"checkpoint {folder} was written by {state['world_size']} processes; "
                            f"resume with the same number (now {p.world_size})")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if len(state["rng"]) != p.world_size:
+            raise CliError(f"checkpoint {folder} is damaged: it holds the RNG state of {len(state['rng'])} processes "
+                           f"for a run of {p.world_size}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"][p.global_rank])
+        except Exception as err:  # noqa: BLE001 -- a state of another run or a damaged one: one clear message
+            raise CliError(f"checkpoint {folder} is damaged or from another run: cannot restore its optimiser, "
+                           f"schedule or RNG state ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                           ) from None
         self.epoch, self.n_step = state["epoch"], state["n_step"]
         self.batch_in_epoch, self.n_tokens = state["batch_in_epoch"], state["n_tokens"]
         self.n_skipped_nonfinite = state["n_skipped_nonfinite"]
         self.last_checkpoint_step = self.n_step
-        set_rng_state(state["rng"][p.global_rank])
         logger.info("resumed from %s: epoch %d, step %d, batch %d of the epoch", folder, self.epoch, self.n_step,
                     self.batch_in_epoch)
         if self.n_step >= self.total_steps:

@@ -9,6 +9,7 @@ and the benchmark step it (`CausalDistiller.step`), so all three run the same bu
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +134,19 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+# Every float flag: NaN or an infinity passes the range checks below (nan <= 0 is False) and then
+# fails at the first step, or, as --adam_epsilon inf, trains nothing and exits 0.
+FLOAT_FLAGS = ("temperature", *(f"alpha_{name}" for name in LOSS_NAMES), "mlm_mask_prop", "word_mask", "word_keep",
+               "word_rand", "mlm_smoothing", "interchange_prop", "warmup_prop", "weight_decay", "learning_rate",
+               "adam_epsilon", "max_grad_norm", "initializer_range")
+
+
 def sanity_checks(args) -> None:
     """Argument checks that need no model."""
+    for flag in FLOAT_FLAGS:
+        value = getattr(args, flag)
+        if not math.isfinite(value):
+            raise CliError(f"--{flag} must be a finite number, not {value}")
     if args.mlm:
         if args.alpha_clm > 0:
             raise CliError("--alpha_clm must be 0 with --mlm (use --alpha_mlm)")

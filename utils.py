@@ -363,6 +363,146 @@ def check_output_parent(path: str | os.PathLike, what: str, is_file: bool = True
     return path
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` if it exists, else its nearest existing parent folder."""
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor)
+
+
+def check_writable(path: str | os.PathLike, what: str) -> Path:
+    """CliError naming `what` when `path` (a file or folder to write, existing or not) cannot be written: its
+    folder, or the nearest existing folder above it, refuses new entries (permissions, a read-only file
+    system, an immutable folder). Writes nothing. Returns `path` as a Path."""
+    path = Path(path)
+    target = nearest_existing(path)
+    if target == path.absolute() and not target.is_dir():
+        target = target.parent  # an existing file is replaced through its folder
+    if not os.access(target, os.W_OK | os.X_OK):
+        why = "a read-only file system" if _read_only_fs(target) else "no permission to write there"
+        where = "" if target == path.absolute() else f": {target} cannot be written"
+        raise CliError(f"{what} {path}{where} ({why})" if where else f"{what} {path} cannot be written ({why})")
+    return path
+
+
+def _read_only_fs(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+# errno values of a write that failed for want of room or of permission: the user's to fix, not a bug.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+def write_error(err: BaseException) -> OSError | None:
+    """The OSError of a full disk or a refused write that `err` is, or was raised from (None otherwise)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+            return err
+        if "No space left on device" in str(err) or "os error 28" in str(err):
+            return OSError(errno.ENOSPC, "No space left on device")
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def write_error_message(err: OSError, target: str | os.PathLike | None = None) -> str:
+    """One line for a failed write: what could not be written and why."""
+    where = target or err.filename
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on device" if err.errno == errno.ENOSPC else "disk quota exceeded"
+        return f"{why} while writing {where}: free space and run the command again" if where else \
+            f"{why}: free space and run the command again"
+    return f"cannot write {where}: {err.strerror}" if where else f"cannot write: {err.strerror}"
+
+
+class RunLock:
+    """An exclusive lock on an output folder, so that two runs never write into it at once.
+
+    The lock is `flock` on `.<name>.lock` beside the folder (beside, not inside: `--force` moves the
+    folder's contents aside), holding who took it (pid, host, start, command line). It is released,
+    and the file removed, when the holder ends; a holder killed with `kill -9` releases it too (the
+    kernel drops the lock with the process). flock covers the processes of one machine; on a shared
+    (NFS) file system, runs on two machines may not see each other's lock.
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str):
+        folder = Path(folder).absolute()
+        self.folder, self.what = folder, what
+        self.path = folder.with_name(f".{folder.name}.lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock, or raise CliError naming the folder and whoever holds it."""
+        import datetime as dt
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CliError(f"{self.what} {self.folder}: {write_error_message(err, self.path.parent)}") from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                logger.warning("%s %s: cannot take the lock %s (%s): two runs at once would not be prevented",
+                               self.what, self.folder, self.path, err.strerror)
+                return self
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise CliError(f"{self.what} {self.folder} is in use by another run ({holder}); wait for it to end "
+                               f"or stop it (lock {self.path}, released when that process exits)") from None
+            try:  # the file may have been removed by a holder that released it meanwhile: take the new one
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": dt.datetime.now().isoformat(timespec="seconds"), "command": _command_line()}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still holding it: a waiting process then retries on a new file
+        os.close(self.fd)
+        self.fd = None
+
+
+def _command_line() -> str:
+    try:
+        import psutil
+
+        return " ".join(psutil.Process().cmdline())
+    except Exception:  # noqa: BLE001 -- psutil missing or /proc unreadable: the script's own arguments
+        return " ".join([sys.executable, *sys.argv])
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 65536, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info.get("pid"):
+        return "a process that is starting"
+    return (f"pid {info['pid']} on {info.get('host', '?')}, started {info.get('started', '?')}: "
+            f"{info.get('command', '?')}")
+
+
 def clean_stale_temporaries(folder: str | os.PathLike, prefix: str = "") -> list[Path]:
     """Remove the hidden `.{prefix}.*.tmp` files and folders (and `.{prefix}.*.old`) in `folder` (every
     hidden `.tmp` / `.old` entry when `prefix` is empty).
