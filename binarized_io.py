@@ -126,6 +126,24 @@ class Corpus:
         """The largest token id (-1 for an empty corpus)."""
         return max((int(chunk.max()) for _, chunk in self.iter_flat() if len(chunk)), default=-1)
 
+    def check_ids(self, vocab_size: int | None, flag: str | None = None) -> None:
+        """CliError naming the file and the first sequence that holds a negative token id, or one of
+        `vocab_size` or more (when given): a damaged or crafted file, or another tokenizer's corpus."""
+        what = f"{flag} {self.path}" if flag else str(self.path)
+        for offset, chunk in self.iter_flat():
+            if not len(chunk):
+                continue
+            bad = chunk < 0
+            if vocab_size is not None:
+                bad |= chunk >= vocab_size
+            if bad.any():
+                k = int(np.flatnonzero(bad)[0])
+                seq = int(np.searchsorted(self.starts, offset + k, side="right")) - 1
+                tid = int(chunk[k])
+                why = ("a token id is never negative (a damaged or crafted file)" if tid < 0 else
+                       f"beyond the vocabulary of {vocab_size} entries: binarized with another tokenizer?")
+                raise CliError(f"{what}: sequence {seq} holds token id {tid}, {why}")
+
     def describe(self) -> str:
         name = str(self.path) if self.path is not None else "<memory>"
         return f"{name} ({self.format}, {len(self)} sequences, {self.n_tokens} tokens)"

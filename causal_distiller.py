@@ -31,7 +31,6 @@ import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from batching import BatchPreparer, Prepared
@@ -43,7 +42,7 @@ from lm_seqs_dataset import collated_batches
 from losses import (LOSS_NAMES, head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl,
                     use_compiled_kernels)
 from neuron_mapping import MappingEntry
-from utils import CliError, logger
+from utils import CliError, logger, progress_bar
 
 
 def needs_from_alphas(alphas: dict[str, float]) -> Needs:
@@ -134,6 +133,11 @@ def configure_optimizer(student: nn.Module, params, total_steps: int):
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
 
 
+def default_log_interval(total_steps: int) -> int:
+    """500 steps, or fewer for a short run: about 50 log points over `total_steps` (at least every step)."""
+    return max(1, min(500, total_steps // 50))
+
+
 class NonFiniteLoss(RuntimeError):
     """A NaN or infinite loss beyond --skip_nonfinite_steps: the run stops with its last good state."""
 
@@ -213,6 +217,8 @@ class CausalDistiller:
         if params.max_steps > 0:
             self.total_steps = min(self.total_steps, params.max_steps)
         self.optimizer, self.scheduler = configure_optimizer(student, params, self.total_steps)
+        # Logging never changes the numbers (a host sync and a read of the summed losses), only how often.
+        self.log_interval = getattr(params, "log_interval", None) or default_log_interval(self.total_steps)
 
         self.step_module: nn.Module = StudentStep(student)
         if self.multi_gpu:
@@ -249,9 +255,10 @@ class CausalDistiller:
         self._install_signal_handlers()
         if self.is_master:
             self.log.open()
-            logger.info("training for %d optimiser steps (%d batches per epoch, %d epochs, accumulation %d)",
-                        self.total_steps, self.batches_per_epoch, p.n_epoch, self.grad_acc)
-        bar = tqdm(total=self.total_steps, initial=self.n_step, disable=not self.is_master or p.no_progress,
+            logger.info("training for %d optimiser steps (%d batches per epoch, %d epochs, accumulation %d), "
+                        "logging every %d", self.total_steps, self.batches_per_epoch, p.n_epoch, self.grad_acc,
+                        self.log_interval)
+        bar = progress_bar(total=self.total_steps, initial=self.n_step, disable=not self.is_master or p.no_progress,
                    desc="distilling", dynamic_ncols=True)
         log_sums: dict[str, torch.Tensor] = {}
         n_log = 0
@@ -271,7 +278,7 @@ class CausalDistiller:
                         for k, v in losses.items():
                             log_sums[k] = log_sums.get(k, 0.0) + v
                         n_log += 1
-                        if self.n_step % p.log_interval == 0:
+                        if self.n_step % self.log_interval == 0:
                             self._log(log_sums, n_log, tokens_at_log, bar)
                             log_sums, n_log, tokens_at_log = {}, 0, self.n_tokens
                         if p.checkpoint_interval > 0 and self.n_step % p.checkpoint_interval == 0:
@@ -280,7 +287,8 @@ class CausalDistiller:
                         done = True
                         break
                     if self._should_stop():
-                        self.save_checkpoint()
+                        if self.last_checkpoint_step != self.n_step:  # (not twice when this step just wrote one)
+                            self.save_checkpoint()
                         raise Preempted(self._stop_signal)
                 if not done or self.batch_in_epoch >= len(batches):
                     self.epoch += 1

@@ -76,7 +76,8 @@ def _train(args, run, resume, aside: Path | None, created: bool) -> None:
                 logger.error("%s; no step was trained, so no checkpoint is written: check the hyper-parameters "
                              "(--learning_rate, --temperature, --alpha_*)", err)
             sys.exit(3)
-        target = distiller.save_checkpoint()
+        target = distiller.save_checkpoint() if distiller.last_checkpoint_step != distiller.n_step else \
+            _newest(args.dump_path)
         if args.is_master:
             logger.error("%s; the last good state is in %s", err, target)
         sys.exit(3)

@@ -9,6 +9,7 @@ naming the culprit; `utils.run_cli` turns it into one log line and exit status 2
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,8 @@ from typing import Iterable, Sequence
 from transformers import HfArgumentParser, TrainingArguments
 
 from input_checks import check_local_path, check_tokenizer
-from utils import CliError, atomic_write_text, cpu_bf16_warning, require_file, set_seed
+from utils import (CliError, atomic_write_text, check_output_parent, check_writable, cpu_bf16_warning,
+                   line_mode_progress_bars_for_transformers, require_file, set_seed, writing_into)
 
 logger = logging.getLogger("causal_distill.finetune")
 
@@ -141,9 +143,25 @@ def start(arguments: Sequence[type], argv: Sequence[str] | None, doc: str,
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
         if getattr(training_args, flag) < 1:
             raise CliError(f"--{flag} must be >= 1, not {getattr(training_args, flag)}")
+    if training_args.do_train:
+        for flag, ok, what in (("learning_rate", training_args.learning_rate > 0, "> 0"),
+                               ("weight_decay", training_args.weight_decay >= 0, ">= 0"),
+                               ("adam_epsilon", training_args.adam_epsilon > 0, "> 0"),
+                               ("max_grad_norm", training_args.max_grad_norm >= 0, ">= 0")):
+            value = getattr(training_args, flag)
+            if value is not None and (not math.isfinite(value) or not ok):
+                raise CliError(f"--{flag} must be a finite number {what}, not {value}")
+    check_output_dir(training_args.output_dir)
+    line_mode_progress_bars_for_transformers()  # in a log file, one line per refresh (no text run into log lines)
     checkpoint = resolve_checkpoint(training_args)
     set_seed(training_args.seed)
     return (*parsed, checkpoint)
+
+
+def check_output_dir(output_dir: str) -> Path:
+    """CliError naming --output_dir when it is a file, lies under a file, or cannot be written."""
+    path = check_output_parent(output_dir, "--output_dir", is_file=False)
+    return check_writable(path, "--output_dir")
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -279,7 +297,8 @@ def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
         raise CliError(
             f"--output_dir {output_dir} holds a finished training run ({finished[0]}): pass --overwrite_output_dir "
             f"to train afresh, another --output_dir, or --resume_from_checkpoint latest to continue it "
-            f"(with a larger --max_steps or --num_train_epochs)"
+            f"(with a larger --max_steps or --num_train_epochs); to evaluate its model only, drop --do_train and "
+            f"pass --model_name_or_path {output_dir} --do_eval"
         )
     last = newest_complete_checkpoint(output_dir)
     if last is not None:
@@ -356,17 +375,19 @@ def load_model(auto_class, model_args: ModelArguments, config):
                        f"(missing, truncated or not a model of this kind?): {type(err).__name__}: {err}") from None
 
 
-def resolve_max_length(requested: int | None, tokenizer, config, default: int = 512) -> int:
-    """The sequence length to use: `requested` (or `default`), capped by the tokenizer and the position table."""
+def resolve_max_length(requested: int | None, tokenizer, config, default: int = 512,
+                       flag: str = "--max_seq_length") -> int:
+    """The sequence length to use: `requested` (or `default`), capped by the tokenizer and the position table;
+    errors and warnings name `flag` (run_clm.py's is --block_size)."""
     limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
     limits = [int(x) for x in limits if x is not None and x < 1_000_000]
     cap = min(limits) if limits else None
     if requested is None:
         return min([default] + ([cap] if cap else []))
     if requested <= 0:
-        raise CliError(f"--max_seq_length must be positive, got {requested}")
+        raise CliError(f"{flag} must be positive, got {requested}")
     if cap is not None and requested > cap:
-        logger.warning("--max_seq_length %d exceeds what the model handles (%d): using %d", requested, cap, cap)
+        logger.warning("%s %d exceeds what the model handles (%d): using %d", flag, requested, cap, cap)
         return cap
     return requested
 
@@ -535,13 +556,49 @@ def train_and_save(trainer, checkpoint: str | None, train_dataset) -> dict:
     write train_results.json; returns the training metrics ({} without --do_train)."""
     if not trainer.args.do_train:
         return {}
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()
-    metrics = dict(result.metrics)
-    metrics["train_samples"] = len(train_dataset)
-    save_metrics(trainer.args.output_dir, "train", metrics, trainer.is_world_process_zero())
-    trainer.save_state()
+    with writing_into(trainer.args.output_dir, "--output_dir"):  # a full disk: one message naming the folder
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        save_model_atomically(trainer)
+        metrics = dict(result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        save_metrics(trainer.args.output_dir, "train", metrics, trainer.is_world_process_zero())
+        trainer.save_state()
     return metrics
+
+
+def save_model_atomically(trainer) -> None:
+    """`trainer.save_model()` into a hidden folder of --output_dir, then each file renamed into place: a full disk
+    or a kill never leaves a truncated model.safetensors under its final name."""
+    import tempfile
+
+    out = Path(trainer.args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".final.", suffix=".tmp", dir=out))
+    try:
+        trainer.save_model(str(tmp))
+        if trainer.is_world_process_zero():
+            for f in sorted(tmp.iterdir()):
+                if f.is_file():
+                    os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def after_training(training_args):
+    """Evaluation after a training run: should it fail, the trained model is already saved in --output_dir, and
+    the error says so and how to evaluate it without training again (a rerun with --do_train is refused)."""
+    try:
+        yield
+    except Exception as err:
+        if not training_args.do_train:
+            raise
+        logger.debug("evaluation failed", exc_info=True)
+        what = str(err) if isinstance(err, CliError) else f"{type(err).__name__}: {err}"
+        out = training_args.output_dir
+        raise CliError(f"the training finished and its model is saved in {out}, but the evaluation failed: {what}. "
+                       f"Nothing is lost: evaluate it with --model_name_or_path {out} --do_eval (without --do_train)"
+                       ) from err
 
 
 # ------------------------------------------------------------------- language modelling (run_mlm, run_clm)
@@ -690,15 +747,18 @@ def build_lm(model_args: LmModelArguments, tokenizer, kind: str):
 
 
 def load_lm_and_text(model_args: LmModelArguments, data_args: LmDataArguments, training_args, kind: str,
-                      length: int | None, default_length: int):
+                      length: int | None, default_length: int, length_flag: str = "--max_seq_length"):
     """The opening of run_mlm.py and run_clm.py: (raw text splits, tokenizer, config, model, sequence length),
-    the length being `length` (or `default_length`) capped by what the model and tokenizer handle."""
-    raw, _ = load_text_datasets(data_args, training_args, model_args.cache_dir)
+    the length being `length` (or `default_length`) capped by what the model and tokenizer handle. The raw
+    splits carry `sources` (split -> the file or dataset it came from) for error messages."""
+    raw, sources = load_text_datasets(data_args, training_args, model_args.cache_dir)
+    raw.sources = sources
     tokenizer = load_tokenizer(model_args)
     config, model = build_lm(model_args, tokenizer, kind)
     if not model_args.model_name_or_path and not training_args.do_train:
         logger.warning("evaluating a freshly initialised model that was not trained")
-    return raw, tokenizer, config, model, resolve_max_length(length, tokenizer, config, default=default_length)
+    return raw, tokenizer, config, model, resolve_max_length(length, tokenizer, config, default=default_length,
+                                                             flag=length_flag)
 
 
 def evaluate_perplexity(trainer, eval_dataset, **extra) -> dict:

@@ -183,11 +183,11 @@ def prepare_datasets(raw, data_args: MlmDataArguments, tokenizer, max_seq_length
     if training_args.do_train:
         train_dataset = take(tokenized["train"], data_args.max_train_samples)
         if len(train_dataset) == 0:
-            raise CliError("the training data holds no text")
+            raise CliError(f"{getattr(raw, 'sources', {}).get('train', 'the training data')} holds no text")
     if training_args.do_eval:
         eval_dataset = take(tokenized["validation"], data_args.max_eval_samples)
         if len(eval_dataset) == 0:
-            raise CliError("the evaluation data holds no text")
+            raise CliError(f"{getattr(raw, 'sources', {}).get('validation', 'the evaluation data')} holds no text")
         with training_args.main_process_first(desc="fixed evaluation masking"):
             eval_dataset = mask_fixed(eval_dataset, tokenizer, data_args.mlm_probability, data_args.eval_mask_seed)
     return train_dataset, eval_dataset

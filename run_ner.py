@@ -160,7 +160,25 @@ def load_data(data_args: NerDataArguments, training_args, cache_dir: str | None)
     for split in used:
         required = [data_args.text_column_name] + ([] if split == "test" else [data_args.label_column_name])
         check_columns(raw[split], required, sources[split])
+        check_rows(raw[split], data_args, sources[split])
     return raw, sources, used
+
+
+def check_rows(dataset, data_args: NerDataArguments, source: str) -> None:
+    """Every row's words are a list of strings and its tags (when present) a list of as many: CliError naming the
+    file, the row and the column otherwise (a string of words would be tagged character by character)."""
+    words_col, tags_col = data_args.text_column_name, data_args.label_column_name
+    tags_all = dataset[tags_col] if tags_col in dataset.column_names else None
+    for i, words in enumerate(dataset[words_col]):
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise CliError(f"{source} row {i}: {words_col} must be a list of words (strings), found "
+                           f"{type(words).__name__} {str(words)[:60]!r}")
+        if tags_all is not None:
+            tags = tags_all[i]
+            if not isinstance(tags, list) or len(tags) != len(words):
+                n = len(tags) if isinstance(tags, list) else type(tags).__name__
+                raise CliError(f"{source} row {i}: {tags_col} must be a list of one tag per word ({len(words)} "
+                               f"words, {n} tags)")
 
 
 def tag_set(raw, sources: dict, used: list[str], data_args: NerDataArguments, given_names: list[str] | None,

@@ -50,6 +50,12 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         logger.error("interrupted")
         sys.exit(130)
+    except Exception as err:  # a full disk or a refused write is the user's to fix: one line, not a traceback
+        found = write_error(err)
+        if found is None:
+            raise
+        logger.error("%s", write_error_message(found))
+        sys.exit(2)
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:
@@ -213,8 +219,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     leaves a half-written file under the final name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        _raise_write_error(err, path)
+        raise
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     try:
         with os.fdopen(fd, mode, encoding=encoding) as fh:
@@ -222,9 +232,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        _raise_write_error(err, path)
         raise
 
 
@@ -248,8 +259,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     temporary folder is deleted and `path` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as err:
+        _raise_write_error(err, path)
+        raise
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -261,8 +276,38 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_write_error(err, path)
+        raise
+
+
+def _raise_write_error(err: BaseException, path: Path) -> None:
+    """Raise a CliError naming `path` (chained to `err`) when `err` is a full disk or a refused write."""
+    if isinstance(err, CliError):
+        return
+    found = write_error(err)
+    if found is not None:
+        raise CliError(write_error_message(found, path)) from err
+
+
+@contextlib.contextmanager
+def writing_into(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn a full disk or a refused write inside the block into a CliError naming `what` `folder`, and remove
+    the folders the block created, if it leaves them empty (nothing half-made is left behind)."""
+    folder = Path(folder)
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException as err:
+        for made in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        if isinstance(err, CliError):
+            raise
+        found = write_error(err)
+        if found is not None:
+            raise CliError(f"{what} {folder}: {write_error_message(found)}") from err
         raise
 
 
@@ -363,6 +408,47 @@ def check_output_parent(path: str | os.PathLike, what: str, is_file: bool = True
     return path
 
 
+class _LineStream:
+    """A stream for a progress bar whose output is not a terminal (a log file, a pipe): each refresh becomes one
+    whole line. tqdm redraws its line with carriage returns and ends it only when it closes, so a log line
+    written meanwhile ran into the bar's text in log files."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "\n").strip("\n")
+        if text.strip():
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(*args, **kwargs):
+    """tqdm on stderr; where stderr is not a terminal, one line per refresh (at most one every 5 s) instead of
+    carriage-return redraws, so that log files stay one message per line (the counts `n/total` are still
+    written, which the quickstart reads to show its own bar)."""
+    from tqdm import tqdm
+
+    stream = kwargs.pop("file", None) or sys.stderr
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        stream = _LineStream(stream)
+        kwargs["mininterval"] = max(kwargs.get("mininterval", 0.1), 5.0)
+        kwargs["dynamic_ncols"] = False
+        kwargs.setdefault("ncols", 100)
+    return tqdm(*args, file=stream, **kwargs)
+
+
+def line_mode_progress_bars_for_transformers() -> None:
+    """HF's Trainer draws its bars with tqdm: in a log file, make them one line per refresh too (`progress_bar`)."""
+    if sys.stderr.isatty():
+        return
+    import transformers.trainer_callback as callbacks
+
+    callbacks.tqdm = progress_bar
+
+
 def nearest_existing(path: str | os.PathLike) -> Path:
     """`path` if it exists, else its nearest existing parent folder."""
     path = Path(path).absolute()
@@ -418,7 +504,10 @@ def write_error_message(err: OSError, target: str | os.PathLike | None = None) -
         why = "no space left on device" if err.errno == errno.ENOSPC else "disk quota exceeded"
         return f"{why} while writing {where}: free space and run the command again" if where else \
             f"{why}: free space and run the command again"
-    return f"cannot write {where}: {err.strerror}" if where else f"cannot write: {err.strerror}"
+    why = err.strerror or "write refused"
+    if err.errno == errno.EROFS:
+        why = "read-only file system"
+    return f"cannot write {where}: {why}" if where else f"cannot write: {why}"
 
 
 class RunLock:

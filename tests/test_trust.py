@@ -2,12 +2,10 @@
 loses the previous run, every message about resuming names the folder, one run at a time in a dump path."""
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -263,6 +261,26 @@ def test_every_resume_message_names_the_folder(distill_setup, run_copy, monkeypa
     assert stop.value.code == 128 + signal.SIGTERM
     assert (f"stopped by signal 15; resume with the same command plus --resume (it continues from "
             f"{dump / 'checkpoint-2'})") in caplog.text
+
+
+def test_a_stop_at_a_checkpoint_step_writes_that_checkpoint_once(distill_setup, tmp_path, monkeypatch, caplog):
+    """Issue 21.8: SIGINT logged "checkpoint written" twice: the stop rewrote the checkpoint its step had just written."""
+    original = causal_distiller.CausalDistiller.step
+
+    def step(self, window):
+        out = original(self, window)
+        if self.n_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(causal_distiller.CausalDistiller, "step", step)
+    caplog.set_level("INFO")
+    dump = tmp_path / "int"
+    with pytest.raises(SystemExit) as stop:
+        causal_train.main(_argv(distill_setup, dump, "--max_steps", "5"))
+    assert stop.value.code == 128 + signal.SIGINT
+    written = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint written")]
+    assert written == [f"checkpoint written: {dump / 'checkpoint-1'}", f"checkpoint written: {dump / 'checkpoint-2'}"]
 
 
 # --- 6. one run at a time in a dump path ----------------------------------------------------------------
