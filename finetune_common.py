@@ -24,7 +24,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from input_checks import check_local_path, check_tokenizer
 from utils import (CliError, atomic_write_text, check_output_parent, check_writable, cpu_bf16_warning,
-                   line_mode_progress_bars_for_transformers, require_file, set_seed, writing_into)
+                   line_mode_progress_bars_for_transformers, require_file, set_seed, write_error, write_error_message,
+                   writing_into)
 
 logger = logging.getLogger("causal_distill.finetune")
 
@@ -152,10 +153,39 @@ def start(arguments: Sequence[type], argv: Sequence[str] | None, doc: str,
             if value is not None and (not math.isfinite(value) or not ok):
                 raise CliError(f"--{flag} must be a finite number {what}, not {value}")
     check_output_dir(training_args.output_dir)
+    _RUN["missing"] = [p for p in (Path(training_args.output_dir).absolute(), *Path(training_args.output_dir).absolute().parents)
+                       if not p.exists()]
+    _RUN["output_dir"] = training_args.output_dir
     line_mode_progress_bars_for_transformers()  # in a log file, one line per refresh (no text run into log lines)
     checkpoint = resolve_checkpoint(training_args)
     set_seed(training_args.seed)
     return (*parsed, checkpoint)
+
+
+# What `start` saw of --output_dir: the folders the run is about to create (for `finetune_main` to remove again).
+_RUN: dict = {}
+
+
+def finetune_main(main):
+    """Decorate a script's `main`: a run that fails removes the --output_dir folders it created and left empty, and
+    a full disk or a refused write becomes one message naming --output_dir (no traceback)."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        _RUN.clear()
+        try:
+            return main(*args, **kwargs)
+        except BaseException as err:
+            for made in _RUN.get("missing", ()):  # deepest first
+                with contextlib.suppress(OSError):
+                    made.rmdir()
+            found = None if isinstance(err, CliError) else write_error(err)
+            if found is not None:
+                raise CliError(f"--output_dir {_RUN.get('output_dir')}: {write_error_message(found)}") from err
+            raise
+
+    return wrapped
 
 
 def check_output_dir(output_dir: str) -> Path:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from finetune_common import (FinetuneTrainingArguments, LmDataArguments, LmModelArguments, evaluate_perplexity,
                              load_lm_and_text, make_trainer, start, take, text_column, train_and_save)
+from finetune_common import finetune_main
 from utils import CliError, run_cli
 
 logger = logging.getLogger("causal_distill.run_clm")
@@ -87,6 +88,7 @@ def collate_blocks(features):
 ARGUMENTS = (LmModelArguments, ClmDataArguments, FinetuneTrainingArguments)
 
 
+@finetune_main
 def main(argv: list[str] | None = None) -> dict:
     """Run causal-LM training and/or evaluation as the command line `argv` asks; returns all metrics."""
     model_args, data_args, training_args, checkpoint = start(ARGUMENTS, argv, __doc__, ("do_train", "do_eval"))

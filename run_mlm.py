@@ -19,6 +19,7 @@ import numpy as np
 
 from finetune_common import (FinetuneTrainingArguments, LmDataArguments, LmModelArguments, evaluate_perplexity,
                              load_lm_and_text, make_trainer, pad_multiple, start, take, text_column, train_and_save)
+from finetune_common import finetune_main
 from utils import CliError, run_cli
 
 logger = logging.getLogger("causal_distill.run_mlm")
@@ -160,6 +161,7 @@ class MlmCollator:
 ARGUMENTS = (LmModelArguments, MlmDataArguments, FinetuneTrainingArguments)
 
 
+@finetune_main
 def main(argv: list[str] | None = None) -> dict:
     """Run masked-LM training and/or evaluation as the command line `argv` asks; returns all metrics."""
     model_args, data_args, training_args, checkpoint = start(ARGUMENTS, argv, __doc__, ("do_train", "do_eval"))

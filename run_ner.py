@@ -20,6 +20,7 @@ import numpy as np
 from finetune_common import (FinetuneTrainingArguments, ModelArguments, check_columns, check_vocab, load_config,
                              load_model, load_split_files, load_tokenizer, make_trainer, pad_multiple,
                              resolve_max_length, save_metrics, start, take, train_and_save)
+from finetune_common import finetune_main
 from metrics import seqeval_metrics
 from utils import CliError, atomic_write_text, run_cli
 
@@ -126,6 +127,7 @@ def trained_labels(config) -> list[str] | None:
 ARGUMENTS = (ModelArguments, NerDataArguments, NerTrainingArguments)
 
 
+@finetune_main
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune, evaluate and/or predict as the command line `argv` asks; returns all metrics."""
     from transformers import DataCollatorForTokenClassification

@@ -25,6 +25,7 @@ from finetune_common import (FinetuneTrainingArguments, ModelArguments, after_tr
                              load_config,
                              load_model, load_split_files, load_tokenizer, make_trainer, padding_collator,
                              resolve_max_length, save_metrics, start, take, train_and_save)
+from finetune_common import finetune_main
 from metrics import normalize_answer, squad_evaluate, squad_v2_evaluate
 from utils import CliError, atomic_write_text, require_file, run_cli
 
@@ -245,6 +246,7 @@ def postprocess_predictions(
 ARGUMENTS = (ModelArguments, QaDataArguments, FinetuneTrainingArguments)
 
 
+@finetune_main
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune, evaluate and/or predict as the command line `argv` asks; returns all metrics."""
     from transformers import AutoModelForQuestionAnswering

@@ -558,9 +558,13 @@ class RunLock:
             os.close(fd)
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": dt.datetime.now().isoformat(timespec="seconds"), "command": _command_line()}
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode())
+        except OSError as err:  # a full disk: the lock is not worth a run that could not write anything anyway
+            self.release()
+            raise CliError(f"{self.what} {self.folder}: {write_error_message(err, self.path)}") from None
         return self
 
     def release(self) -> None:

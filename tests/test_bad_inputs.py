@@ -348,3 +348,97 @@ def test_bad_input_gives_one_message_exit_2_and_writes_nothing(world, tmp_path, 
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
     assert _snapshot(world["root"]) == before
     assert not (world["root"] / "pwned").exists()
+
+
+# --- a full disk -------------------------------------------------------------------------------------------
+# Each script writing into a file system with no room left: exit 2, one message naming the target and the cause,
+# no traceback, nothing left behind. The disk is real: a small tmpfs, filled, mounted in a mount namespace of the
+# child process only (`unshare -m`, root); skipped where that is not allowed.
+_RUNNER = r'''
+import json, logging, os, runpy, sys, traceback
+full, cases = sys.argv[1], json.loads(sys.argv[2])
+sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "scripts")]
+errors = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        if record.levelno >= logging.ERROR:
+            errors.append(record.getMessage())
+logging.getLogger().addHandler(Keep())
+results = {}
+for name, script, argv in cases:
+    del errors[:]
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    except BaseException:
+        code = "traceback: " + traceback.format_exc()[-1500:]
+    left = sorted(os.path.relpath(os.path.join(d, f), full) for d, dirs, files in os.walk(full) for f in files + dirs)
+    results[name] = {"code": code, "errors": list(errors), "left": [p for p in left if p != "filler"]}
+print("RESULTS " + json.dumps(results))
+'''
+
+
+def _full_disk_cases(w, full):
+    iia = ["--teacher_name", str(w["teacher"]), "--student_name", str(w["teacher"]), "--data_file", str(w["text"]),
+           "--num_pairs", "8", "--batch_size", "8", "--n_bootstrap", "10", "--no_progress", "--device", "cpu"]
+    return [
+        ("binarize", "scripts/binarized_data.py", ["--file_path", str(w["text"]), "--tokenizer_type", "bert",
+                                                    "--tokenizer_name", str(w["teacher"]), "--dump_file", f"{full}/data"]),
+        ("counts", "scripts/token_counts.py", ["--data_file", str(w["data"]), "--token_counts_dump", f"{full}/c.pickle"]),
+        ("combine", "scripts/data_combinator.py", ["--file_path_left", str(w["pickle_ok"]), "--file_path_right",
+                                                   str(w["pickle_ok"]), "--tokenizer_name", "tok", "--dump_file",
+                                                   f"{full}/both"]),
+        ("extract", "scripts/extract_distilbert.py", ["--model_name", str(w["teacher"]), "--num_layers", "2",
+                                                      "--dump_checkpoint", f"{full}/s.pth"]),
+        ("iia", "run_iia.py", [*iia, "--sweep", "--output_dir", f"{full}/iia"]),
+        ("mlm-eval", "run_mlm.py", ["--model_name_or_path", str(w["teacher"]), "--validation_file", str(w["text"]),
+                                    "--do_eval", "--per_device_eval_batch_size", "4", "--max_eval_samples", "8",
+                                    "--output_dir", f"{full}/mlm"]),
+        ("mlm-train", "run_mlm.py", ["--model_name_or_path", str(w["teacher"]), "--train_file", str(w["text"]),
+                                     "--do_train", "--max_steps", "1", "--save_strategy", "no", "--report_to", "none",
+                                     "--per_device_train_batch_size", "4", "--output_dir", f"{full}/mlm_train"]),
+        ("train", "causal_train.py", train_argv(w, full / "run", "--max_steps", "1")),
+    ]
+
+
+def test_a_full_disk_gives_one_message_exit_2_and_leaves_nothing(world, tmp_path):
+    import json
+    import shutil
+    import subprocess
+
+    from helpers import SUBPROCESS_ENV
+
+    if not shutil.which("unshare") or not shutil.which("mount"):
+        pytest.skip("needs unshare and mount")
+    full = tmp_path / "full"
+    full.mkdir()
+    cases = _full_disk_cases(world, full)
+    # the tmpfs is filled to the last block, so every write to it fails with ENOSPC
+    script = (f"mount -t tmpfs -o size=256k tmpfs {full} || exit 77; "
+              f"dd if=/dev/zero of={full}/filler bs=4k >/dev/null 2>&1; "
+              f"exec {sys.executable} -c {shlex_quote(_RUNNER)} {full} {shlex_quote(json.dumps(cases))}")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=900)
+    if proc.returncode == 77 or "unshare failed" in proc.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr[-300:]}")
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS ")), None)
+    assert line, proc.stderr[-3000:]
+    results = json.loads(line[len("RESULTS "):])
+    assert sorted(results) == sorted(c[0] for c in cases)
+
+    def sound(r):  # exit 2, one message naming the disk and the target; no half-written file, temporary or folder
+        return (r["code"] == 2 and len(r["errors"]) == 1 and "no space left on device" in r["errors"][0]
+                and str(full) in r["errors"][0] and not r["left"])
+
+    failed = {name: r for name, r in results.items() if not sound(r)}
+    assert not failed, failed
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def shlex_quote(text):
+    import shlex
+
+    return shlex.quote(text)
