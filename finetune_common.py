@@ -235,11 +235,17 @@ def checkpoint_step(path: Path) -> int | None:
     return int(name[len(prefix):])
 
 
-def trainer_checkpoint_problem(path: Path) -> str | None:
-    """Why `path` cannot be resumed from, or None when it is a complete Trainer checkpoint.
+def trainer_checkpoint_problem(path: Path, world_size: int = 1) -> str | None:
+    """Why `path` cannot be resumed from exactly, or None when it is a complete Trainer checkpoint.
 
-    The Trainer writes `trainer_state.json` last, after the weights, optimizer, scheduler and RNG
-    states, and not atomically: a checkpoint is complete when that file parses and the weights exist.
+    The Trainer writes no manifest and its saves are not atomic; `trainer_state.json` is written last.
+    A checkpoint is complete when that file parses and every file a continuation loads is there and
+    whole: the weights (a safetensors file as long as its header says), `optimizer.pt`, `scheduler.pt`
+    and the RNG state of every process (`rng_state.pth`, or `rng_state_<rank>.pth` under torchrun),
+    each a zip whose members pass their CRC and which `torch.load(weights_only=True)` would take
+    (tensors, plain data and NumPy arrays: no other global). Without the optimizer or RNG state the
+    Trainer would resume silently into a different run; a crafted file would be refused by torch, with
+    a traceback. A bit flipped inside the weights of a safetensors file is not detected (no checksum).
     """
     path = Path(path)
     state = path / "trainer_state.json"
@@ -252,16 +258,76 @@ def trainer_checkpoint_problem(path: Path) -> str | None:
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     if not any((path / w).is_file() for w in weights):
         return "no model weights"
+    if (path / "model.safetensors").is_file():
+        problem = safetensors_problem(path / "model.safetensors")
+        if problem:
+            return f"model.safetensors {problem}"
+    rng = ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
+    for name, what in (("optimizer.pt", "the optimiser's state (Adam's moments)"), ("scheduler.pt", "the schedule"),
+                       *((r, "the random generators (dropout, data order)") for r in rng)):
+        if not (path / name).is_file():
+            return (f"no {name}: a resume would silently restart {what} and train differently (a save interrupted, "
+                    f"the file removed, or --save_only_model)")
+    for file in sorted(path.glob("*.pt")) + sorted(path.glob("*.pth")) + sorted(path.glob("pytorch_model*.bin")):
+        problem = torch_file_problem(file)
+        if problem:
+            return f"{file.name} {problem}"
     return None
 
 
-def newest_complete_checkpoint(output_dir: Path) -> str | None:
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole (its header unreadable, its size not the header's), or None."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size:
+                return "is truncated or corrupt (its header length exceeds the file)"
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError):
+        return "is truncated or corrupt (unreadable header)"
+    if size != 8 + n + end:
+        return f"is truncated or corrupt ({size} bytes, its header says {8 + n + end})"
+    return None
+
+
+# Globals a Trainer's RNG state holds (NumPy's generator state), which transformers allows when it loads one.
+_NUMPY_GLOBALS = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+                  "numpy.dtype", "numpy.dtypes.")
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """Why a torch.save file is not whole or not plain data (a truncated zip, a member failing its CRC, a global
+    that weights-only loading refuses), or None. Reads the whole file; builds nothing."""
+    import zipfile
+
+    import torch
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            return f"is corrupt ({bad} fails its CRC check)"
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as err:  # noqa: BLE001 -- BadZipFile, a truncated archive, an unreadable pickle
+        return f"is truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    refused = [g for g in unsafe if not g.startswith(_NUMPY_GLOBALS)]
+    if refused:
+        return (f"holds {', '.join(refused[:3])}, which weights-only loading refuses (a crafted file?): it is never "
+                f"loaded")
+    return None
+
+
+def newest_complete_checkpoint(output_dir: Path, world_size: int = 1) -> str | None:
     """The complete `checkpoint-*` folder of `output_dir` with the highest step; logs each newer incomplete one skipped."""
     found = sorted(
         (step, p) for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and (step := checkpoint_step(p)) is not None
     )
     for _, path in reversed(found):
-        problem = trainer_checkpoint_problem(path)
+        problem = trainer_checkpoint_problem(path, world_size)
         if problem is None:
             return str(path)
         logger.warning("skipping the incomplete checkpoint %s: %s", path, problem)
@@ -300,14 +366,14 @@ def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
         resume = None
     if resume is not None:
         if str(resume).strip().lower() in ("true", "latest", "last"):
-            last = newest_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+            last = newest_complete_checkpoint(output_dir, training_args.world_size) if output_dir.is_dir() else None
             if last is None:
                 raise CliError(f"--resume_from_checkpoint {resume}: no complete checkpoint-* folder in {output_dir}")
             _log_resume(last, f"the newest complete checkpoint in {output_dir} (--resume_from_checkpoint {resume})",
                         training_args)
             return last
         path = require_file(resume, "--resume_from_checkpoint")
-        problem = trainer_checkpoint_problem(path)
+        problem = trainer_checkpoint_problem(path, training_args.world_size)
         if problem is not None:
             raise CliError(f"--resume_from_checkpoint {path}: not a complete Trainer checkpoint ({problem})")
         _log_resume(str(path), "--resume_from_checkpoint", training_args)
@@ -324,13 +390,15 @@ def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
         return None
     finished = [m for m in FINISHED_MARKERS if (output_dir / m).is_file()]
     if finished:
+        last = newest_complete_checkpoint(output_dir, training_args.world_size)
+        cont = f"it (from {last})" if last else "it (no complete checkpoint-* folder is left to continue from)"
         raise CliError(
             f"--output_dir {output_dir} holds a finished training run ({finished[0]}): pass --overwrite_output_dir "
-            f"to train afresh, another --output_dir, or --resume_from_checkpoint latest to continue it "
+            f"to train afresh, another --output_dir, or --resume_from_checkpoint latest to continue {cont} "
             f"(with a larger --max_steps or --num_train_epochs); to evaluate its model only, drop --do_train and "
             f"pass --model_name_or_path {output_dir} --do_eval"
         )
-    last = newest_complete_checkpoint(output_dir)
+    last = newest_complete_checkpoint(output_dir, training_args.world_size)
     if last is not None:
         _log_resume(last, "a checkpoint was found in --output_dir; pass --overwrite_output_dir to train afresh",
                     training_args)
