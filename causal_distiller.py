@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import time
@@ -236,6 +237,7 @@ class CausalDistiller:
         self.n_skipped_nonfinite = 0
         self.n_tokens = 0
         self._stop_signal = None
+        self._launcher: int | None = None  # torchrun's pid, set by train() (see `_launcher_gone`)
         self.forward_counts = {"teacher": {}, "student": {}}
         self.checkpoints = CheckpointWriter(self.dump_path, params.save_total_limit)
         self.last_checkpoint_step: int | None = None
@@ -455,11 +457,27 @@ class CausalDistiller:
                                signal.Signals(signum).name)
             self._stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # nohup: a hang-up is to be ignored
             with contextlib.suppress(ValueError):  # not in the main thread
                 signal.signal(sig, handler)
+        # torchrun's agent is this rank's parent; a plain run's parent (a shell) may end without meaning a stop
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+    def _launcher_gone(self) -> bool:
+        """Under torchrun: True once the launcher that started this rank has died (`kill -9` of torchrun). The
+        rank is then an orphan that nobody will stop: it stops by itself, as on SIGHUP, with a checkpoint."""
+        if self._launcher is None or os.getppid() == self._launcher:
+            return False
+        if self._stop_signal is None:
+            logger.warning("the launcher that started this rank (torchrun, pid %d) is gone: finishing the current "
+                           "step, then writing a checkpoint and stopping", self._launcher)
+            self._stop_signal = signal.SIGHUP
+        return True
 
     def _should_stop(self) -> bool:
+        self._launcher_gone()
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
         if self.multi_gpu:  # every rank stops at the same step
             flag = flag.to(self.device)

@@ -321,3 +321,92 @@ def test_dump_path_dot_with_force_is_refused(distill_setup, tmp_path, monkeypatc
     with pytest.raises(CliError, match="--dump_path . with --force: .* is the current folder or holds it"):
         causal_train.main(_argv(distill_setup, ".", "--force"))
     assert (tmp_path / "precious.txt").read_text() == "the user's files"
+
+
+# --- 6. DataLoader workers and torchrun -------------------------------------------------------------------
+
+def _start(argv, **kwargs):
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _read_until(proc, needle, log, seconds=300):
+    import time
+
+    deadline = time.time() + seconds
+    for line in proc.stdout:
+        log.append(line)
+        if needle in line or time.time() > deadline:
+            return
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocess: bitwise equality needs the same kernels
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("with_sigterm", [True, False], ids=["worker-killed-with-sigterm", "worker-killed-alone"])
+def test_a_killed_dataloader_worker_never_costs_the_run(distill_setup, tmp_path, one_thread, with_sigterm):
+    """Issue 21.6: a worker killed together with a SIGTERM gave a traceback (torch raises a dead worker's error from a
+    SIGCHLD handler, in the middle of the step) and no stop checkpoint. Now the stop checkpoint is written, or, for a
+    worker killed alone, the run goes on collating in-process; either way the result is bitwise the uninterrupted one."""
+    import psutil
+
+    argv = _argv(distill_setup, tmp_path / "cut", "--num_workers", "1", "--checkpoint_interval", "0", "--max_steps", "6",
+                 "--gradient_accumulation_steps", "3")
+    proc = _start(["causal_train.py", *argv])
+    log = []
+    _read_until(proc, "step 2 |", log)
+    workers = psutil.Process(proc.pid).children()
+    assert workers, "no DataLoader worker"
+    for w in workers:
+        w.kill()
+    if with_sigterm:
+        proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    log = "".join(log) + rest
+    assert "Traceback" not in log, log[-3000:]
+    if with_sigterm:
+        assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+        assert checkpoints.list_checkpoints(tmp_path / "cut"), log[-3000:]
+        causal_train.main(argv + ["--resume"])
+    else:
+        assert proc.returncode == 0, log[-3000:]
+        assert "a DataLoader worker died (" in log and "collating the rest of the epoch in this process" in log
+    full = tmp_path / "full"
+    causal_train.main(_argv(distill_setup, full, "--num_workers", "1", "--checkpoint_interval", "0", "--max_steps", "6",
+                            "--gradient_accumulation_steps", "3"))
+    assert_same_weights(student_weights(tmp_path / "cut"), student_weights(full))
+
+
+@pytest.mark.e2e
+def test_ranks_orphaned_by_a_killed_torchrun_stop_with_a_checkpoint(distill_setup, tmp_path):
+    """Issue 21.6: kill -9 of torchrun left both ranks training as orphans. Each rank now notices its launcher is gone,
+    and all stop at the same step with a sound checkpoint (exit 129, as for SIGHUP)."""
+    import psutil
+
+    dump = tmp_path / "ddp"
+    argv = _argv(distill_setup, dump, "--checkpoint_interval", "0", "--max_steps", "200", "--log_interval", "1")
+    torchrun = _start(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741",
+                       "causal_train.py", *argv])
+    log = []
+    _read_until(torchrun, "step 2 |", log)
+    ranks = [p for p in psutil.Process(torchrun.pid).children(recursive=True) if "causal_train.py" in " ".join(p.cmdline())]
+    assert len(ranks) == 2, log[-50:]
+    torchrun.kill()  # kill -9: the ranks are orphans now
+    torchrun.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=240)
+    for p in alive:
+        p.kill()
+    rest = torchrun.stdout.read()  # the ranks wrote into the pipe torchrun handed them
+    log = "".join(log) + rest
+    assert not alive, log[-4000:]
+    assert log.count("stopped by signal 1; resume with the same command plus --resume") == 2, log[-4000:]
+    assert "the launcher that started this rank (torchrun, pid" in log
+    found = checkpoints.list_checkpoints(dump)
+    assert found and checkpoints.checkpoint_problem(found[-1]) is None, log[-4000:]
+    assert int(found[-1].name.split("-")[1]) < 200
