@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from utils import CliError, atomic_open, clean_stale_temporaries, file_blake2b
+from utils import CliError, atomic_open, clean_stale_temporaries, file_blake2b, logger
 
 FORMATS = ("mmap", "pickle")
 EXTENSIONS = {"mmap": "bin", "pickle": "pickle"}
@@ -350,7 +350,22 @@ def load_token_counts(path: str | os.PathLike) -> np.ndarray:
     return counts.astype(np.int64)
 
 
+# A pickle holds no checksum: said once per file and process.
+_WARNED_NO_CHECKSUM: set = set()
+
+
+def warn_no_checksum(path: Path, what: str, advice: str) -> None:
+    """Say that `path` (a pickle or .npy) carries no checksum, so that damage to it goes unnoticed."""
+    key = str(Path(path).resolve())
+    if key not in _WARNED_NO_CHECKSUM:
+        _WARNED_NO_CHECKSUM.add(key)
+        logger.warning("%s: %s carries no checksum: a flipped bit or a damaged copy is read without a word; %s",
+                       path, what, advice)
+
+
 def _load_pickle(path: Path) -> InMemoryCorpus:
+    warn_no_checksum(path, "a pickled corpus", "the .bin format (binarized_data.py's default) records one and "
+                     "every run checks it")
     try:
         with open(path, "rb") as fh:
             data = _NumpyOnlyUnpickler(fh).load()

@@ -390,7 +390,8 @@ def test_ranks_orphaned_by_a_killed_torchrun_stop_with_a_checkpoint(distill_setu
     import psutil
 
     dump = tmp_path / "ddp"
-    argv = _argv(distill_setup, dump, "--checkpoint_interval", "0", "--max_steps", "200", "--log_interval", "1")
+    argv = _argv(distill_setup, dump, "--checkpoint_interval", "0", "--max_steps", "200", "--n_epoch", "20",
+                 "--log_interval", "1")  # far longer than the test waits: only a stop ends it
     torchrun = _start(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741",
                        "causal_train.py", *argv])
     log = []
