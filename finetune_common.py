@@ -153,8 +153,8 @@ def start(arguments: Sequence[type], argv: Sequence[str] | None, doc: str,
             if value is not None and (not math.isfinite(value) or not ok):
                 raise CliError(f"--{flag} must be a finite number {what}, not {value}")
     check_output_dir(training_args.output_dir)
-    _RUN["missing"] = [p for p in (Path(training_args.output_dir).absolute(), *Path(training_args.output_dir).absolute().parents)
-                       if not p.exists()]
+    out = Path(training_args.output_dir).absolute()
+    _RUN["missing"] = [p for p in (out, *out.parents) if not p.exists()]
     _RUN["output_dir"] = training_args.output_dir
     line_mode_progress_bars_for_transformers()  # in a log file, one line per refresh (no text run into log lines)
     checkpoint = resolve_checkpoint(training_args)

@@ -35,7 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from binarized_io import FORMATS, CorpusWriter, dtype_for_vocab, output_path, vocab_fingerprint  # noqa: E402
 from input_checks import check_local_path, check_tokenizer  # noqa: E402
-from utils import CliError, check_output_parent, check_writable, logger, progress_bar, require_file, run_cli  # noqa: E402
+from utils import (CliError, check_output_parent, check_writable, logger, progress_bar, require_file,  # noqa: E402
+                   run_cli)
 
 # Which special tokens open and close an example, per tokenizer family.
 SPECIAL_TOKENS = {
