@@ -109,6 +109,10 @@ class LmSeqsDataset(Dataset):
         self._remove_unknown_sequences()
         self.lengths = self._item_lengths()
         logger.info("%d sequences, %d tokens after cleaning %s", len(self), int(self.lengths.sum()), corpus.describe())
+        if len(self) < (2 if self.paired else 1):
+            raise CliError(f"{corpus.describe()}: {len(self)} usable sequence(s) after cleaning (sequences of fewer "
+                           f"than {self.min_length} tokens, or with half their tokens unknown, are removed); "
+                           + ("pairing a base with a source needs at least 2" if self.paired else "nothing to train on"))
         self.epoch = 0
         self.pairing = derangement(len(self), self.seed, 0) if self.paired else None
 

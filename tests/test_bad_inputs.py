@@ -139,6 +139,12 @@ def _issue21_inputs(w, root, setup, corpus_lines, payload):
     w["gpt2"] = gpt2
     w["short_text"] = root / "short.txt"
     w["short_text"].write_text("a few words only\n")
+    from binarized_io import CorpusWriter
+
+    w["short_bin"] = root / "short.bin"  # every sequence shorter than the 12 tokens a training item needs
+    with CorpusWriter(w["short_bin"], vocab_size=len(tok), tokenizer_name="tok", seed=0) as writer:
+        for _ in range(3):
+            writer.add([2, 7, 8, 9, 3])
 
 
 def _train(w, out, *extra):
@@ -308,6 +314,8 @@ CASES = [
     ("clm-corpus-too-short", "run_clm.py",
      lambda w, o: ["--model_name_or_path", str(w["gpt2"]), "--validation_file", str(w["short_text"]), "--do_eval",
                    "--block_size", "32", "--output_dir", str(o / "clm")], "short.txt holds fewer than --block_size 32"),
+    ("train-corpus-too-short", "causal_train.py", lambda w, o: _train(w, o, "--data_file", str(w["short_bin"])),
+     "short.bin \\(mmap, 3 sequences, 15 tokens\\): 0 usable sequence\\(s\\) after cleaning"),
     ("train-crafted-student-weights", "causal_train.py",
      lambda w, o: _train(w, o, "--student_pretrained_weights", str(w["crafted_pth"])),
      "crafted.pth: not a torch state dict \\(refused by weights-only loading: it needs posix.system"),

@@ -105,3 +105,39 @@ def test_a_damaged_trainer_checkpoint_is_named_and_skipped_and_the_resume_is_exa
     assert f"RESUMING training from {out / 'checkpoint-2'} (step 2)" in caplog.text
     assert_same_weights(student_weights(out), student_weights(source))  # steps 3 and 4 redone, bitwise
     assert not marker.exists()
+
+
+def test_an_evaluation_failing_after_training_loses_nothing(tmp_path, glue_model, tokenizer_dir, monkeypatch):
+    """Issue 21.4: run_qa.py stopped with a traceback after training when an answer could not be scored, wrote no
+    eval_results.json and refused a rerun: the training was lost. Such answers are now refused before training; any
+    evaluation that still fails after it says the model is saved and how to evaluate it without training again."""
+    import json
+
+    import run_qa
+
+    context = "The quick brown fox jumps over the lazy dog near the river bank at dawn."
+    rows = [{"id": f"q{i}", "title": "t", "context": context, "question": q,
+             "answers": {"text": [a], "answer_start": [context.index(a)]}}
+            for i, (q, a) in enumerate([("What jumps?", "brown fox"), ("Over what?", "the lazy dog"),
+                                        ("Near what?", "river bank"), ("When?", "dawn")])]
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps({"data": rows}))
+    out = tmp_path / "qa"
+    common = ["--tokenizer_name", str(tokenizer_dir), "--validation_file", str(data), "--max_seq_length", "48",
+              "--doc_stride", "16", "--output_dir", str(out), "--use_cpu", "--report_to", "none", "--disable_tqdm",
+              "true", "--cache_dir", str(tmp_path / "cache")]
+
+    def unscorable(predictions, references):
+        raise ValueError("question 'q0' has no gold answer")
+
+    monkeypatch.setattr(run_qa, "squad_evaluate", unscorable)
+    with pytest.raises(CliError) as err:
+        run_qa.main(["--model_name_or_path", str(glue_model), "--train_file", str(data), "--do_train", "--do_eval",
+                     "--max_steps", "2", "--per_device_train_batch_size", "2", *common])
+    assert (f"the training finished and its model is saved in {out}, but the evaluation failed: ValueError: question "
+            f"'q0' has no gold answer. Nothing is lost: evaluate it with --model_name_or_path {out} --do_eval "
+            f"(without --do_train)") in str(err.value)
+    assert (out / "model.safetensors").is_file() and (out / "train_results.json").is_file()
+    monkeypatch.undo()
+    run_qa.main(["--model_name_or_path", str(out), "--do_eval", *common])  # as the message says
+    assert json.loads((out / "eval_results.json").read_text())["eval_samples"] == 4

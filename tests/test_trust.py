@@ -411,3 +411,21 @@ def test_ranks_orphaned_by_a_killed_torchrun_stop_with_a_checkpoint(distill_setu
     found = checkpoints.list_checkpoints(dump)
     assert found and checkpoints.checkpoint_problem(found[-1]) is None, log[-4000:]
     assert int(found[-1].name.split("-")[1]) < 200
+
+
+@pytest.mark.e2e
+def test_kill9_of_a_force_run_before_its_first_checkpoint_keeps_the_previous_run(distill_setup, three_steps, run_copy):
+    """Issue 21.3, for real: kill -9 of a --force run between moving the old run aside and its first checkpoint.
+    --resume names the hidden folder holding the old run, and the old run is intact there."""
+    argv = _argv(distill_setup, run_copy, "--force", "--checkpoint_interval", "0", "--max_steps", "30")
+    proc = _start(["causal_train.py", *argv])
+    log = []
+    _read_until(proc, "step 1 |", log)
+    proc.kill()
+    proc.wait()
+    aside = run_copy.with_name(".run.replaced")
+    assert aside.is_dir() and not checkpoints.list_checkpoints(run_copy), "".join(log)[-2000:]
+    with pytest.raises(CliError, match=f"The run that an earlier --force replaced is kept in {aside}"):
+        causal_train.main(_argv(distill_setup, run_copy, "--resume"))
+    assert [p.name for p in checkpoints.list_checkpoints(aside)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert_same_weights(student_weights(aside), student_weights(three_steps))
