@@ -29,6 +29,11 @@ HEAD_ALIGN = {"cuda": 64}
 _PAD_LOGIT = -1.0e4
 
 
+def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32, bf16 and fp16 inputs (the row kernels' precision), fp64 for fp64 inputs (reference runs)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _chunk_rows(t: torch.Tensor, vocab: int) -> int:
     """Rows per chunk: the device's row count, scaled down so a chunk's temporaries stay the same size
     for a large vocabulary (Qwen's 151,936 entries would otherwise take 4.6 times the memory)."""
@@ -96,18 +101,19 @@ class _RowLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, other, kind, temperature, n_norm):
         needs_grad = ctx.needs_input_grad[0]
-        grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if needs_grad else None
-        total = logits.new_zeros((), dtype=torch.float32)
+        acc = _accumulation_dtype(logits)
+        grad = torch.empty(logits.shape, dtype=acc, device=logits.device) if needs_grad else None
+        total = logits.new_zeros((), dtype=acc)
         step = _chunk_rows(logits, logits.shape[-1])
         scale = 1.0 / max(n_norm, 1)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             if kind == "kl":  # fresh scaled copies: the caller's tensors are never written
-                loss, g = _kl_rows(logits[rows].float() / temperature, other[rows].float() / temperature,
+                loss, g = _kl_rows(logits[rows].to(acc) / temperature, other[rows].to(acc) / temperature,
                                    needs_grad)
                 g = g.mul_(1.0 / temperature) if needs_grad else None
             else:
-                loss, g = _ce_rows(logits[rows].to(torch.float32, copy=True), other[rows], needs_grad)
+                loss, g = _ce_rows(logits[rows].to(acc, copy=True), other[rows], needs_grad)
             total += loss
             if needs_grad:
                 grad[rows] = g
@@ -153,23 +159,24 @@ class _HeadLosses(torch.autograd.Function):
                 alpha_lm):
         n, n_lm = s_feat.shape[0], lm_rows.shape[0]
         t = temperature
-        kl_total = s_feat.new_zeros((), dtype=torch.float32)
-        lm_total = s_feat.new_zeros((), dtype=torch.float32)
+        acc = _accumulation_dtype(s_feat)  # fp32, or fp64 for an fp64 model
+        kl_total = s_feat.new_zeros((), dtype=acc)
+        lm_total = s_feat.new_zeros((), dtype=acc)
         g_feat = torch.zeros_like(s_feat)
         vocab, has_bias = weight.shape[0], bias is not None
         step = _chunk_rows(s_feat, vocab)
         autocast = torch.is_autocast_enabled(s_feat.device.type)
         weight, t_weight, (kl_bias, kl_t_bias, lm_bias) = _aligned_heads(
-            weight, t_weight, bias, t_bias, t, torch.get_autocast_dtype(s_feat.device.type) if autocast else None)
+            weight, t_weight, bias, t_bias, t, torch.get_autocast_dtype(s_feat.device.type) if autocast else None, acc)
         padded = weight.shape[0] != vocab
-        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        g_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if has_bias else None
+        g_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        g_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if has_bias else None
 
         def logits(feat, w, b, scale):
-            # scale * (feat @ w.T + b) in one GEMM, as fp32 scratch for the row kernels
+            # scale * (feat @ w.T + b) in one GEMM, as fp32 (fp64) scratch for the row kernels
             out = torch.addmm(b, feat, w.t(), beta=scale, alpha=scale) if b is not None else \
                 torch.mm(feat, w.t()).mul_(scale)
-            return out.float()
+            return out.to(acc)
 
         def backward_of_projection(grad, feat, scale):
             # The projection's backward for scale * grad, chunk by chunk.
@@ -228,7 +235,7 @@ class _HeadLosses(torch.autograd.Function):
                 None, None, None, None, None, None, None, None)
 
 
-def _aligned_heads(weight, t_weight, bias, t_bias, temperature: float, autocast_dtype):
+def _aligned_heads(weight, t_weight, bias, t_bias, temperature: float, autocast_dtype, acc=torch.float32):
     """The student's and teacher's heads padded to a multiple of HEAD_ALIGN[device] rows (cast to the
     autocast precision), and the biases of the KL and LM logits: -1e4 at the padded entries once
     softened (by 1/T for the KL, 1 for the LM loss). Unchanged where no padding is needed."""
@@ -240,7 +247,7 @@ def _aligned_heads(weight, t_weight, bias, t_bias, temperature: float, autocast_
     t_weight = _pad_rows(t_weight.to(dtype), align) if t_weight is not None else None
 
     def pad_bias(b, scale):
-        out = torch.full((weight.shape[0],), _PAD_LOGIT / scale, dtype=torch.float32, device=weight.device)
+        out = torch.full((weight.shape[0],), _PAD_LOGIT / scale, dtype=acc, device=weight.device)
         out[:vocab] = b if b is not None else 0.0
         return out
 

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch import nn
 
 from checkpoints import (CHECKPOINT_PREFIX, DCP_METADATA, MANIFEST_FILE, STATE_FILE, CheckpointWriter,
-                         check_fingerprint, checkpoint_problem, is_sharded_checkpoint, save_training_state)
+                         check_fingerprint, checkpoint_problem, is_sharded_checkpoint, load_training_state,
+                         save_training_state, short_load_error, state_problem)
 from utils import CliError, atomic_write_text, file_blake2b, logger
 
 # The globals a DCP `.metadata` pickle of torch 2.13 refers to; anything else is refused.
@@ -188,18 +189,15 @@ def check_engine(folder: Path, sharded: bool) -> None:
 
 
 def load_sharded_state(folder: Path) -> dict:
-    """The training state of sharded checkpoint `folder`, read with weights_only=True and checked; CliError if damaged."""
+    """The training state of sharded checkpoint `folder`, read with weights_only=True (`load_training_state`) and
+    checked (`state_problem`, with the fields of a sharded state); CliError if damaged or crafted."""
     try:
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = load_training_state(Path(folder) / STATE_FILE)
     except Exception as err:  # noqa: BLE001 -- a damaged or crafted file gets one clear message
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CliError(f"checkpoint {folder} is damaged: cannot read {STATE_FILE} with weights-only loading "
-                       f"({type(err).__name__}: {first})") from None
-    if not isinstance(state, dict):
-        raise CliError(f"checkpoint {folder} is damaged: {STATE_FILE} holds a {type(state).__name__}")
-    for key, kind in SHARDED_STATE_FIELDS.items():
-        if not isinstance(state.get(key), kind):
-            raise CliError(f"checkpoint {folder} is damaged: {STATE_FILE}: {key} is missing or not a {kind.__name__}")
+        raise CliError(f"checkpoint {folder} is damaged: cannot read {STATE_FILE} ({short_load_error(err)})") from None
+    problem = state_problem(state, fields=SHARDED_STATE_FIELDS)
+    if problem:
+        raise CliError(f"checkpoint {folder} is damaged: {problem}")
     return state
 
 
@@ -223,6 +221,8 @@ def read_sharded_checkpoint(folder: Path, student: nn.Module, optimizer, params)
     if len(state["rng"]) != params.world_size:
         raise CliError(f"checkpoint {folder} is damaged: it holds the RNG state of {len(state['rng'])} processes")
     if state.get("data_fingerprint") is not None:
+        if not isinstance(state["data_fingerprint"], dict):
+            raise CliError(f"checkpoint {folder} is damaged: {STATE_FILE}: data_fingerprint is not a dictionary")
         check_fingerprint(params.data_file, state["data_fingerprint"], getattr(params, "data_fingerprint", None))
     tensors = {"model": get_model_state_dict(student)}
     if state["has_optimizer_state"]:

@@ -52,11 +52,11 @@ def fsdp_flag_problem(args) -> str | None:
             return f"--{flag} needs --fsdp"
     if not args.fsdp:
         return None
+    if args.fp16:
+        return "--fp16 cannot be combined with --fsdp (FSDP's mixed precision here is bf16): use --bf16"
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return ("--fsdp shards the models across the processes of torchrun: launch with "
                 "`torchrun --nproc_per_node N causal_train.py --fsdp ...` (N >= 1; one process per GPU)")
-    if args.fp16:
-        return "--fp16 cannot be combined with --fsdp (FSDP's mixed precision here is bf16): use --bf16"
     return None
 
 

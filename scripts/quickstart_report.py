@@ -14,9 +14,11 @@ import os
 import platform
 import statistics
 import struct
+import sys
 from pathlib import Path
 
-from utils import atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils import atomic_write_text  # noqa: E402
 
 OBJECTIVES = ("standard", "diito", "standard_eqc")
 LABELS = {"teacher": "teacher (BERT)", "standard": "standard distillation", "diito": "DIITO",
@@ -326,3 +328,12 @@ Alignment of every (teacher block, student block) pair of full-width sites (`run
 
 Sum: {format_seconds(total)} (stages skipped on a re-run keep the time of the run that did them).
 """
+
+
+if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " A module of scripts/quickstart.py, which writes the report as its "
+        "last stage: run `python scripts/quickstart.py --out DIR` (finished stages are skipped).").parse_args()
+    sys.exit("scripts/quickstart_report.py is not run on its own: run python scripts/quickstart.py --out DIR")
