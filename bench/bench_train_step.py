@@ -484,9 +484,11 @@ def main_sharded(args) -> None:
                         failures.append(f"{engine} x {ranks} {mode} {dtype}: {failure[0]}")
                     else:
                         rows.append(row)
+                        print(f"  {json.dumps(row)}", file=sys.stderr, flush=True)
+                    # (after every child: a bench stopped half-way keeps what it measured)
+                    if args.json_out:
+                        Path(args.json_out).write_text(json.dumps({"rows": rows, "failures": failures}, indent=2))
     print_sharded_table(args, rows, failures)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"rows": rows, "failures": failures}, indent=2))
     if failures or not rows:
         sys.exit(1)
 
