@@ -137,6 +137,10 @@ def checkpoint_problem(folder: Path) -> str | None:
     for name in required_files(folder):  # (the state and the weights: the HF folder's, or DCP's index)
         if name not in files:
             return f"{MANIFEST_FILE} does not list {name}"
+    if is_sharded_checkpoint(folder):  # every rank's shard is sealed too: one the manifest does not list is unchecked
+        unlisted = sorted(p.name for p in folder.glob("*.distcp") if p.name not in files)
+        if unlisted:
+            return f"{MANIFEST_FILE} does not list {', '.join(unlisted)}"
     for name, entry in files.items():
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
             return f"{MANIFEST_FILE} is malformed (file name {name!r})"

@@ -23,6 +23,7 @@ import copy
 import json
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -285,7 +286,9 @@ def consolidate(folder: Path, out: Path) -> None:
     model = FAMILIES[config.model_type].model_class(config)
     tensors = {"model": model.state_dict()}
     try:
-        dcp.load(tensors, checkpoint_id=str(folder), storage_reader=safe_metadata_reader(folder), no_dist=True)
+        with warnings.catch_warnings():  # (one process on purpose: DCP's warning that it assumes so is noise)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(tensors, checkpoint_id=str(folder), storage_reader=safe_metadata_reader(folder), no_dist=True)
     except Exception as err:  # noqa: BLE001
         first = (str(err).strip().splitlines() or [""])[0][:300]
         raise CliError(f"checkpoint {folder}: cannot load its shards ({type(err).__name__}: {first})") from None

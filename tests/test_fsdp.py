@@ -224,9 +224,14 @@ def test_sharded_checkpoint_consolidates_to_an_equal_hf_folder_and_is_verified(b
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "__1_0.distcp has" in errors[0], errors
     assert not (tmp_path / "x").exists()
+    # a shard the manifest does not list is not vouched for
+    shard.write_bytes((ckpt / "__1_0.distcp").read_bytes())
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    del manifest["files"]["__1_0.distcp"]
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    assert "manifest.json does not list __1_0.distcp" in checkpoints.checkpoint_problem(damaged)
     # a checkpoint whose write was interrupted before its manifest is not a checkpoint to resume from
     (damaged / "manifest.json").unlink()
-    shard.write_bytes((ckpt / "__1_0.distcp").read_bytes())
     assert "manifest.json is missing" in checkpoints.checkpoint_problem(damaged)
 
 
