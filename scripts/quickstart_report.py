@@ -48,6 +48,12 @@ def _pct(values) -> list[float]:
     return [100 * v for v in values]
 
 
+def _cell(values, fmt: str = "{:.2f}") -> str:
+    """`mean ± std`, or '-' when there is no value (effective IIA when no intervention changed the teacher)."""
+    values = list(values)
+    return plus_minus(values, fmt) if values else "-"
+
+
 class Results:
     """Every number of a finished quickstart, by arm and by (teacher, seed)."""
 
@@ -120,9 +126,9 @@ def results_table(r: Results, params: dict, flops: dict) -> str:
         rows.append(
             f"| {q.labels[arm]} | {p.student_layers} x {p.hidden} | {params['student'] / 1e6:.2f} M | "
             f"{plus_minus(ppl)} | {', '.join(f'{v:.2f}' for v in ppl)} | {r.vs_init(arm, 'perplexity').interval()} | "
-            f"{plus_minus(_pct(r.iia[arm].values()), '{:.1f}')} | "
-            f"{r.vs_init(arm, 'iia').interval('{:+.1f}', 100)} | {plus_minus(_pct(r.eff[arm].values()), '{:.1f}')} | "
-            f"{plus_minus(_pct(r.base[arm].values()), '{:.1f}')} | {r.steps[arm]} per run | {compute} | "
+            f"{_cell(_pct(r.iia[arm].values()), '{:.1f}')} | "
+            f"{r.vs_init(arm, 'iia').interval('{:+.1f}', 100)} | {_cell(_pct(r.eff[arm].values()), '{:.1f}')} | "
+            f"{_cell(_pct(r.base[arm].values()), '{:.1f}')} | {r.steps[arm]} per run | {compute} | "
             f"{plus_minus(r.seconds[arm].values(), '{:.0f}')} s per run |")
     return "\n".join(rows) + "\n"
 
@@ -146,9 +152,9 @@ def ablation_table(r: Results) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _change_words(c: Comparison, what: str, unit_fmt: str = "{:+.2f}", scale: float = 1.0) -> str:
-    words = {"better": "better than", "worse": "worse than", "no clear difference": "no clear difference from"}
-    return f"{words[c.result]} the initialisation in {what} ({c.interval(unit_fmt, scale)}, {c.evidence()})"
+def _change_words(c: Comparison, unit_fmt: str = "{:+.2f}", scale: float = 1.0) -> str:
+    words = {"better": "better", "worse": "worse", "no clear difference": "no clear difference"}
+    return f"{words[c.result]} ({c.interval(unit_fmt, scale)}, {c.evidence()})"
 
 
 def verdict(r: Results) -> str:
@@ -160,8 +166,8 @@ def verdict(r: Results) -> str:
            f"{'teachers and ' if len(r.teachers) > 1 else ''}seeds):"]
     for arm in MAIN_ROWS:
         if arm in r.arms:
-            out.append(f"{q.labels[arm]} is {_change_words(r.vs_init(arm, 'perplexity'), 'perplexity')} and "
-                       f"{_change_words(r.vs_init(arm, 'iia'), 'IIA', '{:+.1f}', 100)}.")
+            out.append(f"{q.labels[arm]}: perplexity {_change_words(r.vs_init(arm, 'perplexity'))}, IIA "
+                       f"{_change_words(r.vs_init(arm, 'iia'), '{:+.1f}', 100)} points.")
     default = r.vs_init("standard", "perplexity")
     if default.result == "better":
         out.append("The default recipe improves on the initialisation in held-out perplexity.")

@@ -90,8 +90,8 @@ def test_verdict_reads_every_arm_against_the_initialisation_and_is_two_sided():
                                           lambda a, s: iia.get(a, 0.6) + noise[s] / 100)
     r = Results(q, {}, runs, evals, alignment)
     text = verdict(r)
-    assert "standard distillation is better than the initialisation in perplexity" in text
-    assert "the seed's recipe (standard) is worse than the initialisation in perplexity" in text
+    assert "standard distillation: perplexity better (" in text
+    assert "the seed's recipe (standard): perplexity worse (" in text
     assert "The default recipe improves on the initialisation" in text
     # DIITO 0.2 lower in perplexity: within the spread, so no clear difference; +4 IIA points on every seed: better
     assert "at equal steps (against standard distillation): perplexity no clear difference" in text
