@@ -1,17 +1,21 @@
 """The causal-LM quickstart: `scripts/quickstart.py --family llama` (or `--family gpt2`).
 
-The same offline pipeline as the BERT quickstart (same corpus, split, stages, markers, resumption
-and report), with a decoder-only teacher:
+The same offline pipeline, stages and report as the BERT quickstart (scripts/quickstart_distill.py:
+references, ablation, the main arms at equal steps and equal compute, IIA, a two-sided verdict),
+with a decoder-only teacher:
 
   2 tokenizer   a byte-level BPE tokenizer with <s>, </s> and <pad>, trained on the train part
   3 teacher     a small Llama (grouped-query attention, rotary positions, RMSNorm) or GPT-2 trained
                 from scratch: run_clm.py --do_train
   4 data        scripts/binarized_data.py --tokenizer_type llama|gpt2 (BOS text EOS; no token counts)
-  5 student     scripts/extract.py --model_type llama|gpt2, the student config (the teacher's at the
-                student's depth) and a DIITO neuron mapping
-  6 students    causal_train.py per seed, standard distillation (ce + clm + cos) and DIITO (+ causal_ce)
-  7 evaluation  run_clm.py --do_eval: held-out perplexity over fixed EOS-separated blocks
-  8 report      <out>/report.md with a table and plots
+  5 references  scripts/extract.py --model_type llama|gpt2, the student config (the teacher's at the
+                student's depth), a DIITO neuron mapping, the student at initialisation and a random one
+  6 ablation    each loss term alone (ce, clm, cos, causal_ce), the seed's combination, the default at
+                the seed's rate, the seed's recipe with DIITO's term
+  7 students    standard distillation (ce + clm), DIITO (+ causal_ce), standard at DIITO's compute and
+                the seed's recipe (ce + clm + cos); run_clm.py --do_eval over fixed EOS-separated blocks
+  8 alignment   run_iia.py: IIA at every position that has a next token
+  9 report      <out>/report.md with the tables, the verdict and plots
 """
 from __future__ import annotations
 

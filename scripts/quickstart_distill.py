@@ -190,7 +190,8 @@ class DistillQuickstart(Quickstart):
         stages = {}
         stages["corpus"] = corpus = self.corpus()
         stages["tokenizer"] = tokenizer = self.tokenizer(corpus)
-        teachers = {k: self.teacher(corpus, tokenizer, k) for k in range(1, self.n_teachers + 1)}
+        ks = list(range(1, self.n_teachers + 1))
+        teachers = dict(zip(ks, self.pipe.parallel([lambda k=k: self.teacher(corpus, tokenizer, k) for k in ks])))
         stages.update({teacher_name(k): t for k, t in teachers.items()})
         stages["data"] = data = self.data_stage(corpus, tokenizer)
         refs, evals = self.references(teachers, self.extract_flags())

@@ -81,7 +81,7 @@ PRESETS = {
     # it and the distilled students have room between the two; two teachers (seeds 0 and 1) so that the ±
     # covers the teacher too. Sizes and steps from the measured curves in docs/quickstart.md.
     "study": Preset(vocab_size=2000, teacher_layers=6, hidden=128, heads=4, ffn=512, max_seq_length=128,
-                    teacher_steps=3000, teacher_batch=32, teacher_lr=2e-3,
+                    teacher_steps=4000, teacher_batch=32, teacher_lr=2e-3,
                     student_layers=2, student_steps=400, student_batch=32, student_lr=1e-4, eval_batch=64,
                     teachers=2),
     "gpu": Preset(vocab_size=8000, teacher_layers=6, hidden=512, heads=8, ffn=2048, max_seq_length=128,
