@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from doc_corpus import QUICKSTART_PACKAGES, clean_topic_paragraph, pydoc_topic_documents, versions  # noqa: F401
-from quickstart_arms import init_name, teacher_name
+from quickstart_arms import teacher_name
 from quickstart_report import format_seconds
 from utils import REPO_ROOT, CliError, atomic_write_text
 
@@ -462,51 +462,6 @@ class Quickstart:
 
         return self.pipe.unit("data", self.out / "data", settings, work, outputs)
 
-    # 5
-    def student_init(self, teacher: dict, extract_flags: tuple[str, ...] = (), k: int = 1) -> dict:
-        """Stage 5: the student extracted from teacher k's blocks, its config, DIITO's neuron mapping, and the
-        student at initialisation as a model folder (`model/`, evaluated like every trained student)."""
-        p = self.preset
-        self.banner(5, f"student initialisation: {p.student_layers} of the teacher's {p.teacher_layers} blocks "
-                       f"({self.extract_script}{''.join(' ' + f for f in self.extract_title_flags())}), "
-                       f"config, DIITO mapping and the untrained student" + (f" (teacher {k})" if k > 1 else ""))
-        settings = {"teacher": teacher["key"], "student_layers": p.student_layers, **self.family_settings(),
-                    "init_model": 1}
-
-        def work(folder: Path) -> dict:
-            weights = folder / "student_init.pth"
-            self.pipe.command(f"extract{'' if k == 1 else f'_t{k}'}", self.extract_script, [
-                "--model_type", self.family, "--model_name", self.out / teacher_name(k), "--dump_checkpoint", weights,
-                "--num_layers", p.student_layers, *extract_flags])
-            record = json.loads(weights.with_name(weights.name + ".json").read_text())
-            atomic_write_text(folder / "student_config.json", self.student_config_text(record))
-            atomic_write_text(folder / "diito.nm", json.dumps(neuron_mapping(record["teacher_layers"], p.heads,
-                                                                             p.hidden // p.heads), indent=2) + "\n")
-            save_student(self.student_type, folder / "student_config.json", weights, folder / "model")
-            print(f"  student block i <- teacher block {record['teacher_layers']}; DIITO aligns the outputs of "
-                  f"each pair, full width ({folder / 'diito.nm'})", flush=True)
-            return {"teacher_layers": record["teacher_layers"]}
-
-        return self.pipe.unit(init_name(k), self.out / init_name(k), settings, work,
-                              ("student_init.pth", "student_config.json", "diito.nm", "model/model.safetensors"))
-
-    def random_student(self, init: dict) -> dict:
-        """Stage 5: a student of the same shape at random (initialised as causal_train.py would without
-        --student_pretrained_weights, seed RANDOM_STUDENT_SEED): the floor every row is read against."""
-        settings = {"init": init["key"], "seed": RANDOM_STUDENT_SEED}
-
-        def work(folder: Path) -> dict:
-            save_student(self.student_type, self.out / "student_init" / "student_config.json", None, folder,
-                         seed=RANDOM_STUDENT_SEED)
-            print(f"  random student (seed {RANDOM_STUDENT_SEED}): {folder}", flush=True)
-            return {}
-
-        return self.pipe.unit("random_student", self.out / "random_student", settings, work,
-                              ("model.safetensors", "config.json"))
-
-    def extract_title_flags(self) -> tuple[str, ...]:
-        return ()
-
     # 6
     def student(self, name: str, argv: list, settings: dict, record: dict, done_line=None) -> dict:
         """One causal_train.py run into students/<name> (its checkpoints removed: the final student is what
@@ -563,40 +518,3 @@ class Quickstart:
         print(report["verdict"])
         print(f"report: {self.out / 'report.md'}; full output of every command: {self.out / 'logs'}")
         return {"seconds": elapsed, "ran": self.pipe.ran, "skipped": self.pipe.skipped}
-
-
-def neuron_mapping(teacher_layers: list[int], heads: int, head_dim: int) -> dict:
-    """A DIITO mapping that aligns the output of student block i with that of the teacher block copied into it."""
-    width = f"$H:[0:{heads}]$[0:{head_dim}]"
-    return {"interchange_variable_mappings": [
-        {"teacher_variable_names": [f"$L:{t}{width}"], "student_variable_names": [f"$L:{i}{width}"]}
-        for i, t in enumerate(teacher_layers)
-    ]}
-
-
-def save_student(student_type: str, config: Path, weights: Path | None, folder: Path, seed: int = 0) -> None:
-    """Save a student model folder as causal_train.py builds it at step 0: from the extracted `weights`, or at
-    random (seeded) without them."""
-    import logging
-    from argparse import Namespace
-
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from distill_setup import build_student
-
-    quiet = logging.getLogger("causal_distill")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # the terminal shows stage lines only
-    hf_logging.disable_progress_bar()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = build_student(Namespace(student_type=student_type, student_config=str(config),
-                                            student_pretrained_weights=str(weights) if weights else None,
-                                            initializer_range=0.02))
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder, safe_serialization=True)
-    finally:
-        quiet.setLevel(level)
-        hf_logging.enable_progress_bar()
