@@ -10,8 +10,9 @@ family's language-model loss (`mlm` for BERT, `clm` for causal LMs) in place of 
     standard_eqc   the default objective given a DIITO run's compute (steps x counted FLOPs ratio)
     seed_standard  the seed's recipe: ce + lm + cos, 0.25 each, masking smoothed (0.7), the seed's rate
 - ablation arms, one run per seed with the first teacher, evaluated for perplexity: each loss term
-  alone, the seed's combination with and without smoothing, the default at the seed's rate and the
-  seed's recipe with DIITO's term. The ablation table (`ablation_rows`) also lists the main arms it
+  alone and the seed's combination with and without smoothing at the ablation's learning rate (the
+  preset's `ablation_lr`), the default objective at that rate too (against the default rate: how
+  the default rate was chosen) and the seed's recipe with DIITO's term. The ablation table (`ablation_rows`) also lists the main arms it
   shares a run with.
 
 Held-out evaluation (both families) and the choice of DEFAULTS are described in docs/quickstart.md.
@@ -27,13 +28,14 @@ DIITO_WEIGHT = 0.25  # DIITO's causal_ce weight, added to an objective
 
 @dataclass(frozen=True)
 class Arm:
-    """One recipe. `alphas`: (loss, weight) pairs with `lm` for the family's LM loss; `lr`: 'default' or 'seed'."""
+    """One recipe. `alphas`: (loss, weight) pairs with `lm` for the family's LM loss; `lr`: which of the preset's
+    learning rates."""
 
     name: str
     label: str
     alphas: tuple[tuple[str, float], ...]
     smoothing: float | None = None  # --mlm_smoothing (masked LMs only); None: no MLM masking settings
-    lr: str = "default"
+    lr: str = "default"  # default (the preset's student_lr), seed (seed_lr) or ablation (ablation_lr)
     equal_compute: bool = False
     main: bool = True  # trained with every teacher, evaluated for IIA too
     notes: dict = field(default_factory=dict, compare=False, hash=False)
@@ -69,22 +71,24 @@ def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smooth
         Arm("diito", "DIITO", diito, s_default),
         Arm("standard_eqc", "standard distillation, DIITO's compute", default, s_default, equal_compute=True),
         Arm("seed_standard", "the seed's recipe (standard)", seed_combo, s_seed, lr="seed"),
-        # ablation: every term alone and the seed's combination at the default rate
-        Arm("abl_ce", "ce alone", (("ce", 0.25),), s_seed, main=False),
-        Arm("abl_lm", f"{lm} alone", (("lm", 0.25),), s_seed, main=False),
+        # ablation: every term alone and the seed's combination at the ablation's rate
+        Arm("abl_ce", "ce alone", (("ce", 0.25),), s_seed, lr="ablation", main=False),
+        Arm("abl_lm", f"{lm} alone", (("lm", 0.25),), s_seed, lr="ablation", main=False),
     ]
     if mlm:
-        arms.append(Arm("abl_lm_s0", f"{lm} alone, no smoothing", (("lm", 0.25),), 0.0, main=False))
+        arms.append(Arm("abl_lm_s0", f"{lm} alone, no smoothing", (("lm", 0.25),), 0.0, lr="ablation", main=False))
     arms += [
-        Arm("abl_cos", "cos alone", (("cos", 0.25),), s_seed, main=False),
-        Arm("abl_causal_ce", "causal_ce alone (DIITO's term)", (("causal_ce", DIITO_WEIGHT),), s_seed, main=False),
-        Arm("abl_seed_combo", "the seed's combination at the default rate", seed_combo, s_seed, main=False),
-    ]
-    if mlm:
-        arms.append(Arm("abl_seed_combo_s0", "the seed's combination, no smoothing", seed_combo, 0.0, main=False))
-    arms += [
-        Arm("abl_default_seed_lr", "the default objective at the seed's rate", default, s_default, lr="seed",
+        Arm("abl_cos", "cos alone", (("cos", 0.25),), s_seed, lr="ablation", main=False),
+        Arm("abl_causal_ce", "causal_ce alone (DIITO's term)", (("causal_ce", DIITO_WEIGHT),), s_seed, lr="ablation",
             main=False),
+        Arm("abl_seed_combo", "the seed's combination", seed_combo, s_seed, lr="ablation", main=False),
+    ]
+    if mlm:
+        arms.append(Arm("abl_seed_combo_s0", "the seed's combination, no smoothing", seed_combo, 0.0, lr="ablation",
+                        main=False))
+    arms += [
+        Arm("abl_default_ablation_lr", "the default objective at the ablation's rate", default, s_default,
+            lr="ablation", main=False),
         Arm("seed_diito", "the seed's recipe + causal_ce (DIITO)", seed_combo + (("causal_ce", DIITO_WEIGHT),),
             s_seed, lr="seed", main=False),
     ]
@@ -94,7 +98,7 @@ def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smooth
 def ablation_rows(arms: dict[str, Arm]) -> list[str]:
     """The arms of the ablation table, in its order: the terms alone, combinations, rates, DIITO's term."""
     order = ["abl_ce", "abl_lm", "abl_lm_s0", "abl_cos", "abl_causal_ce", "abl_seed_combo", "abl_seed_combo_s0",
-             "standard", "diito", "abl_default_seed_lr", "seed_standard", "seed_diito"]
+             "abl_default_ablation_lr", "standard", "diito", "seed_standard", "seed_diito"]
     return [name for name in order if name in arms]
 
 
@@ -116,3 +120,8 @@ def init_name(k: int) -> str:
 def key_text(key: tuple[int, int], teachers: int) -> str:
     """A (teacher, seed) key in words, for JSON and tables: `seed 1`, or `teacher 2 seed 1`."""
     return f"seed {key[1]}" if teachers == 1 else f"teacher {key[0]} seed {key[1]}"
+
+
+def learning_rate(arm: Arm, preset) -> float:
+    """The learning rate an arm trains with under `preset`."""
+    return {"default": preset.student_lr, "seed": preset.seed_lr, "ablation": preset.ablation_lr}[arm.lr]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quickstart_arms import Arm, ablation_rows, init_name, run_name, teacher_name
+from quickstart_arms import Arm, ablation_rows, init_name, learning_rate, run_name, teacher_name
 from quickstart_pipeline import RANDOM_STUDENT_SEED, Quickstart
 from quickstart_report import NAMES, format_seconds, write_report
 from utils import atomic_write_text
@@ -36,7 +36,7 @@ class DistillQuickstart(Quickstart):
             argv += ["--mlm_smoothing", arm.smoothing]
         if arm.causal:
             argv += ["--neuron_mapping", self.out / init_name(k) / "diito.nm"]
-        return [*argv, "--learning_rate", p.student_lr if arm.lr == "default" else p.seed_lr]
+        return [*argv, "--learning_rate", learning_rate(arm, p)]
 
     @property
     def labels(self) -> dict[str, str]:

@@ -66,6 +66,7 @@ class Preset:
     max_documents: int | None = None
     packages: tuple[str, ...] = QUICKSTART_PACKAGES  # installed packages whose documentation joins the corpus
     seed_lr: float = 5e-4  # the learning rate of the seed's recipe (the quickstart's until issue 20)
+    ablation_lr: float = 1e-4  # the ablation's rate (each term alone; the default objective at it too)
     teachers: int = 1  # teachers trained with different seeds; the main arms run with each
     ablation: bool = True  # run the ablation stage (first teacher only)
 
@@ -76,13 +77,13 @@ class Preset:
 PRESETS = {
     "small": Preset(vocab_size=2000, teacher_layers=4, hidden=128, heads=4, ffn=512, max_seq_length=128,
                     teacher_steps=1200, teacher_batch=32, teacher_lr=2e-3,
-                    student_layers=2, student_steps=200, student_batch=32, student_lr=1e-4, eval_batch=64),
+                    student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64),
     # study: a deeper teacher trained longer, so that it is clearly better than the student extracted from
     # it and the distilled students have room between the two; two teachers (seeds 0 and 1) so that the ±
     # covers the teacher too. Sizes and steps from the measured curves in docs/quickstart.md.
     "study": Preset(vocab_size=2000, teacher_layers=6, hidden=128, heads=4, ffn=512, max_seq_length=128,
                     teacher_steps=4000, teacher_batch=32, teacher_lr=2e-3,
-                    student_layers=2, student_steps=400, student_batch=32, student_lr=1e-4, eval_batch=64,
+                    student_layers=2, student_steps=400, student_batch=32, student_lr=5e-4, eval_batch=64,
                     teachers=2),
     "gpu": Preset(vocab_size=8000, teacher_layers=6, hidden=512, heads=8, ffn=2048, max_seq_length=128,
                   teacher_steps=6000, teacher_batch=128, teacher_lr=5e-4,
@@ -90,7 +91,7 @@ PRESETS = {
                   iia_pairs=1024, gpu=True),
     "test": Preset(vocab_size=400, teacher_layers=2, hidden=32, heads=2, ffn=64, max_seq_length=64,
                    teacher_steps=20, teacher_batch=16, teacher_lr=2e-3,
-                   student_layers=1, student_steps=6, student_batch=8, student_lr=1e-4, eval_batch=64,
+                   student_layers=1, student_steps=6, student_batch=8, student_lr=5e-4, eval_batch=64,
                    iia_pairs=32, max_documents=400),
 }
 

@@ -22,7 +22,7 @@ import platform
 import struct
 from pathlib import Path
 
-from quickstart_arms import init_name, key_text, run_name, teacher_name
+from quickstart_arms import init_name, key_text, learning_rate, run_name, teacher_name
 from quickstart_stats import TEST_NAME, Comparison, against_reference, compare, mean_std, plus_minus
 from utils import atomic_write_text
 
@@ -146,7 +146,7 @@ def ablation_table(r: Results) -> str:
         arm = r.arms[a]
         first = {k: v for k, v in r.ppl[a].items() if k[0] == 1}
         c = against_reference(first, r.ref["init"]["perplexity"], True)
-        lr = q.preset.student_lr if arm.lr == "default" else q.preset.seed_lr
+        lr = learning_rate(arm, q.preset)
         rows.append(f"| {arm.label} | {arm.objective(q.lm)} | {lr:g} | {plus_minus(first.values())} | "
                     f"{', '.join(f'{v:.2f}' for v in first.values())} | {c.interval()} | {c.result} ({c.evidence()}) |")
     return "\n".join(rows) + "\n"
@@ -268,7 +268,7 @@ def _summary(q, r: Results, stages, params, flops, vocab, sentence, stage_second
         summary[a] = {
             "perplexity": keyed(r.ppl[a]), "mean": mean_std(ppl)[0], "std": mean_std(ppl)[1],
             "objective": r.arms[a].objective(q.lm), "main": r.arms[a].main,
-            "learning_rate": q.preset.student_lr if r.arms[a].lr == "default" else q.preset.seed_lr,
+            "learning_rate": learning_rate(r.arms[a], q.preset),
             "vs_init_perplexity": comparison(r.vs_init(a, "perplexity")),
             "parameters": params["student"], "train_seconds": keyed(r.seconds[a]), "steps": r.steps[a]}
         if r.arms[a].main:

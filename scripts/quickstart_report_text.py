@@ -37,8 +37,10 @@ def report_markdown(q, r, machine: str, table: str, abl: str, sentence: str, cor
 {abl}
 One run per seed with the first teacher, {r.steps['standard']} steps each, the same data, initialisation and
 evaluation as the main arms; "against the initialisation" is the {TEST_NAME} of the change (p < 0.05 and beyond
-the seeds' spread to count). Each loss term alone and the seed's combination run at the default learning rate
-({p.student_lr:g}); the seed's recipe at its own ({p.seed_lr:g}).""" + (f""" `smoothing` is `--mlm_smoothing`:
+the seeds' spread to count). Each loss term alone and the seed's combination run at the ablation's learning rate
+({p.ablation_lr:g}), and so does the default objective once more: against the default recipe (the same objective at
+{p.student_lr:g}) that row shows how the default rate was chosen. The seed's recipe runs at its own rate
+({p.seed_lr:g}).""" + (f""" `smoothing` is `--mlm_smoothing`:
 masked positions are drawn with weight count^-smoothing, so with {SEED_SMOOTHING:g} (the seed's, the original's and HF
 DistilBERT's) rare tokens are masked far more often than they occur, while held-out evaluation masks uniformly;
 with 0 every token is equally likely (docs/differences.md)."""if lm == 'mlm' else "") + """

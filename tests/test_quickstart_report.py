@@ -144,4 +144,5 @@ def test_both_families_have_the_same_arms_with_their_own_lm_loss():
         assert dict(arms["diito"].alphas).items() > dict(arms["standard"].alphas).items()
     assert bert["seed_standard"].smoothing == 0.7 and bert["standard"].smoothing == quickstart.DEFAULT_SMOOTHING
     assert clm["standard"].smoothing is None
-    assert build_arms(True, (("ce", 0.5),), 0.0)["abl_default_seed_lr"].alphas == (("ce", 0.5),)
+    assert build_arms(True, (("ce", 0.5),), 0.0)["abl_default_ablation_lr"].alphas == (("ce", 0.5),)
+    assert {a.lr for a in bert.values() if not a.main} == {"ablation", "seed"}
