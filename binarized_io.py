@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from utils import CliError, atomic_open, clean_stale_temporaries, file_blake2b
+from utils import CliError, atomic_open, clean_stale_temporaries, file_blake2b, logger
 
 FORMATS = ("mmap", "pickle")
 EXTENSIONS = {"mmap": "bin", "pickle": "pickle"}
@@ -125,6 +125,24 @@ class Corpus:
     def max_id(self) -> int:
         """The largest token id (-1 for an empty corpus)."""
         return max((int(chunk.max()) for _, chunk in self.iter_flat() if len(chunk)), default=-1)
+
+    def check_ids(self, vocab_size: int | None, flag: str | None = None) -> None:
+        """CliError naming the file and the first sequence that holds a negative token id, or one of
+        `vocab_size` or more (when given): a damaged or crafted file, or another tokenizer's corpus."""
+        what = f"{flag} {self.path}" if flag else str(self.path)
+        for offset, chunk in self.iter_flat():
+            if not len(chunk):
+                continue
+            bad = chunk < 0
+            if vocab_size is not None:
+                bad |= chunk >= vocab_size
+            if bad.any():
+                k = int(np.flatnonzero(bad)[0])
+                seq = int(np.searchsorted(self.starts, offset + k, side="right")) - 1
+                tid = int(chunk[k])
+                why = ("a token id is never negative (a damaged or crafted file)" if tid < 0 else
+                       f"beyond the vocabulary of {vocab_size} entries: binarized with another tokenizer?")
+                raise CliError(f"{what}: sequence {seq} holds token id {tid}, {why}")
 
     def describe(self) -> str:
         name = str(self.path) if self.path is not None else "<memory>"
@@ -332,7 +350,22 @@ def load_token_counts(path: str | os.PathLike) -> np.ndarray:
     return counts.astype(np.int64)
 
 
+# A pickle holds no checksum: said once per file and process.
+_WARNED_NO_CHECKSUM: set = set()
+
+
+def warn_no_checksum(path: Path, what: str, advice: str) -> None:
+    """Say that `path` (a pickle or .npy) carries no checksum, so that damage to it goes unnoticed."""
+    key = str(Path(path).resolve())
+    if key not in _WARNED_NO_CHECKSUM:
+        _WARNED_NO_CHECKSUM.add(key)
+        logger.warning("%s: %s carries no checksum: a flipped bit or a damaged copy is read without a word; %s",
+                       path, what, advice)
+
+
 def _load_pickle(path: Path) -> InMemoryCorpus:
+    warn_no_checksum(path, "a pickled corpus", "the .bin format (binarized_data.py's default) records one and "
+                     "every run checks it")
     try:
         with open(path, "rb") as fh:
             data = _NumpyOnlyUnpickler(fh).load()

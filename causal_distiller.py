@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import time
@@ -31,7 +32,6 @@ import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from batching import BatchPreparer, Prepared
@@ -43,7 +43,7 @@ from lm_seqs_dataset import collated_batches
 from losses import (LOSS_NAMES, head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl,
                     use_compiled_kernels)
 from neuron_mapping import MappingEntry
-from utils import CliError, logger
+from utils import CliError, logger, progress_bar
 
 
 def needs_from_alphas(alphas: dict[str, float]) -> Needs:
@@ -134,6 +134,31 @@ def configure_optimizer(student: nn.Module, params, total_steps: int):
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
 
 
+def batch_preparer(params, vocab_size: int, token_probs) -> BatchPreparer:
+    """The masking, interchange and padding settings of causal_train.py's flags."""
+    return BatchPreparer(
+        mlm=params.mlm,
+        vocab_size=vocab_size,
+        mask_id=params.special_tok_ids.get("mask_token"),
+        token_probs=token_probs,
+        mlm_mask_prop=params.mlm_mask_prop,
+        pred_probs=(params.word_mask, params.word_keep, params.word_rand),
+        restrict_ce_to_mask=params.restrict_ce_to_mask,
+        interchange_prop=params.interchange_prop,
+        interchange_max_token=params.interchange_max_token,
+        interchange_mode="consecutive" if params.interchange_consecutive_only else "random",
+        masked_only=params.interchange_masked_token_only,
+        pad_to_multiple_of=getattr(params, "pad_to_multiple_of", None) or 1,
+        max_width=params.max_model_input_size,
+        pad_id=params.special_tok_ids.get("pad_token") or 0,
+    )
+
+
+def default_log_interval(total_steps: int) -> int:
+    """500 steps, or fewer for a short run: about 50 log points over `total_steps` (at least every step)."""
+    return max(1, min(500, total_steps // 50))
+
+
 class NonFiniteLoss(RuntimeError):
     """A NaN or infinite loss beyond --skip_nonfinite_steps: the run stops with its last good state."""
 
@@ -174,22 +199,7 @@ class CausalDistiller:
         self.include_crossway = params.include_crossway and self.needs.causal
         self.grad_acc = params.gradient_accumulation_steps
 
-        self.preparer = BatchPreparer(
-            mlm=params.mlm,
-            vocab_size=student.config.vocab_size,
-            mask_id=params.special_tok_ids.get("mask_token"),
-            token_probs=token_probs,
-            mlm_mask_prop=params.mlm_mask_prop,
-            pred_probs=(params.word_mask, params.word_keep, params.word_rand),
-            restrict_ce_to_mask=params.restrict_ce_to_mask,
-            interchange_prop=params.interchange_prop,
-            interchange_max_token=params.interchange_max_token,
-            interchange_mode="consecutive" if params.interchange_consecutive_only else "random",
-            masked_only=params.interchange_masked_token_only,
-            pad_to_multiple_of=getattr(params, "pad_to_multiple_of", None) or 1,
-            max_width=params.max_model_input_size,
-            pad_id=params.special_tok_ids.get("pad_token") or 0,
-        )
+        self.preparer = batch_preparer(params, student.config.vocab_size, token_probs)
         self._site_cache: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
 
         # Precision: one context, chosen once.
@@ -213,6 +223,8 @@ class CausalDistiller:
         if params.max_steps > 0:
             self.total_steps = min(self.total_steps, params.max_steps)
         self.optimizer, self.scheduler = configure_optimizer(student, params, self.total_steps)
+        # Logging never changes the numbers (a host sync and a read of the summed losses), only how often.
+        self.log_interval = getattr(params, "log_interval", None) or default_log_interval(self.total_steps)
 
         self.step_module: nn.Module = StudentStep(student)
         if self.multi_gpu:
@@ -230,6 +242,7 @@ class CausalDistiller:
         self.n_skipped_nonfinite = 0
         self.n_tokens = 0
         self._stop_signal = None
+        self._launcher: int | None = None  # torchrun's pid, set by train() (see `_launcher_gone`)
         self.forward_counts = {"teacher": {}, "student": {}}
         self.checkpoints = CheckpointWriter(self.dump_path, params.save_total_limit)
         self.last_checkpoint_step: int | None = None
@@ -249,9 +262,10 @@ class CausalDistiller:
         self._install_signal_handlers()
         if self.is_master:
             self.log.open()
-            logger.info("training for %d optimiser steps (%d batches per epoch, %d epochs, accumulation %d)",
-                        self.total_steps, self.batches_per_epoch, p.n_epoch, self.grad_acc)
-        bar = tqdm(total=self.total_steps, initial=self.n_step, disable=not self.is_master or p.no_progress,
+            logger.info("training for %d optimiser steps (%d batches per epoch, %d epochs, accumulation %d), "
+                        "logging every %d", self.total_steps, self.batches_per_epoch, p.n_epoch, self.grad_acc,
+                        self.log_interval)
+        bar = progress_bar(total=self.total_steps, initial=self.n_step, disable=not self.is_master or p.no_progress,
                    desc="distilling", dynamic_ncols=True)
         log_sums: dict[str, torch.Tensor] = {}
         n_log = 0
@@ -271,7 +285,7 @@ class CausalDistiller:
                         for k, v in losses.items():
                             log_sums[k] = log_sums.get(k, 0.0) + v
                         n_log += 1
-                        if self.n_step % p.log_interval == 0:
+                        if self.n_step % self.log_interval == 0:
                             self._log(log_sums, n_log, tokens_at_log, bar)
                             log_sums, n_log, tokens_at_log = {}, 0, self.n_tokens
                         if p.checkpoint_interval > 0 and self.n_step % p.checkpoint_interval == 0:
@@ -280,7 +294,8 @@ class CausalDistiller:
                         done = True
                         break
                     if self._should_stop():
-                        self.save_checkpoint()
+                        if self.last_checkpoint_step != self.n_step:  # (not twice when this step just wrote one)
+                            self.save_checkpoint()
                         raise Preempted(self._stop_signal)
                 if not done or self.batch_in_epoch >= len(batches):
                     self.epoch += 1
@@ -447,11 +462,27 @@ class CausalDistiller:
                                signal.Signals(signum).name)
             self._stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # nohup: a hang-up is to be ignored
             with contextlib.suppress(ValueError):  # not in the main thread
                 signal.signal(sig, handler)
+        # torchrun's agent is this rank's parent; a plain run's parent (a shell) may end without meaning a stop
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+    def _launcher_gone(self) -> bool:
+        """Under torchrun: True once the launcher that started this rank has died (`kill -9` of torchrun). The
+        rank is then an orphan that nobody will stop: it stops by itself, as on SIGHUP, with a checkpoint."""
+        if self._launcher is None or os.getppid() == self._launcher:
+            return False
+        if self._stop_signal is None:
+            logger.warning("the launcher that started this rank (torchrun, pid %d) is gone: finishing the current "
+                           "step, then writing a checkpoint and stopping", self._launcher)
+            self._stop_signal = signal.SIGHUP
+        return True
 
     def _should_stop(self) -> bool:
+        self._launcher_gone()
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
         if self.multi_gpu:  # every rank stops at the same step
             flag = flag.to(self.device)
@@ -507,14 +538,22 @@ class CausalDistiller:
         if state["world_size"] != p.world_size:
             raise CliError(f"checkpoint {folder} was written by {state['world_size']} processes; "
                            f"resume with the same number (now {p.world_size})")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if len(state["rng"]) != p.world_size:
+            raise CliError(f"checkpoint {folder} is damaged: it holds the RNG state of {len(state['rng'])} processes "
+                           f"for a run of {p.world_size}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"][p.global_rank])
+        except Exception as err:  # noqa: BLE001 -- a state of another run or a damaged one: one clear message
+            raise CliError(f"checkpoint {folder} is damaged or from another run: cannot restore its optimiser, "
+                           f"schedule or RNG state ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                           ) from None
         self.epoch, self.n_step = state["epoch"], state["n_step"]
         self.batch_in_epoch, self.n_tokens = state["batch_in_epoch"], state["n_tokens"]
         self.n_skipped_nonfinite = state["n_skipped_nonfinite"]
         self.last_checkpoint_step = self.n_step
-        set_rng_state(state["rng"][p.global_rank])
         logger.info("resumed from %s: epoch %d, step %d, batch %d of the epoch", folder, self.epoch, self.n_step,
                     self.batch_in_epoch)
         if self.n_step >= self.total_steps:

@@ -98,8 +98,10 @@ def write_manifest(folder: Path) -> None:
 def checkpoint_problem(folder: Path) -> str | None:
     """What is wrong with checkpoint `folder` (a missing, truncated or altered file), or None when it is sound.
 
-    Checks the manifest's size and checksum of every file. A checkpoint written before manifests
-    existed is accepted with a warning (its files are then only checked when loaded).
+    A checkpoint is sealed by its `manifest.json` (written last): a folder without one, or with one
+    that does not list the state and the weights with a size and a checksum each, is damaged (an
+    interrupted write, a file removed, or a folder put together by hand); so is a file whose size
+    or checksum differs from its entry.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -109,12 +111,24 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{name} is missing"
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
-        logger.warning("checkpoint %s has no %s (written by an older version): not verified", folder, MANIFEST_FILE)
-        return None
+        return (f"{MANIFEST_FILE} is missing (it is written last and seals the checkpoint: the write was interrupted, "
+                f"the file was removed, or the checkpoint is from a version before manifests)")
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{MANIFEST_FILE} is unreadable ({err})"
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST_FILE} is unreadable ({type(err).__name__}: {err})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return f'{MANIFEST_FILE} is malformed (no "files" object of name -> size and checksum)'
+    for name in (STATE_FILE, "model.safetensors"):
+        if name not in files:
+            return f"{MANIFEST_FILE} does not list {name}"
+    for name, entry in files.items():
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            return f"{MANIFEST_FILE} is malformed (file name {name!r})"
+        if (not isinstance(entry, dict) or type(entry.get("size")) is not int
+                or not isinstance(entry.get("blake2b"), str)):
+            return f"{MANIFEST_FILE} is malformed (the entry of {name} is not {{\"size\": int, \"blake2b\": str}})"
     for name, entry in files.items():
         path = folder / name
         if not path.is_file():
@@ -213,10 +227,14 @@ class CheckpointWriter:
 
     def _write_error(self, target: Path, err: BaseException) -> CliError:
         found = list_checkpoints(self.dump_path)
-        previous = f"the previous checkpoint {found[-1]} is intact" if found else "no checkpoint was written before"
+        if found:
+            previous = f"the previous checkpoint {found[-1]} is intact"
+            then = f"resume with --resume (it continues from {found[-1]})"
+        else:
+            previous, then = "no checkpoint was written before", "run the command again (there is nothing to resume)"
         if is_disk_full(err):
-            return CliError(f"no space left on device at {target}; {previous}; free space and resume with --resume")
-        return CliError(f"could not write {target}: {type(err).__name__}: {err} ({previous})")
+            return CliError(f"no space left on device at {target}; {previous}; free space and {then}")
+        return CliError(f"could not write {target}: {type(err).__name__}: {err} ({previous}; then {then})")
 
     def _excess(self) -> list[Path]:
         """Checkpoints that --save_total_limit removes once the next one is written (never the newest)."""
@@ -248,11 +266,54 @@ class CheckpointWriter:
 
 
 # --- loading -----------------------------------------------------------------------------------------
+# What a training state may hold besides tensors and Python containers of numbers and strings: NumPy
+# arrays of numbers (NumPy's generator state, the epoch's pairing). `torch.load(weights_only=True)`
+# refuses every other global, so a crafted training_state.pt cannot run code (it fails to load).
+def _numpy_array_globals() -> list:
+    numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+               np.float16, np.float32, np.float64)
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, *(type(np.dtype(t)) for t in numeric)]
+
+
+# The entries of a training state and the type each must have (`state_problem` checks them).
+STATE_FIELDS = {"optimizer": dict, "scheduler": dict, "scaler": dict, "epoch": int, "n_step": int,
+                "batch_in_epoch": int, "n_tokens": int, "n_skipped_nonfinite": int, "world_size": int, "rng": list}
+
+
+def load_training_state(path: Path) -> dict:
+    """A `training_state.pt` read with `torch.load(weights_only=True)`: tensors, numbers, strings, containers and
+    NumPy arrays of numbers, nothing else (no object is built, no code runs). Raises what torch.load raises."""
+    with torch.serialization.safe_globals(_numpy_array_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def state_problem(state, world_size: int | None = None) -> str | None:
+    """What is wrong with a loaded training state (a missing entry, one of the wrong type), or None."""
+    if not isinstance(state, dict):
+        return f"{STATE_FILE} holds a {type(state).__name__}, not a training state"
+    missing = [k for k in STATE_FIELDS if k not in state]
+    if missing:
+        return f"{STATE_FILE} lacks {', '.join(missing)}"
+    for key, kind in STATE_FIELDS.items():
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            return f"{STATE_FILE}: {key} is {value!r:.60}, not a{'n' if kind is int else ''} {kind.__name__}" + \
+                (" >= 0" if kind is int else "")
+    rng = state["rng"]
+    if world_size is not None and state["world_size"] == world_size and len(rng) != world_size:
+        return f"{STATE_FILE} holds the RNG state of {len(rng)} processes for a world size of {world_size}"
+    for entry in rng:
+        if not isinstance(entry, dict) or any(k not in entry for k in ("python", "numpy", "torch")):
+            return f"{STATE_FILE}: an RNG state lacks python, numpy or torch"
+    return None
+
+
 def read_checkpoint(folder: Path, student, data_file, data_fingerprint: dict | None) -> dict:
     """Verify checkpoint `folder`, load its weights into `student` and return its training state.
 
-    The folder is checked against its manifest first (`checkpoint_problem`), and the data file
-    against the fingerprint the run recorded; a damaged checkpoint, a changed data file or weights
+    The folder is checked against its manifest first (`checkpoint_problem`), the state is read with
+    `weights_only=True` (`load_training_state`) and its entries checked (`state_problem`), and the data
+    file against the fingerprint the run recorded; a damaged checkpoint, a changed data file or weights
     that do not fit the student are a CliError naming the culprit.
     """
     from safetensors.torch import load_file
@@ -262,18 +323,44 @@ def read_checkpoint(folder: Path, student, data_file, data_fingerprint: dict | N
     if problem:
         raise CliError(f"checkpoint {folder} is damaged: {problem}")
     try:
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_training_state(folder / STATE_FILE)
+    except Exception as err:  # noqa: BLE001 -- a damaged or crafted file gets one clear message
+        raise CliError(f"checkpoint {folder} is damaged: cannot read {STATE_FILE} ({short_load_error(err)})") from None
+    problem = state_problem(state)
+    if problem:
+        raise CliError(f"checkpoint {folder} is damaged: {problem}")
+    try:
         weights = load_file(str(folder / "model.safetensors"), device="cpu")
     except Exception as err:  # noqa: BLE001 -- a damaged file gets one clear message
-        raise CliError(f"checkpoint {folder} is damaged: cannot read it ({type(err).__name__}: {err})") from None
+        raise CliError(f"checkpoint {folder} is damaged: cannot read model.safetensors "
+                       f"({type(err).__name__}: {err})") from None
     recorded = state.get("data_fingerprint")
     if recorded is not None:
+        if not isinstance(recorded, dict):
+            raise CliError(f"checkpoint {folder} is damaged: {STATE_FILE}: data_fingerprint is not a dictionary")
         check_fingerprint(data_file, recorded, data_fingerprint)
-    missing, unexpected = student.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = student.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shapes that differ
+        raise CliError(f"checkpoint {folder} does not match the student: {str(err).splitlines()[0]}") from None
     tied = set(getattr(student, "_tied_weights_keys", None) or {})
     if unexpected or [k for k in missing if k not in tied]:
         raise CliError(f"checkpoint {folder} does not match the student: missing {missing}, unexpected {unexpected}")
     return state
+
+
+def short_load_error(err: BaseException) -> str:
+    """torch.load's error in one line: for a file that weights_only loading refuses, the global it refused
+    (torch's own message is several paragraphs of advice to load it unrestricted, which is not ours to give)."""
+    import re
+
+    text = str(err)
+    if "Weights only load failed" in text:
+        found = re.search(r"(?:Unsupported global: GLOBAL |unsupported GLOBAL |got <class ')([\w.]+)", text)
+        what = f"it needs {found.group(1)}" if found else "it holds more than tensors and plain data"
+        return f"refused by weights-only loading: {what}, which a checkpoint of this project never holds"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(err).__name__}: {first}"[:300]
 
 
 # --- random number generators ------------------------------------------------------------------------

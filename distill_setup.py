@@ -9,6 +9,7 @@ and the benchmark step it (`CausalDistiller.step`), so all three run the same bu
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 from batching import load_token_probs
 from binarized_io import load_corpus, require_corpus, vocab_fingerprint
 from causal_distiller import CausalDistiller
-from checkpoints import file_fingerprint
+from checkpoints import file_fingerprint, short_load_error
 from input_checks import check_local_path, check_tokenizer
 from interventions import CAUSAL_FAMILIES, FAMILIES, family_of, get_submodule, model_shape
 from lm_seqs_dataset import LmSeqsDataset
@@ -116,7 +117,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     a("--n_gpu", type=int, default=1, help="GPUs per node (0: CPU). Use torchrun for several.")
     a("--local_rank", type=int, default=-1, help="Set by the launcher; kept for the original's interface.")
     a("--seed", type=int, default=56, help="Seed of every random draw (pairs, masks, positions, init).")
-    a("--log_interval", type=int, default=500, help="Optimiser steps between logs (the only host syncs).")
+    a("--log_interval", type=int, default=None,
+      help="Optimiser steps between logs (the only host syncs); a log line and a TensorBoard point each. Default: "
+           "500, or the run's steps / 50 when that is less (at least 1), so that a short run logs about 50 points.")
     a("--checkpoint_interval", type=int, default=4000, help="Optimiser steps between checkpoints (0: epoch ends only).")
     a("--save_total_limit", type=int, default=0, help="Keep only the newest N checkpoints (0: keep all).")
     a("--resume", action="store_true",
@@ -139,8 +142,19 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+# Every float flag: NaN or an infinity passes the range checks below (nan <= 0 is False) and then
+# fails at the first step, or, as --adam_epsilon inf, trains nothing and exits 0.
+FLOAT_FLAGS = ("temperature", *(f"alpha_{name}" for name in LOSS_NAMES), "mlm_mask_prop", "word_mask", "word_keep",
+               "word_rand", "mlm_smoothing", "interchange_prop", "warmup_prop", "weight_decay", "learning_rate",
+               "adam_epsilon", "max_grad_norm", "initializer_range")
+
+
 def sanity_checks(args) -> None:
     """Argument checks that need no model."""
+    for flag in FLOAT_FLAGS:
+        value = getattr(args, flag)
+        if not math.isfinite(value):
+            raise CliError(f"--{flag} must be a finite number, not {value}")
     if args.mlm:
         if args.alpha_clm > 0:
             raise CliError("--alpha_clm must be 0 with --mlm (use --alpha_mlm)")
@@ -181,7 +195,7 @@ def sanity_checks(args) -> None:
         ("max_steps", args.max_steps == -1 or args.max_steps >= 1, "-1 (all epochs) or >= 1"),
         ("warmup_prop", 0.0 <= args.warmup_prop <= 1.0, "in [0, 1]"),
         ("learning_rate", args.learning_rate > 0, "> 0"),
-        ("log_interval", args.log_interval >= 1, ">= 1"),
+        ("log_interval", args.log_interval is None or args.log_interval >= 1, ">= 1"),
         ("checkpoint_interval", args.checkpoint_interval >= 0, ">= 0"),
         ("save_total_limit", args.save_total_limit >= 0, ">= 0"),
         ("skip_nonfinite_steps", args.skip_nonfinite_steps >= 0, ">= 0"),
@@ -298,12 +312,13 @@ def build_student(args):
                              else torch.load(f, map_location="cpu", weights_only=True))
             except Exception as err:  # noqa: BLE001 -- a truncated or corrupt file: one message
                 raise CliError(f"--student_pretrained_weights {f}: cannot read the weights "
-                               f"({type(err).__name__}: {err})") from None
+                               f"({short_load_error(err)})") from None
     else:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 -- any unreadable file gets one clear message
-            raise CliError(f"--student_pretrained_weights {weights}: not a torch state dict ({err})") from None
+            raise CliError(f"--student_pretrained_weights {weights}: not a torch state dict "
+                           f"({short_load_error(err)})") from None
     expected = model.state_dict()
     # The MLM head's transform is copied only with --vocab_transform at extraction.
     optional = {k for k in expected if k.startswith(("vocab_transform", "vocab_layer_norm", "lm_head.dense",
@@ -372,9 +387,7 @@ def check_corpus(args, corpus, vocab: int) -> None:
             raise CliError(message + ": binarize it with this tokenizer, or add --allow_tokenizer_mismatch if "
                                      "its ids are known to be the same")
         logger.warning("%s; going on (--allow_tokenizer_mismatch)", message)
-    if len(corpus) and corpus.max_id() >= vocab:
-        raise CliError(f"--data_file {args.data_file} holds token id {corpus.max_id()} but the models' "
-                       f"vocabulary has {vocab} entries: binarized with another tokenizer?")
+    corpus.check_ids(vocab, "--data_file")  # ids within the models' vocabulary, none negative
 
 
 # --- the run ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ naming the culprit; `utils.run_cli` turns it into one log line and exit status 2
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,9 @@ from typing import Iterable, Sequence
 from transformers import HfArgumentParser, TrainingArguments
 
 from input_checks import check_local_path, check_tokenizer
-from utils import CliError, atomic_write_text, cpu_bf16_warning, require_file, set_seed
+from utils import (CliError, atomic_write_text, check_output_parent, check_writable, cpu_bf16_warning,
+                   line_mode_progress_bars_for_transformers, require_file, set_seed, write_error, write_error_message,
+                   writing_into)
 
 logger = logging.getLogger("causal_distill.finetune")
 
@@ -141,9 +144,54 @@ def start(arguments: Sequence[type], argv: Sequence[str] | None, doc: str,
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
         if getattr(training_args, flag) < 1:
             raise CliError(f"--{flag} must be >= 1, not {getattr(training_args, flag)}")
+    if training_args.do_train:
+        for flag, ok, what in (("learning_rate", training_args.learning_rate > 0, "> 0"),
+                               ("weight_decay", training_args.weight_decay >= 0, ">= 0"),
+                               ("adam_epsilon", training_args.adam_epsilon > 0, "> 0"),
+                               ("max_grad_norm", training_args.max_grad_norm >= 0, ">= 0")):
+            value = getattr(training_args, flag)
+            if value is not None and (not math.isfinite(value) or not ok):
+                raise CliError(f"--{flag} must be a finite number {what}, not {value}")
+    check_output_dir(training_args.output_dir)
+    out = Path(training_args.output_dir).absolute()
+    _RUN["missing"] = [p for p in (out, *out.parents) if not p.exists()]
+    _RUN["output_dir"] = training_args.output_dir
+    line_mode_progress_bars_for_transformers()  # in a log file, one line per refresh (no text run into log lines)
     checkpoint = resolve_checkpoint(training_args)
     set_seed(training_args.seed)
     return (*parsed, checkpoint)
+
+
+# What `start` saw of --output_dir: the folders the run is about to create (for `finetune_main` to remove again).
+_RUN: dict = {}
+
+
+def finetune_main(main):
+    """Decorate a script's `main`: a run that fails removes the --output_dir folders it created and left empty, and
+    a full disk or a refused write becomes one message naming --output_dir (no traceback)."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        _RUN.clear()
+        try:
+            return main(*args, **kwargs)
+        except BaseException as err:
+            for made in _RUN.get("missing", ()):  # deepest first
+                with contextlib.suppress(OSError):
+                    made.rmdir()
+            found = None if isinstance(err, CliError) else write_error(err)
+            if found is not None:
+                raise CliError(f"--output_dir {_RUN.get('output_dir')}: {write_error_message(found)}") from err
+            raise
+
+    return wrapped
+
+
+def check_output_dir(output_dir: str) -> Path:
+    """CliError naming --output_dir when it is a file, lies under a file, or cannot be written."""
+    path = check_output_parent(output_dir, "--output_dir", is_file=False)
+    return check_writable(path, "--output_dir")
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -187,11 +235,17 @@ def checkpoint_step(path: Path) -> int | None:
     return int(name[len(prefix):])
 
 
-def trainer_checkpoint_problem(path: Path) -> str | None:
-    """Why `path` cannot be resumed from, or None when it is a complete Trainer checkpoint.
+def trainer_checkpoint_problem(path: Path, world_size: int = 1) -> str | None:
+    """Why `path` cannot be resumed from exactly, or None when it is a complete Trainer checkpoint.
 
-    The Trainer writes `trainer_state.json` last, after the weights, optimizer, scheduler and RNG
-    states, and not atomically: a checkpoint is complete when that file parses and the weights exist.
+    The Trainer writes no manifest and its saves are not atomic; `trainer_state.json` is written last.
+    A checkpoint is complete when that file parses and every file a continuation loads is there and
+    whole: the weights (a safetensors file as long as its header says), `optimizer.pt`, `scheduler.pt`
+    and the RNG state of every process (`rng_state.pth`, or `rng_state_<rank>.pth` under torchrun),
+    each a zip whose members pass their CRC and which `torch.load(weights_only=True)` would take
+    (tensors, plain data and NumPy arrays: no other global). Without the optimizer or RNG state the
+    Trainer would resume silently into a different run; a crafted file would be refused by torch, with
+    a traceback. A bit flipped inside the weights of a safetensors file is not detected (no checksum).
     """
     path = Path(path)
     state = path / "trainer_state.json"
@@ -204,16 +258,76 @@ def trainer_checkpoint_problem(path: Path) -> str | None:
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     if not any((path / w).is_file() for w in weights):
         return "no model weights"
+    if (path / "model.safetensors").is_file():
+        problem = safetensors_problem(path / "model.safetensors")
+        if problem:
+            return f"model.safetensors {problem}"
+    rng = ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
+    for name, what in (("optimizer.pt", "the optimiser's state (Adam's moments)"), ("scheduler.pt", "the schedule"),
+                       *((r, "the random generators (dropout, data order)") for r in rng)):
+        if not (path / name).is_file():
+            return (f"no {name}: a resume would silently restart {what} and train differently (a save interrupted, "
+                    f"the file removed, or --save_only_model)")
+    for file in sorted(path.glob("*.pt")) + sorted(path.glob("*.pth")) + sorted(path.glob("pytorch_model*.bin")):
+        problem = torch_file_problem(file)
+        if problem:
+            return f"{file.name} {problem}"
     return None
 
 
-def newest_complete_checkpoint(output_dir: Path) -> str | None:
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole (its header unreadable, its size not the header's), or None."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size:
+                return "is truncated or corrupt (its header length exceeds the file)"
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError):
+        return "is truncated or corrupt (unreadable header)"
+    if size != 8 + n + end:
+        return f"is truncated or corrupt ({size} bytes, its header says {8 + n + end})"
+    return None
+
+
+# Globals a Trainer's RNG state holds (NumPy's generator state), which transformers allows when it loads one.
+_NUMPY_GLOBALS = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+                  "numpy.dtype", "numpy.dtypes.")
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """Why a torch.save file is not whole or not plain data (a truncated zip, a member failing its CRC, a global
+    that weights-only loading refuses), or None. Reads the whole file; builds nothing."""
+    import zipfile
+
+    import torch
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            return f"is corrupt ({bad} fails its CRC check)"
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as err:  # noqa: BLE001 -- BadZipFile, a truncated archive, an unreadable pickle
+        return f"is truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    refused = [g for g in unsafe if not g.startswith(_NUMPY_GLOBALS)]
+    if refused:
+        return (f"holds {', '.join(refused[:3])}, which weights-only loading refuses (a crafted file?): it is never "
+                f"loaded")
+    return None
+
+
+def newest_complete_checkpoint(output_dir: Path, world_size: int = 1) -> str | None:
     """The complete `checkpoint-*` folder of `output_dir` with the highest step; logs each newer incomplete one skipped."""
     found = sorted(
         (step, p) for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and (step := checkpoint_step(p)) is not None
     )
     for _, path in reversed(found):
-        problem = trainer_checkpoint_problem(path)
+        problem = trainer_checkpoint_problem(path, world_size)
         if problem is None:
             return str(path)
         logger.warning("skipping the incomplete checkpoint %s: %s", path, problem)
@@ -252,14 +366,14 @@ def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
         resume = None
     if resume is not None:
         if str(resume).strip().lower() in ("true", "latest", "last"):
-            last = newest_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+            last = newest_complete_checkpoint(output_dir, training_args.world_size) if output_dir.is_dir() else None
             if last is None:
                 raise CliError(f"--resume_from_checkpoint {resume}: no complete checkpoint-* folder in {output_dir}")
             _log_resume(last, f"the newest complete checkpoint in {output_dir} (--resume_from_checkpoint {resume})",
                         training_args)
             return last
         path = require_file(resume, "--resume_from_checkpoint")
-        problem = trainer_checkpoint_problem(path)
+        problem = trainer_checkpoint_problem(path, training_args.world_size)
         if problem is not None:
             raise CliError(f"--resume_from_checkpoint {path}: not a complete Trainer checkpoint ({problem})")
         _log_resume(str(path), "--resume_from_checkpoint", training_args)
@@ -276,12 +390,15 @@ def resolve_checkpoint(training_args: FinetuneTrainingArguments) -> str | None:
         return None
     finished = [m for m in FINISHED_MARKERS if (output_dir / m).is_file()]
     if finished:
+        last = newest_complete_checkpoint(output_dir, training_args.world_size)
+        cont = f"it (from {last})" if last else "it (no complete checkpoint-* folder is left to continue from)"
         raise CliError(
             f"--output_dir {output_dir} holds a finished training run ({finished[0]}): pass --overwrite_output_dir "
-            f"to train afresh, another --output_dir, or --resume_from_checkpoint latest to continue it "
-            f"(with a larger --max_steps or --num_train_epochs)"
+            f"to train afresh, another --output_dir, or --resume_from_checkpoint latest to continue {cont} "
+            f"(with a larger --max_steps or --num_train_epochs); to evaluate its model only, drop --do_train and "
+            f"pass --model_name_or_path {output_dir} --do_eval"
         )
-    last = newest_complete_checkpoint(output_dir)
+    last = newest_complete_checkpoint(output_dir, training_args.world_size)
     if last is not None:
         _log_resume(last, "a checkpoint was found in --output_dir; pass --overwrite_output_dir to train afresh",
                     training_args)
@@ -356,17 +473,19 @@ def load_model(auto_class, model_args: ModelArguments, config):
                        f"(missing, truncated or not a model of this kind?): {type(err).__name__}: {err}") from None
 
 
-def resolve_max_length(requested: int | None, tokenizer, config, default: int = 512) -> int:
-    """The sequence length to use: `requested` (or `default`), capped by the tokenizer and the position table."""
+def resolve_max_length(requested: int | None, tokenizer, config, default: int = 512,
+                       flag: str = "--max_seq_length") -> int:
+    """The sequence length to use: `requested` (or `default`), capped by the tokenizer and the position table;
+    errors and warnings name `flag` (run_clm.py's is --block_size)."""
     limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
     limits = [int(x) for x in limits if x is not None and x < 1_000_000]
     cap = min(limits) if limits else None
     if requested is None:
         return min([default] + ([cap] if cap else []))
     if requested <= 0:
-        raise CliError(f"--max_seq_length must be positive, got {requested}")
+        raise CliError(f"{flag} must be positive, got {requested}")
     if cap is not None and requested > cap:
-        logger.warning("--max_seq_length %d exceeds what the model handles (%d): using %d", requested, cap, cap)
+        logger.warning("%s %d exceeds what the model handles (%d): using %d", flag, requested, cap, cap)
         return cap
     return requested
 
@@ -535,13 +654,49 @@ def train_and_save(trainer, checkpoint: str | None, train_dataset) -> dict:
     write train_results.json; returns the training metrics ({} without --do_train)."""
     if not trainer.args.do_train:
         return {}
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()
-    metrics = dict(result.metrics)
-    metrics["train_samples"] = len(train_dataset)
-    save_metrics(trainer.args.output_dir, "train", metrics, trainer.is_world_process_zero())
-    trainer.save_state()
+    with writing_into(trainer.args.output_dir, "--output_dir"):  # a full disk: one message naming the folder
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        save_model_atomically(trainer)
+        metrics = dict(result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        save_metrics(trainer.args.output_dir, "train", metrics, trainer.is_world_process_zero())
+        trainer.save_state()
     return metrics
+
+
+def save_model_atomically(trainer) -> None:
+    """`trainer.save_model()` into a hidden folder of --output_dir, then each file renamed into place: a full disk
+    or a kill never leaves a truncated model.safetensors under its final name."""
+    import tempfile
+
+    out = Path(trainer.args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".final.", suffix=".tmp", dir=out))
+    try:
+        trainer.save_model(str(tmp))
+        if trainer.is_world_process_zero():
+            for f in sorted(tmp.iterdir()):
+                if f.is_file():
+                    os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def after_training(training_args):
+    """Evaluation after a training run: should it fail, the trained model is already saved in --output_dir, and
+    the error says so and how to evaluate it without training again (a rerun with --do_train is refused)."""
+    try:
+        yield
+    except Exception as err:
+        if not training_args.do_train:
+            raise
+        logger.debug("evaluation failed", exc_info=True)
+        what = str(err) if isinstance(err, CliError) else f"{type(err).__name__}: {err}"
+        out = training_args.output_dir
+        raise CliError(f"the training finished and its model is saved in {out}, but the evaluation failed: {what}. "
+                       f"Nothing is lost: evaluate it with --model_name_or_path {out} --do_eval (without --do_train)"
+                       ) from err
 
 
 # ------------------------------------------------------------------- language modelling (run_mlm, run_clm)
@@ -690,15 +845,18 @@ def build_lm(model_args: LmModelArguments, tokenizer, kind: str):
 
 
 def load_lm_and_text(model_args: LmModelArguments, data_args: LmDataArguments, training_args, kind: str,
-                      length: int | None, default_length: int):
+                      length: int | None, default_length: int, length_flag: str = "--max_seq_length"):
     """The opening of run_mlm.py and run_clm.py: (raw text splits, tokenizer, config, model, sequence length),
-    the length being `length` (or `default_length`) capped by what the model and tokenizer handle."""
-    raw, _ = load_text_datasets(data_args, training_args, model_args.cache_dir)
+    the length being `length` (or `default_length`) capped by what the model and tokenizer handle. The raw
+    splits carry `sources` (split -> the file or dataset it came from) for error messages."""
+    raw, sources = load_text_datasets(data_args, training_args, model_args.cache_dir)
+    raw.sources = sources
     tokenizer = load_tokenizer(model_args)
     config, model = build_lm(model_args, tokenizer, kind)
     if not model_args.model_name_or_path and not training_args.do_train:
         logger.warning("evaluating a freshly initialised model that was not trained")
-    return raw, tokenizer, config, model, resolve_max_length(length, tokenizer, config, default=default_length)
+    return raw, tokenizer, config, model, resolve_max_length(length, tokenizer, config, default=default_length,
+                                                             flag=length_flag)
 
 
 def evaluate_perplexity(trainer, eval_dataset, **extra) -> dict:

@@ -18,7 +18,7 @@ from batching import BatchPreparer, Prepared
 from interventions import Needs, model_outputs, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import MappingEntry
-from utils import atomic_open, logger
+from utils import atomic_open, logger, progress_bar
 
 NEEDS = Needs(logits=True, hidden=False, cf_logits=True, cf_hidden=False, teacher_logits=True)
 FIELDS = ("positions", "hits", "changed", "changed_hits", "kl")  # per pair and entry
@@ -96,7 +96,6 @@ def evaluate(teacher, student, batches: list[Prepared], entries: list[MappingEnt
              autocast=contextlib.nullcontext, progress: bool = False) -> dict:
     """Counts per pair: `base` (n_pairs, 2) [positions, agreeing], `entries` (n_pairs, E, 5) of FIELDS,
     and `top1` {entry: (teacher bincount, student bincount)} over the changed positions (for chance)."""
-    from tqdm import tqdm
 
     device = device or next(teacher.parameters()).device
     n_pairs = sum(int(p.input_ids.shape[0]) for p in batches)
@@ -105,7 +104,7 @@ def evaluate(teacher, student, batches: list[Prepared], entries: list[MappingEnt
     counts = np.zeros((n_pairs, len(entries), len(FIELDS)))
     hist = np.zeros((len(entries), 2, vocab))
     sites = [(_sites(e.teacher, device), _sites(e.student, device)) for e in entries]
-    bar = tqdm(total=len(batches) * len(entries), desc="IIA", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(batches) * len(entries), desc="IIA", disable=not progress, dynamic_ncols=True)
     row0 = 0
     for p in batches:
         bsz, width = p.input_ids.shape

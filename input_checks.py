@@ -50,6 +50,19 @@ def check_local_path(name: str | os.PathLike | None, flag: str) -> None:
         raise CliError(f"{flag} {name}: no such folder")
 
 
+def _beyond(tokenizer, vocab_size: int, top: int, shown: int = 5) -> str:
+    """Which of the tokenizer's entries lie beyond the model's vocabulary: "id 151665 '<|x|>' (added), ..." """
+    ids = list(range(vocab_size, top + 1))
+    try:
+        names = tokenizer.convert_ids_to_tokens(ids[:shown])
+    except Exception:  # noqa: BLE001 -- a tokenizer that cannot name its ids: the ids alone
+        names = [None] * len(ids[:shown])
+    added = set(getattr(tokenizer, "get_added_vocab", lambda: {})().values())
+    parts = [f"id {i} {name!r}" + (" (an added token)" if i in added else "") for i, name in zip(ids, names)]
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return f"the entr{'y' if len(ids) == 1 else 'ies'} beyond it: {', '.join(parts)}{more}"
+
+
 def check_tokenizer(tokenizer, config=None, *, tokenizer_flag: str, tokenizer_name, model_name=None) -> None:
     """CliError naming `tokenizer_flag` when `tokenizer` cannot be the model's tokenizer.
 
@@ -77,7 +90,8 @@ def check_tokenizer(tokenizer, config=None, *, tokenizer_flag: str, tokenizer_na
         top = max(n_tokens - 1, max(special, default=-1))
         raise CliError(
             f"{tokenizer_flag} {tokenizer_name} has {n_tokens} entries (ids up to {top}) but {model} has vocab_size "
-            f"{vocab_size}: they do not belong together; {fix}"
+            f"{vocab_size}: {_beyond(tokenizer, vocab_size, top)}; they do not belong together, or a token was added "
+            f"to the tokenizer and not to the model; {fix}"
         )
     if n_tokens < MIN_COVERAGE * vocab_size:
         raise CliError(

@@ -109,6 +109,10 @@ class LmSeqsDataset(Dataset):
         self._remove_unknown_sequences()
         self.lengths = self._item_lengths()
         logger.info("%d sequences, %d tokens after cleaning %s", len(self), int(self.lengths.sum()), corpus.describe())
+        if len(self) < (2 if self.paired else 1):
+            raise CliError(f"{corpus.describe()}: {len(self)} usable sequence(s) after cleaning (sequences of fewer "
+                           f"than {self.min_length} tokens, or with half their tokens unknown, are removed); "
+                           + ("pairing a base with a source needs at least 2" if self.paired else "nothing to train on"))
         self.epoch = 0
         self.pairing = derangement(len(self), self.seed, 0) if self.paired else None
 
@@ -208,7 +212,7 @@ class LmSeqsDataset(Dataset):
         return collate_sequences(batch, self.pad_id)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
@@ -264,21 +268,45 @@ def collated_batches(dataset: LmSeqsDataset, batches: list[list[int]], *, num_wo
                      stopping: Callable[[], bool]) -> Iterator[dict[str, torch.Tensor]]:
     """Yield the collated `batches` in order, through `num_workers` DataLoader workers (`make_loader`).
 
-    Workers ignore SIGINT/SIGTERM and are started with those signals blocked (so none can
-    arrive before a worker has set that up). Should a worker die anyway while the run is
-    stopping (`stopping()` is true), the remaining batches are collated in this process (collation
-    draws no random numbers, so the data are the same) and the stop checkpoint is still written.
+    Workers ignore SIGINT/SIGTERM/SIGHUP and are started with those signals blocked (so none can
+    arrive before a worker has set that up). Should a worker die anyway (killed on its own, or
+    while the run is stopping: `stopping()`), the loader notices it while a batch is awaited
+    (`worker_deaths_surface_here`) and the remaining batches are collated in this process (collation
+    draws no random numbers, so the data are the same): the run goes on, or writes its stop checkpoint.
     """
     n_done = 0
     try:
+        if num_workers > 0:
+            worker_deaths_surface_here()
         with stop_signals_blocked():  # the workers are forked here and inherit the blocked mask
             iterator = iter(make_loader(dataset, batches, num_workers, seed))
         for batch in iterator:
             n_done += 1
             yield batch
-    except RuntimeError as err:
-        if not stopping() or "DataLoader worker" not in str(err):
+    except (RuntimeError, EOFError, ConnectionError) as err:
+        # A dead worker surfaces as torch's RuntimeError, or, killed while handing a batch over (its tensors travel
+        # through a socket of its own), as an EOFError or a refused connection in this process.
+        if isinstance(err, RuntimeError) and "DataLoader worker" not in str(err):
             raise
-        logger.warning("a DataLoader worker died while stopping (%s); collating the rest in this process", err)
+        logger.warning("a DataLoader worker died%s (%s: %s); collating the rest of the epoch in this process (the same "
+                       "batches: collation draws no random numbers)", " while stopping" if stopping() else "",
+                       type(err).__name__, err)
         for indices in batches[n_done:]:
             yield dataset.batch_sequences([dataset[i] for i in indices])
+
+
+def worker_deaths_surface_here() -> None:
+    """Let a dead DataLoader worker surface where a batch is awaited, not at any line of the step.
+
+    torch installs a SIGCHLD handler that raises "DataLoader worker ... is killed by signal" from
+    wherever the main process is when a worker dies: in the middle of a forward pass, where nothing
+    can finish the step or write the stop checkpoint (a worker killed together with a SIGTERM ended in
+    a traceback). Without it the loader notices a dead worker while waiting for a batch (within
+    seconds), which `collated_batches` handles. Uses torch's private flag, checked to exist."""
+    from torch.utils.data._utils import signal_handling
+
+    if hasattr(signal_handling, "_SIGCHLD_handler_set"):
+        signal_handling._SIGCHLD_handler_set = True  # torch: "already installed", so it installs none
+    handler = signal.getsignal(signal.SIGCHLD)
+    if callable(handler) and getattr(handler, "__module__", "") == signal_handling.__name__:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # one a loader of this process installed before

@@ -29,6 +29,11 @@ HEAD_ALIGN = {"cuda": 64}
 _PAD_LOGIT = -1.0e4
 
 
+def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32, bf16 and fp16 inputs (the row kernels' precision), fp64 for fp64 inputs (reference runs)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _chunk_rows(t: torch.Tensor, vocab: int) -> int:
     """Rows per chunk: the device's row count, scaled down so a chunk's temporaries stay the same size
     for a large vocabulary (Qwen's 151,936 entries would otherwise take 4.6 times the memory)."""
@@ -96,18 +101,19 @@ class _RowLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, other, kind, temperature, n_norm):
         needs_grad = ctx.needs_input_grad[0]
-        grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if needs_grad else None
-        total = logits.new_zeros((), dtype=torch.float32)
+        acc = _accumulation_dtype(logits)
+        grad = torch.empty(logits.shape, dtype=acc, device=logits.device) if needs_grad else None
+        total = logits.new_zeros((), dtype=acc)
         step = _chunk_rows(logits, logits.shape[-1])
         scale = 1.0 / max(n_norm, 1)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             if kind == "kl":  # fresh scaled copies: the caller's tensors are never written
-                loss, g = _kl_rows(logits[rows].float() / temperature, other[rows].float() / temperature,
+                loss, g = _kl_rows(logits[rows].to(acc) / temperature, other[rows].to(acc) / temperature,
                                    needs_grad)
                 g = g.mul_(1.0 / temperature) if needs_grad else None
             else:
-                loss, g = _ce_rows(logits[rows].to(torch.float32, copy=True), other[rows], needs_grad)
+                loss, g = _ce_rows(logits[rows].to(acc, copy=True), other[rows], needs_grad)
             total += loss
             if needs_grad:
                 grad[rows] = g
@@ -153,38 +159,24 @@ class _HeadLosses(torch.autograd.Function):
                 alpha_lm):
         n, n_lm = s_feat.shape[0], lm_rows.shape[0]
         t = temperature
-        kl_total = s_feat.new_zeros((), dtype=torch.float32)
-        lm_total = s_feat.new_zeros((), dtype=torch.float32)
+        acc = _accumulation_dtype(s_feat)  # fp32, or fp64 for an fp64 model
+        kl_total = s_feat.new_zeros((), dtype=acc)
+        lm_total = s_feat.new_zeros((), dtype=acc)
         g_feat = torch.zeros_like(s_feat)
         vocab, has_bias = weight.shape[0], bias is not None
         step = _chunk_rows(s_feat, vocab)
         autocast = torch.is_autocast_enabled(s_feat.device.type)
-        align = HEAD_ALIGN.get(s_feat.device.type, 0)
-        padded = align > 1 and vocab % align != 0
-        if padded:  # aligned copies of the heads (padded rows 0, padded biases below)
-            dtype = torch.get_autocast_dtype(s_feat.device.type) if autocast else weight.dtype
-            weight = _pad_rows(weight.to(dtype), align)
-            if t_weight is not None:
-                t_weight = _pad_rows(t_weight.to(dtype), align)
-        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        g_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if has_bias else None
-        if padded:  # a bias for every head, -1e4 at the padded entries once softened by `scale`
-
-            def pad_bias(b, scale):
-                out = torch.full((weight.shape[0],), _PAD_LOGIT / scale, dtype=torch.float32, device=weight.device)
-                out[:vocab] = b if b is not None else 0.0
-                return out
-
-            kl_bias, kl_t_bias = pad_bias(bias, 1.0 / t), pad_bias(t_bias, 1.0 / t)
-            lm_bias = pad_bias(bias, 1.0)
-        else:
-            kl_bias, kl_t_bias, lm_bias = bias, t_bias, bias
+        weight, t_weight, (kl_bias, kl_t_bias, lm_bias) = _aligned_heads(
+            weight, t_weight, bias, t_bias, t, torch.get_autocast_dtype(s_feat.device.type) if autocast else None, acc)
+        padded = weight.shape[0] != vocab
+        g_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        g_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if has_bias else None
 
         def logits(feat, w, b, scale):
-            # scale * (feat @ w.T + b) in one GEMM, as fp32 scratch for the row kernels
+            # scale * (feat @ w.T + b) in one GEMM, as fp32 (fp64) scratch for the row kernels
             out = torch.addmm(b, feat, w.t(), beta=scale, alpha=scale) if b is not None else \
                 torch.mm(feat, w.t()).mul_(scale)
-            return out.float()
+            return out.to(acc)
 
         def backward_of_projection(grad, feat, scale):
             # The projection's backward for scale * grad, chunk by chunk.
@@ -241,6 +233,26 @@ class _HeadLosses(torch.autograd.Function):
         g_bias = g_bias * grad_total if ctx.has_bias else None
         return (g_feat * grad_total.to(g_feat.dtype), g_weight * grad_total, g_bias,
                 None, None, None, None, None, None, None, None)
+
+
+def _aligned_heads(weight, t_weight, bias, t_bias, temperature: float, autocast_dtype, acc=torch.float32):
+    """The student's and teacher's heads padded to a multiple of HEAD_ALIGN[device] rows (cast to the
+    autocast precision), and the biases of the KL and LM logits: -1e4 at the padded entries once
+    softened (by 1/T for the KL, 1 for the LM loss). Unchanged where no padding is needed."""
+    align, vocab = HEAD_ALIGN.get(weight.device.type, 0), weight.shape[0]
+    if align <= 1 or vocab % align == 0:
+        return weight, t_weight, (bias, t_bias, bias)
+    dtype = autocast_dtype or weight.dtype
+    weight = _pad_rows(weight.to(dtype), align)
+    t_weight = _pad_rows(t_weight.to(dtype), align) if t_weight is not None else None
+
+    def pad_bias(b, scale):
+        out = torch.full((weight.shape[0],), _PAD_LOGIT / scale, dtype=acc, device=weight.device)
+        out[:vocab] = b if b is not None else 0.0
+        return out
+
+    return weight, t_weight, (pad_bias(bias, 1.0 / temperature), pad_bias(t_bias, 1.0 / temperature),
+                              pad_bias(bias, 1.0))
 
 
 def _pad_rows(w: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -100,6 +100,13 @@ def _merge(parts: list[Sites]) -> Sites:
     return {layer: tuple(sorted(dims)) for layer, dims in sorted(merged.items())}
 
 
+# The shipped training_configs/*.nm assume a 12-layer BERT-base teacher; a mapping that does not fit the models at
+# hand is most often one of those.
+MAKE_MAPPING_HINT = ("A mapping must fit the teacher's and the student's depth, heads and width (the shipped "
+                     "training_configs/*.nm fit a 12-layer BERT-base teacher): write one for these models with "
+                     "scripts/make_mapping.py --teacher T --student S --alignment extracted|middle|late|full --output F.nm")
+
+
 def load_neuron_mapping(path: str | Path, teacher: ModelShape, student: ModelShape) -> list[MappingEntry]:
     """Read and validate a `.nm` file against the loaded models' shapes.
 
@@ -134,7 +141,7 @@ def load_neuron_mapping(path: str | Path, teacher: ModelShape, student: ModelSha
                 try:
                     parts.append(parse_variable_name(name, shape))
                 except ValueError as err:
-                    raise CliError(f"{where}, {side} variable {name!r}: {err}") from None
+                    raise CliError(f"{where}, {side} variable {name!r}: {err}. {MAKE_MAPPING_HINT}") from None
             sides[side] = (_merge(parts), tuple(names))
         t_sites, t_names = sides["teacher"]
         s_sites, s_names = sides["student"]

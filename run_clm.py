@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from finetune_common import (FinetuneTrainingArguments, LmDataArguments, LmModelArguments, evaluate_perplexity,
                              load_lm_and_text, make_trainer, start, take, text_column, train_and_save)
+from finetune_common import finetune_main
 from utils import CliError, run_cli
 
 logger = logging.getLogger("causal_distill.run_clm")
@@ -87,11 +88,13 @@ def collate_blocks(features):
 ARGUMENTS = (LmModelArguments, ClmDataArguments, FinetuneTrainingArguments)
 
 
+@finetune_main
 def main(argv: list[str] | None = None) -> dict:
     """Run causal-LM training and/or evaluation as the command line `argv` asks; returns all metrics."""
     model_args, data_args, training_args, checkpoint = start(ARGUMENTS, argv, __doc__, ("do_train", "do_eval"))
     raw, tokenizer, config, model, block_size = load_lm_and_text(model_args, data_args, training_args, "causal",
-                                                                 data_args.block_size, default_length=1024)
+                                                                 data_args.block_size, default_length=1024,
+                                                                 length_flag="--block_size")
     train_dataset, eval_dataset = prepare_datasets(raw, data_args, tokenizer, block_size, training_args)
     trainer = make_trainer(model, training_args, tokenizer, collate_blocks, train_dataset=train_dataset,
                            eval_dataset=eval_dataset)
@@ -112,8 +115,9 @@ def prepare_datasets(raw, data_args: ClmDataArguments, tokenizer, block_size: in
             continue
         dataset = take(blocks[split], limit)
         if len(dataset) == 0:
-            raise CliError(f"the {split} data holds fewer than --block_size {block_size} tokens per "
-                           f"--group_size {data_args.group_size} documents: no block to use; lower --block_size")
+            source = getattr(raw, "sources", {}).get(split, f"the {split} data")
+            raise CliError(f"{source} holds fewer than --block_size {block_size} tokens per --group_size "
+                           f"{data_args.group_size} documents: no block to use; lower --block_size")
         logger.info("%s: %d blocks of %d tokens", split, len(dataset), block_size)
         datasets[split] = dataset
     return datasets["train"], datasets["validation"]

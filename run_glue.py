@@ -21,6 +21,7 @@ import numpy as np
 from finetune_common import (FinetuneTrainingArguments, ModelArguments, check_columns, check_vocab, load_config,
                              load_model, load_raw_datasets, load_tokenizer, make_trainer, padding_collator,
                              resolve_max_length, save_metrics, start, take, train_and_save, used_splits)
+from finetune_common import finetune_main
 from metrics import GLUE_TASKS, glue_metrics
 from utils import CliError, atomic_write_text, run_cli
 
@@ -145,6 +146,7 @@ def infer_sentence_keys(columns: list[str]) -> tuple[str, str | None]:
 ARGUMENTS = (ModelArguments, GlueDataArguments, FinetuneTrainingArguments)
 
 
+@finetune_main
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune, evaluate and/or predict as the command line `argv` asks; returns all metrics."""
     model_args, data_args, training_args, checkpoint = start(ARGUMENTS, argv, __doc__)

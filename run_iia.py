@@ -45,7 +45,7 @@ from iia import choose_pairs, draw_heatmaps, evaluate, format_table, prepare_bat
 from interventions import FAMILIES, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import MappingEntry, load_neuron_mapping
-from utils import CliError, atomic_write_text, logger, run_cli
+from utils import CliError, atomic_write_text, check_output_parent, check_writable, logger, run_cli, writing_into
 
 RESULTS_FILE = "iia_results.json"
 HEATMAP_FILE = "iia_heatmap.png"
@@ -114,6 +114,7 @@ def check_args(args) -> None:
         raise CliError("--word_mask + --word_keep + --word_rand must sum to 1")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise CliError(f"--output_dir {args.output_dir} is a file, not a folder")
+    check_writable(check_output_parent(args.output_dir, "--output_dir", is_file=False), "--output_dir")
 
 
 # --- models, tokenizer, data -------------------------------------------------------------------
@@ -137,8 +138,9 @@ def load_lm(name: str, flag: str, cache_dir: str | None = None):
                        f"({', '.join(sorted(FAMILIES))})")
     try:
         model = family.model_class.from_pretrained(name, config=config, cache_dir=cache_dir)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CliError(f"{flag} {name}: cannot load the {family.name} weights ({err})") from None
+    except Exception as err:  # noqa: BLE001 -- OSError, a truncated or corrupt safetensors file: one message
+        raise CliError(f"{flag} {name}: cannot load the {family.name} weights (missing, truncated or corrupt?): "
+                       f"{type(err).__name__}: {err}") from None
     return model.eval()
 
 
@@ -186,13 +188,14 @@ def _is_binarized(path: Path) -> bool:
     return head == MAGIC or head[:1] == b"\x80"
 
 
-def load_pairs(path: str, tok, special: dict, max_len: int, seed: int) -> LmSeqsDataset:
+def load_pairs(path: str, tok, special: dict, max_len: int, seed: int, vocab_size: int | None = None) -> LmSeqsDataset:
     """Paired sequences of a binarized file or a text file; CliError when the file holds fewer than 2."""
     file = Path(path)
     if not file.is_file():
         raise CliError(f"--data_file {path}: no such file")
     if _is_binarized(file):
         data = load_corpus(file)
+        data.check_ids(len(tok) if vocab_size is None else vocab_size, "--data_file")
     else:
         try:
             lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     positions = [getattr(m.config, "max_position_embeddings", None) or m.config.n_positions for m in (teacher, student)]
     positions = [n - 2 if m.config.model_type == "roberta" else n for n, m in zip(positions, (teacher, student))]
     max_len = min(positions + ([args.max_seq_length] if args.max_seq_length else []))
-    dataset = load_pairs(args.data_file, tok, special, max_len, args.seed)
+    dataset = load_pairs(args.data_file, tok, special, max_len, args.seed, vocab)
     pairs = choose_pairs(dataset, args.num_pairs, args.seed)
     preparer = BatchPreparer(
         mlm=mlm, vocab_size=vocab, mask_id=special["mask"],
@@ -288,10 +291,11 @@ def main(argv: list[str] | None = None) -> dict:
         sub = {"base": counts["base"], "entries": counts["entries"][:, e:], "top1": counts["top1"][e:]}
         record["sweep"] = summarize(sub, sweep, args.n_bootstrap, args.seed)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if sweep:
-        draw_heatmaps([("", record["sweep"])], out / HEATMAP_FILE)
-    atomic_write_text(out / RESULTS_FILE, json.dumps(record, indent=2) + "\n")
+    with writing_into(out, "--output_dir"):  # a full disk: one message, and no empty folder left
+        out.mkdir(parents=True, exist_ok=True)
+        if sweep:
+            draw_heatmaps([("", record["sweep"])], out / HEATMAP_FILE)
+        atomic_write_text(out / RESULTS_FILE, json.dumps(record, indent=2) + "\n")
     for name in ("mapping", "sweep"):
         if name in record:
             sys.stdout.write(f"\n{name} ({args.neuron_mapping if name == 'mapping' else 'full-width sites'}):\n"

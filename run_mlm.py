@@ -19,6 +19,7 @@ import numpy as np
 
 from finetune_common import (FinetuneTrainingArguments, LmDataArguments, LmModelArguments, evaluate_perplexity,
                              load_lm_and_text, make_trainer, pad_multiple, start, take, text_column, train_and_save)
+from finetune_common import finetune_main
 from utils import CliError, run_cli
 
 logger = logging.getLogger("causal_distill.run_mlm")
@@ -160,6 +161,7 @@ class MlmCollator:
 ARGUMENTS = (LmModelArguments, MlmDataArguments, FinetuneTrainingArguments)
 
 
+@finetune_main
 def main(argv: list[str] | None = None) -> dict:
     """Run masked-LM training and/or evaluation as the command line `argv` asks; returns all metrics."""
     model_args, data_args, training_args, checkpoint = start(ARGUMENTS, argv, __doc__, ("do_train", "do_eval"))
@@ -183,11 +185,11 @@ def prepare_datasets(raw, data_args: MlmDataArguments, tokenizer, max_seq_length
     if training_args.do_train:
         train_dataset = take(tokenized["train"], data_args.max_train_samples)
         if len(train_dataset) == 0:
-            raise CliError("the training data holds no text")
+            raise CliError(f"{getattr(raw, 'sources', {}).get('train', 'the training data')} holds no text")
     if training_args.do_eval:
         eval_dataset = take(tokenized["validation"], data_args.max_eval_samples)
         if len(eval_dataset) == 0:
-            raise CliError("the evaluation data holds no text")
+            raise CliError(f"{getattr(raw, 'sources', {}).get('validation', 'the evaluation data')} holds no text")
         with training_args.main_process_first(desc="fixed evaluation masking"):
             eval_dataset = mask_fixed(eval_dataset, tokenizer, data_args.mlm_probability, data_args.eval_mask_seed)
     return train_dataset, eval_dataset

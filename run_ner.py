@@ -20,6 +20,7 @@ import numpy as np
 from finetune_common import (FinetuneTrainingArguments, ModelArguments, check_columns, check_vocab, load_config,
                              load_model, load_split_files, load_tokenizer, make_trainer, pad_multiple,
                              resolve_max_length, save_metrics, start, take, train_and_save)
+from finetune_common import finetune_main
 from metrics import seqeval_metrics
 from utils import CliError, atomic_write_text, run_cli
 
@@ -126,6 +127,7 @@ def trained_labels(config) -> list[str] | None:
 ARGUMENTS = (ModelArguments, NerDataArguments, NerTrainingArguments)
 
 
+@finetune_main
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune, evaluate and/or predict as the command line `argv` asks; returns all metrics."""
     from transformers import DataCollatorForTokenClassification
@@ -160,7 +162,25 @@ def load_data(data_args: NerDataArguments, training_args, cache_dir: str | None)
     for split in used:
         required = [data_args.text_column_name] + ([] if split == "test" else [data_args.label_column_name])
         check_columns(raw[split], required, sources[split])
+        check_rows(raw[split], data_args, sources[split])
     return raw, sources, used
+
+
+def check_rows(dataset, data_args: NerDataArguments, source: str) -> None:
+    """Every row's words are a list of strings and its tags (when present) a list of as many: CliError naming the
+    file, the row and the column otherwise (a string of words would be tagged character by character)."""
+    words_col, tags_col = data_args.text_column_name, data_args.label_column_name
+    tags_all = dataset[tags_col] if tags_col in dataset.column_names else None
+    for i, words in enumerate(dataset[words_col]):
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise CliError(f"{source} row {i}: {words_col} must be a list of words (strings), found "
+                           f"{type(words).__name__} {str(words)[:60]!r}")
+        if tags_all is not None:
+            tags = tags_all[i]
+            if not isinstance(tags, list) or len(tags) != len(words):
+                n = len(tags) if isinstance(tags, list) else type(tags).__name__
+                raise CliError(f"{source} row {i}: {tags_col} must be a list of one tag per word ({len(words)} "
+                               f"words, {n} tags)")
 
 
 def tag_set(raw, sources: dict, used: list[str], data_args: NerDataArguments, given_names: list[str] | None,

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune_common import (FinetuneTrainingArguments, ModelArguments, check_columns, check_vocab, load_config,
+from finetune_common import (FinetuneTrainingArguments, ModelArguments, after_training, check_columns, check_vocab,
+                             load_config,
                              load_model, load_split_files, load_tokenizer, make_trainer, padding_collator,
                              resolve_max_length, save_metrics, start, take, train_and_save)
-from metrics import squad_evaluate, squad_v2_evaluate
+from finetune_common import finetune_main
+from metrics import normalize_answer, squad_evaluate, squad_v2_evaluate
 from utils import CliError, atomic_write_text, require_file, run_cli
 
 logger = logging.getLogger("causal_distill.run_qa")
@@ -62,6 +64,9 @@ class QaDataArguments:
     def __post_init__(self):
         if self.dataset_name and self.dataset_name.split("/")[-1] == "squad_v2":
             self.version_2_with_negative = True
+        for flag in ("n_best_size", "max_answer_length", "max_seq_length"):
+            if getattr(self, flag) < 1:  # 0 best candidates: every prediction empty, scored without a word
+                raise CliError(f"--{flag} must be >= 1, not {getattr(self, flag)}")
         if self.doc_stride <= 0 or self.doc_stride >= self.max_seq_length:
             raise CliError(f"--doc_stride {self.doc_stride} must be positive and below --max_seq_length {self.max_seq_length}")
 
@@ -241,6 +246,7 @@ def postprocess_predictions(
 ARGUMENTS = (ModelArguments, QaDataArguments, FinetuneTrainingArguments)
 
 
+@finetune_main
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune, evaluate and/or predict as the command line `argv` asks; returns all metrics."""
     from transformers import AutoModelForQuestionAnswering
@@ -262,16 +268,17 @@ def main(argv: list[str] | None = None) -> dict:
                            padding_collator(tokenizer, training_args, data_args.pad_to_max_length),
                            train_dataset=features.get("train"))
     results = train_and_save(trainer, checkpoint, features.get("train"))
-    if training_args.do_eval:
-        metrics = answer(trainer, examples["validation"], features["validation"], "eval", data_args)
-        if trainer.state.epoch is not None:
-            metrics["epoch"] = trainer.state.epoch
-        save_metrics(training_args.output_dir, "eval", metrics, trainer.is_world_process_zero())
-        results.update(metrics)
-    if training_args.do_predict:
-        metrics = answer(trainer, examples["test"], features["test"], "predict", data_args)
-        save_metrics(training_args.output_dir, "predict", metrics, trainer.is_world_process_zero())
-        results.update(metrics)
+    with after_training(training_args):  # an evaluation that fails never costs the training run
+        if training_args.do_eval:
+            metrics = answer(trainer, examples["validation"], features["validation"], "eval", data_args)
+            if trainer.state.epoch is not None:
+                metrics["epoch"] = trainer.state.epoch
+            save_metrics(training_args.output_dir, "eval", metrics, trainer.is_world_process_zero())
+            results.update(metrics)
+        if training_args.do_predict:
+            metrics = answer(trainer, examples["test"], features["test"], "predict", data_args)
+            save_metrics(training_args.output_dir, "predict", metrics, trainer.is_world_process_zero())
+            results.update(metrics)
     return results
 
 
@@ -280,6 +287,8 @@ def load_data(data_args: QaDataArguments, training_args, cache_dir: str | None) 
     raw, sources, used = load_split_files(data_args, training_args, cache_dir, load_squad_file)
     for split in used:
         check_columns(raw[split], ["id", "context", "question"] + ([] if split == "test" else ["answers"]), sources[split])
+        if "answers" in raw[split].column_names:
+            check_answers(raw[split], sources[split])
         if not data_args.version_2_with_negative and "answers" in raw[split].column_names:
             unanswerable = sum(1 for a in raw[split]["answers"] if not a["text"])
             if unanswerable:
@@ -288,6 +297,29 @@ def load_data(data_args: QaDataArguments, training_args, cache_dir: str | None) 
                     "pass --version_2_with_negative"
                 )
     return raw, sources, used
+
+
+def check_answers(dataset, source: str) -> None:
+    """Every gold answer lies in its context where answer_start says, and scores: CliError naming the file and the
+    question otherwise (checked before any training, so a bad answer never costs a training run).
+
+    An answer that normalises to nothing ("the", "--": SQuAD drops articles and punctuation) can never be
+    matched; one whose text is not at answer_start would train the model on the wrong span."""
+    for row in dataset:
+        qid, context, answers = row["id"], row["context"], row["answers"]
+        texts, starts = answers["text"], answers["answer_start"]
+        if len(texts) != len(starts):
+            raise CliError(f"{source}, question {qid!r}: {len(texts)} answer texts for {len(starts)} answer_start values")
+        for text, at in zip(texts, starts):
+            if not 0 <= at <= len(context) - len(text):
+                raise CliError(f"{source}, question {qid!r}: answer_start {at} of {text!r} lies beyond its context "
+                               f"({len(context)} characters)")
+            if context[at:at + len(text)] != text:
+                raise CliError(f"{source}, question {qid!r}: the answer {text!r} is not in the context at answer_start "
+                               f"{at} (found {context[at:at + len(text)]!r})")
+            if not normalize_answer(text):
+                raise CliError(f"{source}, question {qid!r}: the answer {text!r} is empty once normalised (SQuAD drops "
+                               f"articles, punctuation and spaces), so no prediction could ever match it")
 
 
 def check_windows_fit(raw, sources: dict, used: list[str], tokenizer, max_seq_length: int, doc_stride: int) -> None:

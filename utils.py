@@ -50,6 +50,12 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         logger.error("interrupted")
         sys.exit(130)
+    except Exception as err:  # a full disk or a refused write is the user's to fix: one line, not a traceback
+        found = write_error(err)
+        if found is None:
+            raise
+        logger.error("%s", write_error_message(found))
+        sys.exit(2)
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:
@@ -213,8 +219,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     leaves a half-written file under the final name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        _raise_write_error(err, path)
+        raise
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     try:
         with os.fdopen(fd, mode, encoding=encoding) as fh:
@@ -222,9 +232,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        _raise_write_error(err, path)
         raise
 
 
@@ -248,8 +259,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     temporary folder is deleted and `path` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as err:
+        _raise_write_error(err, path)
+        raise
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -261,8 +276,38 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_write_error(err, path)
+        raise
+
+
+def _raise_write_error(err: BaseException, path: Path) -> None:
+    """Raise a CliError naming `path` (chained to `err`) when `err` is a full disk or a refused write."""
+    if isinstance(err, CliError):
+        return
+    found = write_error(err)
+    if found is not None:
+        raise CliError(write_error_message(found, path)) from err
+
+
+@contextlib.contextmanager
+def writing_into(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn a full disk or a refused write inside the block into a CliError naming `what` `folder`, and remove
+    the folders the block created, if it leaves them empty (nothing half-made is left behind)."""
+    folder = Path(folder)
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException as err:
+        for made in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        if isinstance(err, CliError):
+            raise
+        found = write_error(err)
+        if found is not None:
+            raise CliError(f"{what} {folder}: {write_error_message(found)}") from err
         raise
 
 
@@ -361,6 +406,194 @@ def check_output_parent(path: str | os.PathLike, what: str, is_file: bool = True
     if not is_file and path.exists() and not path.is_dir():
         raise CliError(f"{what} {path} is a file, not a folder")
     return path
+
+
+class _LineStream:
+    """A stream for a progress bar whose output is not a terminal (a log file, a pipe): each refresh becomes one
+    whole line. tqdm redraws its line with carriage returns and ends it only when it closes, so a log line
+    written meanwhile ran into the bar's text in log files."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "\n").strip("\n")
+        if text.strip():
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(*args, **kwargs):
+    """tqdm on stderr; where stderr is not a terminal, one line per refresh (at most one every 5 s) instead of
+    carriage-return redraws, so that log files stay one message per line (the counts `n/total` are still
+    written, which the quickstart reads to show its own bar)."""
+    from tqdm import tqdm
+
+    stream = kwargs.pop("file", None) or sys.stderr
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        stream = _LineStream(stream)
+        kwargs["mininterval"] = max(kwargs.get("mininterval", 0.1), 5.0)
+        kwargs["dynamic_ncols"] = False
+        kwargs.setdefault("ncols", 100)
+    return tqdm(*args, file=stream, **kwargs)
+
+
+def line_mode_progress_bars_for_transformers() -> None:
+    """HF's Trainer draws its bars with tqdm: in a log file, make them one line per refresh too (`progress_bar`)."""
+    if sys.stderr.isatty():
+        return
+    import transformers.trainer_callback as callbacks
+
+    callbacks.tqdm = progress_bar
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` if it exists, else its nearest existing parent folder."""
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor)
+
+
+def check_writable(path: str | os.PathLike, what: str) -> Path:
+    """CliError naming `what` when `path` (a file or folder to write, existing or not) cannot be written: its
+    folder, or the nearest existing folder above it, refuses new entries (permissions, a read-only file
+    system, an immutable folder). Writes nothing. Returns `path` as a Path."""
+    path = Path(path)
+    target = nearest_existing(path)
+    if target == path.absolute() and not target.is_dir():
+        target = target.parent  # an existing file is replaced through its folder
+    if not os.access(target, os.W_OK | os.X_OK):
+        why = "a read-only file system" if _read_only_fs(target) else "no permission to write there"
+        where = "" if target == path.absolute() else f": {target} cannot be written"
+        raise CliError(f"{what} {path}{where} ({why})" if where else f"{what} {path} cannot be written ({why})")
+    return path
+
+
+def _read_only_fs(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+# errno values of a write that failed for want of room or of permission: the user's to fix, not a bug.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+def write_error(err: BaseException) -> OSError | None:
+    """The OSError of a full disk or a refused write that `err` is, or was raised from (None otherwise)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+            return err
+        if "No space left on device" in str(err) or "os error 28" in str(err):
+            return OSError(errno.ENOSPC, "No space left on device")
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def write_error_message(err: OSError, target: str | os.PathLike | None = None) -> str:
+    """One line for a failed write: what could not be written and why."""
+    where = target or err.filename
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on device" if err.errno == errno.ENOSPC else "disk quota exceeded"
+        return f"{why} while writing {where}: free space and run the command again" if where else \
+            f"{why}: free space and run the command again"
+    why = err.strerror or "write refused"
+    if err.errno == errno.EROFS:
+        why = "read-only file system"
+    return f"cannot write {where}: {why}" if where else f"cannot write: {why}"
+
+
+class RunLock:
+    """An exclusive lock on an output folder, so that two runs never write into it at once.
+
+    The lock is `flock` on `.<name>.lock` beside the folder (beside, not inside: `--force` moves the
+    folder's contents aside), holding who took it (pid, host, start, command line). It is released,
+    and the file removed, when the holder ends; a holder killed with `kill -9` releases it too (the
+    kernel drops the lock with the process). flock covers the processes of one machine; on a shared
+    (NFS) file system, runs on two machines may not see each other's lock.
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str):
+        folder = Path(folder).absolute()
+        self.folder, self.what = folder, what
+        self.path = folder.with_name(f".{folder.name}.lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock, or raise CliError naming the folder and whoever holds it."""
+        import datetime as dt
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CliError(f"{self.what} {self.folder}: {write_error_message(err, self.path.parent)}") from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                logger.warning("%s %s: cannot take the lock %s (%s): two runs at once would not be prevented",
+                               self.what, self.folder, self.path, err.strerror)
+                return self
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise CliError(f"{self.what} {self.folder} is in use by another run ({holder}); wait for it to end "
+                               f"or stop it (lock {self.path}, released when that process exits)") from None
+            try:  # the file may have been removed by a holder that released it meanwhile: take the new one
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": dt.datetime.now().isoformat(timespec="seconds"), "command": _command_line()}
+        self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode())
+        except OSError as err:  # a full disk: the lock is not worth a run that could not write anything anyway
+            self.release()
+            raise CliError(f"{self.what} {self.folder}: {write_error_message(err, self.path)}") from None
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still holding it: a waiting process then retries on a new file
+        os.close(self.fd)
+        self.fd = None
+
+
+def _command_line() -> str:
+    try:
+        import psutil
+
+        return " ".join(psutil.Process().cmdline())
+    except Exception:  # noqa: BLE001 -- psutil missing or /proc unreadable: the script's own arguments
+        return " ".join([sys.executable, *sys.argv])
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 65536, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info.get("pid"):
+        return "a process that is starting"
+    return (f"pid {info['pid']} on {info.get('host', '?')}, started {info.get('started', '?')}: "
+            f"{info.get('command', '?')}")
 
 
 def clean_stale_temporaries(folder: str | os.PathLike, prefix: str = "") -> list[Path]:

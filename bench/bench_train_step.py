@@ -392,7 +392,7 @@ class Yardstick:
         return statistics.median(self.samples)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="Model sizes and batch size.")
     parser.add_argument("--data_file", default=None,
@@ -428,7 +428,39 @@ def main() -> None:
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", default="/tmp/bench_train_step", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+# Flags a child process takes from its parent as they are (flag, value or None for a switch).
+FORWARDED = ("data_file", "threads", "seq_len", "profile", "pad_to_multiple_of", "head_align")
+FORWARDED_SWITCHES = ("compile", "max_batch", "no_cudnn_sdp")
+
+
+def child_command(args, mode: str, dtype: str) -> list[str]:
+    """The command line of one (mode, dtype) child, with the parent's flags."""
+    cmd = [sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--mode", mode,
+           "--dtype", dtype, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for name in FORWARDED:
+        if getattr(args, name) is not None:
+            cmd += [f"--{name}", str(getattr(args, name))]
+    return cmd + [f"--{name}" for name in FORWARDED_SWITCHES if getattr(args, name)]
+
+
+def run_child(cmd: list[str], timeout: float) -> tuple[dict | None, tuple[str, str] | None]:
+    """Run one child; returns (its row of figures, None) or (None, (why it failed, the end of its stderr))."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    except subprocess.TimeoutExpired as err:
+        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
+        return None, (f"timed out after {timeout:g} s (--timeout)", stderr)
+    if out.returncode != 0:
+        return None, (describe_exit(out.returncode), out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1]), None
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.mode:  # child process
         print(json.dumps(run_single(args)))
         return
@@ -446,37 +478,8 @@ def main() -> None:
     rows, failures = [], []
     for dtype in dtypes:
         for mode in args.modes.split(","):
-            cmd = [sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--mode", mode,
-                   "--dtype", dtype, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            if args.data_file:
-                cmd += ["--data_file", args.data_file]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            if args.compile:
-                cmd += ["--compile"]
-            if args.seq_len:
-                cmd += ["--seq_len", str(args.seq_len)]
-            if args.max_batch:
-                cmd += ["--max_batch"]
-            if args.profile:
-                cmd += ["--profile", args.profile]
-            if args.pad_to_multiple_of is not None:
-                cmd += ["--pad_to_multiple_of", str(args.pad_to_multiple_of)]
-            if args.no_cudnn_sdp:
-                cmd += ["--no_cudnn_sdp"]
-            if args.head_align is not None:
-                cmd += ["--head_align", str(args.head_align)]
             print(f"running {mode} {dtype} ...", file=sys.stderr, flush=True)
-            failure = None
-            try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            except subprocess.TimeoutExpired as err:
-                stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
-                failure = (f"timed out after {args.timeout:g} s (--timeout)", stderr)
-            else:
-                if out.returncode != 0:
-                    failure = (describe_exit(out.returncode), out.stderr)
+            row, failure = run_child(child_command(args, mode, dtype), args.timeout)
             if failure:
                 reason, stderr = failure
                 print(f"{mode} {dtype} failed: {reason}", file=sys.stderr)
@@ -484,7 +487,7 @@ def main() -> None:
                       flush=True)
                 failures.append(f"{mode} {dtype}: {reason}")
                 continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(row)
     if not rows:
         sys.exit("no mode ran to the end" + "".join(f"\n  {f}" for f in failures))
     dtypes = [d for d in dtypes if any(r["dtype"] == d for r in rows)]

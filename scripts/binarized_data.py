@@ -35,7 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from binarized_io import FORMATS, CorpusWriter, dtype_for_vocab, output_path, vocab_fingerprint  # noqa: E402
 from input_checks import check_local_path, check_tokenizer  # noqa: E402
-from utils import CliError, check_output_parent, logger, require_file, run_cli  # noqa: E402
+from utils import (CliError, check_output_parent, check_writable, logger, progress_bar, require_file,  # noqa: E402
+                   run_cli)
 
 # Which special tokens open and close an example, per tokenizer family.
 SPECIAL_TOKENS = {
@@ -338,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.max_parsing_example == 0 or args.max_parsing_example < -1:
         raise CliError(f"--max_parsing_example must be -1 (every row) or a positive number, not {args.max_parsing_example}")
     check_output_parent(str(args.dump_file) + ".x", "--dump_file", is_file=False)
+    check_writable(str(args.dump_file) + ".x", "--dump_file")
     if args.file_path is not None:
         require_file(args.file_path, "--file_path")
     source_name = args.file_path or args.dataset_name
@@ -354,9 +356,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
         logger.warning("--preprocessing_num_workers %d: only %d CPU(s) available, using %d processes",
                        args.preprocessing_num_workers, workers, workers)
     logger.info("binarizing %d rows of %s with %d process(es) into %s", n_rows, source_name, workers, out)
-
-    from tqdm import tqdm
-
     start = time.perf_counter()
     n_skipped = 0
     batches = iter_text_batches(sources, args.field_name, args.batch_size, args.max_parsing_example)
@@ -364,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         out, args.format, vocab_size=vocab_size, tokenizer_name=Path(str(args.tokenizer_name).rstrip("/")).name,
         seed=args.seed, vocab_hash=vocab_fingerprint(tokenizer),
     )
-    with writer, tqdm(total=n_rows, unit="ex", desc="binarizing", mininterval=2.0) as bar:
+    with writer, progress_bar(total=n_rows, unit="ex", desc="binarizing", mininterval=2.0) as bar:
         for flat, lengths, skipped in iter_encoded(batches, tokenizer, bos_id, eos_id, dtype, workers):
             writer.add_batch(flat, lengths)
             n_skipped += skipped

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from binarized_io import FORMATS, Corpus, CorpusWriter, load_corpus, output_path  # noqa: E402
-from utils import CliError, logger, run_cli  # noqa: E402
+from utils import CliError, check_output_parent, check_writable, logger, run_cli  # noqa: E402
 
 # Sequences copied per write; bounds the RAM a merge of memory-mapped corpora needs.
 COPY_BATCH = 4096
@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
+    check_writable(check_output_parent(str(args.dump_file) + ".x", "--dump_file", is_file=False), "--dump_file")
     left, right = load_corpus(args.file_path_left), load_corpus(args.file_path_right)
+    for corpus in (left, right):
+        corpus.check_ids(corpus.vocab_size)
     logger.info("left: %s; right: %s", left.describe(), right.describe())
     check_compatible(left, right)
     tokenizer_name = args.tokenizer_name or left.tokenizer_name or right.tokenizer_name

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from input_checks import check_local_path
-from utils import CliError, atomic_dir, atomic_open, atomic_write_text, logger
+from utils import CliError, atomic_dir, atomic_open, atomic_write_text, check_output_parent, check_writable, logger
 
 # The original's choice of blocks for a 12-layer teacher (DistilBERT paper: "one layer out of two",
 # keeping the first and the last); the 9-entry table is the original's ablation with 9 layers.
@@ -76,6 +76,7 @@ def check_dump_checkpoint(dump_checkpoint: str) -> Path:
     anything but an earlier extraction (extraction.json), which is replaced.
     """
     path = Path(dump_checkpoint)
+    check_writable(check_output_parent(path, "--dump_checkpoint", is_file=False), "--dump_checkpoint")
     if path.suffix in STATE_DICT_SUFFIXES:
         if path.is_dir():
             raise CliError(f"--dump_checkpoint {path} is a folder; give the path of a .pth file (or a folder name "
@@ -119,8 +120,9 @@ def load_teacher(model_name: str, model_class: str):
 
     try:
         model, info = getattr(transformers, model_class).from_pretrained(model_name, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CliError(f"--model_name {model_name}: cannot load it as {model_class} ({err})") from None
+    except Exception as err:  # noqa: BLE001 -- OSError, a truncated or corrupt safetensors file: one message
+        raise CliError(f"--model_name {model_name}: cannot load it as {model_class} (missing, truncated or "
+                       f"corrupt weights?): {type(err).__name__}: {err}") from None
     missing = sorted(info.get("missing_keys", ()))
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -59,9 +59,14 @@ def task_score(results: dict, task: str, source: str, **choice) -> float | None:
             logger.warning("%s has no %s: %s shown as (-)", source, key, task)
             return None
         try:
-            values.append(float(value))
+            number = float(value)
         except (TypeError, ValueError):
             raise CliError(f"{source}: {key} is {value!r}, not a number") from None
+        if math.isfinite(number) and abs(number) > 1:
+            # accuracy, F1, Matthews and Pearson lie in [-1, 1]: 85.3 is a percentage already, and x100 would print 8530
+            raise CliError(f"{source}: {key} is {value!r}, outside [-1, 1]: already a percentage? glue_table.py reads "
+                           f"the fractions run_glue.py writes (0.853 for 85.3%)")
+        values.append(number)
     score = 100.0 * sum(values) / len(values)
     if not math.isfinite(score):
         logger.warning("%s: %s is not a finite number (%s): %s shown as (-)", source, task, values, task)

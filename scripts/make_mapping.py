@@ -6,6 +6,10 @@ both shapes from their configs. Every site is a block's whole hidden state (all 
 dimensions); teacher and student widths may differ.
 
 Alignments (teacher depth T, student depth S; blocks are 0-based block outputs):
+  extracted                    student block i -> the teacher block it was extracted from, one entry per
+                               student block (read from the extraction record that scripts/extract*.py
+                               write: <name>.pth.json beside a .pth, extraction.json in a student folder);
+                               the quickstart's DIITO mapping
   single_middle (middle)       block T//2 -> block S//2          (single_middle_layer_6.nm: 6 -> 3)
   single_middle_late (late)    block T-2 -> block S-2            (single_middle_late.nm: 10 -> 1, S=3)
   multiple_single_middle_late  T-3 -> S-3 and T-2 -> S-2         (multiple_single_middle_late_layer_6.nm)
@@ -16,6 +20,8 @@ Alignments (teacher depth T, student depth S; blocks are 0-based block outputs):
 Example (after scripts/extract_distilbert.py --dump_checkpoint serialization_dir/student):
   python scripts/make_mapping.py --teacher bert-base-uncased --student serialization_dir/student \\
       --alignment single_middle --output serialization_dir/single_middle.nm
+  python scripts/make_mapping.py --teacher bert-base-uncased --student serialization_dir/student \\
+      --alignment extracted --output serialization_dir/extracted.nm
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from input_checks import check_local_path  # noqa: E402
 from neuron_mapping import ModelShape, parse_variable_name  # noqa: E402
-from utils import CliError, atomic_write_text, logger, run_cli  # noqa: E402
+from utils import CliError, atomic_write_text, check_output_parent, check_writable, logger, run_cli  # noqa: E402
 
 # Alignment name -> function(teacher depth, student depth) -> [(teacher blocks, student block)].
 ALIGNMENTS = {
@@ -38,6 +44,44 @@ ALIGNMENTS = {
     "multiple_single_multilayer": lambda t, s: _groups(t, s),
 }
 ALIASES = {"middle": "single_middle", "late": "single_middle_late", "full": "multiple_single_multilayer"}
+# Read from the extraction record rather than computed from the depths.
+EXTRACTED = "extracted"
+
+
+def extraction_record(student: str) -> tuple[Path, list[int]]:
+    """(record file, teacher block of each student block) of an extracted student; CliError naming --student
+    when there is no record or it does not say which teacher blocks were copied."""
+    path = Path(student).expanduser()
+    if path.is_dir():
+        candidates = [path / "extraction.json"]
+    elif path.name.endswith(".config.json"):  # X.config.json beside X.pth
+        stem = path.name[: -len(".config.json")]
+        candidates = [path.with_name(f"{stem}{suffix}.json") for suffix in (".pth", ".pt", ".bin")]
+    else:
+        candidates = [path.with_name(path.name + ".json")]
+    record = next((c for c in candidates if c.is_file()), None)
+    if record is None:
+        raise CliError(f"--alignment {EXTRACTED} needs the extraction record of --student {student} "
+                       f"({' or '.join(str(c) for c in candidates)}), which scripts/extract_distilbert.py and "
+                       f"scripts/extract.py write: pass the student they wrote, or choose another --alignment")
+    try:
+        layers = json.loads(record.read_text(encoding="utf-8")).get("teacher_layers")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CliError(f"--student {student}: cannot read its extraction record {record} ({err})") from None
+    if not isinstance(layers, list) or not layers or not all(type(x) is int and x >= 0 for x in layers):
+        raise CliError(f"--student {student}: its extraction record {record} lists no teacher_layers")
+    return record, layers
+
+
+def extracted_pairs(teacher_layers: list[int], n_teacher: int, n_student: int, record: Path) -> list:
+    """Student block i -> teacher block teacher_layers[i]; CliError when the record does not fit the models."""
+    if len(teacher_layers) != n_student:
+        raise CliError(f"the extraction record {record} lists {len(teacher_layers)} teacher blocks but the student has "
+                       f"{n_student}: not the record of this student")
+    if max(teacher_layers) >= n_teacher:
+        raise CliError(f"the extraction record {record} copies teacher block {max(teacher_layers)} but --teacher has "
+                       f"{n_teacher} blocks: not the teacher this student was extracted from")
+    return [([t], i) for i, t in enumerate(teacher_layers)]
 
 
 def _groups(n_teacher: int, n_student: int) -> list[tuple[list[int], int]]:
@@ -67,10 +111,11 @@ def variable_name(blocks: Sequence[int], shape: ModelShape) -> str:
     return f"$L:{layers}$H:[0:{shape.n_heads}]$[0:{shape.head_dim}]"
 
 
-def build_mapping(name: str, teacher: ModelShape, student: ModelShape) -> dict:
-    """The .nm content (a dict) of alignment `name` between models of these shapes, validated against them."""
+def build_mapping(name: str, teacher: ModelShape, student: ModelShape, pairs: list | None = None) -> dict:
+    """The .nm content (a dict) of alignment `name` (or of the given `[(teacher blocks, student block)]` pairs)
+    between models of these shapes, validated against them."""
     entries = []
-    for teacher_blocks, student_block in alignment_pairs(name, teacher.n_layers, student.n_layers):
+    for teacher_blocks, student_block in pairs or alignment_pairs(name, teacher.n_layers, student.n_layers):
         entry = {
             "teacher_variable_names": [variable_name(teacher_blocks, teacher)],
             "student_variable_names": [variable_name([student_block], student)],
@@ -119,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student", required=True,
                         help="The student: a model folder (extract scripts' folder output), a config .json, or an "
                              "extracted .pth (its <name>.config.json is read).")
-    parser.add_argument("--alignment", required=True, choices=sorted(ALIGNMENTS) + sorted(ALIASES),
-                        help="Which alignment (see above); middle, late and full are short names.")
+    parser.add_argument("--alignment", required=True, choices=[EXTRACTED] + sorted(ALIGNMENTS) + sorted(ALIASES),
+                        help="Which alignment (see above); middle, late and full are short names; extracted reads "
+                             "--student's extraction record.")
     parser.add_argument("--output", required=True, help="The .nm file to write (folders are created).")
     return parser
 
@@ -130,9 +176,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     out = Path(args.output)
     if out.is_dir():
         raise CliError(f"--output {out} is a folder; give the path of a .nm file")
+    check_writable(check_output_parent(out, "--output"), "--output")
     teacher = load_shape(args.teacher, "--teacher")
     student = load_shape(args.student, "--student")
-    mapping = build_mapping(args.alignment, teacher, student)
+    pairs = None
+    if args.alignment == EXTRACTED:
+        record, layers = extraction_record(args.student)
+        pairs = extracted_pairs(layers, teacher.n_layers, student.n_layers, record)
+    mapping = build_mapping(args.alignment, teacher, student, pairs)
     atomic_write_text(out, json.dumps(mapping, indent=4) + "\n")
     entries = mapping["interchange_variable_mappings"]
     pairs = "; ".join(f"{e['teacher_variable_names'][0]} -> {e['student_variable_names'][0]}" for e in entries)

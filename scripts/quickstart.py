@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -228,6 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
                            "here; use --preset small on a CPU")
     os.environ.update(OFFLINE_ENV)
 
+    def stop(signum, frame):  # SIGTERM (docker stop, Slurm): stop the running command as Ctrl-C does
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         if args.family == "bert":
             return MlmQuickstart(args, preset, user_docs).run()
@@ -235,6 +240,21 @@ def main(argv: list[str] | None = None) -> dict:
     except StageFailed as err:
         logger.error("%s", err)
         sys.exit(1)
+    except (KeyboardInterrupt, Interrupted) as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        logger.error("stopped by %s: run the same command again to continue (finished stages are skipped; the "
+                     "stage that was running starts again)", signal.Signals(signum).name)
+        sys.exit(128 + signum)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Interrupted(Exception):
+    """A signal asked the quickstart to stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 if __name__ == "__main__":

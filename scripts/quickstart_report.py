@@ -20,11 +20,13 @@ import math
 import os
 import platform
 import struct
+import sys
 from pathlib import Path
 
-from quickstart_arms import init_name, key_text, learning_rate, run_name, teacher_name
-from quickstart_stats import TEST_NAME, Comparison, against_reference, compare, mean_std, plus_minus
-from utils import atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from quickstart_arms import init_name, key_text, learning_rate, run_name, teacher_name  # noqa: E402
+from quickstart_stats import TEST_NAME, Comparison, against_reference, compare, mean_std, plus_minus  # noqa: E402
+from utils import atomic_write_text  # noqa: E402
 
 NAMES = {"bert": "BERT", "llama": "Llama", "gpt2": "GPT-2"}
 MAIN_ROWS = ("standard", "diito", "standard_eqc", "seed_standard")
@@ -304,3 +306,12 @@ def _stage_times(q, stages: dict, runs: dict, evals: dict, alignment: dict):
     for group, records in (("students", runs), ("eval", evals), ("iia", alignment)):
         stage_seconds.update({f"{group}/{k}": v["seconds"] for k, v in records.items()})
     return machine, stage_rows, stage_seconds
+
+
+if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " A module of scripts/quickstart.py, which writes the report as its "
+        "last stage: run `python scripts/quickstart.py --out DIR` (finished stages are skipped).").parse_args()
+    sys.exit("scripts/quickstart_report.py is not run on its own: run python scripts/quickstart.py --out DIR")

@@ -21,10 +21,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from binarized_io import Corpus, load_corpus  # noqa: E402
-from utils import CliError, atomic_open, check_output_parent, logger, run_cli  # noqa: E402
+from utils import CliError, atomic_open, check_output_parent, check_writable, logger, run_cli  # noqa: E402
 
 # The original's default, used for a pickle (which records no vocabulary size) without --vocab_size.
 DEFAULT_VOCAB_SIZE = 30522
+# The largest --vocab_size taken (the largest tokenizers have a few hundred thousand entries; the
+# counts of 2**24 ids take 128 MiB).
+MAX_VOCAB_SIZE = 1 << 24
 
 
 def count_tokens(corpus: Corpus, vocab_size: int) -> np.ndarray:
@@ -63,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
-    out = check_output_parent(args.token_counts_dump, "--token_counts_dump")
+    out = check_writable(check_output_parent(args.token_counts_dump, "--token_counts_dump"), "--token_counts_dump")
+    if args.vocab_size is not None and not 1 <= args.vocab_size <= MAX_VOCAB_SIZE:
+        raise CliError(f"--vocab_size must be between 1 and {MAX_VOCAB_SIZE:,} (no tokenizer is larger), "
+                       f"not {args.vocab_size}")
     corpus = load_corpus(args.data_file)
     vocab_size = args.vocab_size
     if vocab_size is None:

@@ -16,7 +16,7 @@ from helpers import train_argv
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, distill_setup, corpus_lines):
+def world(tmp_path_factory, distill_setup, corpus_lines):  # noqa: C901 -- one place that makes every bad input
     root = tmp_path_factory.mktemp("bad")
     setup = distill_setup
     w = dict(setup)
@@ -53,8 +53,98 @@ def world(tmp_path_factory, distill_setup, corpus_lines):
     w["png"].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     w["glue"] = root / "eval_results.json"
     w["glue"].write_text(json.dumps({"eval_accuracy": "high"}))
+    (root / "percent").mkdir()
+    w["glue_percent"] = root / "percent" / "eval_results.json"
+    w["glue_percent"].write_text(json.dumps({"eval_accuracy": 85.3}))
+    _issue21_inputs(w, root, setup, corpus_lines, Payload)
     w["root"] = root
-    return w
+    w["ro"] = read_only_folder(root / "read_only")
+    yield w
+    release_read_only(w["ro"])
+
+
+def read_only_folder(path):
+    """A folder nothing can be created in, for this user too: mode 555, and immutable (chattr +i) for root, whom
+    modes do not stop. None where neither holds (the read-only rows are then skipped)."""
+    import os
+    import subprocess
+
+    path.mkdir()
+    path.chmod(0o555)
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+    try:
+        (path / "probe").touch()
+    except OSError:
+        return path
+    (path / "probe").unlink()
+    release_read_only(path)
+    return None
+
+
+def release_read_only(path):
+    import os
+    import subprocess
+
+    if path is not None:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True, check=False)
+        path.chmod(0o755)
+
+
+def _issue21_inputs(w, root, setup, corpus_lines, payload):
+    """Issue 21's bad inputs: pickled corpora with ids out of range, damaged teachers, malformed task data."""
+    import pickle
+    import shutil
+
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(setup["teacher"])
+    rng = np.random.default_rng(0)
+    seqs = [np.r_[2, rng.integers(5, len(tok) - 1, 20), 3].astype(np.int32) for _ in range(30)]
+    for name, value in (("negative", -4), ("beyond", 60000)):
+        bad = [a.copy() for a in seqs]
+        bad[5][3] = value
+        w[f"pickle_{name}"] = root / f"ids_{name}.pickle"
+        w[f"pickle_{name}"].write_bytes(pickle.dumps(bad))
+    w["pickle_ok"] = root / "ids_ok.pickle"
+    w["pickle_ok"].write_bytes(pickle.dumps(seqs))
+    flipped = root / "flipped_teacher"  # a byte of the safetensors header flipped (a bad disk, a bad copy)
+    shutil.copytree(setup["teacher"], flipped)
+    data = bytearray((flipped / "model.safetensors").read_bytes())
+    data[20] ^= 0x55
+    (flipped / "model.safetensors").write_bytes(bytes(data))
+    w["flipped"] = flipped
+    w["crafted_pth"] = root / "crafted.pth"
+    torch.save({"weight": payload()}, w["crafted_pth"])
+    w["ner_string"] = root / "ner.json"
+    w["ner_string"].write_text(json.dumps({"tokens": "EU rejects German call", "ner_tags": ["B-ORG", "O", "B-MISC", "O"]}))
+    context = "The quick brown fox jumps over the lazy dog near the river bank."
+
+    def squad(name, text, start):
+        path = root / f"qa_{name}.json"
+        path.write_text(json.dumps({"data": [{"id": "q1", "title": "t", "context": context, "question": "What jumps?",
+                                              "answers": {"text": [text], "answer_start": [start]}}]}))
+        return path
+
+    w["qa_the"] = squad("the", "The", 0)
+    w["qa_beyond"] = squad("beyond", "fox", 400)
+    w["qa_elsewhere"] = squad("elsewhere", "cat", 16)
+    w["qa_ok"] = squad("ok", "brown fox", 10)
+    gpt2 = root / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    w["gpt2"] = gpt2
+    w["short_text"] = root / "short.txt"
+    w["short_text"].write_text("a few words only\n")
+    from binarized_io import CorpusWriter
+
+    w["short_bin"] = root / "short.bin"  # every sequence shorter than the 12 tokens a training item needs
+    with CorpusWriter(w["short_bin"], vocab_size=len(tok), tokenizer_name="tok", seed=0) as writer:
+        for _ in range(3):
+            writer.add([2, 7, 8, 9, 3])
 
 
 def _train(w, out, *extra):
@@ -124,6 +214,118 @@ CASES = [
      "dev.json is not SQuAD json"),
     ("glue-table-text-metric", "scripts/glue_table.py", lambda w, o: ["--result", f"m:sst2={w['glue']}"],
      "eval_accuracy is 'high', not a number"),
+] + [  # issue 21: each was a traceback or a silent result
+    # an output folder that cannot be written, in every script that writes
+    ("train-read-only", "causal_train.py", lambda w, o: train_argv(w, w["ro"] / "run"),
+     "--dump_path .*read_only/run: .*read_only cannot be written"),
+    ("mlm-read-only", "run_mlm.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--validation_file", str(w["text"]), "--do_eval",
+                   "--output_dir", str(w["ro"] / "mlm")], "--output_dir .*read_only/mlm: .*read_only cannot be written"),
+    ("glue-read-only", "run_glue.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--task_name", "sst2", "--validation_file",
+                   str(w["text"]), "--do_eval", "--output_dir", str(w["ro"] / "glue")],
+     "--output_dir .*read_only/glue: .*read_only cannot be written"),
+    ("iia-read-only", "run_iia.py",
+     lambda w, o: ["--teacher_name", str(w["teacher"]), "--student_name", str(w["teacher"]), "--data_file",
+                   str(w["text"]), "--sweep", "--output_dir", str(w["ro"] / "iia")],
+     "--output_dir .*read_only/iia: .*read_only cannot be written"),
+    ("binarize-read-only", "scripts/binarized_data.py",
+     lambda w, o: ["--file_path", str(w["text"]), "--tokenizer_type", "bert", "--tokenizer_name", str(w["teacher"]),
+                   "--dump_file", str(w["ro"] / "data")], "--dump_file .*read_only/data.x: .*read_only cannot be written"),
+    ("counts-read-only", "scripts/token_counts.py",
+     lambda w, o: ["--data_file", str(w["data"]), "--token_counts_dump", str(w["ro"] / "c.pickle")],
+     "--token_counts_dump .*read_only/c.pickle: .*read_only cannot be written"),
+    ("combine-read-only", "scripts/data_combinator.py",
+     lambda w, o: ["--file_path_left", str(w["pickle_ok"]), "--file_path_right", str(w["pickle_ok"]),
+                   "--tokenizer_name", "tok", "--dump_file", str(w["ro"] / "both")],
+     "--dump_file .*read_only/both.x: .*read_only cannot be written"),
+    ("extract-read-only", "scripts/extract_distilbert.py",
+     lambda w, o: ["--model_name", str(w["teacher"]), "--num_layers", "2", "--dump_checkpoint", str(w["ro"] / "s.pth")],
+     "--dump_checkpoint .*read_only/s.pth: .*read_only cannot be written"),
+    ("mapping-read-only", "scripts/make_mapping.py",
+     lambda w, o: ["--teacher", str(w["teacher"]), "--student", str(w["student_config"]), "--alignment", "middle",
+                   "--output", str(w["ro"] / "m.nm")], "--output .*read_only/m.nm: .*read_only cannot be written"),
+    ("mlm-output-a-file", "run_mlm.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--validation_file", str(w["text"]), "--do_eval",
+                   "--output_dir", str(w["a_file"])], "--output_dir .*a_file.txt is a file, not a folder"),
+    # token ids out of range in a pickled corpus (no checksum, no recorded vocabulary)
+    ("train-pickle-negative-id", "causal_train.py", lambda w, o: _train(w, o, "--data_file", str(w["pickle_negative"])),
+     "--data_file .*ids_negative.pickle: sequence 5 holds token id -4, a token id is never negative"),
+    ("train-pickle-id-beyond", "causal_train.py", lambda w, o: _train(w, o, "--data_file", str(w["pickle_beyond"])),
+     "--data_file .*ids_beyond.pickle: sequence 5 holds token id 60000, beyond the vocabulary of"),
+    ("iia-pickle-negative-id", "run_iia.py",
+     lambda w, o: ["--teacher_name", str(w["teacher"]), "--student_name", str(w["teacher"]), "--data_file",
+                   str(w["pickle_negative"]), "--sweep", "--output_dir", str(o / "iia")],
+     "--data_file .*ids_negative.pickle: sequence 5 holds token id -4"),
+    ("iia-pickle-id-beyond", "run_iia.py",
+     lambda w, o: ["--teacher_name", str(w["teacher"]), "--student_name", str(w["teacher"]), "--data_file",
+                   str(w["pickle_beyond"]), "--sweep", "--output_dir", str(o / "iia")],
+     "--data_file .*ids_beyond.pickle: sequence 5 holds token id 60000, beyond the vocabulary"),
+    ("combine-pickle-negative-id", "scripts/data_combinator.py",
+     lambda w, o: ["--file_path_left", str(w["pickle_negative"]), "--file_path_right", str(w["pickle_ok"]),
+                   "--tokenizer_name", "tok", "--dump_file", str(o / "both")],
+     "ids_negative.pickle: sequence 5 holds token id -4, a token id is never negative"),
+    # damaged teachers
+    ("extract-truncated-teacher", "scripts/extract_distilbert.py",
+     lambda w, o: ["--model_name", str(w["truncated"]), "--num_layers", "2", "--dump_checkpoint", str(o / "s.pth")],
+     "--model_name .*truncated_teacher: cannot load it as BertForMaskedLM .*SafetensorError"),
+    ("extract-flipped-teacher", "scripts/extract_distilbert.py",
+     lambda w, o: ["--model_name", str(w["flipped"]), "--num_layers", "2", "--dump_checkpoint", str(o / "s.pth")],
+     "--model_name .*flipped_teacher: cannot load it as BertForMaskedLM .*SafetensorError"),
+    ("iia-truncated-teacher", "run_iia.py",
+     lambda w, o: ["--teacher_name", str(w["truncated"]), "--student_name", str(w["teacher"]), "--tokenizer_name",
+                   str(w["teacher"]), "--data_file", str(w["text"]), "--sweep", "--output_dir", str(o / "iia")],
+     "--teacher_name .*truncated_teacher: cannot load the bert weights .*SafetensorError"),
+    ("iia-flipped-teacher", "run_iia.py",
+     lambda w, o: ["--teacher_name", str(w["flipped"]), "--student_name", str(w["teacher"]), "--tokenizer_name",
+                   str(w["teacher"]), "--data_file", str(w["text"]), "--sweep", "--output_dir", str(o / "iia")],
+     "--teacher_name .*flipped_teacher: cannot load the bert weights .*SafetensorError"),
+    # malformed task data and options
+    ("ner-tokens-a-string", "run_ner.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--validation_file", str(w["ner_string"]), "--do_eval",
+                   "--output_dir", str(o / "ner")], "ner.json row 0: tokens must be a list of words"),
+    ("mlm-negative-learning-rate", "run_mlm.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--train_file", str(w["text"]), "--do_train",
+                   "--learning_rate", "-1", "--output_dir", str(o / "mlm")],
+     "--learning_rate must be a finite number > 0, not -1"),
+    ("counts-huge-vocab", "scripts/token_counts.py",
+     lambda w, o: ["--data_file", str(w["data"]), "--token_counts_dump", str(o / "c.pickle"), "--vocab_size",
+                   "100000000000"], "--vocab_size must be between 1 and 16,777,216"),
+    ("qa-gold-answer-empty-once-normalised", "run_qa.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--train_file", str(w["qa_ok"]), "--validation_file",
+                   str(w["qa_the"]), "--do_train", "--do_eval", "--max_seq_length", "64", "--doc_stride", "16",
+                   "--output_dir", str(o / "qa")], "qa_the.json, question 'q1': the answer 'The' is empty once normalised"),
+    ("qa-answer-start-beyond-context", "run_qa.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--validation_file", str(w["qa_beyond"]), "--do_eval",
+                   "--max_seq_length", "64", "--doc_stride", "16", "--output_dir", str(o / "qa")],
+     "qa_beyond.json, question 'q1': answer_start 400 of 'fox' lies beyond its context"),
+    ("qa-answer-not-in-context", "run_qa.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--validation_file", str(w["qa_elsewhere"]), "--do_eval",
+                   "--max_seq_length", "64", "--doc_stride", "16", "--output_dir", str(o / "qa")],
+     "qa_elsewhere.json, question 'q1': the answer 'cat' is not in the context at answer_start 16"),
+    ("qa-n-best-0", "run_qa.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--validation_file", str(w["qa_ok"]), "--do_eval",
+                   "--n_best_size", "0", "--output_dir", str(o / "qa")], "--n_best_size must be >= 1, not 0"),
+    ("glue-table-percent-metric", "scripts/glue_table.py", lambda w, o: ["--result", f"m:sst2={w['glue_percent']}"],
+     "eval_accuracy is 85.3, outside \\[-1, 1\\]: already a percentage"),
+    ("clm-block-size-0", "run_clm.py",
+     lambda w, o: ["--model_name_or_path", str(w["gpt2"]), "--validation_file", str(w["text"]), "--do_eval",
+                   "--block_size", "0", "--output_dir", str(o / "clm")], "--block_size must be positive, got 0"),
+    ("clm-corpus-too-short", "run_clm.py",
+     lambda w, o: ["--model_name_or_path", str(w["gpt2"]), "--validation_file", str(w["short_text"]), "--do_eval",
+                   "--block_size", "32", "--output_dir", str(o / "clm")], "short.txt holds fewer than --block_size 32"),
+    ("train-corpus-too-short", "causal_train.py", lambda w, o: _train(w, o, "--data_file", str(w["short_bin"])),
+     "short.bin \\(mmap, 3 sequences, 15 tokens\\): 0 usable sequence\\(s\\) after cleaning"),
+    ("train-crafted-student-weights", "causal_train.py",
+     lambda w, o: _train(w, o, "--student_pretrained_weights", str(w["crafted_pth"])),
+     "crafted.pth: not a torch state dict \\(refused by weights-only loading: it needs posix.system"),
+    # values that passed every check and failed at the first step (or, for --adam_epsilon, trained nothing)
+    ("train-temperature-nan", "causal_train.py", lambda w, o: _train(w, o, "--temperature", "nan"),
+     "--temperature must be a finite number, not nan"),
+    ("train-learning-rate-inf", "causal_train.py", lambda w, o: _train(w, o, "--learning_rate", "inf"),
+     "--learning_rate must be a finite number, not inf"),
+    ("train-adam-epsilon-inf", "causal_train.py", lambda w, o: _train(w, o, "--adam_epsilon", "inf"),
+     "--adam_epsilon must be a finite number, not inf"),
 ]
 
 
@@ -133,8 +335,10 @@ def _snapshot(root: Path) -> dict:
 
 @pytest.mark.parametrize("script, build, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_message_exit_2_and_writes_nothing(world, tmp_path, monkeypatch, caplog, capsys,
-                                                                 script, build, message):
+                                                                 script, build, message, request):
     out = tmp_path / "out"
+    if world["ro"] is None and "read-only" in request.node.callspec.id:
+        pytest.skip("no folder can be made read-only here (chmod does not stop root and chattr is unavailable)")
     argv = build(world, out)
     before = _snapshot(world["root"])
     monkeypatch.setattr(sys, "argv", [script, *argv])
@@ -148,6 +352,101 @@ def test_bad_input_gives_one_message_exit_2_and_writes_nothing(world, tmp_path, 
 
     assert re.search(message, errors[0]), errors[0]
     assert "Traceback" not in capsys.readouterr().err
+    assert "Re-running `torch.load`" not in errors[0]  # torch's advice to unpickle without restriction is not ours
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
     assert _snapshot(world["root"]) == before
     assert not (world["root"] / "pwned").exists()
+
+
+# --- a full disk -------------------------------------------------------------------------------------------
+# Each script writing into a file system with no room left: exit 2, one message naming the target and the cause,
+# no traceback, nothing left behind. The disk is real: a small tmpfs, filled, mounted in a mount namespace of the
+# child process only (`unshare -m`, root); skipped where that is not allowed.
+_RUNNER = r'''
+import json, logging, os, runpy, sys, traceback
+full, cases = sys.argv[1], json.loads(sys.argv[2])
+sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "scripts")]
+errors = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        if record.levelno >= logging.ERROR:
+            errors.append(record.getMessage())
+logging.getLogger().addHandler(Keep())
+results = {}
+for name, script, argv in cases:
+    del errors[:]
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    except BaseException:
+        code = "traceback: " + traceback.format_exc()[-1500:]
+    left = sorted(os.path.relpath(os.path.join(d, f), full) for d, dirs, files in os.walk(full) for f in files + dirs)
+    results[name] = {"code": code, "errors": list(errors), "left": [p for p in left if p != "filler"]}
+print("RESULTS " + json.dumps(results))
+'''
+
+
+def _full_disk_cases(w, full):
+    iia = ["--teacher_name", str(w["teacher"]), "--student_name", str(w["teacher"]), "--data_file", str(w["text"]),
+           "--num_pairs", "8", "--batch_size", "8", "--n_bootstrap", "10", "--no_progress", "--device", "cpu"]
+    return [
+        ("binarize", "scripts/binarized_data.py", ["--file_path", str(w["text"]), "--tokenizer_type", "bert",
+                                                    "--tokenizer_name", str(w["teacher"]), "--dump_file", f"{full}/data"]),
+        ("counts", "scripts/token_counts.py", ["--data_file", str(w["data"]), "--token_counts_dump", f"{full}/c.pickle"]),
+        ("combine", "scripts/data_combinator.py", ["--file_path_left", str(w["pickle_ok"]), "--file_path_right",
+                                                   str(w["pickle_ok"]), "--tokenizer_name", "tok", "--dump_file",
+                                                   f"{full}/both"]),
+        ("extract", "scripts/extract_distilbert.py", ["--model_name", str(w["teacher"]), "--num_layers", "2",
+                                                      "--dump_checkpoint", f"{full}/s.pth"]),
+        ("iia", "run_iia.py", [*iia, "--sweep", "--output_dir", f"{full}/iia"]),
+        ("mlm-eval", "run_mlm.py", ["--model_name_or_path", str(w["teacher"]), "--validation_file", str(w["text"]),
+                                    "--do_eval", "--per_device_eval_batch_size", "4", "--max_eval_samples", "8",
+                                    "--output_dir", f"{full}/mlm"]),
+        ("mlm-train", "run_mlm.py", ["--model_name_or_path", str(w["teacher"]), "--train_file", str(w["text"]),
+                                     "--do_train", "--max_steps", "1", "--save_strategy", "no", "--report_to", "none",
+                                     "--per_device_train_batch_size", "4", "--output_dir", f"{full}/mlm_train"]),
+        ("train", "causal_train.py", train_argv(w, full / "run", "--max_steps", "1")),
+    ]
+
+
+def test_a_full_disk_gives_one_message_exit_2_and_leaves_nothing(world, tmp_path):
+    import json
+    import shutil
+    import subprocess
+
+    from helpers import SUBPROCESS_ENV
+
+    if not shutil.which("unshare") or not shutil.which("mount"):
+        pytest.skip("needs unshare and mount")
+    full = tmp_path / "full"
+    full.mkdir()
+    cases = _full_disk_cases(world, full)
+    # the tmpfs is filled to the last block, so every write to it fails with ENOSPC
+    script = (f"mount -t tmpfs -o size=256k tmpfs {full} || exit 77; "
+              f"dd if=/dev/zero of={full}/filler bs=4k >/dev/null 2>&1; "
+              f"exec {sys.executable} -c {shlex_quote(_RUNNER)} {full} {shlex_quote(json.dumps(cases))}")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=900)
+    if proc.returncode == 77 or "unshare failed" in proc.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr[-300:]}")
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS ")), None)
+    assert line, proc.stderr[-3000:]
+    results = json.loads(line[len("RESULTS "):])
+    assert sorted(results) == sorted(c[0] for c in cases)
+
+    def sound(r):  # exit 2, one message naming the disk and the target; no half-written file, temporary or folder
+        return (r["code"] == 2 and len(r["errors"]) == 1 and "no space left on device" in r["errors"][0]
+                and str(full) in r["errors"][0] and not r["left"])
+
+    failed = {name: r for name, r in results.items() if not sound(r)}
+    assert not failed, failed
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def shlex_quote(text):
+    import shlex
+
+    return shlex.quote(text)

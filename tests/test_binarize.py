@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT
 
 from binarized_io import HEADER_SIZE, CliError, CorpusWriter, InMemoryCorpus, load_corpus, output_path
+import binarized_io
 from utils import run_cli
 
 N_DOCS = 300  # documents of the stdlib corpus used by the CLI tests: enough for several batches
@@ -125,8 +126,8 @@ def test_writer_round_trip_and_metadata(tmp_path, fmt):
         assert (corpus.vocab_size, corpus.tokenizer_name) == (30522, "bert-base-uncased")
     else:
         assert (corpus.vocab_size, corpus.tokenizer_name) == (None, None)
-        with open(path, "rb") as fh:  # the original's format: a plain list of uint16 arrays
-            raw = pickle.load(fh)
+        with open(path, "rb") as fh:  # the original's format: a plain list of uint16 arrays (read as NumPy arrays only)
+            raw = binarized_io._NumpyOnlyUnpickler(fh).load()
         assert isinstance(raw, list) and all(isinstance(a, np.ndarray) and a.dtype == np.uint16 for a in raw)
 
 

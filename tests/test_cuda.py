@@ -20,6 +20,7 @@ import causal_distiller
 import causal_train
 from batching import BatchPreparer, length_mask
 from causal_distiller import _usable_outside_inference, compute_losses, needs_from_alphas
+from checkpoints import load_training_state
 from interventions import model_outputs
 
 HAS_CUDA = torch.cuda.is_available()
@@ -211,7 +212,7 @@ def test_causal_train_on_cuda_mixed_precision_tracks_fp32(setup, tmp_path, caplo
     # mixed precision was on: the weights track fp32's, but not bitwise
     amp, fp32 = _weights(tmp_path / "amp"), _weights(tmp_path / "fp32")
     assert any(not torch.equal(amp[k], fp32[k]) for k in amp)
-    state = torch.load(tmp_path / "amp" / "checkpoint-8" / "training_state.pt", weights_only=False)
+    state = load_training_state(tmp_path / "amp" / "checkpoint-8" / "training_state.pt")
     if "--fp16" in flags:
         assert state["scaler"]["scale"] > 0  # the grad scaler's state travels with the checkpoint
     assert "cuda" in state["rng"][0]

@@ -22,6 +22,7 @@ import causal_train
 import checkpoints
 import lm_seqs_dataset
 from binarized_io import HEADER_SIZE, CorpusWriter, load_corpus, load_token_counts
+from checkpoints import load_training_state
 from utils import CliError
 
 
@@ -123,7 +124,7 @@ def test_force_deletes_the_previous_run_once_the_first_checkpoint_exists(distill
 
     monkeypatch.setattr(checkpoints.CheckpointWriter, "_write", spy)
     causal_train.main(_argv(distill_setup, dump, "--force", "--max_steps", "2"))
-    assert seen[0] == [".run.replaced", "run"] and seen[1] == ["run"]
+    assert seen[0] == [".run.lock", ".run.replaced", "run"] and seen[1] == [".run.lock", "run"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert student_weights(dump)  # the new student replaced the old file
 
@@ -154,7 +155,8 @@ def test_disk_full_while_writing_the_weights_names_the_intact_checkpoint(distill
     with pytest.raises(CliError) as err:
         causal_train.main(_argv(distill_setup, dump))
     assert str(err.value) == (f"no space left on device at {dump / 'checkpoint-3'}; the previous checkpoint "
-                              f"{dump / 'checkpoint-2'} is intact; free space and resume with --resume")
+                              f"{dump / 'checkpoint-2'} is intact; free space and resume with --resume "
+                              f"(it continues from {dump / 'checkpoint-2'})")
     assert [p.name for p in checkpoints.list_checkpoints(dump)] == ["checkpoint-1", "checkpoint-2"]
     assert not [p for p in dump.iterdir() if p.name.startswith(".")]
 
@@ -285,7 +287,7 @@ def test_extending_a_finished_run_with_a_larger_max_steps(distill_setup, three_c
     causal_train.main(_argv(distill_setup, dump, "--resume", "--max_steps", "5"))
     assert "resumed from %s: epoch 0, step 3" % (dump / "checkpoint-3") in caplog.text
     assert [p.name for p in checkpoints.list_checkpoints(dump)][-2:] == ["checkpoint-4", "checkpoint-5"]
-    state = torch.load(dump / "checkpoint-5" / "training_state.pt", weights_only=False)
+    state = load_training_state(dump / "checkpoint-5" / "training_state.pt")
     assert state["n_step"] == 5
 
 
@@ -373,8 +375,7 @@ def test_token_counts_as_npy(distill_setup, tmp_path):
 
     npy = tmp_path / "counts.npy"
     token_counts.main(["--data_file", str(distill_setup["data"]), "--token_counts_dump", str(npy)])
-    with open(distill_setup["counts"], "rb") as fh:
-        assert load_token_counts(npy).tolist() == pickle.load(fh)
+    assert load_token_counts(npy).tolist() == load_token_counts(distill_setup["counts"]).tolist()
     causal_train.main(_argv(distill_setup, tmp_path / "r", "--token_counts", str(npy), "--max_steps", "1"))
     assert (tmp_path / "r" / "model.safetensors").is_file()
 
@@ -419,7 +420,7 @@ def test_crossway_with_accumulation_steps_once_per_window(distill_setup, tmp_pat
     caplog.set_level("INFO")
     causal_train.main(train_argv(distill_setup, dump, "--include_crossway", "--gradient_accumulation_steps", "2",
                                  "--checkpoint_interval", "0", "--batch_size", "16"))
-    state = torch.load(checkpoints.list_checkpoints(dump)[-1] / "training_state.pt", weights_only=False)
+    state = load_training_state(checkpoints.list_checkpoints(dump)[-1] / "training_state.pt")
     assert state["batch_in_epoch"] == 0 and state["epoch"] == 1
     (n_batches,) = [int(m.group(1)) for r in caplog.records if (m := re.search(r"\((\d+) batches per epoch", r.getMessage()))]
     assert n_batches > 2

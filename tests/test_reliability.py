@@ -14,6 +14,7 @@ from helpers import SUBPROCESS_ENV, assert_same_weights, student_weights, train_
 import causal_distiller
 import causal_train
 import checkpoints
+from checkpoints import load_training_state
 from utils import CliError
 
 
@@ -110,7 +111,7 @@ def test_nan_stops_with_last_good_checkpoint(distill_setup, tmp_path, monkeypatc
     assert exit_info.value.code == 3
     assert "step 3: non-finite loss in causal_ce" in caplog.text
     assert [p.name for p in dump.glob("checkpoint-*")] == ["checkpoint-2"]
-    state = torch.load(dump / "checkpoint-2" / "training_state.pt", weights_only=False)
+    state = load_training_state(dump / "checkpoint-2" / "training_state.pt")
     assert state["n_step"] == 2
     for w in student_weights(dump / "checkpoint-2").values():
         assert torch.isfinite(w).all()
