@@ -31,6 +31,9 @@ def test_a_difference_counts_only_when_significant_and_beyond_the_spread():
     # consistent (every seed lower, p < 0.05) but within the seeds' spread: not claimed
     within = compare({1: 300.0, 2: 305.0, 3: 310.0}, {1: 300.6, 2: 305.5, 3: 310.7}, lower_is_better=True)
     assert within.p < 0.05 and abs(within.diff) < within.spread and within.result == "no clear difference"
+    # beyond the spread but not significant (the seeds disagree): not claimed either
+    noisy = compare({1: 300.0, 2: 300.1, 3: 300.2}, {1: 310.0, 2: 300.1, 3: 310.2}, lower_is_better=True)
+    assert noisy.p > 0.05 and abs(noisy.diff) > noisy.spread and noisy.result == "no clear difference"
     # the test preset's "DIITO won" for 307.11 against 307.70 with one seed: no test, no claim
     one = compare({1: 307.11}, {1: 307.70}, lower_is_better=True)
     assert one.result == "no clear difference" and one.p is None and "one seed" in one.interval()
