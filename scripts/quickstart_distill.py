@@ -130,7 +130,8 @@ class DistillQuickstart(Quickstart):
         """Stage 6: the ablation arms (first teacher, every seed); the main arms it lists run in stage 7."""
         p = self.preset
         steps = self.args.steps or p.student_steps
-        arms = [a for a in self.arms.values() if not a.main]
+        arms = [a for a in self.arms.values() if not a.main
+                and (p.ablation_arms is None or a.name in p.ablation_arms)]
         if not p.ablation or self.args.no_ablation:
             self.banner(6, "ablation: not run (" + ("--no_ablation" if self.args.no_ablation else
                                                     f"preset {self.args.preset}") + ")")

@@ -69,6 +69,9 @@ class Preset:
     ablation_lr: float = 1e-4  # the ablation's rate (each term alone; the default objective at it too)
     teachers: int = 1  # teachers trained with different seeds; the main arms run with each
     ablation: bool = True  # run the ablation stage (first teacher only)
+    # the ablation's arms, by name (those the family has); None: every one. The test preset runs the MLM/CLM term
+    # alone (with and without smoothing for BERT) to exercise the stage in a few subprocesses.
+    ablation_arms: tuple[str, ...] | None = None
 
 
 # Sizes measured on a 2-core CPU shared with other jobs (docs/quickstart.md): a 128-wide teacher gets
@@ -92,7 +95,7 @@ PRESETS = {
     "test": Preset(vocab_size=400, teacher_layers=2, hidden=32, heads=2, ffn=64, max_seq_length=64,
                    teacher_steps=20, teacher_batch=16, teacher_lr=2e-3,
                    student_layers=1, student_steps=6, student_batch=8, student_lr=5e-4, eval_batch=64,
-                   iia_pairs=32, max_documents=400),
+                   iia_pairs=32, max_documents=400, ablation_arms=("abl_lm", "abl_lm_s0")),
 }
 
 

@@ -198,3 +198,28 @@ def assert_same_numbers(out, second, arms) -> None:
             assert first[objective][key] == again[objective][key], (objective, key)
     assert first["flops_per_step"] == again["flops_per_step"]
     assert first["verdict"] == again["verdict"]
+
+
+def run_together(script, *argvs: list[str], timeout: int = 1200) -> list:
+    """`python script argv` for each argv, all at the same time, offline (the quickstarts: their single-process
+    stages leave cores idle); a subprocess.CompletedProcess each, in order. Any still running at an error is
+    killed."""
+    import subprocess
+    import sys
+
+    from quickstart_pipeline import OFFLINE_ENV
+
+    env = dict(os.environ, **OFFLINE_ENV)
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, argv)], cwd=Path(script).resolve().parents[1],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv in argvs]
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 import quickstart
 import quickstart_pipeline
-from helpers import assert_same_numbers
+from helpers import assert_same_numbers, run_together
 from utils import CliError
 
 SCRIPT = ROOT / "scripts" / "quickstart.py"
@@ -21,7 +21,8 @@ SEEDS = 1  # the smallest run; the ± of several seeds is tested on the report f
 # The end-to-end runs skip the ablation (about half the runs); test_ablation_stage_adds_only_its_runs adds it.
 FAST = ("--preset", "test", "--seeds", str(SEEDS), "--jobs", "2", "--no_ablation")
 MAIN = [a.name for a in quickstart.MlmQuickstart.arms.values() if a.main]
-ABLATION = [a.name for a in quickstart.MlmQuickstart.arms.values() if not a.main]
+ABLATION = [a.name for a in quickstart.MlmQuickstart.arms.values()
+            if not a.main and a.name in quickstart.PRESETS["test"].ablation_arms]  # the test preset's subset
 
 
 def run_quickstart(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -35,12 +36,22 @@ def prose_lines(n: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def test_run(tmp_path_factory):
-    """The quickstart at its smallest size, run once for the module: (output folder, completed process)."""
-    out = tmp_path_factory.mktemp("quickstart") / "out"
-    proc = run_quickstart(*FAST, "--out", str(out))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, proc
+def two_runs(tmp_path_factory):
+    """The quickstart at its smallest size, the same command twice from nothing, at the same time, once for the
+    module: [(output folder, completed process)] * 2. The first is every test's run; the second is compared with
+    it by test_same_command_same_numbers."""
+    base = tmp_path_factory.mktemp("quickstart")
+    outs = [base / "out", base / "again"]
+    procs = run_together(SCRIPT, *[[*FAST, "--out", str(out)] for out in outs])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return list(zip(outs, procs))
+
+
+@pytest.fixture(scope="module")
+def test_run(two_runs):
+    """The quickstart at its smallest size: (output folder, completed process)."""
+    return two_runs[0]
 
 
 @pytest.mark.e2e
@@ -116,12 +127,10 @@ def test_stage_seconds_are_those_of_each_stage(test_run):
 
 
 @pytest.mark.e2e
-def test_same_command_same_numbers(test_run, tmp_path):
-    """A second run of the same command, from nothing, gives bitwise the same corpus, tokenizer and numbers."""
-    out, _ = test_run
-    second = tmp_path / "again"
-    proc = run_quickstart(*FAST, "--out", str(second))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_same_command_same_numbers(two_runs):
+    """A second run of the same command, from nothing, gives bitwise the same corpus, tokenizer and numbers
+    (before the tests below add to the first run)."""
+    (out, _), (second, _) = two_runs
     assert_same_numbers(out, second, MAIN)
 
 

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -13,24 +10,28 @@ from conftest import ROOT
 
 import quickstart
 import quickstart_clm
+from helpers import run_together
 
 
 FAST = ("--family", "llama", "--preset", "test", "--seeds", "1", "--jobs", "2", "--no_ablation")
 MAIN = [a.name for a in quickstart_clm.ClmQuickstart.arms.values() if a.main]
 
 
-def run_llama(out):
-    env = dict(os.environ, **quickstart.OFFLINE_ENV)
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "quickstart.py"), *FAST, "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+@pytest.fixture(scope="module")
+def llama_runs(tmp_path_factory):
+    """The causal-LM quickstart's test preset, the same command twice from nothing at the same time:
+    [(output folder, completed process)] * 2."""
+    base = tmp_path_factory.mktemp("llama")
+    outs = [base / "out", base / "again"]
+    procs = run_together(ROOT / "scripts" / "quickstart.py", *[[*FAST, "--out", str(out)] for out in outs])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return list(zip(outs, procs))
 
 
 @pytest.fixture(scope="module")
-def llama_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("llama") / "out"
-    return out, run_llama(out)
+def llama_run(llama_runs):
+    return llama_runs[0]
 
 
 @pytest.mark.e2e
@@ -73,13 +74,12 @@ def test_llama_quickstart_runs_end_to_end_and_reports(llama_run):
 
 
 @pytest.mark.e2e
-def test_same_command_same_numbers(llama_run, tmp_path):
-    """The causal-LM quickstart's test preset, run again from nothing, gives the same numbers."""
+def test_same_command_same_numbers(llama_runs):
+    """The causal-LM quickstart's test preset, run again from nothing, gives bitwise the same corpus, tokenizer,
+    perplexities, IIA and verdict."""
     from helpers import assert_same_numbers
 
-    out, _ = llama_run
-    second = tmp_path / "again"
-    run_llama(second)
+    (out, _), (second, _) = llama_runs
     assert_same_numbers(out, second, MAIN)
 
 

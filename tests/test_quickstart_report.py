@@ -149,3 +149,7 @@ def test_both_families_have_the_same_arms_with_their_own_lm_loss():
     assert clm["standard"].smoothing is None
     assert build_arms(True, (("ce", 0.5),), 0.0)["abl_default_ablation_lr"].alphas == (("ce", 0.5),)
     assert {a.lr for a in bert.values() if not a.main} == {"ablation", "seed"}
+    # the test preset's ablation subset names arms that exist (a renamed arm would silently drop out)
+    subset = quickstart.PRESETS["test"].ablation_arms
+    assert set(subset) <= {n for n, a in bert.items() if not a.main} and "abl_lm" in clm
+    assert all(p.ablation_arms is None for name, p in quickstart.PRESETS.items() if name != "test")
