@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--token_counts", default=None,
       help="Token counts pickle: choose masked tokens by smoothed frequency as training does (default: uniformly "
            "over non-special tokens).")
-    a("--mlm_smoothing", type=float, default=0.7, help="Smoothing exponent with --token_counts.")
+    a("--mlm_smoothing", type=float, default=0.7,
+      help="Smoothing exponent with --token_counts: weight max(count, 1)^-smoothing, as causal_train.py's "
+           "--mlm_smoothing (0.7 favours rare tokens).")
     a("--n_bootstrap", type=int, default=1000, help="Bootstrap resamples of the pairs for the 95%% intervals.")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if available, else the CPU.")
     a("--bf16", action="store_true", help="bf16 autocast (CUDA, or CPUs with bf16 instructions).")

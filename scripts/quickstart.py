@@ -3,26 +3,36 @@
 Chains the project's real scripts as a user would, each as its own command (collected in
 `<out>/commands.sh`, its full output in `<out>/logs/`), with no model or dataset hub:
 
-  1 corpus      English prose every Python has (the standard library's docstrings via
-                scripts/stdlib_corpus.py, plus the prose of pydoc's topic help), or your own text
-                (--text); split into train and held-out parts that share no document
+  1 corpus      English prose every Python installation has: the standard library's docstrings,
+                pydoc's topic help and the documentation of installed packages (torch, transformers,
+                numpy, scipy, scikit-learn, datasets; scripts/stdlib_corpus.py, versions recorded), or
+                your own text (--text); split by document into train and held-out parts
   2 tokenizer   a WordPiece tokenizer learnt on the train part, reproducibly (or --tokenizer)
-  3 teacher     a small BERT pretrained from scratch: run_mlm.py --do_train
+  3 teacher     a small BERT pretrained from scratch: run_mlm.py --do_train (two, seeds 0 and 1, with
+                --preset study)
   4 data        scripts/binarized_data.py and scripts/token_counts.py
-  5 student     scripts/extract_distilbert.py, the student config and a DIITO neuron mapping (.nm)
-  6 students    causal_train.py per seed: standard distillation and DIITO (same init, data, steps),
-                and standard distillation given DIITO's compute (steps scaled by the FLOPs per step
-                that scripts/count_step_flops.py counts for each objective)
-  7 evaluation  run_mlm.py --do_eval on the held-out part, same masking for every model
-  8 alignment   run_iia.py on the held-out part: IIA of every student with DIITO's mapping
-                (and every block pair, --sweep, for the first seed's standard and DIITO students)
-  9 report      <out>/report.md with a table, a verdict and plots (<out>/plots/*.png)
+  5 references  scripts/extract_distilbert.py: the student at initialisation (the teacher's blocks),
+                its config and DIITO's neuron mapping (.nm); a random student of the same shape; the
+                held-out perplexity of the teacher, the initialisation and the random student
+  6 ablation    causal_train.py per seed: each loss term alone, the seed's combination with and
+                without smoothed MLM masking, the default objective at the seed's learning rate, the
+                seed's recipe with DIITO's term (each run evaluated on the held-out part)
+  7 students    causal_train.py per teacher and seed: standard distillation (the default recipe),
+                DIITO, standard distillation given DIITO's compute (steps scaled by the FLOPs per step
+                that scripts/count_step_flops.py counts) and the seed's recipe; each evaluated with
+                run_mlm.py --do_eval on the held-out part, the same masking for every model
+  8 alignment   run_iia.py on the held-out part: IIA, effective IIA and base agreement with DIITO's
+                mapping of the initialisation, the random student and every student of stage 7 (and
+                every block pair, --sweep, for the initialisation and the first seed's standard and
+                DIITO students)
+  9 report      <out>/report.md: the table (every arm as a change from the initialisation), the
+                ablation table, a two-sided noise-aware verdict, plots (<out>/plots/*.png)
 
 The terminal shows the stage lines, one progress bar for the running command and the final
 summary. Each stage writes a `.done` marker last, recording the settings it ran with; a re-run
 skips every stage (and every training run) whose marker matches, so an interrupted quickstart
 resumes where it stopped. --force redoes everything. The same command gives the same numbers.
-How long it takes: README.md, section "Quickstart" (one measured figure, with its machine).
+How long it takes: docs/quickstart.md (measured figures, with the machine and its load).
 
     python scripts/quickstart.py
     python scripts/quickstart.py --preset test --seeds 1 --out /tmp/qs_test
@@ -43,15 +53,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quickstart_clm  # noqa: E402
 from deterministic_wordpiece import train_wordpiece  # noqa: E402
-from quickstart_pipeline import (ALPHA_CAUSAL_CE, OFFLINE_ENV, PRESETS, TEACHER_SEED, Quickstart,  # noqa: E402
-                                 StageFailed, load_fast_tokenizer, read_text_files, split_corpus)
-from quickstart_report import LABELS, OBJECTIVES, format_seconds, write_report  # noqa: E402
+from quickstart_arms import build_arms, init_name, teacher_name  # noqa: E402
+from quickstart_distill import DistillQuickstart  # noqa: E402
+from quickstart_pipeline import (OFFLINE_ENV, PRESETS, StageFailed, load_fast_tokenizer,  # noqa: E402
+                                 read_text_files, split_corpus)
 from utils import CliError, logger, run_cli  # noqa: E402
 
 N_STAGES = 9
 EVAL_MASK_SEED = 12345
-# The distillation objective of the original recipe (README of Causal-Distill); DIITO adds the causal term.
-ALPHAS = {"alpha_ce": 0.25, "alpha_mlm": 0.25, "alpha_cos": 0.25, "alpha_clm": 0.0}
+# The default objective (standard distillation; DIITO adds causal_ce 0.25), chosen from the ablation of the
+# `small` preset (docs/quickstart.md): soft targets and the masked-LM loss with uniform masking. The seed's
+# recipe (ce + mlm + cos, 0.25 each, --mlm_smoothing 0.7, learning rate 5e-4) stays a reported arm.
+DEFAULT_OBJECTIVE = (("ce", 0.25), ("lm", 0.25))
+DEFAULT_SMOOTHING = 0.0
 
 
 def copy_tokenizer(name: str, out_dir: Path) -> None:
@@ -63,13 +77,16 @@ def copy_tokenizer(name: str, out_dir: Path) -> None:
     tok.save_pretrained(out_dir)
 
 
-class MlmQuickstart(Quickstart):
-    """The BERT quickstart: a masked-LM teacher, DistilBERT students at equal steps and equal compute, IIA."""
+class MlmQuickstart(DistillQuickstart):
+    """The BERT quickstart: a masked-LM teacher, DistilBERT students of every arm, IIA."""
 
     n_stages = N_STAGES
     family = "bert"
     eval_script = "run_mlm.py"
     extract_script = "scripts/extract_distilbert.py"
+    student_type = "distilbert"
+    lm = "mlm"
+    arms = build_arms(mlm=True, default=DEFAULT_OBJECTIVE, default_smoothing=DEFAULT_SMOOTHING)
 
     def tokenizer_title(self) -> str:
         return f"WordPiece ({self.preset.vocab_size} entries) on the train part"
@@ -83,7 +100,7 @@ class MlmQuickstart(Quickstart):
         saved = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
         return len(set(saved["model"]["vocab"]) | {t["content"] for t in saved.get("added_tokens", [])})
 
-    def teacher_command(self, steps: int) -> tuple[str, str, list]:
+    def teacher_command(self, steps: int, seed: int) -> tuple[str, str, list]:
         p = self.preset
         overrides = (f"num_hidden_layers={p.teacher_layers},hidden_size={p.hidden},num_attention_heads={p.heads},"
                      f"intermediate_size={p.ffn},max_position_embeddings={p.max_seq_length}")
@@ -95,15 +112,22 @@ class MlmQuickstart(Quickstart):
             "--learning_rate", p.teacher_lr, "--warmup_steps", max(1, steps // 16), "--weight_decay", 0.01,
             "--adam_beta2", 0.98, "--train_sampling_strategy", "group_by_length",
             "--logging_steps", max(1, steps // 40), "--save_strategy", "no", "--report_to", "none",
-            "--seed", TEACHER_SEED, "--dataloader_num_workers", 0, *self.trainer_device_args,
+            "--seed", seed, "--dataloader_num_workers", 0, *self.trainer_device_args,
         ]
         title = (f"teacher: BERT {p.teacher_layers} layers x {p.hidden} from scratch, {steps} steps "
                  f"(run_mlm.py --do_train)")
         return title, "run_mlm.py", argv
 
+    def data_stage(self, corpus: dict, tokenizer: dict) -> dict:
+        return self.data(corpus, tokenizer, "data: binarize the train part and count its tokens "
+                         "(scripts/binarized_data.py, scripts/token_counts.py)", ("token_counts.pickle",))
+
     def after_binarize(self, folder: Path, data_file: Path) -> None:
         self.pipe.command("token_counts", "scripts/token_counts.py", [
             "--data_file", data_file, "--token_counts_dump", folder / "token_counts.pickle"])
+
+    def extract_flags(self) -> tuple[str, ...]:
+        return ("--vocab_transform",)
 
     def student_config_text(self, record: dict) -> str:
         return json.dumps(record["student_config"], indent=2) + "\n"
@@ -119,119 +143,21 @@ class MlmQuickstart(Quickstart):
         ]
         return f"--eval_mask_seed {EVAL_MASK_SEED}, --max_seq_length {p.max_seq_length}", common
 
-    # 6
-    def students(self, data: dict, init: dict) -> tuple[dict, dict[str, dict]]:
-        """Standard and DIITO runs of `steps` steps per seed, then standard runs given a DIITO run's FLOPs."""
+    def student_common(self, data: dict, k: int) -> list:
         p = self.preset
-        steps = self.args.steps or p.student_steps
-        self.banner(6, f"students: causal_train.py, standard and DIITO ({steps} steps each) and standard at "
-                       f"DIITO's compute, seeds {', '.join(map(str, self.seeds))} ({3 * len(self.seeds)} runs)")
-        common = [
+        init = self.out / init_name(k)
+        return [
             "--data_file", self.out / "data" / data["data_file"],
             "--token_counts", self.out / "data" / "token_counts.pickle",
-            "--student_type", "distilbert", "--student_config", self.out / "student_init" / "student_config.json",
-            "--student_pretrained_weights", self.out / "student_init" / "student_init.pth",
-            "--teacher_type", "bert", "--teacher_name", self.out / "teacher", "--tokenizer_name", self.out / "tokenizer",
-            "--mlm", *[x for k, v in ALPHAS.items() for x in (f"--{k}", v)],
+            "--student_type", "distilbert", "--student_config", init / "student_config.json",
+            "--student_pretrained_weights", init / "student_init.pth",
+            "--teacher_type", "bert", "--teacher_name", self.out / teacher_name(k),
+            "--tokenizer_name", self.out / "tokenizer", "--mlm",
             "--interchange_prop", 0.3, "--interchange_consecutive_only", "--freeze_pos_embs",
-            "--n_epoch", 1000, "--batch_size", p.student_batch,
-            "--gradient_accumulation_steps", 1, "--learning_rate", p.student_lr, "--warmup_prop", 0.05,
-            "--group_by_size", "--checkpoint_interval", 0,
+            "--n_epoch", 1000, "--batch_size", p.student_batch, "--gradient_accumulation_steps", 1,
+            "--warmup_prop", 0.05, "--group_by_size", "--checkpoint_interval", 0,
             "--save_total_limit", 1, "--num_workers", 0, *self.device_args,
         ]
-        causal = {"standard": ["--alpha_causal_ce", 0.0],
-                  "diito": ["--alpha_causal_ce", ALPHA_CAUSAL_CE, "--neuron_mapping", self.out / "student_init" / "diito.nm"]}
-
-        # FLOPs per step of each objective, counted on the first seed's first batches (shapes only: no timing).
-        def count(folder: Path) -> dict:
-            result = {}
-            for objective in ("standard", "diito"):
-                self.pipe.command(f"flops_{objective}", "scripts/count_step_flops.py", [
-                    "--out", folder / f"{objective}.json", "--batches", 4, "--",
-                    *common, *causal[objective], "--max_steps", steps, "--seed", self.seeds[0], "--no_progress"])
-                result[objective] = json.loads((folder / f"{objective}.json").read_text())["flops_per_step"]
-            result["ratio"] = result["diito"] / result["standard"]
-            print(f"  FLOPs per step: standard {result['standard'] / 1e9:.3g} G, DIITO {result['diito'] / 1e9:.3g} G "
-                  f"(ratio {result['ratio']:.2f})", flush=True)
-            return result
-
-        flops = self.pipe.unit("flops", self.out / "flops", {"data": data["key"], "init": init["key"],
-                                                            "argv": [str(a) for a in common], "steps": steps},
-                               count, ("standard.json", "diito.json"))
-        steps_of = {"standard": steps, "diito": steps, "standard_eqc": max(1, round(steps * flops["ratio"]))}
-        runs = [(objective, seed) for objective in OBJECTIVES for seed in self.seeds]
-        records = {}
-        for i, (objective, seed) in enumerate(runs, 1):
-            name = f"{objective}_seed{seed}"
-            n = steps_of[objective]
-            argv = [*common, *causal["diito" if objective == "diito" else "standard"], "--max_steps", n,
-                    "--log_interval", max(1, n // 25), "--seed", seed]
-            settings = {"data": data["key"], "init": init["key"], "argv": [str(a) for a in argv]}
-            records[name] = self.student(
-                name, argv, settings, {"objective": objective, "seed": seed, "steps": n},
-                done_line=lambda seconds, i=i, objective=objective, seed=seed, n=n: (
-                    f"  run {i}/{len(runs)}: {LABELS[objective]}, seed {seed}, {n} steps: {format_seconds(seconds)}"))
-        return flops, records
-
-    # 8
-    def alignment(self, teacher: dict, init: dict, students: dict[str, dict]) -> dict[str, dict]:
-        p = self.preset
-        self.banner(8, f"alignment: IIA of {len(students)} students with the teacher (run_iia.py, DIITO's "
-                       f"mapping, {p.iia_pairs} held-out pairs; every block pair for seed {self.seeds[0]})")
-        common = [
-            "--teacher_name", self.out / "teacher", "--tokenizer_name", self.out / "tokenizer",
-            "--neuron_mapping", self.out / "student_init" / "diito.nm",
-            "--data_file", self.out / "corpus" / "heldout.txt", "--max_seq_length", p.max_seq_length,
-            "--num_pairs", p.iia_pairs, "--seed", 0, "--batch_size", 64,
-            "--interchange_prop", 0.3, "--interchange_consecutive_only",
-            *(["--device", "cuda", "--bf16"] if p.gpu else ["--device", "cpu"]),
-        ]
-        records = {}
-        for name, rec in students.items():
-            sweep = ["--sweep"] if rec["seed"] == self.seeds[0] and rec["objective"] in ("standard", "diito") else []
-            argv = ["--student_name", self.out / "students" / name, *common, *sweep]
-            settings = {"model": rec["key"], "teacher": teacher["key"], "init": init["key"],
-                        "argv": [str(a) for a in argv]}
-
-            def work(folder: Path, argv=argv, name=name) -> dict:
-                self.pipe.command(f"iia_{name}", "run_iia.py", [*argv, "--output_dir", folder])
-                overall = json.loads((folder / "iia_results.json").read_text())["mapping"]["overall"]
-                print(f"  {name}: IIA {100 * overall['iia']['value']:.1f}%, effective IIA "
-                      f"{100 * overall['effective_iia']['value']:.1f}%", flush=True)
-                return {"iia": overall["iia"]["value"], "iia_ci95": overall["iia"]["ci95"],
-                        "effective_iia": overall["effective_iia"]["value"]}
-
-            records[name] = self.pipe.unit(f"iia {name}", self.out / "iia" / name, settings, work,
-                                           ("iia_results.json",))
-        return records
-
-    # 9
-    def report(self, stages: dict, students: dict, evals: dict, alignment: dict) -> dict:
-        self.banner(9, "report: table, verdict and plots")
-        settings = self.report_settings(4, stages=stages, students=students, evals=evals, alignment=alignment)
-
-        def work(folder: Path) -> dict:
-            summary = write_report(self.out, self.preset, self.args, stages, students, evals, alignment, self.seeds)
-            print(f"  {self.out / 'report.md'}", flush=True)
-            return {"verdict": summary["verdict"]}
-
-        return self.pipe.unit("report", self.out / "plots", settings, work,
-                              ("heldout_perplexity.png", "training_losses.png", "iia_heatmaps.png", "../report.md",
-                               "../summary.json"))
-
-    def run_stages(self) -> dict:
-        stages = {}
-        stages["corpus"] = corpus = self.corpus()
-        stages["tokenizer"] = tokenizer = self.tokenizer(corpus)
-        stages["teacher"] = teacher = self.teacher(corpus, tokenizer)
-        stages["data"] = data = self.data(corpus, tokenizer, "data: binarize the train part and count its tokens "
-                                          "(scripts/binarized_data.py, scripts/token_counts.py)",
-                                          ("token_counts.pickle",))
-        stages["student_init"] = init = self.student_init(teacher, ("--vocab_transform",))
-        stages["flops"], students = self.students(data, init)
-        evals = self.evaluate(teacher, students)
-        alignment = self.alignment(teacher, init, students)
-        return self.report(stages, students, evals, alignment)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -239,8 +165,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="./quickstart_out", help="Output folder (default: ./quickstart_out).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                        help="small (default): the size measured in README.md, section Quickstart; gpu: bigger models and "
-                             "longer runs with --n_gpu 1 --bf16; test: the smallest size, for the test suite.")
+                        help="small (default): the size measured in docs/quickstart.md; study: a deeper teacher trained "
+                             "longer, two teachers (about an hour on 2 idle cores, more with the ablation; "
+                             "docs/quickstart.md); gpu: bigger models and longer runs with --n_gpu 1 --bf16; test: the "
+                             "smallest size, for the test suite.")
     parser.add_argument("--family", choices=("bert", "llama", "gpt2"), default="bert",
                         help="Teacher family: bert (masked LM, the default), or a causal LM, llama or gpt2 "
                              "(run_clm.py; scripts/quickstart_clm.py).")
@@ -257,9 +185,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="Threads per training process (default: half the cores; two processes fighting "
                              "over the same cores run several times slower).")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Training, evaluation and IIA commands run at once (default 1). With 2 cores, --jobs 2 "
+                             "--threads 1 keeps both busy; the numbers do not change (each command is its own "
+                             "seeded process), the wall times of single runs do.")
+    parser.add_argument("--no_ablation", action="store_true",
+                        help="Skip the ablation stage (each loss term alone, smoothing on and off, the seed's recipe "
+                             "with DIITO): about half the student runs of a quickstart. The report then says it was "
+                             "not run.")
     parser.add_argument("--force", action="store_true", help="Redo every stage, even those already done.")
     args = parser.parse_args(argv)
-    for flag in ("seeds", "steps", "teacher_steps", "threads"):
+    for flag in ("seeds", "steps", "teacher_steps", "threads", "jobs"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CliError(f"--{flag} must be at least 1, got {value}")

@@ -12,16 +12,18 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from doc_corpus import QUICKSTART_PACKAGES, clean_topic_paragraph, pydoc_topic_documents, versions  # noqa: F401
+from quickstart_arms import teacher_name
 from quickstart_report import format_seconds
 from utils import REPO_ROOT, CliError, atomic_write_text
 
@@ -36,7 +38,8 @@ OFFLINE_ENV = {
 PROGRESS = re.compile(rb"(\d+)/(\d+) \[")  # a tqdm bar's `n/total [` in a command's output
 MIN_DOCUMENTS = 20  # fewer cannot be split into a training part and a held-out part worth evaluating on
 SPLIT_SEED = "quickstart-split-v1"
-TEACHER_SEED = 0
+TEACHER_SEED = 0  # teacher k (1-based) trains with seed TEACHER_SEED + k - 1
+RANDOM_STUDENT_SEED = 0
 ALPHA_CAUSAL_CE = 0.25  # DIITO's weight, added to each family's standard objective
 
 
@@ -56,19 +59,35 @@ class Preset:
     student_layers: int
     student_steps: int
     student_batch: int
-    student_lr: float
+    student_lr: float  # the default recipe's learning rate (chosen from the ablation)
     eval_batch: int
     iia_pairs: int = 256
     gpu: bool = False
     max_documents: int | None = None
+    packages: tuple[str, ...] = QUICKSTART_PACKAGES  # installed packages whose documentation joins the corpus
+    seed_lr: float = 5e-4  # the learning rate of the seed's recipe (the quickstart's until issue 20)
+    ablation_lr: float = 1e-4  # the ablation's rate (each term alone; the default objective at it too)
+    teachers: int = 1  # teachers trained with different seeds; the main arms run with each
+    ablation: bool = True  # run the ablation stage (first teacher only)
+    # the ablation's arms, by name (those the family has); None: every one. The test preset runs the MLM/CLM term
+    # alone (with and without smoothing for BERT) to exercise the stage in a few subprocesses.
+    ablation_arms: tuple[str, ...] | None = None
 
 
-# Sizes measured on a 2-core CPU shared with another job (see the README): a 128-wide teacher gets
-# well past the unigram plateau in the time a 256-wide one needs to reach it.
+# Sizes measured on a 2-core CPU shared with other jobs (docs/quickstart.md): a 128-wide teacher gets
+# well past the unigram plateau in the time a 256-wide one needs to reach it. `student_lr` is the
+# default recipe's rate, chosen from the ablation; `seed_lr` the seed's recipe's.
 PRESETS = {
     "small": Preset(vocab_size=2000, teacher_layers=4, hidden=128, heads=4, ffn=512, max_seq_length=128,
                     teacher_steps=1200, teacher_batch=32, teacher_lr=2e-3,
                     student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64),
+    # study: a deeper teacher trained longer, so that it is clearly better than the student extracted from
+    # it and the distilled students have room between the two; two teachers (seeds 0 and 1) so that the ±
+    # covers the teacher too. Sizes and steps from the measured curves in docs/quickstart.md.
+    "study": Preset(vocab_size=2000, teacher_layers=6, hidden=128, heads=4, ffn=512, max_seq_length=128,
+                    teacher_steps=4000, teacher_batch=32, teacher_lr=2e-3,
+                    student_layers=2, student_steps=400, student_batch=32, student_lr=5e-4, eval_batch=64,
+                    teachers=2),
     "gpu": Preset(vocab_size=8000, teacher_layers=6, hidden=512, heads=8, ffn=2048, max_seq_length=128,
                   teacher_steps=6000, teacher_batch=128, teacher_lr=5e-4,
                   student_layers=3, student_steps=3000, student_batch=64, student_lr=5e-4, eval_batch=256,
@@ -76,59 +95,17 @@ PRESETS = {
     "test": Preset(vocab_size=400, teacher_layers=2, hidden=32, heads=2, ffn=64, max_seq_length=64,
                    teacher_steps=20, teacher_batch=16, teacher_lr=2e-3,
                    student_layers=1, student_steps=6, student_batch=8, student_lr=5e-4, eval_batch=64,
-                   iia_pairs=32, max_documents=400),
+                   iia_pairs=32, max_documents=400, ablation_arms=("abl_lm", "abl_lm_s0")),
 }
 
 
-
 # --- corpus ------------------------------------------------------------------------------------
-_BULLET = re.compile(r"^(?:[*\-+]|\d+\.|\(\d+\)|[a-z][.)])\s+")
-_UNDERLINE = re.compile(r"^\s*([*=\-~^\"#+])\1{2,}\s*$")
-_NOT_PROSE = re.compile(r">>>|::=|[{}\\|]|-\[")
-
-
-def clean_topic_paragraph(paragraph: str) -> str | None:
-    """One paragraph of `pydoc_data.topics` as a line of prose, or None for code, grammar, tables, headings.
-
-    Prose there is plain text wrapped at 70 columns, sometimes indented as a whole (a method's
-    description) or opened by a list bullet; code and grammar blocks have ragged indentation or
-    markers such as `>>>` and `::=`.
-    """
-    lines = [line.rstrip() for line in paragraph.splitlines() if line.strip()]
-    if not lines or any(_UNDERLINE.match(line) for line in lines):
-        return None
-    indents = [len(line) - len(line.lstrip()) for line in lines]
-    bullet = _BULLET.match(lines[0].lstrip())
-    body_indent = indents[0] + (bullet.end() if bullet else 0)
-    if any(indent != body_indent for indent in indents[1:]):
-        return None
-    text = " ".join(line.strip() for line in lines)
-    if bullet:
-        text = text[bullet.end():]
-    text = re.sub(r"\*\*?([^*]+)\*\*?", r"\1", text)  # *emphasis*
-    text = re.sub(r"\s*\[\d+\]", "", text)  # footnote references
-    text = re.sub(r"\s+", " ", text).strip()
-    if not text or _NOT_PROSE.search(text):
-        return None
-    if len(text.split()) < 8 or not text[0].isupper() or text[-1] not in ".?!:":
-        return None
-    letters = sum(ch.isalpha() or ch == " " for ch in text)
-    return text if letters / len(text) > 0.85 else None
-
-
-def pydoc_topic_documents() -> list[str]:
-    """The prose paragraphs of the interpreter's topic help (`pydoc_data.topics`), in topic order."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:  # a trimmed Python without pydoc_data: the docstrings alone will do
-        return []
-    docs = []
-    for name in sorted(topics):
-        for paragraph in re.split(r"\n\s*\n", topics[name]):
-            text = clean_topic_paragraph(paragraph)
-            if text:
-                docs.append(text)
-    return docs
+def corpus_origin(found: dict, topics: bool) -> str:
+    """The corpus's sources in words, with the versions they came from (`found`: python and each package used)."""
+    packages = [f"{name} {version}" for name, version in found.items() if name != "python"]
+    return ("the standard library's docstrings" + (", the prose of pydoc's topic help" if topics else "")
+            + (f" and the documentation (docstrings, prose files, README) of {', '.join(packages)}" if packages else "")
+            + f" (scripts/stdlib_corpus.py), Python {found['python']}")
 
 
 def split_documents(text: str) -> list[str]:
@@ -160,23 +137,38 @@ def read_text_files(paths: list[str]) -> list[str]:
     return docs
 
 
-def split_corpus(docs: list[str], heldout_fraction: float, source: str) -> tuple[list[str], list[str]]:
+def split_corpus(docs: list[str], heldout_fraction: float, source: str,
+                 groups: list[str] | None = None) -> tuple[list[str], list[str]]:
     """Deduplicate `docs` and split them into (train, held-out), sharing no document.
 
-    The held-out part is the documents with the smallest hashes, so the split does not depend on
-    their order and moves little when a few documents come or go. Raises CliError when there are
-    too few documents to split.
+    `groups[i]` names the document line i belongs to (a module, a topic, a package file); without
+    `groups` every line is a document of its own. Whole documents are held out, those with the
+    smallest hashes of their names first, until the held-out part has `heldout_fraction` of the
+    lines: the split does not depend on the documents' order and moves little when a few come or
+    go. Raises CliError when there are too few lines or documents to split.
     """
+    if groups is None:
+        groups = docs
+    owner = dict(zip(reversed(docs), reversed(groups)))  # a repeated line belongs to its first document
     unique = list(dict.fromkeys(docs))
-    if len(unique) < MIN_DOCUMENTS:
+    n_groups = len({owner[d] for d in unique})
+    if len(unique) < MIN_DOCUMENTS or n_groups < 2:
         raise CliError(
             f"{source}: {len(unique)} distinct document(s), too few to split into a training part and a "
             f"held-out part; give at least {MIN_DOCUMENTS} (one per line, or paragraphs separated by blank lines)"
         )
-    n_heldout = max(1, round(len(unique) * heldout_fraction))
-    ranked = sorted(unique, key=lambda d: hashlib.sha256(f"{SPLIT_SEED}\n{d}".encode()).hexdigest())
-    heldout = set(ranked[:n_heldout])
-    return [d for d in unique if d not in heldout], [d for d in unique if d in heldout]
+    size: dict[str, int] = {}
+    for d in unique:
+        size[owner[d]] = size.get(owner[d], 0) + 1
+    target = max(1, round(len(unique) * heldout_fraction))
+    ranked = sorted(size, key=lambda g: hashlib.sha256(f"{SPLIT_SEED}\n{g}".encode()).hexdigest())
+    held, n = set(), 0
+    for g in ranked[:-1]:  # at least one document stays for training
+        if n >= target:
+            break
+        held.add(g)
+        n += size[g]
+    return [d for d in unique if owner[d] not in held], [d for d in unique if owner[d] in held]
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -214,10 +206,12 @@ class StageFailed(Exception):
 class Pipeline:
     """Runs stages and commands, skipping what a matching `.done` marker says is finished."""
 
-    def __init__(self, out: Path, force: bool, env: dict[str, str]):
+    def __init__(self, out: Path, force: bool, env: dict[str, str], jobs: int = 1):
         self.out = out
         self.force = force
         self.env = env
+        self.jobs = jobs  # commands run at once (`parallel`); with more than one, no progress bars
+        self._lock = threading.Lock()
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.commands = out / "commands.sh"
@@ -269,11 +263,12 @@ class Pipeline:
 
         argv = [sys.executable, script, *map(str, args)]
         shown = shlex.join(["python", script, *map(str, args)])
-        with open(self.commands, "a", encoding="utf-8") as fh:
+        with self._lock, open(self.commands, "a", encoding="utf-8") as fh:
             fh.write(shown + "\n")
         log_path = self.logs / f"{log_name}.log"
         start = time.time()
-        bar = tqdm(total=None, desc=f"  {log_name}", leave=False, dynamic_ncols=True, file=sys.stderr, disable=None,
+        bar = tqdm(total=None, desc=f"  {log_name}", leave=False, dynamic_ncols=True, file=sys.stderr,
+                   disable=None if self.jobs == 1 else True,
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
         with open(log_path, "wb") as log:
             log.write(f"$ {shown}\n".encode())
@@ -302,6 +297,20 @@ class Pipeline:
                               + "\n".join("    " + line[-300:] for line in tail) + f"\nThe command was:\n  {shown}")
         return time.time() - start
 
+    def parallel(self, tasks: list) -> list:
+        """Run the zero-argument callables `tasks` (each its own units and commands), `jobs` at a time; their
+        results in order. Every command is its own seeded process, so the numbers do not depend on `jobs`."""
+        if self.jobs == 1 or len(tasks) < 2:
+            return [task() for task in tasks]
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        try:
+            futures = [pool.submit(task) for task in tasks]
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
 
 # --- the stages both families share --------------------------------------------------------------
 class Quickstart:
@@ -310,6 +319,7 @@ class Quickstart:
     n_stages = 0  # stages the terminal announces
     family = ""  # --model_type / --tokenizer_type of the teacher's family
     eval_script = ""  # run_mlm.py or run_clm.py
+    student_type = ""  # causal_train.py --student_type
     extract_script = ""  # scripts/extract_distilbert.py or scripts/extract.py
 
     def __init__(self, args, preset: Preset, user_docs: list[str] | None):
@@ -320,7 +330,7 @@ class Quickstart:
         self.seeds = list(range(1, args.seeds + 1))
         env = dict(os.environ, **OFFLINE_ENV)
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-        self.pipe = Pipeline(self.out, args.force, env)
+        self.pipe = Pipeline(self.out, args.force, env, getattr(args, "jobs", 1))
         self.device_args = ["--n_gpu", "1", "--bf16"] if preset.gpu else ["--n_gpu", "0"]
         self.trainer_device_args = ["--bf16"] if preset.gpu else ["--use_cpu", "--no_dataloader_pin_memory"]
 
@@ -336,8 +346,8 @@ class Quickstart:
         """Copy --tokenizer or train one on the train part into `folder`; return its size."""
         raise NotImplementedError
 
-    def teacher_command(self, steps: int) -> tuple[str, str, list]:
-        """(banner title, script, arguments) of the teacher's training."""
+    def teacher_command(self, steps: int, seed: int) -> tuple[str, str, list]:
+        """(banner title, script, arguments) of the teacher's training with `seed`."""
         raise NotImplementedError
 
     def after_binarize(self, folder: Path, data_file: Path) -> None:
@@ -360,38 +370,44 @@ class Quickstart:
 
     # 1
     def corpus(self) -> dict:
-        """Stage 1: the documents (stdlib prose or --text), deduplicated and split into train and held-out parts."""
+        """Stage 1: the documents (documentation prose or --text), deduplicated and split into train and
+        held-out parts by document."""
         p, args = self.preset, self.args
-        self.banner(1, "corpus: real English prose, split into train and held-out parts")
+        self.banner(1, "corpus: real English prose, split into train and held-out parts by document")
         if self.user_docs is not None:
             source = {"text": [str(Path(t).resolve()) for t in args.text],
                       "sha256": hashlib.sha256("\n".join(self.user_docs).encode()).hexdigest()}
         else:
-            source = {"stdlib": sys.version, "max_documents": p.max_documents}
+            source = {"stdlib": sys.version, "pydoc_topics": True, **versions(p.packages),
+                      "max_documents": p.max_documents, "corpus": 2}
         settings = {"source": source, "heldout_fraction": args.heldout_fraction, "split": SPLIT_SEED}
 
         def work(folder: Path) -> dict:
+            record = {}
             if self.user_docs is not None:
-                docs, origin = self.user_docs, "your --text files: " + ", ".join(args.text)
+                docs, groups, origin = self.user_docs, None, "your --text files: " + ", ".join(args.text)
             else:
-                stdlib = folder / "stdlib_docstrings.txt"
-                self.pipe.command("corpus_stdlib", "scripts/stdlib_corpus.py", ["--out", stdlib])
-                docs = stdlib.read_text(encoding="utf-8").splitlines()
-                topics = pydoc_topic_documents()
-                atomic_write_text(folder / "pydoc_topics.txt", "\n".join(topics) + "\n")
-                docs += topics
-                if p.max_documents:
-                    docs = docs[: p.max_documents]
-                origin = (f"the standard library's docstrings (scripts/stdlib_corpus.py) and the prose of "
-                          f"pydoc's topic help ({len(topics)} paragraphs), Python {platform.python_version()}")
-            train, heldout = split_corpus(docs, args.heldout_fraction, "the corpus")
+                text, manifest = folder / "documentation.txt", folder / "documentation.json"
+                self.pipe.command("corpus", "scripts/stdlib_corpus.py", [
+                    "--out", text, "--pydoc_topics", "--manifest", manifest,
+                    *(["--packages", *p.packages] if p.packages else []),
+                    *(["--max_docs", p.max_documents] if p.max_documents else [])])
+                docs = text.read_text(encoding="utf-8").splitlines()
+                made = json.loads(manifest.read_text())
+                groups = [name for name, n in made["documents"] for _ in range(n)]
+                used = {name.split(":")[0] for name, _ in made["documents"]}
+                record["versions"] = {"python": made["python"],
+                                      **{k: v for k, v in made["packages"].items() if k in used}}
+                record["corpus_sha256"] = made["sha256"]
+                origin = corpus_origin(record["versions"], "pydoc_topics" in used)
+            train, heldout = split_corpus(docs, args.heldout_fraction, "the corpus", groups)
             atomic_write_text(folder / "train.txt", "\n".join(train) + "\n")
             atomic_write_text(folder / "heldout.txt", "\n".join(heldout) + "\n")
             stats = {"origin": origin, "train_documents": len(train), "heldout_documents": len(heldout),
                      "train_words": sum(len(d.split()) for d in train),
-                     "heldout_words": sum(len(d.split()) for d in heldout)}
-            print(f"  {stats['train_documents']} training documents ({stats['train_words']} words), "
-                  f"{stats['heldout_documents']} held-out documents ({stats['heldout_words']} words)", flush=True)
+                     "heldout_words": sum(len(d.split()) for d in heldout), **record}
+            print(f"  {stats['train_documents']} training paragraphs ({stats['train_words']} words), "
+                  f"{stats['heldout_documents']} held-out paragraphs ({stats['heldout_words']} words)", flush=True)
             return stats
 
         return self.pipe.unit("corpus", self.out / "corpus", settings, work, ("train.txt", "heldout.txt"))
@@ -416,18 +432,21 @@ class Quickstart:
         return {}
 
     # 3
-    def teacher(self, corpus: dict, tokenizer: dict) -> dict:
-        """Stage 3: the teacher trained from scratch (the family's `teacher_command`)."""
+    def teacher(self, corpus: dict, tokenizer: dict, k: int = 1) -> dict:
+        """Stage 3: teacher k trained from scratch (the family's `teacher_command`), with seed TEACHER_SEED + k - 1."""
         steps = self.args.teacher_steps or self.preset.teacher_steps
-        title, script, argv = self.teacher_command(steps)
+        title, script, argv = self.teacher_command(steps, TEACHER_SEED + k - 1)
+        if self.preset.teachers > 1:
+            title += f"; teacher {k} of {self.preset.teachers} (seed {TEACHER_SEED + k - 1})"
         self.banner(3, title)
         settings = {"corpus": corpus["key"], "tokenizer": tokenizer["key"], "argv": [str(a) for a in argv]}
 
         def work(folder: Path) -> dict:
-            seconds = self.pipe.command("teacher", script, [*argv, "--output_dir", folder, "--overwrite_output_dir"])
-            return {"train_seconds": round(seconds, 2), "steps": steps}
+            seconds = self.pipe.command(teacher_name(k), script, [*argv, "--output_dir", folder, "--overwrite_output_dir"])
+            return {"train_seconds": round(seconds, 2), "steps": steps, "seed": TEACHER_SEED + k - 1}
 
-        return self.pipe.unit("teacher", self.out / "teacher", settings, work, ("model.safetensors", "config.json"))
+        return self.pipe.unit(teacher_name(k), self.out / teacher_name(k), settings, work,
+                              ("model.safetensors", "config.json"))
 
     # 4
     def data(self, corpus: dict, tokenizer: dict, title: str, outputs: tuple[str, ...] = ()) -> dict:
@@ -447,34 +466,6 @@ class Quickstart:
 
         return self.pipe.unit("data", self.out / "data", settings, work, outputs)
 
-    # 5
-    def student_init(self, teacher: dict, extract_flags: tuple[str, ...] = ()) -> dict:
-        """Stage 5: the student extracted from the teacher's blocks, its config and DIITO's neuron mapping."""
-        p = self.preset
-        self.banner(5, f"student initialisation: {p.student_layers} of the teacher's {p.teacher_layers} blocks "
-                       f"({self.extract_script}{''.join(' ' + f for f in self.extract_title_flags())}), "
-                       f"config and DIITO mapping")
-        settings = {"teacher": teacher["key"], "student_layers": p.student_layers, **self.family_settings()}
-
-        def work(folder: Path) -> dict:
-            weights = folder / "student_init.pth"
-            self.pipe.command("extract", self.extract_script, [
-                "--model_type", self.family, "--model_name", self.out / "teacher", "--dump_checkpoint", weights,
-                "--num_layers", p.student_layers, *extract_flags])
-            record = json.loads(weights.with_name(weights.name + ".json").read_text())
-            atomic_write_text(folder / "student_config.json", self.student_config_text(record))
-            atomic_write_text(folder / "diito.nm", json.dumps(neuron_mapping(record["teacher_layers"], p.heads,
-                                                                             p.hidden // p.heads), indent=2) + "\n")
-            print(f"  student block i <- teacher block {record['teacher_layers']}; DIITO aligns the outputs of "
-                  f"each pair, full width ({folder / 'diito.nm'})", flush=True)
-            return {"teacher_layers": record["teacher_layers"]}
-
-        return self.pipe.unit("student_init", self.out / "student_init", settings, work,
-                              ("student_init.pth", "student_config.json", "diito.nm"))
-
-    def extract_title_flags(self) -> tuple[str, ...]:
-        return ()
-
     # 6
     def student(self, name: str, argv: list, settings: dict, record: dict, done_line=None) -> dict:
         """One causal_train.py run into students/<name> (its checkpoints removed: the final student is what
@@ -490,29 +481,21 @@ class Quickstart:
 
         return self.pipe.unit(name, self.out / "students" / name, settings, work, ("model.safetensors", "config.json"))
 
-    # 7
-    def evaluate(self, teacher: dict, students: dict[str, dict]) -> dict[str, dict]:
-        """Held-out perplexity of the teacher and every student, with the same options for each."""
-        models = {"teacher": (self.out / "teacher", teacher)}
-        models.update({name: (self.out / "students" / name, rec) for name, rec in students.items()})
-        detail, common = self.eval_options()
-        self.banner(7, f"evaluation: held-out perplexity of {len(models)} models ({self.eval_script} --do_eval, "
-                       f"{detail})")
-        records = {}
-        for name, (model_dir, model_record) in models.items():
-            argv = ["--model_name_or_path", model_dir, *common]
-            settings = {"model": model_record["key"], "argv": [str(a) for a in argv]}
+    # held-out evaluation (every model, same options)
+    def evaluate_one(self, name: str, model_dir: Path, model_record: dict) -> dict:
+        """Held-out perplexity of one model (`eval/<name>`), with the options every model gets."""
+        _, common = self.eval_options()
+        argv = ["--model_name_or_path", model_dir, *common]
+        settings = {"model": model_record["key"], "argv": [str(a) for a in argv]}
 
-            def work(folder: Path, argv=argv, name=name) -> dict:
-                self.pipe.command(f"eval_{name}", self.eval_script, [*argv, "--output_dir", folder])
-                metrics = json.loads((folder / "eval_results.json").read_text())
-                print(f"  {name}: held-out perplexity {metrics['perplexity']:.2f}", flush=True)
-                return {"perplexity": metrics["perplexity"], "eval_loss": metrics["eval_loss"],
-                        "eval_samples": metrics.get("eval_samples")}
+        def work(folder: Path) -> dict:
+            self.pipe.command(f"eval_{name}", self.eval_script, [*argv, "--output_dir", folder])
+            metrics = json.loads((folder / "eval_results.json").read_text())
+            print(f"  {name}: held-out perplexity {metrics['perplexity']:.2f}", flush=True)
+            return {"perplexity": metrics["perplexity"], "eval_loss": metrics["eval_loss"],
+                    "eval_samples": metrics.get("eval_samples")}
 
-            records[name] = self.pipe.unit(f"eval {name}", self.out / "eval" / name, settings, work,
-                                           ("eval_results.json",))
-        return records
+        return self.pipe.unit(f"eval {name}", self.out / "eval" / name, settings, work, ("eval_results.json",))
 
     def report_settings(self, version, **groups: dict) -> dict:
         """The report stage's key: when each input was made too, so that anything redone upstream is reported afresh."""
@@ -539,12 +522,3 @@ class Quickstart:
         print(report["verdict"])
         print(f"report: {self.out / 'report.md'}; full output of every command: {self.out / 'logs'}")
         return {"seconds": elapsed, "ran": self.pipe.ran, "skipped": self.pipe.skipped}
-
-
-def neuron_mapping(teacher_layers: list[int], heads: int, head_dim: int) -> dict:
-    """A DIITO mapping that aligns the output of student block i with that of the teacher block copied into it."""
-    width = f"$H:[0:{heads}]$[0:{head_dim}]"
-    return {"interchange_variable_mappings": [
-        {"teacher_variable_names": [f"$L:{t}{width}"], "student_variable_names": [f"$L:{i}{width}"]}
-        for i, t in enumerate(teacher_layers)
-    ]}

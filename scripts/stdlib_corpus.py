@@ -1,123 +1,70 @@
-"""Assemble a small corpus of real English prose from the Python standard library's docstrings.
+"""Assemble a corpus of real English prose from documentation every Python installation has.
 
-Every machine with Python has this text, so tests and the offline quickstart need no download and
-the repository ships no data. Docstrings are cleaned of code examples (doctest lines, indented
-blocks), reST markup and very short fragments; each remaining paragraph is one document.
+By default, the Python standard library's docstrings; with --pydoc_topics, also the prose of the
+interpreter's topic help; with --packages, also the documentation of installed packages (the
+docstrings of their .py files, read without importing them, their .md/.rst/.txt prose and their
+README). Code examples, reST/markdown markup and short fragments are dropped; each remaining
+paragraph is one line, each paragraph appears once (scripts/doc_corpus.py does the work).
+
+So tests and the offline quickstart need no download and the repository ships no data. The same
+Python and package versions give the same bytes. --manifest records those versions and which
+document (module, topic or package file) each line comes from, so a corpus can be split by
+document rather than by line.
 
 Usage: python scripts/stdlib_corpus.py --out corpus.txt [--max_docs N]
+       python scripts/stdlib_corpus.py --out corpus.txt --pydoc_topics --packages torch transformers numpy \\
+           scipy scikit-learn datasets --manifest corpus.json
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
+import hashlib
+import json
 import logging
-import pkgutil
-import re
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils import atomic_write_text, logger, run_cli  # noqa: E402
-
-# Pure-Python modules with substantial prose docstrings; importing them has no side effects.
-DEFAULT_MODULES = (
-    "argparse", "ast", "asyncio", "base64", "bdb", "bisect", "calendar", "cmd", "codecs", "collections",
-    "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime",
-    "decimal", "difflib", "doctest", "email", "enum", "filecmp", "fileinput", "fnmatch", "fractions",
-    "ftplib", "functools", "getopt", "gettext", "glob", "gzip", "heapq", "hmac", "html", "http",
-    "imaplib", "inspect", "ipaddress", "json", "logging", "lzma", "mailbox", "mimetypes",
-    "multiprocessing", "netrc", "numbers", "operator", "optparse", "pathlib", "pdb", "pickle",
-    "pickletools", "pkgutil", "platform", "plistlib", "poplib", "pprint", "profile", "pstats",
-    "queue", "quopri", "random", "re", "reprlib", "sched", "secrets", "selectors", "shelve", "shlex",
-    "shutil", "smtplib", "socket", "socketserver", "sqlite3", "ssl", "statistics", "string",
-    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace",
-    "traceback", "turtle", "typing", "unittest", "urllib", "uuid", "warnings", "wave", "weakref",
-    "xml", "zipfile", "zipimport",
-)
-
-_MARKUP = [
-    (re.compile(r":[a-z]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`"), r"\1"),  # :func:`name` -> name
-    (re.compile(r"``([^`]*)``"), r"\1"),
-    (re.compile(r"`([^`]*)`"), r"\1"),
-    (re.compile(r"\*\*?([^*]+)\*\*?"), r"\1"),
-    (re.compile(r"\s+"), " "),
-]
-_CODEY = re.compile(r"(>>>|\.\.\.\s|==|!=|->|\w\(\)|[{}\[\]<>=_#@$\\|])")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_corpus import DEFAULT_MODULES, build_corpus, stdlib_documents, versions  # noqa: E402,F401
+from utils import CliError, atomic_write_text, check_output_parent, logger, run_cli  # noqa: E402
 
 
-def _clean_paragraph(par: str) -> str | None:
-    lines = par.splitlines()
-    if any(line.startswith((" ", "\t")) for line in lines[1:]) and len(lines) > 1:
-        return None  # an indented block: code or a table
-    text = " ".join(line.strip() for line in lines)
-    for pattern, repl in _MARKUP:
-        text = pattern.sub(repl, text)
-    text = text.strip()
-    words = text.split()
-    if len(words) < 8 or len(_CODEY.findall(text)) > 0 or not text[0].isupper() or text[-1] not in ".?!":
-        return None
-    letters = sum(ch.isalpha() or ch == " " for ch in text)
-    return text if letters / len(text) > 0.9 else None
-
-
-def _docstrings(module_name: str):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            mod = importlib.import_module(module_name)
-        except Exception:  # noqa: BLE001 -- a module missing on this Python is simply skipped
-            return
-    seen = set()
-    stack = [mod]
-    if hasattr(mod, "__path__"):
-        for info in pkgutil.iter_modules(mod.__path__, mod.__name__ + "."):
-            if info.name.split(".")[-1].startswith("_") or "test" in info.name:
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    stack.append(importlib.import_module(info.name))
-                except Exception:  # noqa: BLE001
-                    continue
-    for root in stack:
-        objs = [root] + [obj for _, obj in sorted(vars(root).items()) if inspect.isclass(obj) or inspect.isfunction(obj)]
-        for obj in list(objs):
-            if inspect.isclass(obj):
-                objs.extend(v for _, v in sorted(vars(obj).items()) if inspect.isfunction(v))
-        for obj in objs:
-            if getattr(obj, "__module__", root.__name__) != root.__name__ and obj is not root:
-                continue
-            doc = inspect.getdoc(obj) if not isinstance(obj, type(root)) else obj.__doc__
-            if doc and doc not in seen:  # by text: ids of freed strings are reused
-                seen.add(doc)
-                yield inspect.cleandoc(doc)
-
-
-def stdlib_documents(modules=DEFAULT_MODULES, max_docs: int | None = None) -> list[str]:
-    """Return cleaned prose paragraphs (one document each, in a fixed order, without duplicates)."""
-    docs, seen = [], set()
-    for name in modules:
-        for doc in _docstrings(name):
-            for par in re.split(r"\n\s*\n", doc):
-                text = _clean_paragraph(par)
-                if text and text not in seen:
-                    seen.add(text)
-                    docs.append(text)
-                    if max_docs and len(docs) >= max_docs:
-                        return docs
-    return docs
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="Text file to write, one document per line.")
-    parser.add_argument("--max_docs", type=int, default=None, help="Stop after this many documents (default: all).")
-    args = parser.parse_args()
-    docs = stdlib_documents(max_docs=args.max_docs)
-    atomic_write_text(args.out, "\n".join(docs) + "\n")
-    logger.info("wrote %d documents, %d words to %s", len(docs), sum(len(d.split()) for d in docs), args.out)
+    parser.add_argument("--out", required=True, help="Text file to write, one paragraph per line.")
+    parser.add_argument("--max_docs", type=int, default=None,
+                        help="Stop after this many paragraphs (default: all).")
+    parser.add_argument("--pydoc_topics", action="store_true",
+                        help="Add the prose of the interpreter's topic help (pydoc_data.topics), after the docstrings.")
+    parser.add_argument("--packages", nargs="*", default=[], metavar="DIST",
+                        help="Add the documentation of these installed distributions (pip names, e.g. scikit-learn), "
+                             "in this order. One that is not installed is an error.")
+    parser.add_argument("--manifest", default=None,
+                        help="Also write this JSON file: the Python and package versions, the documents (name, "
+                             "number of lines, in order) and the corpus's SHA-256.")
+    args = parser.parse_args(argv)
+    if args.max_docs is not None and args.max_docs < 1:
+        raise CliError(f"--max_docs must be at least 1, got {args.max_docs}")
+    record = versions(args.packages)
+    missing = [name for name, version in record["packages"].items() if version is None]
+    if missing:
+        raise CliError(f"--packages: not installed here: {', '.join(missing)}")
+    check_output_parent(args.out, "--out")
+    if args.manifest:
+        check_output_parent(args.manifest, "--manifest")
+    lines, documents = build_corpus(args.packages, args.pydoc_topics, max_docs=args.max_docs)
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(args.out, text)
+    record.update({"pydoc_topics": args.pydoc_topics, "max_docs": args.max_docs, "lines": len(lines),
+                   "words": sum(len(line.split()) for line in lines),
+                   "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                   "documents": [list(d) for d in documents]})
+    if args.manifest:
+        atomic_write_text(args.manifest, json.dumps(record, indent=1) + "\n")
+    logger.info("wrote %d paragraphs of %d documents, %d words to %s", len(lines), len(documents), record["words"],
+                args.out)
+    return record
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Builders for tests: tokenizers and tiny models made locally, never downloaded; and small shared checks."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -182,3 +183,43 @@ def head_losses_eager_and_compiled(s_feat, proj, t_feat, t_proj, rows, targets) 
     finally:
         losses.use_compiled_kernels(False)
     return eager, compiled
+
+
+def assert_same_numbers(out, second, arms) -> None:
+    """Two quickstart folders hold bitwise the same corpus and tokenizer and the same reported numbers."""
+    for path in ("corpus/train.txt", "corpus/heldout.txt", "tokenizer/tokenizer.json"):
+        assert (out / path).read_bytes() == (second / path).read_bytes(), path
+    first, again = (json.loads((o / "summary.json").read_text()) for o in (out, second))
+    assert first["teacher"]["perplexity"] == again["teacher"]["perplexity"]
+    for ref in ("student_init", "random_student"):
+        assert first[ref] == again[ref], ref
+    for objective in arms:
+        for key in ("perplexity", "iia", "effective_iia", "base_agreement", "steps", "vs_init_perplexity"):
+            assert first[objective][key] == again[objective][key], (objective, key)
+    assert first["flops_per_step"] == again["flops_per_step"]
+    assert first["verdict"] == again["verdict"]
+
+
+def run_together(script, *argvs: list[str], timeout: int = 1200) -> list:
+    """`python script argv` for each argv, all at the same time, offline (the quickstarts: their single-process
+    stages leave cores idle); a subprocess.CompletedProcess each, in order. Any still running at an error is
+    killed."""
+    import subprocess
+    import sys
+
+    from quickstart_pipeline import OFFLINE_ENV
+
+    env = dict(os.environ, **OFFLINE_ENV)
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, argv)], cwd=Path(script).resolve().parents[1],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv in argvs]
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done

@@ -19,6 +19,7 @@ import causal_train
 import extract_distilbert
 import make_mapping
 import quickstart
+import quickstart_distill
 import quickstart_pipeline
 from binarized_io import load_corpus
 from input_checks import check_tokenizer
@@ -39,7 +40,7 @@ def test_make_mapping_writes_the_quickstarts_alignment_from_the_extraction_recor
     make_mapping.main(["--teacher", str(distill_setup["teacher"]), "--student", str(student), "--alignment", "extracted",
                        "--output", str(out)])
     heads, hidden = 4, 32  # the distill set-up's width
-    assert json.loads(out.read_text()) == quickstart_pipeline.neuron_mapping([1, 3], heads, hidden // heads)
+    assert json.loads(out.read_text()) == quickstart_distill.neuron_mapping([1, 3], heads, hidden // heads)
     # and it is a mapping causal_train.py takes for this teacher and student
     causal_train.main(train_argv(distill_setup, tmp_path / "run", "--max_steps", "1", "--neuron_mapping", str(out),
                                  "--student_config", str(student if student.is_dir() else tmp_path / "student.config.json"),

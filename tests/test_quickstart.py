@@ -13,10 +13,16 @@ from conftest import ROOT
 
 import quickstart
 import quickstart_pipeline
+from helpers import assert_same_numbers, run_together
 from utils import CliError
 
 SCRIPT = ROOT / "scripts" / "quickstart.py"
 SEEDS = 1  # the smallest run; the ± of several seeds is tested on the report function
+# The end-to-end runs skip the ablation (about half the runs); test_ablation_stage_adds_only_its_runs adds it.
+FAST = ("--preset", "test", "--seeds", str(SEEDS), "--jobs", "2", "--no_ablation")
+MAIN = [a.name for a in quickstart.MlmQuickstart.arms.values() if a.main]
+ABLATION = [a.name for a in quickstart.MlmQuickstart.arms.values()
+            if not a.main and a.name in quickstart.PRESETS["test"].ablation_arms]  # the test preset's subset
 
 
 def run_quickstart(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -30,12 +36,22 @@ def prose_lines(n: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def test_run(tmp_path_factory):
-    """The quickstart at its smallest size, run once for the module: (output folder, completed process)."""
-    out = tmp_path_factory.mktemp("quickstart") / "out"
-    proc = run_quickstart("--preset", "test", "--seeds", str(SEEDS), "--out", str(out))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, proc
+def two_runs(tmp_path_factory):
+    """The quickstart at its smallest size, the same command twice from nothing, at the same time, once for the
+    module: [(output folder, completed process)] * 2. The first is every test's run; the second is compared with
+    it by test_same_command_same_numbers."""
+    base = tmp_path_factory.mktemp("quickstart")
+    outs = [base / "out", base / "again"]
+    procs = run_together(SCRIPT, *[[*FAST, "--out", str(out)] for out in outs])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return list(zip(outs, procs))
+
+
+@pytest.fixture(scope="module")
+def test_run(two_runs):
+    """The quickstart at its smallest size: (output folder, completed process)."""
+    return two_runs[0]
 
 
 @pytest.mark.e2e
@@ -43,28 +59,49 @@ def test_every_stage_announced_and_its_output_written(test_run):
     out, proc = test_run
     for k in range(1, quickstart.N_STAGES + 1):
         assert f"[stage {k}/{quickstart.N_STAGES}]" in proc.stdout
-    runs = [f"{objective}_seed{seed}" for seed in range(1, SEEDS + 1) for objective in quickstart.OBJECTIVES]
+    runs = [f"{objective}_seed{seed}" for seed in range(1, SEEDS + 1) for objective in MAIN]
     expected = [
-        "corpus/train.txt", "corpus/heldout.txt", "tokenizer/tokenizer.json",
+        "corpus/train.txt", "corpus/heldout.txt", "corpus/documentation.json", "tokenizer/tokenizer.json",
         "teacher/model.safetensors", "teacher/config.json", "teacher/trainer_state.json",
         "data/token_counts.pickle", "student_init/student_init.pth", "student_init/student_config.json",
-        "student_init/diito.nm", "eval/teacher/eval_results.json", "report.md", "summary.json",
-        "plots/heldout_perplexity.png", "plots/training_losses.png", "plots/iia_heatmaps.png", "commands.sh",
-        "flops/standard.json", "flops/diito.json",
+        "student_init/diito.nm", "student_init/model/model.safetensors", "random_student/model.safetensors",
+        "eval/teacher/eval_results.json", "eval/student_init/eval_results.json",
+        "eval/random_student/eval_results.json", "iia/student_init/iia_results.json",
+        "iia/random_student/iia_results.json", "report.md", "summary.json",
+        "plots/heldout_perplexity.png", "plots/training_losses.png", "plots/iia_heatmaps.png", "plots/ablation.png",
+        "commands.sh", "flops/standard.json", "flops/diito.json",
     ]
     expected += [f"students/{r}/model.safetensors" for r in runs] + [f"eval/{r}/eval_results.json" for r in runs]
     expected += [f"iia/{r}/iia_results.json" for r in runs]
     missing = [p for p in expected if not (out / p).is_file()]
     assert not missing
+    assert not (out / "students" / f"abl_ce_seed{SEEDS}").exists()  # --no_ablation
     assert len(list((out / "data").glob("*.bin"))) == 1
     for run in runs:
         assert list((out / "students" / run / "log" / "train").glob("events.out.tfevents.*")), run
-    for folder in ["corpus", "tokenizer", "teacher", "data", "student_init", "flops", "plots"] + \
+    for folder in ["corpus", "tokenizer", "teacher", "data", "student_init", "random_student", "flops", "plots"] + \
             [f"students/{r}" for r in runs] + [f"eval/{r}" for r in runs] + ["eval/teacher"] + \
             [f"iia/{r}" for r in runs]:
         assert json.loads((out / folder / ".done").read_text())["key"], folder
     for png in (out / "plots").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.e2e
+def test_student_at_initialisation_is_the_extracted_student(test_run):
+    """The init row is the very model every run starts from; the random student shares its shape, not its weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    out, _ = test_run
+    init = load_file(str(out / "student_init" / "model" / "model.safetensors"))
+    extracted = torch.load(out / "student_init" / "student_init.pth", map_location="cpu", weights_only=True)
+    shared = [k for k in extracted if k in init]
+    assert len(shared) >= len(init) - 2 and all(torch.equal(init[k], extracted[k]) for k in shared)
+    rand = load_file(str(out / "random_student" / "model.safetensors"))
+    assert rand.keys() == init.keys()
+    assert not torch.equal(rand["distilbert.transformer.layer.0.attention.q_lin.weight"],
+                           init["distilbert.transformer.layer.0.attention.q_lin.weight"])
 
 
 @pytest.mark.e2e
@@ -90,20 +127,11 @@ def test_stage_seconds_are_those_of_each_stage(test_run):
 
 
 @pytest.mark.e2e
-def test_same_command_same_numbers(test_run, tmp_path):
-    """A second run of the same command, from nothing, gives bitwise the same tokenizer and the same numbers."""
-    out, _ = test_run
-    second = tmp_path / "again"
-    proc = run_quickstart("--preset", "test", "--seeds", str(SEEDS), "--out", str(second))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (second / "tokenizer" / "tokenizer.json").read_bytes()
-    first, again = (json.loads((o / "summary.json").read_text()) for o in (out, second))
-    assert first["teacher"]["perplexity"] == again["teacher"]["perplexity"]
-    for objective in quickstart.OBJECTIVES:
-        for key in ("perplexity", "iia", "effective_iia", "iia_ci95", "steps"):
-            assert first[objective][key] == again[objective][key], (objective, key)
-    assert first["flops_per_step"] == again["flops_per_step"]
-    assert first["verdict"] == again["verdict"]
+def test_same_command_same_numbers(two_runs):
+    """A second run of the same command, from nothing, gives bitwise the same corpus, tokenizer and numbers
+    (before the tests below add to the first run)."""
+    (out, _), (second, _) = two_runs
+    assert_same_numbers(out, second, MAIN)
 
 
 @pytest.mark.e2e
@@ -120,12 +148,19 @@ def test_report_numbers_are_finite(test_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == list(range(1, SEEDS + 1))
     values = [summary["teacher"]["perplexity"]]
-    for objective in quickstart.OBJECTIVES:
+    for ref in ("student_init", "random_student"):
+        values += [summary[ref]["perplexity"]["1"], summary[ref]["iia"]["1"], summary[ref]["base_agreement"]["1"]]
+    for objective in MAIN:
         values += list(summary[objective]["perplexity"].values()) + [summary[objective]["mean"]]
         values += list(summary[objective]["train_seconds"].values())
         values += list(summary[objective]["iia"].values()) + list(summary[objective]["effective_iia"].values())
+        values += list(summary[objective]["base_agreement"].values())
         assert summary[objective]["parameters"] < summary["teacher"]["parameters"]
         assert all(0.0 <= v <= 1.0 for v in summary[objective]["iia"].values())
+        assert summary[objective]["vs_init_perplexity"]["result"] == "no clear difference"  # one seed: no test
+    # the random student is the floor: near-chance perplexity and (almost) no agreement with the teacher
+    assert summary["random_student"]["perplexity"]["1"] > summary["student_init"]["perplexity"]["1"]
+    assert summary["random_student"]["base_agreement"]["1"] < summary["student_init"]["base_agreement"]["1"]
     # equal compute: the third arm's steps are the DIITO steps scaled by the counted FLOPs per step
     ratio = summary["flops_per_step"]["ratio"]
     assert 1.2 < ratio < 4
@@ -133,17 +168,21 @@ def test_report_numbers_are_finite(test_run):
     assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in values), values
     report = (out / "report.md").read_text()
     table = [line for line in report.splitlines() if line.startswith("| ") and "perplexity" not in line]
-    rows = {quickstart.LABELS[k]: k for k in ("teacher", *quickstart.OBJECTIVES)}
+    labels = quickstart.MlmQuickstart.arms
+    rows = {"teacher (BERT)": "teacher", "student at initialisation (no distillation)": "init",
+            "random student of the same shape": "random", **{labels[a].label: a for a in MAIN}}
     assert [line.split("|")[1].strip() for line in table if line.split("|")[1].strip() in rows] == list(rows)
     for line in table:
         if line.split("|")[1].strip() in rows:
-            cell = line.split("|")[4]
-            numbers = [float(x) for x in re.findall(r"\d+\.\d+", cell)]
+            numbers = [float(x) for x in re.findall(r"\d+\.\d+", line.split("|")[4])]
             assert numbers and all(math.isfinite(x) for x in numbers), line
     assert not re.search(r"\b(nan|inf)\b", "\n".join(table), re.IGNORECASE)
     assert summary["verdict"] in report and "DIITO" in summary["verdict"]
     assert "equal steps" in summary["verdict"] and "equal compute" in summary["verdict"]
-    assert "does not cover" in report
+    assert "initialisation" in summary["verdict"] and "paired t-test" in summary["verdict"]
+    assert "does not cover" in report and "Not run (`--no_ablation`)" in report
+    for name, version in summary["corpus"]["versions"].items():  # the corpus's sources, with their versions
+        assert f"{name} {version}" in report
     # The mapping aligns each student block with the teacher block it was copied from, full width.
     mapping = json.loads((out / "student_init" / "diito.nm").read_text())["interchange_variable_mappings"]
     sidecar = json.loads((out / "student_init" / "student_init.pth.json").read_text())
@@ -153,13 +192,15 @@ def test_report_numbers_are_finite(test_run):
 @pytest.mark.e2e
 def test_rerun_skips_finished_stages_and_redoes_only_what_is_missing(test_run):
     out, _ = test_run
-    args = ["--preset", "test", "--seeds", str(SEEDS), "--out", str(out)]
+    args = [*FAST, "--out", str(out)]
     commands_before = (out / "commands.sh").read_text().count("\npython ")
     again = run_quickstart(*args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert (out / "commands.sh").read_text().count("\npython ") == commands_before  # nothing was run again
-    n_runs = len(quickstart.OBJECTIVES) * SEEDS
-    assert again.stdout.count("skipping") == 5 + 1 + n_runs + (n_runs + 1) + n_runs + 1
+    n_runs = len(MAIN) * SEEDS
+    # corpus, tokenizer, teacher, data, student_init, random_student; 3 reference evaluations; flops;
+    # each run and its evaluation; the IIA of the runs and the 2 references; the report
+    assert again.stdout.count("skipping") == 6 + 3 + 1 + 2 * n_runs + (n_runs + 2) + 1
 
     # Lose one evaluation: only it and the report are redone.
     (out / "eval" / f"diito_seed{SEEDS}" / ".done").unlink()
@@ -168,6 +209,25 @@ def test_rerun_skips_finished_stages_and_redoes_only_what_is_missing(test_run):
     new = (out / "commands.sh").read_text().split("\npython ")[commands_before + 1:]
     assert len(new) == 1 and new[0].startswith("run_mlm.py") and f"diito_seed{SEEDS}" in new[0]
     assert re.search(r"report: done already", third.stdout) is None
+
+
+@pytest.mark.e2e
+def test_ablation_stage_adds_only_its_runs(test_run):
+    """The same quickstart without --no_ablation: only the ablation's runs and evaluations (and the report) are
+    added, and the report gains the ablation table and plot."""
+    out, _ = test_run
+    before = (out / "commands.sh").read_text().split("\npython ")
+    proc = run_quickstart(*[a for a in FAST if a != "--no_ablation"], "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    new = (out / "commands.sh").read_text().split("\npython ")[len(before):]
+    assert sorted(c.split()[0] for c in new) == sorted(["causal_train.py", "run_mlm.py"] * len(ABLATION) * SEEDS)
+    summary = json.loads((out / "summary.json").read_text())
+    report = (out / "report.md").read_text()
+    assert "## Ablation" in report and "Not run" not in report
+    for arm in ABLATION:
+        assert summary[arm]["main"] is False and len(summary[arm]["perplexity"]) == SEEDS
+        assert f"| {quickstart.MlmQuickstart.arms[arm].label} |" in report
+    assert "smoothing 0.7" in report and "smoothing 0)" in report
 
 
 @pytest.mark.parametrize("case, message", [
@@ -247,12 +307,3 @@ def test_wordpiece_vocabulary_is_learnt_reproducibly():
     assert reordered == vocab
 
 
-def test_report_verdict_covers_steps_and_compute():
-    from quickstart_report import verdict
-
-    ppl = {"standard": {1: 10.0, 2: 11.0}, "diito": {1: 9.0, 2: 10.0}, "standard_eqc": {1: 8.0, 2: 12.0}}
-    iia = {"standard": {1: 0.5, 2: 0.6}, "diito": {1: 0.7, 2: 0.5}, "standard_eqc": {1: 0.4, 2: 0.4}}
-    text = verdict(ppl, iia, [1, 2])
-    assert "at equal steps DIITO won in perplexity and had a mixed result in IIA" in text
-    assert "at equal compute DIITO had a mixed result in perplexity and won in IIA" in text
-    assert "lower on 1 of 2 seeds" in text

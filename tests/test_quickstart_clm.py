@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -13,18 +10,36 @@ from conftest import ROOT
 
 import quickstart
 import quickstart_clm
+from helpers import run_together
+
+
+FAST = ("--family", "llama", "--preset", "test", "--seeds", "1", "--jobs", "2", "--no_ablation")
+MAIN = [a.name for a in quickstart_clm.ClmQuickstart.arms.values() if a.main]
+
+
+@pytest.fixture(scope="module")
+def llama_runs(tmp_path_factory):
+    """The causal-LM quickstart's test preset, the same command twice from nothing at the same time:
+    [(output folder, completed process)] * 2."""
+    base = tmp_path_factory.mktemp("llama")
+    outs = [base / "out", base / "again"]
+    procs = run_together(ROOT / "scripts" / "quickstart.py", *[[*FAST, "--out", str(out)] for out in outs])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return list(zip(outs, procs))
+
+
+@pytest.fixture(scope="module")
+def llama_run(llama_runs):
+    return llama_runs[0]
 
 
 @pytest.mark.e2e
-def test_llama_quickstart_runs_end_to_end_and_reports(tmp_path):
-    out = tmp_path / "out"
-    env = dict(os.environ, **quickstart.OFFLINE_ENV)
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "quickstart.py"), "--family", "llama",
-                           "--preset", "test", "--seeds", "1", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+def test_llama_quickstart_runs_end_to_end_and_reports(llama_run):
+    out, proc = llama_run
     for k in range(1, quickstart_clm.N_STAGES + 1):
         assert f"[stage {k}/{quickstart_clm.N_STAGES}]" in proc.stdout
+    assert " - INFO - " not in proc.stdout + proc.stderr
     teacher = json.loads((out / "teacher" / "config.json").read_text())
     student = json.loads((out / "student_init" / "student_config.json").read_text())
     assert teacher["model_type"] == student["model_type"] == "llama"
@@ -32,17 +47,40 @@ def test_llama_quickstart_runs_end_to_end_and_reports(tmp_path):
     assert student["num_hidden_layers"] == quickstart.PRESETS["test"].student_layers
     commands = (out / "commands.sh").read_text()
     assert "run_clm.py" in commands and "--tokenizer_type llama" in commands and "run_mlm.py" not in commands
+    assert "count_step_flops.py" in commands and "run_iia.py" in commands
     summary = json.loads((out / "summary.json").read_text())
     assert summary["family"] == "llama"
-    values = [summary["teacher"]["perplexity"]] + [v for o in quickstart_clm.OBJECTIVES for v in summary[o]["perplexity"].values()]
+    values = [summary["teacher"]["perplexity"], summary["student_init"]["perplexity"]["1"]] + \
+        [v for o in MAIN for v in summary[o]["perplexity"].values()]
     assert all(math.isfinite(v) and 1 < v < summary["vocab_size"] * 2 for v in values), values
+    # parity with the BERT quickstart: IIA of every main arm and the references, the equal-compute arm
+    reported = {"student_init": summary["student_init"]["iia"]["1"],
+                "random_student": summary["random_student"]["iia"]["1"],
+                **{f"{o}_seed1": summary[o]["iia"]["seed 1"] for o in MAIN}}
+    for name, value in reported.items():
+        mapping = json.loads((out / "iia" / name / "iia_results.json").read_text())["mapping"]
+        assert mapping["overall"]["iia"]["value"] == value and 0.0 <= value <= 1.0
+    assert summary["standard_eqc"]["steps"] == round(summary["diito"]["steps"] * summary["flops_per_step"]["ratio"])
+    assert summary["flops_per_step"]["ratio"] > 1.2
     report = (out / "report.md").read_text()
     assert "teacher (Llama)" in report and summary["verdict"] in report
-    for png in ("heldout_perplexity.png", "training_losses.png"):
+    assert "equal compute" in summary["verdict"] and "paired t-test" in summary["verdict"]
+    assert "student at initialisation (no distillation)" in report and "random student of the same shape" in report
+    for png in ("heldout_perplexity.png", "training_losses.png", "iia_heatmaps.png", "ablation.png"):
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every model is evaluated on the same fixed blocks
     samples = {json.loads(p.read_text())["eval_samples"] for p in (out / "eval").glob("*/eval_results.json")}
     assert len(samples) == 1
+
+
+@pytest.mark.e2e
+def test_same_command_same_numbers(llama_runs):
+    """The causal-LM quickstart's test preset, run again from nothing, gives bitwise the same corpus, tokenizer,
+    perplexities, IIA and verdict."""
+    from helpers import assert_same_numbers
+
+    (out, _), (second, _) = llama_runs
+    assert_same_numbers(out, second, MAIN)
 
 
 def test_family_flag_is_checked():
@@ -59,7 +97,6 @@ def test_causal_lm_presets_differ_from_bert_only_in_teacher_steps():
         clm = quickstart_clm.checked_preset(name, "llama")
         assert clm.teacher_steps == quickstart_clm.TEACHER_STEPS[name]
         assert replace(clm, teacher_steps=bert.teacher_steps) == bert
-    assert quickstart_clm.checked_preset("small", "gpt2").teacher_steps < quickstart.PRESETS["small"].teacher_steps
 
 
 def test_causal_lm_quickstart_on_user_text_keeps_every_document(tmp_path, monkeypatch):

@@ -1,0 +1,127 @@
+"""The quickstart's arms: which students are trained, with which objective, and how runs are named.
+
+An arm is one distillation recipe (loss weights, MLM masking smoothing, learning rate, steps) run
+once per seed (and per teacher, for the main arms). Both families have the same arms, with the
+family's language-model loss (`mlm` for BERT, `clm` for causal LMs) in place of `lm`:
+
+- main arms, one run per teacher and seed, each evaluated for perplexity and IIA:
+    standard       the quickstart's default objective (chosen from the ablation, see DEFAULTS)
+    diito          the default objective + DIITO's causal_ce term
+    standard_eqc   the default objective given a DIITO run's compute (steps x counted FLOPs ratio)
+    seed_standard  the seed's recipe: ce + lm + cos, 0.25 each, masking smoothed (0.7), the seed's rate
+- ablation arms, one run per seed with the first teacher, evaluated for perplexity: each loss term
+  alone and the seed's combination with and without smoothing at the ablation's learning rate (the
+  preset's `ablation_lr`), the default objective at that rate too (against the default rate: how
+  the default rate was chosen) and the seed's recipe with DIITO's term. The ablation table (`ablation_rows`) also lists the main arms it
+  shares a run with.
+
+Held-out evaluation (both families) and the choice of DEFAULTS are described in docs/quickstart.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LOSSES = ("ce", "mlm", "clm", "cos", "causal_ce")
+SEED_SMOOTHING = 0.7  # --mlm_smoothing of the seed (and of the original and HF DistilBERT)
+DIITO_WEIGHT = 0.25  # DIITO's causal_ce weight, added to an objective
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One recipe. `alphas`: (loss, weight) pairs with `lm` for the family's LM loss; `lr`: which of the preset's
+    learning rates."""
+
+    name: str
+    label: str
+    alphas: tuple[tuple[str, float], ...]
+    smoothing: float | None = None  # --mlm_smoothing (masked LMs only); None: no MLM masking settings
+    lr: str = "default"  # default (the preset's student_lr), seed (seed_lr) or ablation (ablation_lr)
+    equal_compute: bool = False
+    main: bool = True  # trained with every teacher, evaluated for IIA too
+    notes: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def causal(self) -> bool:
+        return any(k == "causal_ce" and w > 0 for k, w in self.alphas)
+
+    def weights(self, lm: str) -> dict[str, float]:
+        """--alpha_* of every loss the quickstart uses (explicit zeros: causal_train.py's defaults are not 0)."""
+        out = dict.fromkeys(LOSSES, 0.0)
+        for k, w in self.alphas:
+            out[lm if k == "lm" else k] = w
+        return out
+
+    def objective(self, lm: str) -> str:
+        """The objective in words: `ce 0.25 + mlm 0.25 (smoothing 0)`."""
+        terms = " + ".join(f"{lm if k == 'lm' else k} {w:g}" for k, w in self.alphas if w > 0)
+        if self.smoothing is not None and any(k == "lm" for k, w in self.alphas if w > 0):
+            terms += f" (smoothing {self.smoothing:g})"
+        return terms
+
+
+def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smoothing: float | None) -> dict[str, Arm]:
+    """The arms of one family, by name (main arms first). `default`: the standard objective, as (loss, weight)."""
+    seed_combo = (("ce", 0.25), ("lm", 0.25), ("cos", 0.25))
+    s_seed = SEED_SMOOTHING if mlm else None
+    s_default = default_smoothing if mlm else None
+    lm = "mlm" if mlm else "clm"
+    diito = default + (("causal_ce", DIITO_WEIGHT),)
+    arms = [
+        Arm("standard", "standard distillation", default, s_default),
+        Arm("diito", "DIITO", diito, s_default),
+        Arm("standard_eqc", "standard distillation, DIITO's compute", default, s_default, equal_compute=True),
+        Arm("seed_standard", "the seed's recipe (standard)", seed_combo, s_seed, lr="seed"),
+        # ablation: every term alone and the seed's combination at the ablation's rate
+        Arm("abl_ce", "ce alone", (("ce", 0.25),), s_seed, lr="ablation", main=False),
+        Arm("abl_lm", f"{lm} alone", (("lm", 0.25),), s_seed, lr="ablation", main=False),
+    ]
+    if mlm:
+        arms.append(Arm("abl_lm_s0", f"{lm} alone, no smoothing", (("lm", 0.25),), 0.0, lr="ablation", main=False))
+    arms += [
+        Arm("abl_cos", "cos alone", (("cos", 0.25),), s_seed, lr="ablation", main=False),
+        Arm("abl_causal_ce", "causal_ce alone (DIITO's term)", (("causal_ce", DIITO_WEIGHT),), s_seed, lr="ablation",
+            main=False),
+        Arm("abl_seed_combo", "the seed's combination", seed_combo, s_seed, lr="ablation", main=False),
+    ]
+    if mlm:
+        arms.append(Arm("abl_seed_combo_s0", "the seed's combination, no smoothing", seed_combo, 0.0, lr="ablation",
+                        main=False))
+    arms += [
+        Arm("abl_default_ablation_lr", "the default objective at the ablation's rate", default, s_default,
+            lr="ablation", main=False),
+        Arm("seed_diito", "the seed's recipe + causal_ce (DIITO)", seed_combo + (("causal_ce", DIITO_WEIGHT),),
+            s_seed, lr="seed", main=False),
+    ]
+    return {a.name: a for a in arms}
+
+
+def ablation_rows(arms: dict[str, Arm]) -> list[str]:
+    """The arms of the ablation table, in its order: the terms alone, combinations, rates, DIITO's term."""
+    order = ["abl_ce", "abl_lm", "abl_lm_s0", "abl_cos", "abl_causal_ce", "abl_seed_combo", "abl_seed_combo_s0",
+             "abl_default_ablation_lr", "standard", "diito", "seed_standard", "seed_diito"]
+    return [name for name in order if name in arms]
+
+
+def run_name(arm: str, teacher: int, seed: int) -> str:
+    """The folder name of one run: `standard_seed1` (first teacher), `standard_t2_seed1` (second)."""
+    return f"{arm}_seed{seed}" if teacher == 1 else f"{arm}_t{teacher}_seed{seed}"
+
+
+def teacher_name(k: int) -> str:
+    """The folder of teacher k (1-based): `teacher`, `teacher_t2`, ..."""
+    return "teacher" if k == 1 else f"teacher_t{k}"
+
+
+def init_name(k: int) -> str:
+    """The folder of the student extracted from teacher k: `student_init`, `student_init_t2`, ..."""
+    return "student_init" if k == 1 else f"student_init_t{k}"
+
+
+def key_text(key: tuple[int, int], teachers: int) -> str:
+    """A (teacher, seed) key in words, for JSON and tables: `seed 1`, or `teacher 2 seed 1`."""
+    return f"seed {key[1]}" if teachers == 1 else f"teacher {key[0]} seed {key[1]}"
+
+
+def learning_rate(arm: Arm, preset) -> float:
+    """The learning rate an arm trains with under `preset`."""
+    return {"default": preset.student_lr, "seed": preset.seed_lr, "ablation": preset.ablation_lr}[arm.lr]

@@ -1,0 +1,155 @@
+"""The quickstart report's statistics, verdict and tables, on made-up records (no training)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+import quickstart
+import quickstart_clm
+from quickstart_arms import ablation_rows, build_arms, run_name
+from quickstart_report import Results, ablation_table, verdict
+from quickstart_stats import against_reference, compare, paired_p
+
+
+def test_paired_t_test_matches_scipy_and_is_two_sided():
+    from scipy.stats import ttest_rel
+
+    a = {1: 10.0, 2: 11.5, 3: 9.0, 4: 12.0}
+    b = {1: 10.5, 2: 12.5, 3: 9.2, 4: 13.1}
+    c = compare(a, b, lower_is_better=True)
+    assert c.p == pytest.approx(ttest_rel(list(a.values()), list(b.values())).pvalue)
+    assert c.p == compare(b, a, lower_is_better=True).p  # two-sided: the order does not matter
+    assert c.diff == pytest.approx(-0.7) and c.wins == 4 and c.lo < c.diff < c.hi
+    assert paired_p([1.0, 1.0, 1.0]) == 0.0 and paired_p([0.0, 0.0]) == 1.0
+
+
+def test_a_difference_counts_only_when_significant_and_beyond_the_spread():
+    # consistent and large: better
+    big = compare({1: 300.0, 2: 301.0, 3: 302.0}, {1: 320.0, 2: 321.5, 3: 322.0}, lower_is_better=True)
+    assert big.result == "better" and big.p < 0.05
+    # consistent (every seed lower, p < 0.05) but within the seeds' spread: not claimed
+    within = compare({1: 300.0, 2: 305.0, 3: 310.0}, {1: 300.6, 2: 305.5, 3: 310.7}, lower_is_better=True)
+    assert within.p < 0.05 and abs(within.diff) < within.spread and within.result == "no clear difference"
+    # beyond the spread but not significant (the seeds disagree): not claimed either
+    noisy = compare({1: 300.0, 2: 300.1, 3: 300.2}, {1: 310.0, 2: 300.1, 3: 310.2}, lower_is_better=True)
+    assert noisy.p > 0.05 and abs(noisy.diff) > noisy.spread and noisy.result == "no clear difference"
+    # the test preset's "DIITO won" for 307.11 against 307.70 with one seed: no test, no claim
+    one = compare({1: 307.11}, {1: 307.70}, lower_is_better=True)
+    assert one.result == "no clear difference" and one.p is None and "one seed" in one.interval()
+    # higher is better (IIA): a clear drop is "worse"
+    iia = compare({1: 0.50, 2: 0.51, 3: 0.52}, {1: 0.65, 2: 0.66, 3: 0.655}, lower_is_better=False)
+    assert iia.result == "worse"
+
+
+def test_against_the_initialisation_pairs_each_run_with_its_teachers_init():
+    runs = {(1, 1): 10.0, (1, 2): 11.0, (2, 1): 20.0, (2, 2): 21.0}
+    c = against_reference(runs, {1: 12.0, 2: 22.0}, lower_is_better=True)
+    assert c.diff == pytest.approx(-1.5) and c.wins == 4
+
+
+def fake_quickstart(arms, lm="mlm", seeds=(1, 2, 3), teachers=1):
+    preset = replace_preset(quickstart.PRESETS["small"], teachers=teachers)
+    q = SimpleNamespace(arms=arms, lm=lm, preset=preset, seeds=list(seeds), n_teachers=teachers, family="bert",
+                        labels={"teacher": "teacher (BERT)", **{n: a.label for n, a in arms.items()}})
+    q.ablation_table_arms = lambda: ablation_rows(arms)
+    return q
+
+
+def replace_preset(p, **kw):
+    from dataclasses import replace
+
+    return replace(p, **kw)
+
+
+def fake_records(q, ppl_of, iia_of, init_ppl=276.0, init_iia=0.65):
+    """Runs, evaluations and IIA records as the quickstart writes them; ppl_of(arm, seed) and iia_of(arm, seed)."""
+    runs, evals, alignment = {}, {}, {}
+    for name, arm in q.arms.items():
+        for k in range(1, (q.n_teachers if arm.main else 1) + 1):
+            for s in q.seeds:
+                run = run_name(name, k, s)
+                runs[run] = {"objective": name, "teacher": k, "seed": s, "steps": 200, "train_seconds": 10.0}
+                evals[run] = {"perplexity": ppl_of(name, s) + (k - 1)}
+                if arm.main:
+                    alignment[run] = {"iia": iia_of(name, s), "effective_iia": 0.7, "base_agreement": 0.6,
+                                      "iia_ci95": [0.6, 0.7]}
+    for k in range(1, q.n_teachers + 1):
+        t, i = ("teacher", "student_init") if k == 1 else (f"teacher_t{k}", f"student_init_t{k}")
+        evals[t] = {"perplexity": 255.0}
+        evals[i] = {"perplexity": init_ppl + (k - 1)}
+        alignment[i] = {"iia": init_iia, "effective_iia": 0.7, "base_agreement": 0.64, "iia_ci95": [0.62, 0.68]}
+    evals["random_student"] = {"perplexity": 2500.0}
+    alignment["random_student"] = {"iia": 0.001, "effective_iia": 0.0, "base_agreement": 0.001, "iia_ci95": [0, 0]}
+    return runs, evals, alignment
+
+
+def test_verdict_reads_every_arm_against_the_initialisation_and_is_two_sided():
+    q = fake_quickstart(quickstart.MlmQuickstart.arms)
+    noise = {1: 0.0, 2: 0.4, 3: -0.3}
+    ppl = {"standard": 262.0, "diito": 261.8, "standard_eqc": 262.1, "seed_standard": 357.0}
+    iia = {"standard": 0.66, "diito": 0.70, "standard_eqc": 0.66, "seed_standard": 0.51}
+    runs, evals, alignment = fake_records(q, lambda a, s: ppl.get(a, 300.0) + noise[s],
+                                          lambda a, s: iia.get(a, 0.6) + noise[s] / 100)
+    r = Results(q, {}, runs, evals, alignment)
+    text = verdict(r)
+    assert "standard distillation: perplexity better (" in text
+    assert "the seed's recipe (standard): perplexity worse (" in text
+    assert "The default recipe improves on the initialisation" in text
+    # DIITO 0.2 lower in perplexity: within the spread, so no clear difference; +4 IIA points on every seed: better
+    assert "at equal steps (against standard distillation): perplexity no clear difference" in text
+    assert "IIA DIITO better" in text and "equal compute" in text and "paired t-test" in text
+
+    # a default that does not beat its initialisation is said plainly
+    runs, evals, alignment = fake_records(q, lambda a, s: 290.0 + noise[s], lambda a, s: 0.6)
+    assert "The default recipe does NOT improve on the initialisation" in verdict(Results(q, {}, runs, evals, alignment))
+
+
+def test_ablation_table_lists_terms_alone_and_smoothing_with_change_from_init():
+    q = fake_quickstart(quickstart.MlmQuickstart.arms)
+    runs, evals, alignment = fake_records(q, lambda a, s: {"abl_lm": 340.0, "abl_lm_s0": 258.0}.get(a, 265.0) + s,
+                                          lambda a, s: 0.6)
+    table = ablation_table(Results(q, {}, runs, evals, alignment))
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(ablation_rows(q.arms))
+    smoothed = next(line for line in lines if line.startswith("| mlm alone |"))
+    uniform = next(line for line in lines if line.startswith("| mlm alone, no smoothing |"))
+    assert "(smoothing 0.7)" in smoothed and "| worse (p = " in smoothed
+    assert "(smoothing 0)" in uniform and "| better (p = " in uniform
+    # without the ablation's runs there is no table
+    main_only = {n: a for n, a in q.arms.items() if a.main}
+    q2 = fake_quickstart(main_only)
+    q2.ablation_table_arms = lambda: ablation_rows(q.arms)
+    assert ablation_table(Results(q2, {}, *fake_records(q2, lambda a, s: 265.0 + s, lambda a, s: 0.6))) == ""
+
+
+def test_two_teachers_pair_each_run_with_its_own_teacher():
+    q = fake_quickstart(quickstart.MlmQuickstart.arms, teachers=2)
+    runs, evals, alignment = fake_records(q, lambda a, s: 270.0 + s, lambda a, s: 0.6)
+    r = Results(q, {}, runs, evals, alignment)
+    assert sorted(r.ppl["standard"]) == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    assert sorted(r.ppl["abl_ce"]) == [(1, 1), (1, 2), (1, 3)]  # the ablation runs with the first teacher only
+    # each run minus its own teacher's initialisation: 270 + s + (k - 1) - (276 + k - 1) = s - 6
+    assert r.vs_init("standard", "perplexity").diff == pytest.approx(-4.0)
+
+
+def test_both_families_have_the_same_arms_with_their_own_lm_loss():
+    bert, clm = quickstart.MlmQuickstart.arms, quickstart_clm.ClmQuickstart.arms
+    assert [n for n, a in bert.items() if a.main] == [n for n, a in clm.items() if a.main] == \
+        ["standard", "diito", "standard_eqc", "seed_standard"]
+    assert set(clm) == set(bert) - {"abl_lm_s0", "abl_seed_combo_s0"}  # smoothing is an MLM setting
+    for arms, lm in ((bert, "mlm"), (clm, "clm")):
+        assert arms["seed_standard"].weights(lm) == {"ce": 0.25, "mlm": 0.25 if lm == "mlm" else 0.0,
+                                                     "clm": 0.25 if lm == "clm" else 0.0, "cos": 0.25,
+                                                     "causal_ce": 0.0}
+        assert arms["seed_standard"].lr == "seed" and arms["standard"].lr == "default"
+        assert arms["diito"].causal and not arms["standard"].causal
+        assert dict(arms["diito"].alphas).items() > dict(arms["standard"].alphas).items()
+    assert bert["seed_standard"].smoothing == 0.7 and bert["standard"].smoothing == quickstart.DEFAULT_SMOOTHING
+    assert clm["standard"].smoothing is None
+    assert build_arms(True, (("ce", 0.5),), 0.0)["abl_default_ablation_lr"].alphas == (("ce", 0.5),)
+    assert {a.lr for a in bert.values() if not a.main} == {"ablation", "seed"}
+    # the test preset's ablation subset names arms that exist (a renamed arm would silently drop out)
+    subset = quickstart.PRESETS["test"].ablation_arms
+    assert set(subset) <= {n for n, a in bert.items() if not a.main} and "abl_lm" in clm
+    assert all(p.ablation_arms is None for name, p in quickstart.PRESETS.items() if name != "test")
