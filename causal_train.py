@@ -50,8 +50,15 @@ def main(argv=None) -> None:
         if lock is not None:
             lock.release()
         if args.multi_gpu:
+            import gc
+
             import torch.distributed as dist
 
+            # The models, DDP's reducer and FSDP's state go before the process group: freed after it (at
+            # exit), a rank now and then aborted in their destructors ("terminate called without an active
+            # exception") after a run that had finished and saved its student.
+            run = None  # noqa: F841 -- (the last reference)
+            gc.collect()
             if dist.is_initialized():
                 dist.destroy_process_group()
 
