@@ -77,3 +77,13 @@ def distill_setup(tmp_path_factory, tokenizer_dir, corpus_lines) -> dict:
     from helpers import make_distill_setup
 
     return make_distill_setup(tmp_path_factory.mktemp("distill"), tokenizer_dir, corpus_lines[:DISTILL_DOCUMENTS])
+
+
+# The longest files first: pytest-xdist (pytest.ini: two workers, a file each) then starts them at once and
+# fills the gaps with the short ones, instead of finishing on one long file while the other worker idles.
+LONGEST_FIRST = ("test_quickstart.py", "test_quickstart_clm.py", "test_fsdp.py", "test_reproduce.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # (stable: the rest keep their order)
