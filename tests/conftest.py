@@ -27,6 +27,18 @@ for p in (ROOT, ROOT / "scripts"):
         sys.path.insert(0, str(p))
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, as in the subprocesses it is compared with: bitwise equality needs the
+    same kernels."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

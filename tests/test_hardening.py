@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from conftest import ROOT
 from helpers import SUBPROCESS_ENV, assert_same_weights, student_weights, train_argv
 
@@ -28,14 +27,6 @@ from utils import CliError
 
 def _argv(distill_setup, dump, *extra):
     return train_argv(distill_setup, dump, "--max_steps", "4", "--checkpoint_interval", "1", "--log_interval", "1", *extra)
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the subprocess: bitwise equality needs the same kernels
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- preemption -----------------------------------------------------------------------------------

@@ -340,14 +340,6 @@ def _read_until(proc, needle, log, seconds=300):
             return
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the subprocess: bitwise equality needs the same kernels
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("with_sigterm", [True, False], ids=["worker-killed-with-sigterm", "worker-killed-alone"])
 def test_a_killed_dataloader_worker_never_costs_the_run(distill_setup, tmp_path, one_thread, with_sigterm):
