@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_bert, tiny_distilbert
+from helpers import in_memory_distiller, tiny_bert, tiny_distilbert
 
 import causal_distiller
-import causal_train
 import iia
 from batching import BatchPreparer
 from lm_seqs_dataset import LmSeqsDataset
@@ -85,17 +84,7 @@ def _distiller(teacher, student, t_sites, s_sites, shared_prefix):
             "--alpha_ce", "0.0", "--alpha_mlm", "0.0", "--alpha_clm", "0.0", "--alpha_causal_ce", "1.0",
             "--temperature", str(T), "--interchange_prop", "0.4", "--mlm_mask_prop", "0.3", "--batch_size", "3",
             "--token_counts", "unused"] + ([] if shared_prefix else ["--no_shared_prefix"])
-    args = causal_train.build_parser().parse_args(argv)
-    args.__dict__.update(device=torch.device("cpu"), is_master=False, multi_gpu=False, world_size=1, global_rank=0,
-                         special_tok_ids={"cls_token": 2, "sep_token": 3, "pad_token": 0, "unk_token": 1,
-                                          "mask_token": 4})
-    rng = np.random.default_rng(0)
-    dataset = LmSeqsDataset(data=[np.r_[2, rng.integers(5, VOCAB, 14), 3] for _ in range(6)], max_model_input_size=64,
-                            cls_id=2, sep_id=3, pad_id=0, unk_id=1, seed=0)
-    probs = torch.ones(VOCAB)
-    probs[:5] = 0
-    entry = MappingEntry(index=0, teacher=t_sites, student=s_sites, teacher_names=(), student_names=())
-    return causal_distiller.CausalDistiller(args, dataset, probs, student, teacher, [entry])
+    return in_memory_distiller(argv, teacher, student, t_sites, s_sites, VOCAB)
 
 
 def _unpadded_batch(seed=0, width=12):

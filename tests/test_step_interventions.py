@@ -8,16 +8,12 @@ shared prefix and plain path), checked against unhooked forwards of the stock mo
   (`output_hidden_states`, no hooks).
 The original read the source at block l's input and wrote at block l's output: each of these fails then.
 """
-import numpy as np
 import pytest
 import torch
-from helpers import tiny_bert, tiny_distilbert, tiny_gpt2
+from helpers import in_memory_distiller, tiny_bert, tiny_distilbert, tiny_gpt2
 
 import causal_distiller
-import causal_train
 from interventions import family_of, get_submodule, head_features
-from lm_seqs_dataset import LmSeqsDataset
-from neuron_mapping import MappingEntry
 
 VOCAB, HIDDEN = 120, 32
 PAIRS = {  # teacher, student, mlm
@@ -37,17 +33,7 @@ def _distiller(pair, t_sites, s_sites, *, shared_prefix, interchange_prop=1.0, m
     argv += ["--mlm", "--alpha_mlm", "0.0", "--alpha_clm", "0.0", "--token_counts", "unused"] if mlm else []
     argv += ["--interchange_consecutive_only"] if mode == "consecutive" else []
     argv += [] if shared_prefix else ["--no_shared_prefix"]
-    args = causal_train.build_parser().parse_args(argv)
-    args.__dict__.update(device=torch.device("cpu"), is_master=False, multi_gpu=False, world_size=1, global_rank=0,
-                         special_tok_ids={"cls_token": 2, "sep_token": 3, "pad_token": 0, "unk_token": 1,
-                                          "mask_token": 4})
-    rng = np.random.default_rng(0)
-    dataset = LmSeqsDataset(data=[np.r_[2, rng.integers(5, VOCAB, 14), 3] for _ in range(6)], max_model_input_size=64,
-                            cls_id=2, sep_id=3, pad_id=0, unk_id=1, seed=0)
-    probs = torch.ones(VOCAB)
-    probs[:5] = 0
-    entry = MappingEntry(index=0, teacher=t_sites, student=s_sites, teacher_names=(), student_names=())
-    distiller = causal_distiller.CausalDistiller(args, dataset, probs if mlm else None, student, teacher, [entry])
+    distiller = in_memory_distiller(argv, teacher, student, t_sites, s_sites, VOCAB, mlm)
     return distiller, teacher, student
 
 
