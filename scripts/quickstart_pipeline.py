@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from doc_corpus import QUICKSTART_PACKAGES, clean_topic_paragraph, pydoc_topic_documents, versions  # noqa: F401
 from quickstart_arms import teacher_name
 from quickstart_report import format_seconds
+from launcher import Command
 from utils import REPO_ROOT, CliError, atomic_write_text
 
 OFFLINE_ENV = {
@@ -206,8 +206,9 @@ class StageFailed(Exception):
 class Pipeline:
     """Runs stages and commands, skipping what a matching `.done` marker says is finished."""
 
-    def __init__(self, out: Path, force: bool, env: dict[str, str], jobs: int = 1):
+    def __init__(self, out: Path, force: bool, env: dict[str, str], jobs: int = 1, preload: bool = True):
         self.out = out
+        self.preload = preload  # fork commands from a server that imported torch once (scripts/launcher.py)
         self.force = force
         self.env = env
         self.jobs = jobs  # commands run at once (`parallel`); with more than one, no progress bars
@@ -261,7 +262,6 @@ class Pipeline:
         """
         from tqdm import tqdm
 
-        argv = [sys.executable, script, *map(str, args)]
         shown = shlex.join(["python", script, *map(str, args)])
         with self._lock, open(self.commands, "a", encoding="utf-8") as fh:
             fh.write(shown + "\n")
@@ -272,10 +272,9 @@ class Pipeline:
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
         with open(log_path, "wb") as log:
             log.write(f"$ {shown}\n".encode())
-            proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT)
+            proc = Command(script, [*map(str, args)], self.env, str(REPO_ROOT), self.preload)
             try:
-                while chunk := os.read(proc.stdout.fileno(), 65536):
+                while chunk := os.read(proc.fileno(), 65536):
                     log.write(chunk)
                     found = PROGRESS.findall(chunk)
                     if found:
@@ -330,7 +329,7 @@ class Quickstart:
         self.seeds = list(range(1, args.seeds + 1))
         env = dict(os.environ, **OFFLINE_ENV)
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-        self.pipe = Pipeline(self.out, args.force, env, getattr(args, "jobs", 1))
+        self.pipe = Pipeline(self.out, args.force, env, getattr(args, "jobs", 1), not getattr(args, "no_preload", False))
         self.device_args = ["--n_gpu", "1", "--bf16"] if preset.gpu else ["--n_gpu", "0"]
         self.trainer_device_args = ["--bf16"] if preset.gpu else ["--use_cpu", "--no_dataloader_pin_memory"]
 

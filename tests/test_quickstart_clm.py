@@ -10,7 +10,7 @@ from conftest import ROOT
 
 import quickstart
 import quickstart_clm
-from helpers import run_together
+from helpers import assert_same_numbers, run_together
 
 
 FAST = ("--family", "llama", "--preset", "test", "--seeds", "1", "--jobs", "2", "--no_ablation")
@@ -18,14 +18,27 @@ MAIN = [a.name for a in quickstart_clm.ClmQuickstart.arms.values() if a.main]
 
 
 @pytest.fixture(scope="module")
-def llama_run(tmp_path_factory):
-    """The causal-LM quickstart's test preset from nothing: (output folder, completed process). Run once: the
-    bitwise same-command check runs on the BERT quickstart only (tests/test_quickstart.py), which shares the
-    pipeline; a second Llama run cost about a minute of the suite's 10 (the note of 2026-11-30)."""
-    out = tmp_path_factory.mktemp("llama") / "out"
-    (proc,) = run_together(ROOT / "scripts" / "quickstart.py", [*FAST, "--out", str(out)])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, proc
+def two_llama_runs(tmp_path_factory):
+    """The causal-LM quickstart's test preset, the same command twice from nothing, at the same time:
+    [(output folder, completed process)] * 2. The first is every test's run."""
+    base = tmp_path_factory.mktemp("llama")
+    outs = [base / "out", base / "again"]
+    procs = run_together(ROOT / "scripts" / "quickstart.py", *[[*FAST, "--out", str(out)] for out in outs])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return list(zip(outs, procs))
+
+
+@pytest.fixture(scope="module")
+def llama_run(two_llama_runs):
+    return two_llama_runs[0]
+
+
+@pytest.mark.e2e
+def test_same_command_same_numbers(two_llama_runs):
+    """A second run of the same command, from nothing, gives bitwise the same corpus, tokenizer and numbers."""
+    (out, _), (second, _) = two_llama_runs
+    assert_same_numbers(out, second, MAIN)
 
 
 @pytest.mark.e2e
