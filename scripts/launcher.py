@@ -21,6 +21,7 @@ import atexit
 import builtins
 import importlib.machinery
 import io
+import logging
 import multiprocessing
 import os
 import socket
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import threading
 import types
+
+logger = logging.getLogger(__name__)
 
 # Imported once in the server: the libraries every training, evaluation and IIA command imports.
 PRELOAD = ["torch", "transformers", "transformers.trainer", "transformers.models.bert.modeling_bert",
@@ -40,7 +43,9 @@ _server_env: dict[str, str] | None = None
 
 
 def can_preload() -> bool:
-    return "forkserver" in multiprocessing.get_all_start_methods()
+    """Linux only: elsewhere forking a process that loaded these libraries is less well trodden (macOS's system
+    frameworks); those platforms start fresh processes."""
+    return sys.platform.startswith("linux") and "forkserver" in multiprocessing.get_all_start_methods()
 
 
 def _forkserver(env: dict[str, str]):
@@ -48,6 +53,8 @@ def _forkserver(env: dict[str, str]):
     server runs with another environment."""
     global _context, _server_env
     with _server_lock:
+        if _context is False:  # could not be started
+            return None
         if _context is None:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(PRELOAD)
@@ -62,6 +69,12 @@ def _forkserver(env: dict[str, str]):
                 os.environ.update(saved)
             _context, _server_env = context, dict(env)
         return _context if env == _server_env else None
+
+
+def _disable() -> None:
+    global _context, _server_env
+    with _server_lock:
+        _context, _server_env = False, None
 
 
 def _run_script(script: str, args: list[str], env: dict[str, str], cwd: str, out: socket.socket) -> None:
@@ -106,16 +119,23 @@ class Command:
 
     def __init__(self, script: str, args: list[str], env: dict[str, str], cwd: str, preload: bool):
         self._proc = self._child = None
-        context = _forkserver(env) if preload and can_preload() else None
-        self.forked = context is not None
-        if context is not None:
-            ours, theirs = socket.socketpair()
-            self._child = context.Process(target=_run_script, args=(script, args, env, cwd, theirs),
-                                          name=os.path.basename(script))
-            self._child.start()
-            theirs.close()
-            self._out = ours
-        else:
+        self.forked = False
+        if preload and can_preload():
+            try:
+                context = _forkserver(env)
+                if context is not None:
+                    ours, theirs = socket.socketpair()
+                    self._child = context.Process(target=_run_script, args=(script, args, env, cwd, theirs),
+                                                  name=os.path.basename(script))
+                    self._child.start()
+                    theirs.close()
+                    self._out, self.forked = ours, True
+            except OSError as err:  # no Unix sockets, no processes to spare: the plain way still works
+                logger.warning("could not fork %s from the preloaded server (%s); fresh processes from now on",
+                               script, err)
+                _disable()
+                self._child = None
+        if not self.forked:
             self._proc = subprocess.Popen([sys.executable, script, *args], cwd=cwd, env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             self._out = self._proc.stdout

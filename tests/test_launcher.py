@@ -102,3 +102,17 @@ def test_a_training_command_forked_or_fresh_writes_the_same_student(distill_setu
         students[preload] = student_weights(dump)
     assert students[True].keys() == students[False].keys()
     assert all(students[True][k].equal(students[False][k]) for k in students[True])
+
+
+def test_a_server_that_cannot_start_falls_back_to_fresh_processes(probe, monkeypatch, caplog):
+    def refuse(env):
+        raise OSError("no sockets here")
+
+    monkeypatch.setattr(launcher, "_forkserver", refuse)
+    monkeypatch.setattr(launcher, "_context", None)
+    _, cwd = probe
+    command = launcher.Command("scripts/probe.py", ["4"], ENV, str(cwd), True)
+    while os.read(command.fileno(), 65536):
+        pass
+    assert not command.forked and command.wait() == 4
+    assert "no sockets here" in caplog.text and launcher._context is False  # later commands do not retry
