@@ -79,7 +79,7 @@ with 0 every token is equally likely (docs/differences.md)."""if lm == 'mlm' els
   {r.steps['standard_eqc']} standard steps, the compute of a DIITO run; its learning-rate schedule spans its own
   steps. Counted FLOPs, not wall time, so that the same command gives the same numbers.
 - Verdicts are two-sided and noise-aware: {TEST_NAME} (runs with the same teacher and seed are paired); a
-  difference counts only with p < 0.05 and when it exceeds the seeds' spread (the larger standard deviation);
+  difference counts only with p < 0.05 and when it exceeds the seeds' spread (the larger standard deviation over seeds within a teacher);
   otherwise "no clear difference".
 - ± is the sample standard deviation over {covers}. It does not cover what is fixed in a run: the corpus and its
   split, the tokenizer and the held-out masking{' and the teacher' if n_t == 1 else ''} are the same for every

@@ -4,7 +4,10 @@ Two sets of runs are compared pair by pair: runs that share a teacher and a seed
 order, masks and interchange positions) form a pair. A difference counts only when both hold:
 
 - it is significant in a two-sided paired t-test over the pairs (p < ALPHA; scipy.stats.ttest_rel),
-- it is larger than the seeds' spread (the larger sample standard deviation of the two sets).
+- it is larger than the seeds' spread: the larger of the two sets' standard deviations over seeds
+  *within a teacher* (pooled over teachers). With several teachers the spread between teachers is
+  not noise of the comparison: the pairs share their teacher, so it cancels in the differences,
+  and counting it would hide a difference that every pair shows.
 
 Otherwise the verdict is "no clear difference": with one seed nothing can be told, and a
 difference within the spread is not claimed even when it is consistent. The 95% interval of the
@@ -32,7 +35,7 @@ class Comparison:
     lo: float | None  # 95% interval of the mean difference (None with one pair)
     hi: float | None
     p: float | None  # two-sided paired t-test (None with one pair)
-    spread: float | None  # the larger standard deviation of the two sets
+    spread: float | None  # the larger within-teacher standard deviation over seeds of the two sets
     wins: int  # pairs where a is better
     lower_is_better: bool
 
@@ -64,6 +67,19 @@ class Comparison:
 
 def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def seed_spread(values: dict) -> float | None:
+    """The standard deviation over seeds within a teacher, pooled over teachers, of values keyed by (teacher, seed)
+    (or by seed alone: one teacher). None when no teacher has two seeds."""
+    groups: dict = {}
+    for key, value in values.items():
+        groups.setdefault(key[0] if isinstance(key, tuple) else None, []).append(value)
+    dof = sum(len(g) - 1 for g in groups.values())
+    if dof == 0:
+        return None
+    squares = sum(sum((x - statistics.fmean(g)) ** 2 for x in g) for g in groups.values())
+    return math.sqrt(squares / dof)
 
 
 def t_quantile(df: int) -> float:
@@ -100,8 +116,10 @@ def compare(a: dict, b: dict, lower_is_better: bool) -> Comparison:
         return Comparison(n, statistics.fmean(xa), statistics.fmean(xb), diff, None, None, None, None, wins,
                           lower_is_better)
     half = t_quantile(n - 1) * _sd(diffs) / math.sqrt(n)
+    spreads = [s for s in (seed_spread({k: a[k] for k in keys}), seed_spread({k: b[k] for k in keys}))
+               if s is not None]
     return Comparison(n, statistics.fmean(xa), statistics.fmean(xb), diff, diff - half, diff + half,
-                      paired_p(diffs), max(_sd(xa), _sd(xb)), wins, lower_is_better)
+                      paired_p(diffs), max(spreads) if spreads else None, wins, lower_is_better)
 
 
 def against_reference(a: dict, reference: dict, lower_is_better: bool) -> Comparison:

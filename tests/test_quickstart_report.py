@@ -48,6 +48,28 @@ def test_against_the_initialisation_pairs_each_run_with_its_teachers_init():
     assert c.diff == pytest.approx(-1.5) and c.wins == 4
 
 
+def test_the_spread_that_hides_a_difference_is_within_a_teacher_not_between_teachers():
+    """The BERT study (two teachers, 3 seeds): DIITO against standard distillation at DIITO's compute differs by
+    about +8 perplexity in every pair, while the teachers' students differ by about 16 from each other."""
+    diito = {(1, 1): 295.91, (1, 2): 295.86, (1, 3): 296.45, (2, 1): 310.95, (2, 2): 311.18, (2, 3): 311.15}
+    eqc = {(1, 1): 286.61, (1, 2): 287.66, (1, 3): 287.44, (2, 1): 302.83, (2, 2): 303.81, (2, 3): 304.19}
+    c = compare(diito, eqc, lower_is_better=True)
+    assert c.result == "worse" and c.wins == 0 and c.p < 1e-4
+    within = [287.66 - 286.61, 287.44 - 286.61]  # hand-computed pooled within-teacher sd of eqc, the larger one
+    eqc_sd = (sum((x - sum(v) / 3) ** 2 for v in ([286.61, 287.66, 287.44], [302.83, 303.81, 304.19]) for x in v)
+              / 4) ** 0.5
+    assert c.spread == pytest.approx(eqc_sd) and 0.5 < c.spread < max(within)
+    # one teacher: the pooled spread is the plain standard deviation over seeds
+    one = compare({1: 300.0, 2: 305.0, 3: 310.0}, {1: 300.6, 2: 305.5, 3: 310.7}, lower_is_better=True)
+    assert one.spread == pytest.approx(5.1, abs=0.05)
+    # against the initialisation (one value per teacher) the teachers' difference is not spread either
+    vs_init = against_reference(eqc, {1: 359.40, 2: 341.94}, lower_is_better=True)
+    assert vs_init.spread == pytest.approx(eqc_sd) and vs_init.result == "better"
+    # one seed per teacher: no spread can be told, so nothing is claimed
+    two = compare({(1, 1): 1.0, (2, 1): 5.0}, {(1, 1): 2.0, (2, 1): 6.0}, lower_is_better=True)
+    assert two.spread is None and two.result == "no clear difference"
+
+
 def fake_quickstart(arms, lm="mlm", seeds=(1, 2, 3), teachers=1):
     preset = replace_preset(quickstart.PRESETS["small"], teachers=teachers)
     q = SimpleNamespace(arms=arms, lm=lm, preset=preset, seeds=list(seeds), n_teachers=teachers, family="bert",
