@@ -3,11 +3,11 @@
 Every command of the quickstart starts a Python that imports torch and transformers before it does
 anything: about 3 CPU-seconds, most of a small command's cost (a `test`-preset quickstart runs
 two dozen commands). With `preload`, commands are instead forked from a multiprocessing
-*forkserver* that imported those libraries once (`PRELOAD`; nothing runs in it, so no thread pool
-exists when it forks). The forked command then runs the script as `python script args` would:
-`__main__`, `sys.argv`, `sys.path[0]`, the working directory and the environment are the script's,
-its output (stdout and stderr together) goes to the caller's pipe, and its exit status is the
-script's. The arithmetic is the same code in the same libraries with the same seeds and thread
+*forkserver* that imported those libraries once (`PRELOAD`; no computation runs in it, so no
+OpenMP thread pool exists when it forks). The forked command then runs the script as `python
+script args` would: `__main__`, `sys.argv`, `sys.path[0]`, the working directory and the
+environment are the script's, its output (stdout and stderr together) goes to the caller's pipe,
+its atexit handlers run and its exit status is the script's; its stdin is empty. The arithmetic is the same code in the same libraries with the same seeds and thread
 count, so the numbers are the same (tests/test_launcher.py compares them).
 
 The server is started with the environment of the first command: its libraries read some variables
@@ -121,10 +121,11 @@ class Command:
         self._proc = self._child = None
         self.forked = False
         if preload and can_preload():
+            pair = ()
             try:
                 context = _forkserver(env)
                 if context is not None:
-                    ours, theirs = socket.socketpair()
+                    pair = ours, theirs = socket.socketpair()
                     self._child = context.Process(target=_run_script, args=(script, args, env, cwd, theirs),
                                                   name=os.path.basename(script))
                     self._child.start()
@@ -135,6 +136,8 @@ class Command:
                                script, err)
                 _disable()
                 self._child = None
+                for end in pair:
+                    end.close()
         if not self.forked:
             self._proc = subprocess.Popen([sys.executable, script, *args], cwd=cwd, env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
