@@ -196,7 +196,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no_preload", action="store_true",
                         help="Start every command as a fresh `python` process. By default commands are forked from "
                              "a server that imported torch and transformers once (scripts/launcher.py), which saves "
-                             "a few CPU-seconds per command; the numbers are the same either way.")
+                             "a few CPU-seconds per command (`ps` then shows them with the server's command line); the numbers "
+                             "are the same either way.")
     parser.add_argument("--force", action="store_true", help="Redo every stage, even those already done.")
     args = parser.parse_args(argv)
     for flag in ("seeds", "steps", "teacher_steps", "threads", "jobs"):

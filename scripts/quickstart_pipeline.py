@@ -276,6 +276,7 @@ class Pipeline:
             try:
                 while chunk := os.read(proc.fileno(), 65536):
                     log.write(chunk)
+                    log.flush()  # `tail -f` on the log shows the command's output as it comes
                     found = PROGRESS.findall(chunk)
                     if found:
                         done, total = (int(x) for x in found[-1])
