@@ -8,8 +8,9 @@ OpenMP thread pool exists when it forks). The forked command then runs the scrip
 script args` would: `__main__`, `sys.argv`, `sys.path[0]`, the working directory and the
 environment are the script's, its output (stdout and stderr together) goes to the caller's pipe,
 its atexit handlers run and its exit status is the script's; its stdin is empty, and `ps` shows
-it with the forkserver's command line (the command itself is in the caller's log). The arithmetic is the same code in the same libraries with the same seeds and thread
-count, so the numbers are the same (tests/test_launcher.py compares them).
+it with the forkserver's command line (the command itself is in the caller's log). The
+arithmetic is the same code in the same libraries with the same seeds and thread count, so the
+numbers are the same (tests/test_launcher.py compares them).
 
 The server is started with the environment of the first command: its libraries read some variables
 (OMP_NUM_THREADS, HF_HUB_OFFLINE, ...) once, when they are imported. A command with another

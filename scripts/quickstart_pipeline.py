@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from doc_corpus import QUICKSTART_PACKAGES, clean_topic_paragraph, pydoc_topic_documents, versions  # noqa: F401
+from launcher import Command
 from quickstart_arms import teacher_name
 from quickstart_report import format_seconds
-from launcher import Command
 from utils import REPO_ROOT, CliError, atomic_write_text
 
 OFFLINE_ENV = {
@@ -330,7 +330,8 @@ class Quickstart:
         self.seeds = list(range(1, args.seeds + 1))
         env = dict(os.environ, **OFFLINE_ENV)
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-        self.pipe = Pipeline(self.out, args.force, env, getattr(args, "jobs", 1), not getattr(args, "no_preload", False))
+        self.pipe = Pipeline(self.out, args.force, env, getattr(args, "jobs", 1),
+                             preload=not getattr(args, "no_preload", False))
         self.device_args = ["--n_gpu", "1", "--bf16"] if preset.gpu else ["--n_gpu", "0"]
         self.trainer_device_args = ["--bf16"] if preset.gpu else ["--use_cpu", "--no_dataloader_pin_memory"]
 
