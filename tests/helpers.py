@@ -225,6 +225,17 @@ def run_together(script, *argvs: list[str], timeout: int = 1200) -> list:
     return done
 
 
+def quickstart_twice(base: Path, argv: list[str]) -> list:
+    """scripts/quickstart.py with `argv`, the same command twice from nothing at the same time, into `base/out` and
+    `base/again`: [(output folder, completed process)] * 2, each checked to have succeeded."""
+    outs = [base / "out", base / "again"]
+    procs = run_together(Path(__file__).resolve().parents[1] / "scripts" / "quickstart.py",
+                         *[[*argv, "--out", str(out)] for out in outs])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return list(zip(outs, procs))
+
+
 def in_memory_distiller(argv: list[str], teacher, student, t_sites, s_sites, vocab: int, mlm: bool = True):
     """A CausalDistiller on the CPU over six random in-memory sequences (ids 5..vocab-1 between [CLS]=2 and
     [SEP]=3), built from causal_train's parser with `argv`, one mapping entry (t_sites -> s_sites) and, with

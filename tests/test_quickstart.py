@@ -13,7 +13,7 @@ from conftest import ROOT
 
 import quickstart
 import quickstart_pipeline
-from helpers import assert_same_numbers, run_together
+from helpers import assert_same_numbers, quickstart_twice
 from utils import CliError
 
 SCRIPT = ROOT / "scripts" / "quickstart.py"
@@ -40,12 +40,7 @@ def two_runs(tmp_path_factory):
     """The quickstart at its smallest size, the same command twice from nothing, at the same time, once for the
     module: [(output folder, completed process)] * 2. The first is every test's run; the second is compared with
     it by test_same_command_same_numbers."""
-    base = tmp_path_factory.mktemp("quickstart")
-    outs = [base / "out", base / "again"]
-    procs = run_together(SCRIPT, *[[*FAST, "--out", str(out)] for out in outs])
-    for proc in procs:
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return list(zip(outs, procs))
+    return quickstart_twice(tmp_path_factory.mktemp("quickstart"), list(FAST))
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,10 @@ import math
 from dataclasses import replace
 
 import pytest
-from conftest import ROOT
 
 import quickstart
 import quickstart_clm
-from helpers import assert_same_numbers, run_together
+from helpers import assert_same_numbers, quickstart_twice
 
 
 FAST = ("--family", "llama", "--preset", "test", "--seeds", "1", "--jobs", "2", "--no_ablation")
@@ -21,12 +20,7 @@ MAIN = [a.name for a in quickstart_clm.ClmQuickstart.arms.values() if a.main]
 def two_llama_runs(tmp_path_factory):
     """The causal-LM quickstart's test preset, the same command twice from nothing, at the same time:
     [(output folder, completed process)] * 2. The first is every test's run."""
-    base = tmp_path_factory.mktemp("llama")
-    outs = [base / "out", base / "again"]
-    procs = run_together(ROOT / "scripts" / "quickstart.py", *[[*FAST, "--out", str(out)] for out in outs])
-    for proc in procs:
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return list(zip(outs, procs))
+    return quickstart_twice(tmp_path_factory.mktemp("llama"), list(FAST))
 
 
 @pytest.fixture(scope="module")
