@@ -10,7 +10,9 @@ environment are the script's, its output (stdout and stderr together) goes to th
 its atexit handlers run and its exit status is the script's; its stdin is empty, and `ps` shows
 it with the forkserver's command line (the command itself is in the caller's log). The
 arithmetic is the same code in the same libraries with the same seeds and thread count, so the
-numbers are the same (tests/test_launcher.py compares them).
+numbers are the same (tests/test_launcher.py compares them). Not so for a script whose output
+depends on what was imported before it: scripts/stdlib_corpus.py reads docstrings from imported
+standard-library modules, some of which the preloaded libraries patch; such a command runs fresh.
 
 The server is started with the environment of the first command: its libraries read some variables
 (OMP_NUM_THREADS, HF_HUB_OFFLINE, ...) once, when they are imported. A command with another
@@ -116,6 +118,22 @@ def _run_script(script: str, args: list[str], env: dict[str, str], cwd: str, out
         sys.stderr.flush()
 
 
+def _start_without_main(child) -> None:
+    """Start `child` without multiprocessing re-importing the caller's main script in it (which would run that
+    script's unguarded top level, fails for `python -`, and costs time): a `__main__` with a spec named `__main__`
+    is one multiprocessing leaves alone. The command then gets its own `__main__` (`_run_script`)."""
+    main = sys.modules["__main__"]
+    with _server_lock:
+        saved = getattr(main, "__spec__", None)
+        if saved is None:
+            main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+        try:
+            child.start()
+        finally:
+            if saved is None:
+                main.__spec__ = None
+
+
 class Command:
     """One running command: `fileno()` its merged output, `wait()` its exit status, `terminate()`."""
 
@@ -130,7 +148,7 @@ class Command:
                     pair = ours, theirs = socket.socketpair()
                     self._child = context.Process(target=_run_script, args=(script, args, env, cwd, theirs),
                                                   name=os.path.basename(script))
-                    self._child.start()
+                    _start_without_main(self._child)
                     theirs.close()
                     self._out, self.forked = ours, True
             except OSError as err:  # no Unix sockets, no processes to spare: the plain way still works

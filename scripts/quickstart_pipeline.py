@@ -254,11 +254,13 @@ class Pipeline:
         self.ran.append(name)
         return marker
 
-    def command(self, log_name: str, script: str, args: list[str]) -> float:
+    def command(self, log_name: str, script: str, args: list[str], fresh: bool = False) -> float:
         """Run `python <script> <args>` from the repository root, its whole output to `logs/<log_name>.log`.
 
         The terminal shows one progress bar for it, fed by the progress counts (`n/total`) the
         command prints. Returns the wall time in seconds; raises StageFailed on a non-zero exit.
+        `fresh`: a new `python` even when commands are forked from the preloaded server (for a script whose
+        output depends on what the interpreter imported before it).
         """
         from tqdm import tqdm
 
@@ -272,7 +274,7 @@ class Pipeline:
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
         with open(log_path, "wb") as log:
             log.write(f"$ {shown}\n".encode())
-            proc = Command(script, [*map(str, args)], self.env, str(REPO_ROOT), self.preload)
+            proc = Command(script, [*map(str, args)], self.env, str(REPO_ROOT), self.preload and not fresh)
             try:
                 while chunk := os.read(proc.fileno(), 65536):
                     log.write(chunk)
@@ -389,10 +391,12 @@ class Quickstart:
                 docs, groups, origin = self.user_docs, None, "your --text files: " + ", ".join(args.text)
             else:
                 text, manifest = folder / "documentation.txt", folder / "documentation.json"
+                # fresh: the standard library's docstrings are read from its imported modules, and the libraries
+                # the server preloads patch some of them (typing, inspect): forked, four paragraphs went missing
                 self.pipe.command("corpus", "scripts/stdlib_corpus.py", [
                     "--out", text, "--pydoc_topics", "--manifest", manifest,
                     *(["--packages", *p.packages] if p.packages else []),
-                    *(["--max_docs", p.max_documents] if p.max_documents else [])])
+                    *(["--max_docs", p.max_documents] if p.max_documents else [])], fresh=True)
                 docs = text.read_text(encoding="utf-8").splitlines()
                 made = json.loads(manifest.read_text())
                 groups = [name for name, n in made["documents"] for _ in range(n)]

@@ -116,3 +116,29 @@ def test_a_server_that_cannot_start_falls_back_to_fresh_processes(probe, monkeyp
         pass
     assert not command.forked and command.wait() == 4
     assert "no sockets here" in caplog.text and launcher._context is False  # later commands do not retry
+
+
+@pytest.mark.parametrize("how", ["unguarded script", "stdin"])
+def test_a_caller_without_a_main_guard_can_fork_commands(tmp_path, how):
+    """multiprocessing would re-import the caller's main script in the child; the launcher keeps it out."""
+    import subprocess
+    import sys
+
+    (tmp_path / "hello.py").write_text("print('hello from the command')\n")
+    caller = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT / 'scripts')!r})
+        import launcher
+        c = launcher.Command("hello.py", [], {{"PATH": os.environ["PATH"]}}, {str(tmp_path)!r}, True)
+        out = b""
+        while chunk := os.read(c.fileno(), 65536):
+            out += chunk
+        print(c.forked, c.wait(), out.decode().strip())
+    """)
+    if how == "stdin":
+        proc = subprocess.run([sys.executable, "-"], input=caller, capture_output=True, text=True, timeout=300)
+    else:
+        (tmp_path / "caller.py").write_text(caller)
+        proc = subprocess.run([sys.executable, str(tmp_path / "caller.py")], capture_output=True, text=True,
+                              timeout=300)
+    assert proc.stdout.strip() == "True 0 hello from the command", proc.stdout + proc.stderr

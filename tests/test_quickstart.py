@@ -302,3 +302,24 @@ def test_wordpiece_vocabulary_is_learnt_reproducibly():
     assert reordered == vocab
 
 
+
+
+def test_the_corpus_stage_writes_what_a_fresh_python_writes(tmp_path):
+    """The corpus command runs in a fresh interpreter even when commands are forked from the preloaded server: the
+    standard library's docstrings are read from imported modules, which the preloaded libraries patch (forked, the
+    corpus lost four paragraphs of typing and inspect)."""
+    from argparse import Namespace
+    from dataclasses import replace
+
+    import quickstart_pipeline
+
+    preset = replace(quickstart.PRESETS["test"], max_documents=None, packages=())
+    args = Namespace(out=str(tmp_path / "out"), force=False, jobs=1, threads=1, heldout_fraction=0.1, text=None,
+                     seeds=1, no_preload=False)
+    q = quickstart_pipeline.Quickstart(args, preset, None)
+    q.corpus()
+    reference = tmp_path / "fresh.txt"
+    env = dict(os.environ, **quickstart.OFFLINE_ENV, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "stdlib_corpus.py"), "--out", str(reference),
+                    "--pydoc_topics"], cwd=ROOT, env=env, check=True, capture_output=True)
+    assert (tmp_path / "out" / "corpus" / "documentation.txt").read_bytes() == reference.read_bytes()
