@@ -218,6 +218,7 @@ class Pipeline:
         self.commands = out / "commands.sh"
         self.skipped: list[str] = []
         self.ran: list[str] = []
+        self._running: set = set()  # the commands running now (`stop_running`)
 
     def complete(self, folder: Path, key: str, outputs: tuple[str, ...] = ()) -> dict | None:
         """The marker of `folder` if it records `key` and every one of `outputs` exists, else None."""
@@ -275,6 +276,8 @@ class Pipeline:
         with open(log_path, "wb") as log:
             log.write(f"$ {shown}\n".encode())
             proc = Command(script, [*map(str, args)], self.env, str(REPO_ROOT), self.preload and not fresh)
+            with self._lock:
+                self._running.add(proc)
             try:
                 while chunk := os.read(proc.fileno(), 65536):
                     log.write(chunk)
@@ -293,6 +296,8 @@ class Pipeline:
                 raise
             finally:
                 bar.close()
+                with self._lock:
+                    self._running.discard(proc)
         if rc != 0:
             tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
             raise StageFailed(f"{script} exited with status {rc}; its output is in {log_path}, ending with:\n"
@@ -310,8 +315,20 @@ class Pipeline:
         try:
             futures = [pool.submit(task) for task in tasks]
             return [f.result() for f in futures]
+        except BaseException:
+            # Ctrl-C, SIGTERM or a failed task: the commands of the other threads stop too, rather than run on
+            # (for hours, at the study preset) while the pool waits for them
+            self.stop_running()
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def stop_running(self) -> None:
+        """Terminate every command running now (each thread's `command` then raises StageFailed)."""
+        with self._lock:
+            running = list(self._running)
+        for proc in running:
+            proc.terminate()
 
 
 # --- the stages both families share --------------------------------------------------------------

@@ -323,3 +323,34 @@ def test_the_corpus_stage_writes_what_a_fresh_python_writes(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "stdlib_corpus.py"), "--out", str(reference),
                     "--pydoc_topics"], cwd=ROOT, env=env, check=True, capture_output=True)
     assert (tmp_path / "out" / "corpus" / "documentation.txt").read_bytes() == reference.read_bytes()
+
+
+def test_an_interrupt_stops_the_commands_of_every_job(tmp_path):
+    """With --jobs 2 the commands run in worker threads: Ctrl-C or SIGTERM in the main thread must stop them too,
+    not wait for them to finish (a study-preset teacher runs for half an hour)."""
+    import signal
+    import time
+
+    import quickstart_pipeline
+
+    script = tmp_path / "sleeper.py"
+    script.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(300)\n")
+    pipe = quickstart_pipeline.Pipeline(tmp_path / "out", False, dict(os.environ), jobs=2, preload=False)
+    pids = [tmp_path / f"pid{k}" for k in range(2)]
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    start = time.time()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 3)
+        with pytest.raises(KeyboardInterrupt):
+            pipe.parallel([lambda p=p: pipe.command(p.name, str(script), [str(p)]) for p in pids])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.time() - start < 60
+    for p in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(p.read_text()), 0)
