@@ -116,8 +116,7 @@ def compare(a: dict, b: dict, lower_is_better: bool) -> Comparison:
         return Comparison(n, statistics.fmean(xa), statistics.fmean(xb), diff, None, None, None, None, wins,
                           lower_is_better)
     half = t_quantile(n - 1) * _sd(diffs) / math.sqrt(n)
-    spreads = [s for s in (seed_spread({k: a[k] for k in keys}), seed_spread({k: b[k] for k in keys}))
-               if s is not None]
+    spreads = [s for s in (seed_spread(a), seed_spread({k: b[k] for k in keys})) if s is not None]
     return Comparison(n, statistics.fmean(xa), statistics.fmean(xb), diff, diff - half, diff + half,
                       paired_p(diffs), max(spreads) if spreads else None, wins, lower_is_better)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -121,9 +123,6 @@ def test_a_server_that_cannot_start_falls_back_to_fresh_processes(probe, monkeyp
 @pytest.mark.parametrize("how", ["unguarded script", "stdin"])
 def test_a_caller_without_a_main_guard_can_fork_commands(tmp_path, how):
     """multiprocessing would re-import the caller's main script in the child; the launcher keeps it out."""
-    import subprocess
-    import sys
-
     (tmp_path / "hello.py").write_text("print('hello from the command')\n")
     caller = textwrap.dedent(f"""
         import os, sys

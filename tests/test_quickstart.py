@@ -302,16 +302,12 @@ def test_wordpiece_vocabulary_is_learnt_reproducibly():
     assert reordered == vocab
 
 
-
-
 def test_the_corpus_stage_writes_what_a_fresh_python_writes(tmp_path):
     """The corpus command runs in a fresh interpreter even when commands are forked from the preloaded server: the
     standard library's docstrings are read from imported modules, which the preloaded libraries patch (forked, the
     corpus lost four paragraphs of typing and inspect)."""
     from argparse import Namespace
     from dataclasses import replace
-
-    import quickstart_pipeline
 
     preset = replace(quickstart.PRESETS["test"], max_documents=None, packages=())
     args = Namespace(out=str(tmp_path / "out"), force=False, jobs=1, threads=1, heldout_fraction=0.1, text=None,
@@ -330,8 +326,6 @@ def test_an_interrupt_stops_the_commands_of_every_job(tmp_path):
     not wait for them to finish (a study-preset teacher runs for half an hour)."""
     import signal
     import time
-
-    import quickstart_pipeline
 
     script = tmp_path / "sleeper.py"
     script.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(300)\n")
