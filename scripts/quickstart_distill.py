@@ -13,8 +13,8 @@ from pathlib import Path
 
 from quickstart_arms import Arm, ablation_rows, init_name, learning_rate, run_name, teacher_name
 from quickstart_pipeline import RANDOM_STUDENT_SEED, Quickstart
-from quickstart_report import NAMES, format_seconds, write_report
-from utils import atomic_write_text
+from quickstart_report import NAMES, write_report
+from utils import atomic_write_text, format_seconds
 
 
 class DistillQuickstart(Quickstart):

@@ -21,11 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from doc_corpus import QUICKSTART_PACKAGES, clean_topic_paragraph, pydoc_topic_documents, versions  # noqa: F401
-from launcher import Command
-from quickstart_arms import teacher_name
-from quickstart_report import format_seconds
-from utils import REPO_ROOT, CliError, atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from doc_corpus import QUICKSTART_PACKAGES, clean_topic_paragraph, pydoc_topic_documents, versions  # noqa: E402,F401
+from launcher import Command  # noqa: E402
+from quickstart_arms import teacher_name  # noqa: E402
+from utils import REPO_ROOT, CliError, atomic_write_text, format_seconds  # noqa: E402
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",

@@ -26,17 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quickstart_arms import init_name, key_text, learning_rate, run_name, teacher_name  # noqa: E402
 from quickstart_stats import TEST_NAME, Comparison, against_reference, compare, mean_std, plus_minus  # noqa: E402
-from utils import atomic_write_text  # noqa: E402
+from utils import atomic_write_text, format_seconds  # noqa: E402
 
 NAMES = {"bert": "BERT", "llama": "Llama", "gpt2": "GPT-2"}
 MAIN_ROWS = ("standard", "diito", "standard_eqc", "seed_standard")
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = float(seconds)
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
 
 
 def count_parameters(model_dir: Path) -> int:

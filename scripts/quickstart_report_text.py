@@ -4,8 +4,9 @@ from __future__ import annotations
 import datetime as dt
 
 from quickstart_arms import DIITO_WEIGHT, SEED_SMOOTHING
-from quickstart_report import NAMES, format_seconds
+from quickstart_report import NAMES
 from quickstart_stats import TEST_NAME
+from utils import format_seconds
 
 
 def _evaluation_text(q, corpus: dict, vocab: int, evals_blocks) -> str:

@@ -53,11 +53,11 @@ from reproduce_configs import (  # noqa: E402
     ALL_TASKS, CONFIG_DIR, GLUE_COLUMNS, GLUE_TASKS, TRAINED_TASKS, Row, available_rows, load_rows, parse_tasks,
 )
 from reproduce_tables import format_hours, write_tables  # noqa: E402
-from utils import REPO_ROOT, CliError, atomic_write_text, run_cli  # noqa: E402
+from utils import REPO_ROOT, CliError, atomic_write_text, format_seconds, run_cli  # noqa: E402
 
 from reproduce_plan import Plan, Stage, detect_gpus  # noqa: E402
 from reproduce_runner import (  # noqa: E402
-    OFFLINE_ENV, Interrupted, Runner, StageFailed, State, emit, format_seconds, now_iso, stage_status,
+    OFFLINE_ENV, Interrupted, Runner, StageFailed, State, emit, now_iso, stage_status,
 )
 logger = logging.getLogger("causal_distill.reproduce")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_configs import fingerprint  # noqa: E402
-from utils import REPO_ROOT, atomic_write_text  # noqa: E402
+from utils import REPO_ROOT, atomic_write_text, format_seconds  # noqa: E402
 
 from reproduce_plan import VOLATILE_FLAGS, Command, Plan, Stage, device_description  # noqa: E402
 
@@ -324,14 +324,5 @@ def emit(text: str) -> None:
 
 def now_iso() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 

@@ -10,6 +10,7 @@ import quickstart_clm
 from quickstart_arms import ablation_rows, build_arms, run_name
 from quickstart_report import Results, ablation_table, verdict
 from quickstart_stats import against_reference, compare, paired_p
+from utils import format_seconds
 
 
 def test_paired_t_test_matches_scipy_and_is_two_sided():
@@ -175,3 +176,13 @@ def test_both_families_have_the_same_arms_with_their_own_lm_loss():
     subset = quickstart.PRESETS["test"].ablation_arms
     assert set(subset) <= {n for n, a in bert.items() if not a.main} and "abl_lm" in clm
     assert all(p.ablation_arms is None for name, p in quickstart.PRESETS.items() if name != "test")
+
+
+def test_durations_round_before_splitting_into_minutes():
+    # The ablation log once read "1 min 60 s" for 119.6 s: the seconds were rounded after the split.
+    assert format_seconds(42.4) == "42 s"
+    assert format_seconds(59.7) == "1 min 00 s"
+    assert format_seconds(119.6) == "2 min 00 s"
+    assert format_seconds(1606.27) == "26 min 46 s"
+    assert format_seconds(3599.6) == "1 h 00 min"
+    assert format_seconds(4677) == "1 h 17 min"
