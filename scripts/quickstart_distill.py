@@ -222,7 +222,7 @@ class DistillQuickstart(Quickstart):
     # --- stage 9: report ----------------------------------------------------------------------------
     def report(self, stages: dict, runs: dict, evals: dict, alignment: dict) -> dict:
         self.banner(9, "report: tables, verdict and plots")
-        settings = self.report_settings(6, stages=stages, runs=runs, evals=evals, alignment=alignment)
+        settings = self.report_settings(7, stages=stages, runs=runs, evals=evals, alignment=alignment)
 
         def work(folder: Path) -> dict:
             summary = write_report(self, stages, runs, evals, alignment)
