@@ -19,15 +19,17 @@ with a decoder-only teacher:
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
-from extraction import student_config
-from quickstart_arms import build_arms, init_name, teacher_name
-from quickstart_distill import DistillQuickstart
-from quickstart_pipeline import PRESETS, Preset, load_fast_tokenizer
-from quickstart_report import NAMES
-from utils import CliError
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from extraction import student_config  # noqa: E402
+from quickstart_arms import build_arms, init_name, teacher_name  # noqa: E402
+from quickstart_distill import DistillQuickstart  # noqa: E402
+from quickstart_pipeline import PRESETS, Preset, load_fast_tokenizer  # noqa: E402
+from quickstart_report import NAMES  # noqa: E402
+from utils import CliError  # noqa: E402
 
 CLM_FAMILIES = ("llama", "gpt2")
 SPECIALS = ["<pad>", "<s>", "</s>"]
