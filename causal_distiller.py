@@ -512,12 +512,19 @@ class CausalDistiller:
         return True
 
     def _should_stop(self) -> bool:
+        """Whether to stop after this step; every rank stops at the same step, with the same signal. The ranks
+        agree on the largest signal number any of them received: a rank that received none itself stops with the
+        others' (a killed torchrun reaches its orphaned ranks at different moments, so one rank may see its
+        launcher gone a step before the other)."""
         self._launcher_gone()
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
-        if self.multi_gpu:  # every rank stops at the same step
-            flag = flag.to(self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        agreed = torch.tensor([float(self._stop_signal or 0)])
+        if self.multi_gpu:
+            agreed = agreed.to(self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        signum = int(agreed.item())
+        if signum and self._stop_signal is None:
+            self._stop_signal = signal.Signals(signum)
+        return signum > 0
 
     # --- logging -------------------------------------------------------------------------------
     def _log(self, sums: dict[str, torch.Tensor], n: int, tokens_at_log: int, bar) -> None:

@@ -375,6 +375,29 @@ def test_a_killed_dataloader_worker_never_costs_the_run(distill_setup, tmp_path,
     assert_same_weights(student_weights(tmp_path / "cut"), student_weights(full))
 
 
+def test_a_rank_that_saw_no_signal_stops_with_the_other_ranks_signal(monkeypatch):
+    """A killed torchrun reaches its orphaned ranks at different moments: rank 0 may see its launcher gone (SIGHUP)
+    while rank 1 has not yet. Both stop at that step, and rank 1 with SIGHUP too: it raised Preempted(None) and died
+    on 128 + None (seen once in CI) before the ranks agreed on the signal, not only on stopping."""
+    from types import SimpleNamespace
+
+    def all_reduce(tensor, op):  # what the other rank (which saw SIGHUP) contributes
+        assert op == torch.distributed.ReduceOp.MAX
+        tensor.copy_(torch.maximum(tensor, torch.tensor([float(signal.SIGHUP)])))
+
+    monkeypatch.setattr(causal_distiller.dist, "all_reduce", all_reduce)
+    rank1 = SimpleNamespace(_stop_signal=None, multi_gpu=True, device=torch.device("cpu"), _launcher_gone=lambda: False)
+    assert causal_distiller.CausalDistiller._should_stop(rank1)
+    assert rank1._stop_signal == signal.SIGHUP and 128 + rank1._stop_signal == 129
+
+    # a rank that received SIGTERM itself keeps it; with no signal anywhere nobody stops
+    rank0 = SimpleNamespace(**(rank1.__dict__ | {"_stop_signal": signal.SIGTERM}))
+    assert causal_distiller.CausalDistiller._should_stop(rank0) and rank0._stop_signal == signal.SIGTERM
+    monkeypatch.setattr(causal_distiller.dist, "all_reduce", lambda tensor, op: None)
+    idle = SimpleNamespace(**(rank1.__dict__ | {"_stop_signal": None}))
+    assert not causal_distiller.CausalDistiller._should_stop(idle) and idle._stop_signal is None
+
+
 @pytest.mark.e2e
 def test_ranks_orphaned_by_a_killed_torchrun_stop_with_a_checkpoint(distill_setup, tmp_path):
     """Issue 21.6: kill -9 of torchrun left both ranks training as orphans. Each rank now notices its launcher is gone,
