@@ -78,7 +78,7 @@ def seed_spread(values: dict) -> float | None:
     dof = sum(len(g) - 1 for g in groups.values())
     if dof == 0:
         return None
-    squares = sum(sum((x - statistics.fmean(g)) ** 2 for x in g) for g in groups.values())
+    squares = sum(statistics.variance(g) * (len(g) - 1) for g in groups.values() if len(g) > 1)
     return math.sqrt(squares / dof)
 
 
