@@ -138,9 +138,10 @@ def md_header(headers: list) -> list[str]:
 
 
 def fmt_wall(seconds: float) -> str:
-    if seconds < 60:
+    """A wall time for the tables; each unit is chosen after rounding, so never "60 s" or "60.0 min"."""
+    if round(seconds) < 60:
         return f"{seconds:.0f} s"
-    if seconds < 3600:
+    if round(seconds / 60, 1) < 60:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.2f} h"
 

@@ -452,3 +452,12 @@ def test_tiny_chain_rerun_skips_every_finished_stage(tiny_run):
     assert re.search(r"ran 0 stage\(s\), skipped \d+ found done", again.stderr)
     before = (out / "paper_tables.json").read_text()
     assert json.loads(before)["tables"]["glue"]["diito-6L-0.1B"]["ours"]["sst2"]["mean"] is not None
+
+
+def test_wall_times_in_the_tables_choose_their_unit_after_rounding():
+    # the quickstart's twin printed "1 min 60 s"; this one printed "60 s" and "60.0 min" at the edges
+    assert reproduce_tables.fmt_wall(42.4) == "42 s"
+    assert reproduce_tables.fmt_wall(59.7) == "1.0 min"
+    assert reproduce_tables.fmt_wall(150) == "2.5 min"
+    assert reproduce_tables.fmt_wall(3598) == "1.00 h"
+    assert reproduce_tables.fmt_wall(5400) == "1.50 h"
