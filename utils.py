@@ -427,16 +427,6 @@ class _LineStream:
         self.stream.flush()
 
 
-def format_seconds(seconds: float) -> str:
-    """A duration for people: "42 s", "26 min 46 s", "1 h 17 min" (rounded to the second first, so never "60 s")."""
-    seconds = int(round(float(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 def progress_bar(*args, **kwargs):
     """tqdm on stderr; where stderr is not a terminal, one line per refresh (at most one every 5 s) instead of
     carriage-return redraws, so that log files stay one message per line (the counts `n/total` are still

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -33,8 +29,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds; the best of each is kept.")
     args = parser.parse_args()
 
-    import binarized_data
-    from stdlib_corpus import stdlib_documents
+    from types import SimpleNamespace
+
+    import binarize
+    from binarized_io import dtype_for_vocab, output_path
+    from doc_corpus import stdlib_documents
 
     tmp = Path(tempfile.mkdtemp())
     if args.file_path:
@@ -44,7 +43,7 @@ def main() -> None:
         text_file.write_text("\n".join(stdlib_documents() * args.repeat) + "\n", encoding="utf-8")
     lines = [line.strip() for line in text_file.read_text(encoding="utf-8").splitlines()]
     lines = [line for line in lines if line]
-    tokenizer, _, _ = binarized_data.load_tokenizer_and_wrap_ids(args.tokenizer_name, "bert")
+    tokenizer, bos_id, eos_id = binarize.load_tokenizer_and_wrap_ids(args.tokenizer_name, "bert")
 
     def bare():
         n = 0
@@ -52,10 +51,12 @@ def main() -> None:
             n += sum(map(len, tokenizer(lines[i:i + args.batch_size], add_special_tokens=False)["input_ids"]))
         return n
 
-    def script():
-        binarized_data.main(["--file_path", str(text_file), "--tokenizer_type", "bert", "--tokenizer_name",
-                             args.tokenizer_name, "--dump_file", str(tmp / "out"), "--batch_size",
-                             str(args.batch_size), "--preprocessing_num_workers", "1"])
+    def script():  # what scripts/binarized_data.py does after its checks, in one process
+        sources = binarize.load_sources(SimpleNamespace(file_path=str(text_file), dataset_name=None, split="train",
+                                                        cache_dir=None, field_name="text"))
+        binarize.write_corpus(output_path(tmp / "out", "train", args.tokenizer_name, "mmap"), "mmap", sources,
+                              "text", args.batch_size, -1, tokenizer, args.tokenizer_name, bos_id, eos_id,
+                              dtype_for_vocab(len(tokenizer)), 1, 0, str(text_file))
 
     bare()  # warm-up
     t_bare = min(_timed(bare) for _ in range(args.rounds))

@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench_machine import Yardstick, cpu_description, describe_exit
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
-from bench_machine import Yardstick, cpu_description, describe_exit  # noqa: E402
 
 PRESETS = {
     # The reference configuration: teacher 6 x 256, student 3 x 256, vocabulary 30,522, batch 16.

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 SHAPES = {
     "tiny": dict(layers=6, hidden=256, heads=4, ffn=1024, student_layers=3),

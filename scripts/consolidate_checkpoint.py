@@ -13,11 +13,9 @@ load it). It needs the host memory of the whole student, not of its optimizer st
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils import CliError, check_output_parent, logger, require_file, run_cli  # noqa: E402
+from utils import CliError, check_output_parent, logger, require_file, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,8 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils import CliError, atomic_write_text, logger, run_cli  # noqa: E402
+from utils import CliError, atomic_write_text, logger, run_cli
 
 
 def count(train_argv: list[str], n_batches: int) -> dict:

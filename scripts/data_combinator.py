@@ -12,15 +12,13 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from binarized_io import FORMATS, Corpus, CorpusWriter, load_corpus, output_path  # noqa: E402
-from utils import CliError, check_output_parent, check_writable, logger, run_cli  # noqa: E402
+from binarized_io import FORMATS, Corpus, CorpusWriter, load_corpus, output_path
+from utils import CliError, check_output_parent, check_writable, logger, run_cli
 
 # Sequences copied per write; bounds the RAM a merge of memory-mapped corpora needs.
 COPY_BATCH = 4096

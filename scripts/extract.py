@@ -30,15 +30,11 @@ student's depth and every per-layer list (`layer_types`, `no_rope_layers`) cut t
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extraction import (add_student_arguments, check_dump_checkpoint, choose_teacher_layers, load_teacher,  # noqa: E402
+from extraction import (add_student_arguments, check_dump_checkpoint, choose_teacher_layers, load_teacher,
                         load_teacher_config, log_choice, save_extraction, student_config, warn_head_left_random)
-from utils import logger, run_cli  # noqa: E402
+from utils import logger, run_cli
 
 
 @dataclass(frozen=True)

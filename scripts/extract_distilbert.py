@@ -22,15 +22,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extraction import (add_student_arguments, check_dump_checkpoint, choose_teacher_layers, load_teacher,  # noqa: E402
+from extraction import (add_student_arguments, check_dump_checkpoint, choose_teacher_layers, load_teacher,
                         load_teacher_config, log_choice, save_extraction, warn_head_left_random)
-from utils import CliError, logger, run_cli  # noqa: E402
+from utils import CliError, logger, run_cli
 
 if TYPE_CHECKING:
     import torch

@@ -23,14 +23,10 @@ import argparse
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from utils import CliError, run_cli
 
-from utils import CliError, run_cli  # noqa: E402
 
 logger = logging.getLogger("causal_distill.glue_table")
 

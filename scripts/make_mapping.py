@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from input_checks import check_local_path  # noqa: E402
-from neuron_mapping import ModelShape, parse_variable_name  # noqa: E402
-from utils import CliError, atomic_write_text, check_output_parent, check_writable, logger, run_cli  # noqa: E402
+from input_checks import check_local_path
+from neuron_mapping import ModelShape, parse_variable_name
+from utils import CliError, atomic_write_text, check_output_parent, check_writable, logger, run_cli
 
 # Alignment name -> function(teacher depth, student depth) -> [(teacher blocks, student block)].
 ALIGNMENTS = {

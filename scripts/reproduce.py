@@ -47,18 +47,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_configs import (  # noqa: E402
+from pipelines.reproduce.configs import (
     ALL_TASKS, CONFIG_DIR, GLUE_COLUMNS, GLUE_TASKS, TRAINED_TASKS, Row, available_rows, load_rows, parse_tasks,
 )
-from reproduce_tables import format_hours, write_tables  # noqa: E402
-from utils import REPO_ROOT, CliError, atomic_write_text, format_seconds, run_cli  # noqa: E402
-
-from reproduce_plan import Plan, Stage, detect_gpus  # noqa: E402
-from reproduce_runner import (  # noqa: E402
-    OFFLINE_ENV, Interrupted, Runner, StageFailed, State, emit, now_iso, stage_status,
-)
+from pipelines.reproduce.plan import Plan, Stage, detect_gpus
+from pipelines.reproduce.runner import Runner, State, emit, now_iso, stage_status
+from pipelines.reproduce.tables import format_hours, write_tables
+from pipelines.stages import OFFLINE_ENV, Interrupted, StageFailed, format_seconds
+from utils import REPO_ROOT, CliError, atomic_write_text, run_cli
 logger = logging.getLogger("causal_distill.reproduce")
 
 MANIFEST = "reproduce.json"

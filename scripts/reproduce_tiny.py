@@ -32,14 +32,10 @@ import csv
 import io
 import json
 import random
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from utils import CliError, atomic_write_text, logger, run_cli
 
-from utils import CliError, atomic_write_text, logger, run_cli  # noqa: E402
 
 PERSONS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory", "oscar"]
 PLACES = ["paris", "london", "rome", "berlin", "madrid", "vienna", "oslo", "lisbon", "dublin", "prague"]

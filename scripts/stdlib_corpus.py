@@ -21,13 +21,9 @@ import argparse
 import hashlib
 import json
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc_corpus import DEFAULT_MODULES, build_corpus, stdlib_documents, versions  # noqa: E402,F401
-from utils import CliError, atomic_write_text, check_output_parent, logger, run_cli  # noqa: E402
+from doc_corpus import build_corpus, versions
+from utils import CliError, atomic_write_text, check_output_parent, logger, run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:

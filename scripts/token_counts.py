@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from binarized_io import Corpus, load_corpus  # noqa: E402
-from utils import CliError, atomic_open, check_output_parent, check_writable, logger, run_cli  # noqa: E402
+from binarized_io import Corpus, load_corpus
+from utils import CliError, atomic_open, check_output_parent, check_writable, logger, run_cli
 
 # The original's default, used for a pickle (which records no vocabulary size) without --vocab_size.
 DEFAULT_VOCAB_SIZE = 30522

@@ -22,7 +22,9 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-for p in (ROOT, ROOT / "scripts"):
+# The repository's modules are installed (`pip install -r requirements.txt` ends with `-e .`); the tests also
+# import the commands of scripts/ and bench/ (their parsers, their main), which are files, not modules.
+for p in (ROOT / "scripts", ROOT / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -56,7 +58,7 @@ def shared_fixtures() -> Path:
 @pytest.fixture(scope="session")
 def corpus_lines() -> list[str]:
     """About 2,000 paragraphs of English prose from the standard library's docstrings."""
-    from stdlib_corpus import stdlib_documents
+    from doc_corpus import stdlib_documents
 
     return stdlib_documents()
 

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import copy
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
-
-from batching import BatchPreparer  # noqa: E402
-from causal_distiller import _usable_outside_inference, compute_losses, needs_from_alphas  # noqa: E402
-from clm_helpers import tiny_causal  # noqa: E402
-from interventions import FAMILIES, LLAMA_LAYOUT, model_outputs  # noqa: E402
-from sharding import StudentLosses, TeacherRuns, shard  # noqa: E402
+from batching import BatchPreparer
+from causal_distiller import _usable_outside_inference, compute_losses, needs_from_alphas
+from clm_helpers import tiny_causal
+from interventions import FAMILIES, LLAMA_LAYOUT, model_outputs
+from sharding import StudentLosses, TeacherRuns, shard
 
 VOCAB, HIDDEN = 120, 32
 ALPHAS = {"ce": 0.5, "mlm": 0.0, "clm": 0.5, "mse": 0.0, "cos": 0.1, "causal_ce": 0.5, "causal_cos": 0.1}

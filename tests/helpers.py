@@ -207,9 +207,9 @@ def run_together(script, *argvs: list[str], timeout: int = 1200) -> list:
     import subprocess
     import sys
 
-    from quickstart_pipeline import OFFLINE_ENV
+    from pipelines.quickstart.pipeline import QUICKSTART_ENV
 
-    env = dict(os.environ, **OFFLINE_ENV)
+    env = dict(os.environ, **QUICKSTART_ENV)
     procs = [subprocess.Popen([sys.executable, str(script), *map(str, argv)], cwd=Path(script).resolve().parents[1],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv in argvs]
     done = []

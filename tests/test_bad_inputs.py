@@ -398,7 +398,6 @@ def test_bad_input_gives_one_message_exit_2_and_writes_nothing(world, tmp_path, 
 _RUNNER = r'''
 import json, logging, os, runpy, sys, traceback
 full, cases = sys.argv[1], json.loads(sys.argv[2])
-sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "scripts")]
 errors = []
 class Keep(logging.Handler):
     def emit(self, record):

@@ -275,7 +275,7 @@ def test_binarize_round_trip(baseline, texts, tokenizer, tokenizer_dir):
 
 
 def test_binarize_function_matches_the_script(baseline, texts, tokenizer):
-    from binarized_data import binarize
+    from binarize import binarize
 
     got = binarize(texts, tokenizer, "bert", batch_size=7)
     assert sorted(a.tolist() for a in got) == sorted(sequences(baseline))

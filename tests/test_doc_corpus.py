@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 import doc_corpus
-import quickstart_pipeline
+from pipelines.quickstart import pipeline as quickstart_pipeline
 
 SCRIPT = ROOT / "scripts" / "stdlib_corpus.py"
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import ROOT
 
-import launcher
+from pipelines import launcher
 from helpers import student_weights, train_argv
 
 pytestmark = pytest.mark.skipif(not launcher.can_preload(), reason="no forkserver on this platform")
@@ -126,8 +126,7 @@ def test_a_caller_without_a_main_guard_can_fork_commands(tmp_path, how):
     (tmp_path / "hello.py").write_text("print('hello from the command')\n")
     caller = textwrap.dedent(f"""
         import os, sys
-        sys.path.insert(0, {str(ROOT / 'scripts')!r})
-        import launcher
+        from pipelines import launcher
         c = launcher.Command("hello.py", [], {{"PATH": os.environ["PATH"]}}, {str(tmp_path)!r}, True)
         out = b""
         while chunk := os.read(c.fileno(), 65536):

@@ -1,26 +1,25 @@
 """Issue 21.7 and 21.8: what a newcomer met in the attack's runs. make_mapping.py writes the quickstart's alignment
 from the extraction record; errors point to it; an extra tokenizer entry is named; short runs log enough points;
 progress bars keep log files one message per line; the quickstart says how to continue after Ctrl-C or SIGTERM;
-quickstart_report.py --help works; a pickled corpus says it carries no checksum."""
+a pickled corpus says it carries no checksum."""
 from __future__ import annotations
 
 import io
 import json
 import logging
 import signal
-import subprocess
-import sys
 
 import pytest
 from conftest import ROOT
-from helpers import SUBPROCESS_ENV, train_argv
+from helpers import train_argv
 
 import causal_train
 import extract_distilbert
 import make_mapping
 import quickstart
-import quickstart_distill
-import quickstart_pipeline
+from pipelines.quickstart import mlm as quickstart_mlm
+from pipelines.quickstart import distill as quickstart_distill
+from pipelines.quickstart import pipeline as quickstart_pipeline
 from binarized_io import load_corpus
 from input_checks import check_tokenizer
 from neuron_mapping import ModelShape, load_neuron_mapping
@@ -129,7 +128,7 @@ def test_the_quickstart_says_how_to_continue_when_stopped(tmp_path, monkeypatch,
     def guard(signum, frame):  # what the test sees if the quickstart did not take SIGTERM itself
         raise Unhandled
 
-    monkeypatch.setattr(quickstart.MlmQuickstart, "run", stopped)
+    monkeypatch.setattr(quickstart_mlm.MlmQuickstart, "run", stopped)
     before = signal.signal(signal.SIGTERM, guard)
     try:
         with pytest.raises(SystemExit) as stop:
@@ -141,13 +140,6 @@ def test_the_quickstart_says_how_to_continue_when_stopped(tmp_path, monkeypatch,
     assert stop.value.code == 128 + signum
     assert (f"stopped by {signal.Signals(signum).name}: run the same command again to continue (finished stages are "
             f"skipped") in caplog.text
-
-
-def test_quickstart_report_help_works():
-    out = subprocess.run([sys.executable, "scripts/quickstart_report.py", "--help"], cwd=ROOT, env=SUBPROCESS_ENV,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "scripts/quickstart.py --out DIR" in " ".join(out.stdout.split())
 
 
 # --- 7. a pickled corpus carries no checksum -------------------------------------------------------------------

@@ -11,8 +11,11 @@ import sys
 import pytest
 from conftest import ROOT
 
+import doc_corpus
 import quickstart
-import quickstart_pipeline
+from pipelines.quickstart import mlm as quickstart_mlm
+from pipelines.quickstart.pipeline import QUICKSTART_ENV
+from pipelines.quickstart import pipeline as quickstart_pipeline
 from helpers import assert_same_numbers, quickstart_twice
 from utils import CliError
 
@@ -20,13 +23,13 @@ SCRIPT = ROOT / "scripts" / "quickstart.py"
 SEEDS = 1  # the smallest run; the ± of several seeds is tested on the report function
 # The end-to-end runs skip the ablation (about half the runs); test_ablation_stage_adds_only_its_runs adds it.
 FAST = ("--preset", "test", "--seeds", str(SEEDS), "--jobs", "2", "--no_ablation")
-MAIN = [a.name for a in quickstart.MlmQuickstart.arms.values() if a.main]
-ABLATION = [a.name for a in quickstart.MlmQuickstart.arms.values()
+MAIN = [a.name for a in quickstart_mlm.MlmQuickstart.arms.values() if a.main]
+ABLATION = [a.name for a in quickstart_mlm.MlmQuickstart.arms.values()
             if not a.main and a.name in quickstart.PRESETS["test"].ablation_arms]  # the test preset's subset
 
 
 def run_quickstart(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **quickstart.OFFLINE_ENV)
+    env = dict(os.environ, **QUICKSTART_ENV)
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -52,8 +55,8 @@ def test_run(two_runs):
 @pytest.mark.e2e
 def test_every_stage_announced_and_its_output_written(test_run):
     out, proc = test_run
-    for k in range(1, quickstart.N_STAGES + 1):
-        assert f"[stage {k}/{quickstart.N_STAGES}]" in proc.stdout
+    for k in range(1, quickstart_mlm.N_STAGES + 1):
+        assert f"[stage {k}/{quickstart_mlm.N_STAGES}]" in proc.stdout
     runs = [f"{objective}_seed{seed}" for seed in range(1, SEEDS + 1) for objective in MAIN]
     expected = [
         "corpus/train.txt", "corpus/heldout.txt", "corpus/documentation.json", "tokenizer/tokenizer.json",
@@ -163,7 +166,7 @@ def test_report_numbers_are_finite(test_run):
     assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in values), values
     report = (out / "report.md").read_text()
     table = [line for line in report.splitlines() if line.startswith("| ") and "perplexity" not in line]
-    labels = quickstart.MlmQuickstart.arms
+    labels = quickstart_mlm.MlmQuickstart.arms
     rows = {"teacher (BERT)": "teacher", "student at initialisation (no distillation)": "init",
             "random student of the same shape": "random", **{labels[a].label: a for a in MAIN}}
     assert [line.split("|")[1].strip() for line in table if line.split("|")[1].strip() in rows] == list(rows)
@@ -221,7 +224,7 @@ def test_ablation_stage_adds_only_its_runs(test_run):
     assert "## Ablation" in report and "Not run" not in report
     for arm in ABLATION:
         assert summary[arm]["main"] is False and len(summary[arm]["perplexity"]) == SEEDS
-        assert f"| {quickstart.MlmQuickstart.arms[arm].label} |" in report
+        assert f"| {quickstart_mlm.MlmQuickstart.arms[arm].label} |" in report
     assert "smoothing 0.7" in report and "smoothing 0)" in report
 
 
@@ -260,7 +263,7 @@ def test_user_text_corpus_stage(tmp_path):
     args = quickstart.parse_args(["--preset", "test", "--text", str(text), "--out", str(tmp_path / "out")])
     docs = quickstart_pipeline.read_text_files(args.text)
     assert len(docs) == 40 and all("\n" not in d and d.endswith("wrapped.") for d in docs)
-    record = quickstart.MlmQuickstart(args, quickstart.PRESETS["test"], docs).corpus()
+    record = quickstart_mlm.MlmQuickstart(args, quickstart.PRESETS["test"], docs).corpus()
     assert record["train_documents"] + record["heldout_documents"] == 40 and record["heldout_documents"] == 4
     train = (tmp_path / "out" / "corpus" / "train.txt").read_text().splitlines()
     heldout = (tmp_path / "out" / "corpus" / "heldout.txt").read_text().splitlines()
@@ -275,13 +278,13 @@ def test_split_documents_lines_or_paragraphs():
 
 
 def test_topic_prose_is_cleaned():
-    assert quickstart_pipeline.clean_topic_paragraph(
+    assert doc_corpus.clean_topic_paragraph(
         "   Called after the instance has been created, but before it is\n   returned to the caller.") \
         == "Called after the instance has been created, but before it is returned to the caller."
-    assert quickstart_pipeline.clean_topic_paragraph("The \"if\" statement\n******************") is None
-    assert quickstart_pipeline.clean_topic_paragraph("   >>> x = 1\n   >>> print(x)") is None
-    assert quickstart_pipeline.clean_topic_paragraph('   if_stmt ::= "if" assignment_expression ":" suite') is None
-    docs = quickstart_pipeline.pydoc_topic_documents()
+    assert doc_corpus.clean_topic_paragraph("The \"if\" statement\n******************") is None
+    assert doc_corpus.clean_topic_paragraph("   >>> x = 1\n   >>> print(x)") is None
+    assert doc_corpus.clean_topic_paragraph('   if_stmt ::= "if" assignment_expression ":" suite') is None
+    docs = doc_corpus.pydoc_topic_documents()
     assert len(docs) > 500 and sum(len(d.split()) for d in docs) > 20000
 
 
@@ -315,7 +318,7 @@ def test_the_corpus_stage_writes_what_a_fresh_python_writes(tmp_path):
     q = quickstart_pipeline.Quickstart(args, preset, None)
     q.corpus()
     reference = tmp_path / "fresh.txt"
-    env = dict(os.environ, **quickstart.OFFLINE_ENV, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, **QUICKSTART_ENV, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "stdlib_corpus.py"), "--out", str(reference),
                     "--pydoc_topics"], cwd=ROOT, env=env, check=True, capture_output=True)
     assert (tmp_path / "out" / "corpus" / "documentation.txt").read_bytes() == reference.read_bytes()

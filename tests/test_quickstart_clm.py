@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 import quickstart
-import quickstart_clm
+from pipelines.quickstart import clm as quickstart_clm
 from helpers import assert_same_numbers, quickstart_twice
 
 
@@ -92,7 +92,7 @@ def test_causal_lm_presets_differ_from_bert_only_in_teacher_steps():
 
 def test_causal_lm_quickstart_on_user_text_keeps_every_document(tmp_path, monkeypatch):
     """--text drops the preset's document cap; the causal-LM path must keep that, not reload the preset."""
-    import quickstart_clm
+    from pipelines.quickstart import clm as quickstart_clm
 
     seen = {}
 

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import pytest
 
 import quickstart
-import quickstart_clm
-from quickstart_arms import ablation_rows, build_arms, run_name
-from quickstart_report import Results, ablation_table, verdict
-from quickstart_stats import against_reference, compare, paired_p
-from utils import format_seconds
+from pipelines.quickstart import mlm as quickstart_mlm
+from pipelines.quickstart import clm as quickstart_clm
+from pipelines.quickstart.arms import ablation_rows, build_arms, run_name
+from pipelines.quickstart.report import Results, ablation_table, verdict
+from pipelines.quickstart.stats import against_reference, compare, paired_p
+from pipelines.stages import format_seconds
 
 
 def test_paired_t_test_matches_scipy_and_is_two_sided():
@@ -108,7 +109,7 @@ def fake_records(q, ppl_of, iia_of, init_ppl=276.0, init_iia=0.65):
 
 
 def test_verdict_reads_every_arm_against_the_initialisation_and_is_two_sided():
-    q = fake_quickstart(quickstart.MlmQuickstart.arms)
+    q = fake_quickstart(quickstart_mlm.MlmQuickstart.arms)
     noise = {1: 0.0, 2: 0.4, 3: -0.3}
     ppl = {"standard": 262.0, "diito": 261.8, "standard_eqc": 262.1, "seed_standard": 357.0}
     iia = {"standard": 0.66, "diito": 0.70, "standard_eqc": 0.66, "seed_standard": 0.51}
@@ -129,7 +130,7 @@ def test_verdict_reads_every_arm_against_the_initialisation_and_is_two_sided():
 
 
 def test_ablation_table_lists_terms_alone_and_smoothing_with_change_from_init():
-    q = fake_quickstart(quickstart.MlmQuickstart.arms)
+    q = fake_quickstart(quickstart_mlm.MlmQuickstart.arms)
     runs, evals, alignment = fake_records(q, lambda a, s: {"abl_lm": 340.0, "abl_lm_s0": 258.0}.get(a, 265.0) + s,
                                           lambda a, s: 0.6)
     table = ablation_table(Results(q, {}, runs, evals, alignment))
@@ -147,7 +148,7 @@ def test_ablation_table_lists_terms_alone_and_smoothing_with_change_from_init():
 
 
 def test_two_teachers_pair_each_run_with_its_own_teacher():
-    q = fake_quickstart(quickstart.MlmQuickstart.arms, teachers=2)
+    q = fake_quickstart(quickstart_mlm.MlmQuickstart.arms, teachers=2)
     runs, evals, alignment = fake_records(q, lambda a, s: 270.0 + s, lambda a, s: 0.6)
     r = Results(q, {}, runs, evals, alignment)
     assert sorted(r.ppl["standard"]) == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
@@ -157,7 +158,7 @@ def test_two_teachers_pair_each_run_with_its_own_teacher():
 
 
 def test_both_families_have_the_same_arms_with_their_own_lm_loss():
-    bert, clm = quickstart.MlmQuickstart.arms, quickstart_clm.ClmQuickstart.arms
+    bert, clm = quickstart_mlm.MlmQuickstart.arms, quickstart_clm.ClmQuickstart.arms
     assert [n for n, a in bert.items() if a.main] == [n for n, a in clm.items() if a.main] == \
         ["standard", "diito", "standard_eqc", "seed_standard"]
     assert set(clm) == set(bert) - {"abl_lm_s0", "abl_seed_combo_s0"}  # smoothing is an MLM setting
@@ -168,7 +169,7 @@ def test_both_families_have_the_same_arms_with_their_own_lm_loss():
         assert arms["seed_standard"].lr == "seed" and arms["standard"].lr == "default"
         assert arms["diito"].causal and not arms["standard"].causal
         assert dict(arms["diito"].alphas).items() > dict(arms["standard"].alphas).items()
-    assert bert["seed_standard"].smoothing == 0.7 and bert["standard"].smoothing == quickstart.DEFAULT_SMOOTHING
+    assert bert["seed_standard"].smoothing == 0.7 and bert["standard"].smoothing == quickstart_mlm.DEFAULT_SMOOTHING
     assert clm["standard"].smoothing is None
     assert build_arms(True, (("ce", 0.5),), 0.0)["abl_default_ablation_lr"].alphas == (("ce", 0.5),)
     assert {a.lr for a in bert.values() if not a.main} == {"ablation", "seed"}

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 import reproduce
-import reproduce_plan
-import reproduce_tables
-from reproduce_configs import ALL_TASKS, CONFIG_DIR, GLUE_COLUMNS, GLUE_TASKS, available_rows, load_rows
+from pipelines.reproduce import plan as reproduce_plan
+from pipelines.reproduce import tables as reproduce_tables
+from pipelines.reproduce.configs import ALL_TASKS, CONFIG_DIR, GLUE_COLUMNS, GLUE_TASKS, available_rows, load_rows
+from pipelines.stages import format_seconds
 from utils import CliError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -456,8 +457,8 @@ def test_tiny_chain_rerun_skips_every_finished_stage(tiny_run):
 
 def test_wall_times_in_the_tables_choose_their_unit_after_rounding():
     # the quickstart's twin printed "1 min 60 s"; this one printed "60 s" and "60.0 min" at the edges
-    assert reproduce_tables.fmt_wall(42.4) == "42 s"
-    assert reproduce_tables.fmt_wall(59.7) == "1.0 min"
-    assert reproduce_tables.fmt_wall(150) == "2.5 min"
-    assert reproduce_tables.fmt_wall(3598) == "1.00 h"
-    assert reproduce_tables.fmt_wall(5400) == "1.50 h"
+    assert format_seconds(42.4, compact=True) == "42 s"
+    assert format_seconds(59.7, compact=True) == "1.0 min"
+    assert format_seconds(150, compact=True) == "2.5 min"
+    assert format_seconds(3598, compact=True) == "1.00 h"
+    assert format_seconds(5400, compact=True) == "1.50 h"

@@ -287,9 +287,9 @@ def test_a_stop_at_a_checkpoint_step_writes_that_checkpoint_once(distill_setup, 
 
 def test_a_second_run_on_the_same_dump_path_is_refused_and_names_the_holder(distill_setup, run_copy, tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); from utils import RunLock; "
-                               "RunLock(sys.argv[2], '--dump_path').acquire(); print('locked', flush=True); time.sleep(600)",
-         str(ROOT), str(run_copy)], stdout=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
+        [sys.executable, "-c", "import sys, time; from utils import RunLock; "
+                               "RunLock(sys.argv[1], '--dump_path').acquire(); print('locked', flush=True); time.sleep(600)",
+         str(run_copy)], stdout=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(CliError) as err:

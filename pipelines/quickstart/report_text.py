@@ -1,12 +1,11 @@
-"""The text of the quickstart's `report.md` (both families); the numbers come from `quickstart_report`."""
+"""The text of the quickstart's `report.md` (both families); the numbers come from `pipelines.quickstart.report`."""
 from __future__ import annotations
 
 import datetime as dt
 
-from quickstart_arms import DIITO_WEIGHT, SEED_SMOOTHING
-from quickstart_report import NAMES
-from quickstart_stats import TEST_NAME
-from utils import format_seconds
+from pipelines.quickstart.arms import DIITO_WEIGHT, NAMES, SEED_SMOOTHING
+from pipelines.quickstart.stats import TEST_NAME
+from pipelines.stages import format_seconds
 
 
 def _evaluation_text(q, corpus: dict, vocab: int, evals_blocks) -> str:

@@ -1,6 +1,6 @@
 """The causal-LM quickstart: `scripts/quickstart.py --family llama` (or `--family gpt2`).
 
-The same offline pipeline, stages and report as the BERT quickstart (scripts/quickstart_distill.py:
+The same offline pipeline, stages and report as the BERT quickstart (pipelines/quickstart/distill.py:
 references, ablation, the main arms at equal steps and equal compute, IIA, a two-sided verdict),
 with a decoder-only teacher:
 
@@ -19,17 +19,14 @@ with a decoder-only teacher:
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from extraction import student_config  # noqa: E402
-from quickstart_arms import build_arms, init_name, teacher_name  # noqa: E402
-from quickstart_distill import DistillQuickstart  # noqa: E402
-from quickstart_pipeline import PRESETS, Preset, load_fast_tokenizer  # noqa: E402
-from quickstart_report import NAMES  # noqa: E402
-from utils import CliError  # noqa: E402
+from extraction import student_config
+from pipelines.quickstart.arms import NAMES, build_arms, init_name, teacher_name
+from pipelines.quickstart.distill import DistillQuickstart
+from pipelines.quickstart.pipeline import PRESETS, Preset, load_fast_tokenizer
+from utils import CliError
 
 CLM_FAMILIES = ("llama", "gpt2")
 SPECIALS = ["<pad>", "<s>", "</s>"]

@@ -6,7 +6,7 @@ It answers two questions at the quickstart's scale, each against its controls:
    student at initialisation (extracted from the teacher's blocks, not trained), with a 95%
    interval; a random student of the same shape is the floor.
 2. Is DIITO better than standard distillation, at equal steps and at equal compute (FLOPs counted
-   per step), in held-out perplexity and in IIA? Two-sided and noise-aware (`quickstart_stats`):
+   per step), in held-out perplexity and in IIA? Two-sided and noise-aware (`pipelines.quickstart.stats`):
    "no clear difference" unless a paired t-test over seeds says p < 0.05 and the difference
    exceeds the seeds' spread.
 
@@ -20,15 +20,13 @@ import math
 import os
 import platform
 import struct
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from quickstart_arms import init_name, key_text, learning_rate, run_name, teacher_name  # noqa: E402
-from quickstart_stats import TEST_NAME, Comparison, against_reference, compare, mean_std, plus_minus  # noqa: E402
-from utils import atomic_write_text, format_seconds  # noqa: E402
-
-NAMES = {"bert": "BERT", "llama": "Llama", "gpt2": "GPT-2"}
+from pipelines.quickstart.arms import init_name, key_text, learning_rate, run_name, teacher_name
+from pipelines.quickstart.report_text import report_markdown
+from pipelines.quickstart.stats import TEST_NAME, Comparison, against_reference, compare, mean_std, plus_minus
+from pipelines.stages import format_seconds
+from utils import atomic_write_text
 MAIN_ROWS = ("standard", "diito", "standard_eqc", "seed_standard")
 
 
@@ -190,7 +188,7 @@ def write_report(q, stages: dict, runs: dict, evals: dict, alignment: dict) -> d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import quickstart_plots as qp
+    from pipelines.quickstart import plots as qp
     from iia import draw_heatmaps
 
     out = q.out
@@ -228,7 +226,6 @@ def write_report(q, stages: dict, runs: dict, evals: dict, alignment: dict) -> d
 
     machine, stage_rows, stage_seconds = _stage_times(q, stages, runs, evals, alignment)
     corpus = stages["corpus"]
-    from quickstart_report_text import report_markdown
 
     atomic_write_text(out / "report.md", report_markdown(q, r, machine, table, abl, sentence, corpus, vocab, flops,
                                                          stages, stage_rows, sum(stage_seconds.values())))
@@ -300,11 +297,3 @@ def _stage_times(q, stages: dict, runs: dict, evals: dict, alignment: dict):
         stage_seconds.update({f"{group}/{k}": v["seconds"] for k, v in records.items()})
     return machine, stage_rows, stage_seconds
 
-
-if __name__ == "__main__":
-    import argparse
-
-    argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] + " A module of scripts/quickstart.py, which writes the report as its "
-        "last stage: run `python scripts/quickstart.py --out DIR` (finished stages are skipped).").parse_args()
-    sys.exit("scripts/quickstart_report.py is not run on its own: run python scripts/quickstart.py --out DIR")

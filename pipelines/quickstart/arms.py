@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 LOSSES = ("ce", "mlm", "clm", "cos", "causal_ce")
 SEED_SMOOTHING = 0.7  # --mlm_smoothing of the seed (and of the original and HF DistilBERT)
+NAMES = {"bert": "BERT", "llama": "Llama", "gpt2": "GPT-2"}  # each family's name in the report
 DIITO_WEIGHT = 0.25  # DIITO's causal_ce weight, added to an objective
 
 

@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from reproduce_configs import GLUE_COLUMNS, GLUE_TASKS
+from pipelines.reproduce.configs import GLUE_COLUMNS, GLUE_TASKS
+from pipelines.stages import format_seconds
 from utils import atomic_write_text, git_info
 
 # Each table: its title, the tasks it reads, its columns (key, header) and whether lower is better.
@@ -135,15 +136,6 @@ def md_row(cells: list) -> str:
 
 def md_header(headers: list) -> list[str]:
     return [md_row(headers), "|" + "|".join(["---"] * len(headers)) + "|"]
-
-
-def fmt_wall(seconds: float) -> str:
-    """A wall time for the tables; each unit is chosen after rounding, so never "60 s" or "60.0 min"."""
-    if round(seconds) < 60:
-        return f"{seconds:.0f} s"
-    if round(seconds / 60, 1) < 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -270,7 +262,7 @@ def markdown(plan, data: dict) -> str:
             missing = c.get("finetune_missing", 0)
             lines.append(md_row([
                 row.label, row.config["data"]["training_tokens"], s,
-                "(-)" if c.get("distil_seconds") is None else fmt_wall(c["distil_seconds"]),
+                "(-)" if c.get("distil_seconds") is None else format_seconds(c["distil_seconds"], compact=True),
                 f"{c.get('distil_devices') or 0} GPU(s)" if c.get("distil_devices") else "CPU",
                 "(-)" if c.get("distil_seconds") is None else format_hours(c["distil_device_hours"]),
                 "(-)" if not c.get("speed_tok_s") else f"{c['speed_tok_s']:,.0f}",

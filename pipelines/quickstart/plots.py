@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from quickstart_stats import mean_std
+from pipelines.quickstart.stats import mean_std
 
 COLORS = {"standard": "tab:blue", "diito": "tab:orange", "standard_eqc": "tab:green", "seed_standard": "tab:purple",
           "student_init": "0.45", "teacher": "0.15"}

@@ -3,7 +3,7 @@
 The corpus and its split, the stage bookkeeping (`Pipeline`: `.done` markers, commands with a
 progress bar and a log each), the presets, and the stages whose shape is the same for both families
 (`Quickstart`: corpus, tokenizer, teacher, data, student initialisation, one student run,
-evaluation, the run itself). Each family (scripts/quickstart.py for BERT, scripts/quickstart_clm.py
+evaluation, the run itself). Each family (pipelines/quickstart/mlm.py for BERT, pipelines/quickstart/clm.py
 for Llama and GPT-2) names its scripts, flags and settings and adds its own stages.
 """
 from __future__ import annotations
@@ -21,20 +21,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from doc_corpus import QUICKSTART_PACKAGES, clean_topic_paragraph, pydoc_topic_documents, versions  # noqa: E402,F401
-from launcher import Command  # noqa: E402
-from quickstart_arms import teacher_name  # noqa: E402
-from utils import REPO_ROOT, CliError, atomic_write_text, format_seconds  # noqa: E402
+from doc_corpus import QUICKSTART_PACKAGES, versions
+from pipelines.launcher import Command
+from pipelines.quickstart.arms import teacher_name
+from pipelines.stages import CHILD_ENV, OFFLINE_ENV, StageFailed, fingerprint, format_seconds
+from utils import REPO_ROOT, CliError, atomic_write_text
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "WANDB_DISABLED": "true",
-    "PYTHONUNBUFFERED": "1",
-}
+# Every command of the quickstart runs offline with these (and the quickstart itself, for its own loading).
+QUICKSTART_ENV = {**OFFLINE_ENV, **CHILD_ENV}
 PROGRESS = re.compile(rb"(\d+)/(\d+) \[")  # a tqdm bar's `n/total [` in a command's output
 MIN_DOCUMENTS = 20  # fewer cannot be split into a training part and a held-out part worth evaluating on
 SPLIT_SEED = "quickstart-split-v1"
@@ -186,11 +180,6 @@ def load_fast_tokenizer(name: str):
 
 
 # --- stage bookkeeping -------------------------------------------------------------------------
-def fingerprint(settings: dict) -> str:
-    """A short stable hash of a stage's settings (upstream fingerprints included)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def read_marker(folder: Path) -> dict | None:
     """The `.done` record of `folder`, or None if it has none (or an unreadable one)."""
     try:
@@ -199,16 +188,12 @@ def read_marker(folder: Path) -> dict | None:
         return None
 
 
-class StageFailed(Exception):
-    """A command of the pipeline exited with an error."""
-
-
 class Pipeline:
     """Runs stages and commands, skipping what a matching `.done` marker says is finished."""
 
     def __init__(self, out: Path, force: bool, env: dict[str, str], jobs: int = 1, preload: bool = True):
         self.out = out
-        self.preload = preload  # fork commands from a server that imported torch once (scripts/launcher.py)
+        self.preload = preload  # fork commands from a server that imported torch once (pipelines/launcher.py)
         self.force = force
         self.env = env
         self.jobs = jobs  # commands run at once (`parallel`); with more than one, no progress bars
@@ -347,7 +332,7 @@ class Quickstart:
         self.user_docs = user_docs
         self.out = Path(args.out).resolve()
         self.seeds = list(range(1, args.seeds + 1))
-        env = dict(os.environ, **OFFLINE_ENV)
+        env = dict(os.environ, **QUICKSTART_ENV)
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
         self.pipe = Pipeline(self.out, args.force, env, getattr(args, "jobs", 1),
                              preload=not getattr(args, "no_preload", False))
@@ -443,7 +428,7 @@ class Quickstart:
                     **self.tokenizer_settings()}
 
         def work(folder: Path) -> dict:
-            os.environ.update(OFFLINE_ENV)
+            os.environ.update(QUICKSTART_ENV)
             size = self.make_tokenizer(folder)
             print(f"  {size} entries, saved to {folder}", flush=True)
             return {"vocab_size": size}
@@ -534,7 +519,7 @@ class Quickstart:
             fh.write(f"# quickstart {dt.datetime.now().isoformat(timespec='seconds')}: "
                      f"{shlex.join(['python', 'scripts/quickstart.py', *sys.argv[1:]])}\n"
                      f"cd {shlex.quote(str(REPO_ROOT))}\n"
-                     + "".join(f"export {k}={v}\n" for k, v in OFFLINE_ENV.items())
+                     + "".join(f"export {k}={v}\n" for k, v in QUICKSTART_ENV.items())
                      + f"export OMP_NUM_THREADS={self.args.threads} MKL_NUM_THREADS={self.args.threads}\n")
         report = self.run_stages()
         elapsed = time.time() - start

@@ -1,20 +1,21 @@
-"""The quickstart's distillation stages, the same for both families (scripts/quickstart.py for BERT,
-scripts/quickstart_clm.py for Llama and GPT-2): the references (teacher, student at initialisation,
+"""The quickstart's distillation stages, the same for both families (pipelines/quickstart/mlm.py for BERT,
+pipelines/quickstart/clm.py for Llama and GPT-2): the references (teacher, student at initialisation,
 random student), the ablation, the main arms at equal steps and equal compute, and IIA.
 
 Each training run is evaluated on the held-out part as soon as it finishes (`eval/<run>`), so the
 terminal shows its perplexity at once and an interrupted quickstart keeps every finished number.
-The arms are `quickstart_arms.build_arms`; the report is `quickstart_report.write_report`.
+The arms are `arms.build_arms`; the report is `report.write_report`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from quickstart_arms import Arm, ablation_rows, init_name, learning_rate, run_name, teacher_name
-from quickstart_pipeline import RANDOM_STUDENT_SEED, Quickstart
-from quickstart_report import NAMES, write_report
-from utils import atomic_write_text, format_seconds
+from pipelines.quickstart.arms import NAMES, Arm, ablation_rows, init_name, learning_rate, run_name, teacher_name
+from pipelines.quickstart.pipeline import RANDOM_STUDENT_SEED, Quickstart
+from pipelines.quickstart.report import write_report
+from pipelines.stages import format_seconds
+from utils import atomic_write_text
 
 
 class DistillQuickstart(Quickstart):

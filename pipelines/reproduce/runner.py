@@ -18,29 +18,15 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_configs import fingerprint  # noqa: E402
-from utils import REPO_ROOT, atomic_write_text, format_seconds  # noqa: E402
-
-from reproduce_plan import VOLATILE_FLAGS, Command, Plan, Stage, device_description  # noqa: E402
+from pipelines.reproduce.plan import VOLATILE_FLAGS, CommandLine, Plan, Stage, device_description
+from pipelines.stages import CHILD_ENV, OFFLINE_ENV, Interrupted, StageFailed, fingerprint, format_seconds
+from utils import REPO_ROOT, atomic_write_text
 
 logger = logging.getLogger("causal_distill.reproduce")
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true", "PYTHONUNBUFFERED": "1"}
 PROGRESS_TQDM = re.compile(r"(\d+)/(\d+) \[")
 STEP_LINE = re.compile(r"step (\d+) \| .*?\| ([\d.]+) tok/s")
 TOTAL_LINE = re.compile(r"training for (\d+) optimiser steps")
-
-
-class Interrupted(Exception):
-    """A stop signal arrived; the running commands were stopped cleanly."""
-
-
-class StageFailed(Exception):
-    """A command of the chain exited with an error."""
-
 
 
 # --- markers -----------------------------------------------------------------------------------
@@ -162,10 +148,10 @@ class Runner:
         with self.lock, open(self.commands_file, "a", encoding="utf-8") as fh:
             fh.write(text + "\n")
 
-    def run_command(self, stage: Stage, command: Command, extra: tuple, env: dict) -> float:
+    def run_command(self, stage: Stage, command: CommandLine, extra: tuple, env: dict) -> float:
         """Run one command, its output to logs/<command.log>.log; progress lines every progress_interval seconds."""
         if self.stop_signal is not None:
-            raise Interrupted()
+            raise Interrupted(self.stop_signal)
         shown = command.shown(extra)
         prefix = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} " if "CUDA_VISIBLE_DEVICES" in env and \
             env.get("CUDA_VISIBLE_DEVICES") != self.env.get("CUDA_VISIBLE_DEVICES") else ""
@@ -210,7 +196,7 @@ class Runner:
                 with self.lock:
                     self.procs.discard(proc)
         if self.stop_signal is not None:
-            raise Interrupted()
+            raise Interrupted(self.stop_signal)
         if rc != 0:
             lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-12:]
             raise StageFailed(f"{stage.title}: {command.script} exited with status {rc}; its output is in {log_path}, "

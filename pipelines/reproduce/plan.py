@@ -12,10 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_configs import TINY, TRAINED_TASKS, Row, tiny_row  # noqa: E402
-from utils import REPO_ROOT, CliError, atomic_write_text  # noqa: E402
+from pipelines.reproduce.configs import TINY, TRAINED_TASKS, Row, tiny_row
+from utils import REPO_ROOT, CliError, atomic_write_text
 
 
 # Flags that change where things are cached or how progress is shown, not what is computed:
@@ -25,7 +23,7 @@ VOLATILE_FLAGS = {"--cache_dir"}
 
 # --- what a stage is ---------------------------------------------------------------------------
 @dataclass
-class Command:
+class CommandLine:
     """One command line of the chain: `python <script> <args>` (or torchrun) run from the repository root."""
 
     script: str
@@ -158,12 +156,12 @@ class Plan:
     def _tiny_stages(self) -> None:
         self.add(Stage("shared/standins", "tiny stand-ins (tokenizer, text, GLUE/CoNLL/SQuAD files, teacher config)",
                        "shared", self.standins, ("standins.json",),
-                       [Command("scripts/reproduce_tiny.py", ["--out", self.standins, "--seed", 0], "shared.standins")]))
+                       [CommandLine("scripts/reproduce_tiny.py", ["--out", self.standins, "--seed", 0], "shared.standins")]))
         steps = TINY["teacher_steps"]
         self.add(Stage("shared/teacher", f"tiny teacher: BERT from standins/teacher_config.json, {steps} steps "
                                          f"(run_mlm.py --do_train)", "shared", self.tiny_teacher,
                        ("model.safetensors", "config.json"),
-                       [Command("run_mlm.py", [
+                       [CommandLine("run_mlm.py", [
                            "--config_name", self.standins / "teacher_config.json",
                            "--tokenizer_name", self.standins / "tokenizer",
                            "--train_file", self.standins / "text" / "train.txt", "--line_by_line",
@@ -193,11 +191,11 @@ class Plan:
         stage = self.add(Stage(
             f"shared/data/{folder.name}", f"data: binarize {data.get('file_path') or '+'.join(data['datasets'])} "
                                           f"and count its tokens", "shared", folder, (bin_file.name, counts.name),
-            [Command("scripts/binarized_data.py", [*source, "--split", data["split"], "--field_name", data["field_name"],
+            [CommandLine("scripts/binarized_data.py", [*source, "--split", data["split"], "--field_name", data["field_name"],
                                                    "--tokenizer_type", cfg["teacher"]["type"], "--tokenizer_name",
                                                    tokenizer, "--dump_file", folder / "binarized_text"],
                      f"shared.data.{folder.name}.binarize"),
-             Command("scripts/token_counts.py", ["--data_file", bin_file, "--token_counts_dump", counts],
+             CommandLine("scripts/token_counts.py", ["--data_file", bin_file, "--token_counts_dump", counts],
                      f"shared.data.{folder.name}.token_counts")],
             deps=("shared/standins",) if self.tiny else ()))
         return stage, bin_file, counts
@@ -212,7 +210,7 @@ class Plan:
             f"shared/init/{name}", f"student initialisation: teacher blocks {','.join(map(str, blocks))} "
                                    f"(scripts/extract_distilbert.py)", "shared", folder,
             ("config.json", "model.safetensors"),
-            [Command("scripts/extract_distilbert.py", [
+            [CommandLine("scripts/extract_distilbert.py", [
                 "--model_type", cfg["teacher"]["type"], "--model_name", cfg["teacher"]["name"],
                 "--dump_checkpoint", folder, "--num_layers", len(blocks), "--layers", ",".join(map(str, blocks)),
                 *(["--vocab_transform"] if student["vocab_transform"] else [])], f"shared.init.{name}")],
@@ -237,7 +235,7 @@ class Plan:
         stage = self.add(Stage(
             f"shared/mappings/{target.name}", f"neuron mapping: {spec['alignment']} for {init.folder.name} "
                                               f"(scripts/make_mapping.py)", "shared", target.parent,
-            (target.name,), [Command("scripts/make_mapping.py", ["--teacher", cfg["teacher"]["name"], "--student", init.folder,
+            (target.name,), [CommandLine("scripts/make_mapping.py", ["--teacher", cfg["teacher"]["name"], "--student", init.folder,
                                                      "--alignment", spec["alignment"], "--output", target],
                          f"shared.mappings.{target.name}")],
             deps=(init.id,)))
@@ -255,7 +253,7 @@ class Plan:
         stage = self.add(Stage(
             f"shared/eval_data/{folder.name}", f"held-out data for run_iia.py: {hub['dataset_name']} {split}",
             "shared", folder, (data_file.name,),
-            [Command("scripts/binarized_data.py", [
+            [CommandLine("scripts/binarized_data.py", [
                 "--dataset_name", hub["dataset_name"], "--split", split, "--field_name", hub.get("field_name", "text"),
                 "--tokenizer_type", cfg["teacher"]["type"], "--tokenizer_name", tokenizer,
                 "--dump_file", folder / "binarized_text", *self.cache_args()], f"shared.eval_data.{folder.name}")],
@@ -295,7 +293,7 @@ class Plan:
                 f"distil/{row.name}/seed{seed}", f"distil {row.name} seed {seed} (causal_train.py, "
                                                  f"{self.processes} process{'es' if self.processes > 1 else ''})",
                 "distil", student, ("model.safetensors", "config.json"),
-                [Command("causal_train.py", args, f"distil.{row.name}.seed{seed}", launcher)], deps, kind="distil",
+                [CommandLine("causal_train.py", args, f"distil.{row.name}.seed{seed}", launcher)], deps, kind="distil",
                 info={"row": row.name, "seed": seed, "tokens": tokens, "processes": self.processes,
                       "mode": "diito_shared" if row.is_diito else "kd"}))
             for task in self.tasks:
@@ -330,7 +328,7 @@ class Plan:
         self.add(Stage(
             f"finetune/{row.name}/seed{seed}/{name}", f"{task} {row.name} seed {seed}"
                                                       + (f" fine-tuning seed {ft_seed}" if ft else "") + f" ({spec['script']})",
-            "finetune", folder, outputs, [Command(spec["script"], args, f"finetune.{row.name}.seed{seed}.{name}")],
+            "finetune", folder, outputs, [CommandLine(spec["script"], args, f"finetune.{row.name}.seed{seed}.{name}")],
             deps, kind="finetune" if task in TRAINED_TASKS else "plain",
             info={"row": row.name, "seed": seed, "task": task, "ft": ft, "ft_seed": ft_seed,
                   "train_examples": spec["train_examples"], "args": spec["args"]}))

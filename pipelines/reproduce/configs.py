@@ -9,11 +9,11 @@ mistake in a config is a `CliError` naming the file and the field, raised before
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.stages import fingerprint
 from utils import REPO_ROOT, CliError
 
 CONFIG_DIR = REPO_ROOT / "training_configs" / "paper"
@@ -74,11 +74,6 @@ class Row:
     @property
     def is_diito(self) -> bool:
         return self.config["method"] == "diito"
-
-
-def fingerprint(obj) -> str:
-    """A short stable hash of a JSON-able object."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def available_rows(config_dir: Path = CONFIG_DIR) -> list[str]:
