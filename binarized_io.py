@@ -33,7 +33,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from utils import CliError, atomic_open, clean_stale_temporaries, file_blake2b, logger
+from atomic_files import atomic_open, clean_stale_temporaries, file_blake2b
+from utils import CliError, logger
 
 FORMATS = ("mmap", "pickle")
 EXTENSIONS = {"mmap": "bin", "pickle": "pickle"}

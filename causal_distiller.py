@@ -177,7 +177,7 @@ class Preempted(Exception):
 class CausalDistiller:
     """Owns the data order, the optimisation, logging and checkpoints of a distillation run.
 
-    `params` is causal_train.py's argument namespace, completed by `utils.init_gpu_params`
+    `params` is causal_train.py's argument namespace, completed by `devices.init_gpu_params`
     (device, ranks) and `distill_setup.build` (special token ids, data fingerprint).
     """
 

@@ -13,8 +13,11 @@ from pathlib import Path
 from causal_distiller import NonFiniteLoss, Preempted
 from checkpoints import CHECKPOINT_PREFIX, checkpoint_problem, find_resume_checkpoint, list_checkpoints
 from distill_setup import build, build_parser, sanity_checks
-from utils import (CliError, RunLock, check_output_parent, check_writable, clean_stale_temporaries, cpu_bf16_warning,
-                   git_log, init_gpu_params, logger, require_file, run_cli, save_args, set_seed, tune_cpu_allocator)
+from atomic_files import clean_stale_temporaries
+from devices import cpu_bf16_warning, init_gpu_params, set_seed, tune_cpu_allocator
+from run_lock import RunLock
+from run_records import git_log, save_args
+from utils import check_output_parent, check_writable, CliError, logger, require_file, run_cli
 
 
 def main(argv=None) -> None:

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from binarized_io import HEADER_SIZE
-from utils import CliError, atomic_dir, atomic_write_text, file_blake2b, is_disk_full, logger
+from atomic_files import atomic_dir, atomic_write_text, file_blake2b
+from utils import CliError, is_disk_full, logger
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.pt"

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from input_checks import check_local_path
-from utils import CliError, atomic_dir, atomic_open, atomic_write_text, check_output_parent, check_writable, logger
+from atomic_files import atomic_dir, atomic_open, atomic_write_text
+from utils import check_output_parent, check_writable, CliError, logger
 
 # The original's choice of blocks for a 12-layer teacher (DistilBERT paper: "one layer out of two",
 # keeping the first and the last); the 9-entry table is the original's ablation with 9 layers.

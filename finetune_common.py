@@ -23,9 +23,10 @@ from typing import Iterable, Sequence
 from transformers import HfArgumentParser, TrainingArguments
 
 from input_checks import check_local_path, check_tokenizer
-from utils import (CliError, atomic_write_text, check_output_parent, check_writable, cpu_bf16_warning,
-                   line_mode_progress_bars_for_transformers, require_file, set_seed, write_error, write_error_message,
-                   writing_into)
+from atomic_files import atomic_write_text, writing_into
+from devices import cpu_bf16_warning, set_seed
+from utils import (check_output_parent, check_writable, CliError, line_mode_progress_bars_for_transformers,
+                   require_file, write_error, write_error_message)
 
 logger = logging.getLogger("causal_distill.finetune")
 

@@ -18,7 +18,8 @@ from batching import BatchPreparer, Prepared
 from interventions import Needs, model_outputs, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import MappingEntry
-from utils import atomic_open, logger, progress_bar
+from atomic_files import atomic_open
+from utils import logger, progress_bar
 
 NEEDS = Needs(logits=True, hidden=False, cf_logits=True, cf_hidden=False, teacher_logits=True)
 FIELDS = ("positions", "hits", "changed", "changed_hits", "kl")  # per pair and entry

@@ -23,7 +23,8 @@ from finetune_common import (FinetuneTrainingArguments, ModelArguments, check_co
                              resolve_max_length, save_metrics, start, take, train_and_save, used_splits)
 from finetune_common import finetune_main
 from metrics import GLUE_TASKS, glue_metrics
-from utils import CliError, atomic_write_text, run_cli
+from atomic_files import atomic_write_text
+from utils import CliError, run_cli
 
 logger = logging.getLogger("causal_distill.run_glue")
 

@@ -45,7 +45,8 @@ from iia import choose_pairs, draw_heatmaps, evaluate, format_table, prepare_bat
 from interventions import FAMILIES, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import MappingEntry, load_neuron_mapping
-from utils import CliError, atomic_write_text, check_output_parent, check_writable, logger, run_cli, writing_into
+from atomic_files import atomic_write_text, writing_into
+from utils import check_output_parent, check_writable, CliError, logger, run_cli
 
 RESULTS_FILE = "iia_results.json"
 HEATMAP_FILE = "iia_heatmap.png"

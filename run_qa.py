@@ -27,7 +27,8 @@ from finetune_common import (FinetuneTrainingArguments, ModelArguments, after_tr
                              resolve_max_length, save_metrics, start, take, train_and_save)
 from finetune_common import finetune_main
 from metrics import normalize_answer, squad_evaluate, squad_v2_evaluate
-from utils import CliError, atomic_write_text, require_file, run_cli
+from atomic_files import atomic_write_text
+from utils import CliError, require_file, run_cli
 
 logger = logging.getLogger("causal_distill.run_qa")
 

@@ -34,7 +34,8 @@ from torch import nn
 from checkpoints import (CHECKPOINT_PREFIX, DCP_METADATA, MANIFEST_FILE, STATE_FILE, CheckpointWriter,
                          check_fingerprint, checkpoint_problem, is_sharded_checkpoint, load_training_state,
                          save_training_state, short_load_error, state_problem)
-from utils import CliError, atomic_write_text, file_blake2b, logger
+from atomic_files import atomic_write_text, file_blake2b
+from utils import CliError, logger
 
 # The globals a DCP `.metadata` pickle of torch 2.13 refers to; anything else is refused.
 _METADATA_CLASSES = {

@@ -64,7 +64,7 @@ class Yardstick:
 
 def cpu_description() -> str:
     """The CPU's model name and the bf16-relevant flags it has (the bf16 figures depend on them)."""
-    from utils import BF16_CPU_FLAGS, cpu_flags
+    from devices import BF16_CPU_FLAGS, cpu_flags
 
     import torch
 

@@ -86,7 +86,7 @@ def held_gib(tensors) -> float:
 
 def _params(bench, args, cfg, mlm: bool, device):
     """causal_train.py's arguments of this child, with the engine's flags, completed by init_gpu_params."""
-    from utils import init_gpu_params
+    from devices import init_gpu_params
 
     params = bench.train_args(args, cfg, mlm)
     params.fsdp = args.engine in ("fsdp", "fsdp_teacher")
@@ -106,7 +106,7 @@ def run_sharded(args) -> dict | None:
     import bench_train_step as bench  # (a second copy of the script's module: it only defines things)
     from distill_setup import build_from_models
     from neuron_mapping import MappingEntry
-    from utils import tune_cpu_allocator
+    from devices import tune_cpu_allocator
 
     import faulthandler
     import signal

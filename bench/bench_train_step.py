@@ -136,7 +136,7 @@ def run_single(args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from utils import count_cpu_flash_attention, tune_cpu_allocator
+    from devices import count_cpu_flash_attention, tune_cpu_allocator
 
     tune_cpu_allocator()  # as causal_train.py does
     count_cpu_flash_attention()
@@ -436,7 +436,7 @@ def main() -> None:
 
     dtypes = args.dtypes.split(",")
     if args.device == "cpu" and "bf16" in dtypes and not args.force_bf16:
-        from utils import cpu_bf16_warning
+        from devices import cpu_bf16_warning
 
         warning = cpu_bf16_warning()
         if warning:

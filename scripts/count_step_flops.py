@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from utils import CliError, atomic_write_text, logger, run_cli
+from atomic_files import atomic_write_text
+from utils import CliError, logger, run_cli
 
 
 def count(train_argv: list[str], n_batches: int) -> dict:
@@ -26,7 +27,7 @@ def count(train_argv: list[str], n_batches: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from distill_setup import build, build_parser, sanity_checks
-    from utils import count_cpu_flash_attention, init_gpu_params, set_seed
+    from devices import count_cpu_flash_attention, init_gpu_params, set_seed
 
     count_cpu_flash_attention()
     with tempfile.TemporaryDirectory() as tmp:

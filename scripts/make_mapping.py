@@ -32,7 +32,8 @@ from typing import Sequence
 
 from input_checks import check_local_path
 from neuron_mapping import ModelShape, parse_variable_name
-from utils import CliError, atomic_write_text, check_output_parent, check_writable, logger, run_cli
+from atomic_files import atomic_write_text
+from utils import check_output_parent, check_writable, CliError, logger, run_cli
 
 # Alignment name -> function(teacher depth, student depth) -> [(teacher blocks, student block)].
 ALIGNMENTS = {

@@ -54,7 +54,8 @@ from pipelines.reproduce.plan import Plan, Stage, detect_gpus
 from pipelines.reproduce.runner import Runner, State, emit, now_iso, stage_status
 from pipelines.reproduce.tables import format_hours, write_tables
 from pipelines.stages import OFFLINE_ENV, Interrupted, StageFailed, format_seconds
-from utils import REPO_ROOT, CliError, atomic_write_text, run_cli
+from atomic_files import atomic_write_text
+from utils import CliError, REPO_ROOT, run_cli
 logger = logging.getLogger("causal_distill.reproduce")
 
 MANIFEST = "reproduce.json"

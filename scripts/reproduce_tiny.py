@@ -34,7 +34,8 @@ import json
 import random
 from pathlib import Path
 
-from utils import CliError, atomic_write_text, logger, run_cli
+from atomic_files import atomic_write_text
+from utils import CliError, logger, run_cli
 
 
 PERSONS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory", "oscar"]

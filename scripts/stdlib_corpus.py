@@ -23,7 +23,8 @@ import json
 import logging
 
 from doc_corpus import build_corpus, versions
-from utils import CliError, atomic_write_text, check_output_parent, logger, run_cli
+from atomic_files import atomic_write_text
+from utils import check_output_parent, CliError, logger, run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:

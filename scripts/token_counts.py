@@ -19,7 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from binarized_io import Corpus, load_corpus
-from utils import CliError, atomic_open, check_output_parent, check_writable, logger, run_cli
+from atomic_files import atomic_open
+from utils import check_output_parent, check_writable, CliError, logger, run_cli
 
 # The original's default, used for a pickle (which records no vocabulary size) without --vocab_size.
 DEFAULT_VOCAB_SIZE = 30522

@@ -167,7 +167,7 @@ def test_the_first_step_of_a_run_is_build_then_step(distill_setup, tmp_path):
 
     from distill_setup import build, build_parser, sanity_checks
     from helpers import student_weights
-    from utils import init_gpu_params, set_seed
+    from devices import init_gpu_params, set_seed
 
     argv = train_argv(distill_setup, tmp_path / "run", "--max_steps", "1", "--gradient_accumulation_steps", "2",
                       "--freeze_pos_embs", "--include_crossway")

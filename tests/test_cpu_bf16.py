@@ -10,7 +10,7 @@ import torch
 from helpers import load_bench, train_argv
 
 import causal_train
-import utils
+import devices
 
 NO_BF16 = {"fpu", "sse4_2", "avx", "avx2", "fma"}
 
@@ -18,12 +18,12 @@ NO_BF16 = {"fpu", "sse4_2", "avx", "avx2", "fma"}
 @pytest.fixture
 def cpu_without_bf16(monkeypatch):
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(utils, "cpu_flags", lambda: set(NO_BF16))
+    monkeypatch.setattr(devices, "cpu_flags", lambda: set(NO_BF16))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
 
 
 def test_warning_names_the_capability_and_the_missing_flags(cpu_without_bf16):
-    warning = utils.cpu_bf16_warning()
+    warning = devices.cpu_bf16_warning()
     assert warning is not None
     assert "AVX2" in warning and "avx512_bf16" in warning and "amx_bf16" in warning
     assert "fp32" in warning and "still used" in warning
@@ -31,25 +31,25 @@ def test_warning_names_the_capability_and_the_missing_flags(cpu_without_bf16):
 
 @pytest.mark.parametrize("flag", ["avx512_bf16", "amx_bf16"])
 def test_no_warning_with_bf16_instructions(cpu_without_bf16, monkeypatch, flag):
-    monkeypatch.setattr(utils, "cpu_flags", lambda: NO_BF16 | {flag})
-    assert utils.cpu_bf16_warning() is None
+    monkeypatch.setattr(devices, "cpu_flags", lambda: NO_BF16 | {flag})
+    assert devices.cpu_bf16_warning() is None
 
 
 def test_no_warning_where_the_flags_cannot_be_read(cpu_without_bf16, monkeypatch):
-    monkeypatch.setattr(utils, "cpu_flags", lambda: None)
-    assert utils.cpu_bf16_warning() is None
+    monkeypatch.setattr(devices, "cpu_flags", lambda: None)
+    assert devices.cpu_bf16_warning() is None
 
 
 def test_arm_needs_its_own_bf16_flag(monkeypatch):
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    monkeypatch.setattr(utils, "cpu_flags", lambda: {"fp", "asimd"})
-    assert "bf16" in utils.cpu_bf16_warning()
-    monkeypatch.setattr(utils, "cpu_flags", lambda: {"fp", "asimd", "bf16"})
-    assert utils.cpu_bf16_warning() is None
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"fp", "asimd"})
+    assert "bf16" in devices.cpu_bf16_warning()
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"fp", "asimd", "bf16"})
+    assert devices.cpu_bf16_warning() is None
 
 
 def test_cpu_flags_reads_this_machine():
-    flags = utils.cpu_flags()
+    flags = devices.cpu_flags()
     if flags is None:
         pytest.skip("no /proc/cpuinfo here")
     assert flags and all(isinstance(f, str) and f for f in flags)
@@ -81,7 +81,7 @@ def test_causal_train_is_quiet_without_bf16_or_on_a_bf16_cpu(cpu_without_bf16, t
                                                             monkeypatch):
     with caplog.at_level(logging.WARNING):
         causal_train.main(train_argv(distill_setup, tmp_path / "fp32", "--max_steps", "1"))
-        monkeypatch.setattr(utils, "cpu_flags", lambda: NO_BF16 | {"amx_bf16"})
+        monkeypatch.setattr(devices, "cpu_flags", lambda: NO_BF16 | {"amx_bf16"})
         causal_train.main(train_argv(distill_setup, tmp_path / "amx", "--max_steps", "1", "--bf16"))
     assert _warnings(caplog) == []
 

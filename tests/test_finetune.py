@@ -35,7 +35,7 @@ def tiny_bert(tmp_path_factory, vocab_size) -> Path:
     """A 2-layer, 32-wide BertForMaskedLM saved with save_pretrained (no tokenizer in the folder)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from utils import set_seed
+    from devices import set_seed
 
     set_seed(0)
     config = BertConfig(
@@ -52,7 +52,7 @@ def tiny_student(tmp_path_factory, vocab_size) -> Path:
     """A DistilBertForMaskedLM folder, as the distiller writes its student."""
     from transformers import DistilBertConfig, DistilBertForMaskedLM
 
-    from utils import set_seed
+    from devices import set_seed
 
     set_seed(0)
     config = DistilBertConfig(

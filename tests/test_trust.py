@@ -15,7 +15,8 @@ from helpers import SUBPROCESS_ENV, assert_same_weights, student_weights, train_
 import causal_distiller
 import causal_train
 import checkpoints
-from utils import CliError, RunLock
+from run_lock import RunLock
+from utils import CliError
 
 
 def _argv(distill_setup, dump, *extra):
@@ -287,7 +288,7 @@ def test_a_stop_at_a_checkpoint_step_writes_that_checkpoint_once(distill_setup, 
 
 def test_a_second_run_on_the_same_dump_path_is_refused_and_names_the_holder(distill_setup, run_copy, tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from utils import RunLock; "
+        [sys.executable, "-c", "import sys, time; from run_lock import RunLock; "
                                "RunLock(sys.argv[1], '--dump_path').acquire(); print('locked', flush=True); time.sleep(600)",
          str(run_copy)], stdout=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
     try:
@@ -295,7 +296,7 @@ def test_a_second_run_on_the_same_dump_path_is_refused_and_names_the_holder(dist
         with pytest.raises(CliError) as err:
             causal_train.main(_argv(distill_setup, run_copy, "--resume", "--max_steps", "4"))
         assert f"--dump_path {run_copy} is in use by another run (pid {holder.pid} on " in str(err.value)
-        assert "from utils import RunLock" in str(err.value)  # its command line
+        assert "from run_lock import RunLock" in str(err.value)  # its command line
         assert [p.name for p in checkpoints.list_checkpoints(run_copy)][-1] == "checkpoint-3"  # untouched
     finally:
         holder.kill()

@@ -15,7 +15,7 @@ from pipelines.quickstart.arms import NAMES, Arm, ablation_rows, init_name, lear
 from pipelines.quickstart.pipeline import RANDOM_STUDENT_SEED, Quickstart
 from pipelines.quickstart.report import write_report
 from pipelines.stages import format_seconds
-from utils import atomic_write_text
+from atomic_files import atomic_write_text
 
 
 class DistillQuickstart(Quickstart):

@@ -25,7 +25,8 @@ from doc_corpus import QUICKSTART_PACKAGES, versions
 from pipelines.launcher import Command
 from pipelines.quickstart.arms import teacher_name
 from pipelines.stages import CHILD_ENV, OFFLINE_ENV, StageFailed, fingerprint, format_seconds
-from utils import REPO_ROOT, CliError, atomic_write_text
+from atomic_files import atomic_write_text
+from utils import CliError, REPO_ROOT
 
 # Every command of the quickstart runs offline with these (and the quickstart itself, for its own loading).
 QUICKSTART_ENV = {**OFFLINE_ENV, **CHILD_ENV}

@@ -31,7 +31,7 @@ def teacher_loss_curve(teacher_dir: Path) -> list[tuple[int, float]]:
 
 
 def _save(fig, path: Path, plt) -> None:
-    from utils import atomic_open
+    from atomic_files import atomic_open
 
     fig.tight_layout()
     with atomic_open(path, "wb") as fh:

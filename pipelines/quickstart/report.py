@@ -26,7 +26,7 @@ from pipelines.quickstart.arms import init_name, key_text, learning_rate, run_na
 from pipelines.quickstart.report_text import report_markdown
 from pipelines.quickstart.stats import TEST_NAME, Comparison, against_reference, compare, mean_std, plus_minus
 from pipelines.stages import format_seconds
-from utils import atomic_write_text
+from atomic_files import atomic_write_text
 MAIN_ROWS = ("standard", "diito", "standard_eqc", "seed_standard")
 
 

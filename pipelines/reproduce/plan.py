@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.reproduce.configs import TINY, TRAINED_TASKS, Row, tiny_row
-from utils import REPO_ROOT, CliError, atomic_write_text
+from atomic_files import atomic_write_text
+from utils import CliError, REPO_ROOT
 
 
 # Flags that change where things are cached or how progress is shown, not what is computed:

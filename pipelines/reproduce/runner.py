@@ -20,7 +20,8 @@ from pathlib import Path
 
 from pipelines.reproduce.plan import VOLATILE_FLAGS, CommandLine, Plan, Stage, device_description
 from pipelines.stages import CHILD_ENV, OFFLINE_ENV, Interrupted, StageFailed, fingerprint, format_seconds
-from utils import REPO_ROOT, atomic_write_text
+from atomic_files import atomic_write_text
+from utils import REPO_ROOT
 
 logger = logging.getLogger("causal_distill.reproduce")
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from pipelines.reproduce.configs import GLUE_COLUMNS, GLUE_TASKS
 from pipelines.stages import format_seconds
-from utils import atomic_write_text, git_info
+from atomic_files import atomic_write_text
+from run_records import git_info
 
 # Each table: its title, the tasks it reads, its columns (key, header) and whether lower is better.
 TABLES = {
