@@ -21,18 +21,10 @@ def _evaluation_text(q, corpus: dict, vocab: int, evals_blocks) -> str:
             f"cross-entropy. Chance is the vocabulary size, {vocab}.")
 
 
-def report_markdown(q, r, machine: str, table: str, abl: str, sentence: str, corpus: dict, vocab: int, flops: dict,
-                    stages: dict, stage_rows: list[str], total: float) -> str:
-    """The text of report.md."""
-    p, seeds, lm = q.preset, q.seeds, q.lm
-    n_t = len(r.teachers)
-    mapping = stages["student_init"]["teacher_layers"]
-    arms = q.arms
-    versions = corpus.get("versions") or {}
-    covers = (f"seeds {', '.join(map(str, seeds))} of the students" if n_t == 1 else
-              f"{n_t} teachers (seeds {', '.join(str(stages[t]['seed']) for t in stages if t.startswith('teacher'))}) "
-              f"x seeds {', '.join(map(str, seeds))} of the students")
-    ablation_text = (f"""## Ablation
+def _ablation_section(q, r, abl: str) -> str:
+    """The ablation's section: its table and how to read it, or a line saying it was not run."""
+    p = q.preset
+    return (f"""## Ablation
 
 {abl}
 One run per seed with the first teacher, {r.steps['standard']} steps each, the same data, initialisation and
@@ -43,21 +35,16 @@ the seeds' spread to count). Each loss term alone and the seed's combination run
 ({p.seed_lr:g}).""" + (f""" `smoothing` is `--mlm_smoothing`:
 masked positions are drawn with weight count^-smoothing, so with {SEED_SMOOTHING:g} (the seed's, the original's and HF
 DistilBERT's) rare tokens are masked far more often than they occur, while held-out evaluation masks uniformly;
-with 0 every token is equally likely (docs/differences.md)."""if lm == 'mlm' else "") + """
+with 0 every token is equally likely (docs/differences.md)."""if q.lm == 'mlm' else "") + """
 
 ![ablation](plots/ablation.png)
 """) if abl else "## Ablation\n\nNot run (`--no_ablation`).\n"
-    default = arms["standard"]
-    return f"""# Quickstart report ({NAMES[q.family]})
 
-{dt.date.today().isoformat()}, preset `{q.args.preset}`, `--family {q.family}`, {machine}.
 
-## Result
-
-{table}
-{sentence}
-
-- {_evaluation_text(q, corpus, vocab, r.q.eval_blocks)}
+def _method_notes(q, r, corpus: dict, vocab: int, flops: dict, mapping, covers: str) -> str:
+    """The bullets under the result: how each figure is measured and what its ± covers."""
+    p, lm, n_t, default, arms = q.preset, q.lm, len(r.teachers), q.arms["standard"], q.arms
+    return f"""- {_evaluation_text(q, corpus, vocab, r.q.eval_blocks)}
 - IIA is `run_iia.py` on the same held-out paragraphs with DIITO's mapping (`student_init/diito.nm`), pooled over
   its entries: the share of evaluated positions where the student's prediction after an interchange intervention
   (student block i's output at 30% of the positions, a consecutive span, taken from another paragraph) equals the
@@ -85,18 +72,13 @@ with 0 every token is equally likely (docs/differences.md)."""if lm == 'mlm' els
   split, the tokenizer and the held-out masking{' and the teacher' if n_t == 1 else ''} are the same for every
   student, so it says nothing of how the comparison moves with another tokenizer or corpus.
 - The same command gives the same numbers: every stage is seeded and reproducible on the CPU.
+"""
 
-![held-out perplexity](plots/heldout_perplexity.png)
 
-![alignment heatmaps](plots/iia_heatmaps.png)
-
-IIA of every (teacher block, student block) pair of full-width sites (`run_iia.py --sweep`): the student at
-initialisation and seed {seeds[0]}'s standard and DIITO students.
-
-{ablation_text}
-![training losses](plots/training_losses.png)
-
-## Set-up
+def _setup_section(q, corpus: dict, vocab: int, stages: dict, mapping, n_t: int) -> str:
+    """The set-up: corpus, tokenizer, teachers and students."""
+    p, versions = q.preset, corpus.get("versions") or {}
+    return f"""## Set-up
 
 - Corpus: {corpus['origin']}. Train part: {corpus['train_documents']} paragraphs ({corpus['train_words']} words);
   held-out part: {corpus['heldout_documents']} paragraphs ({corpus['heldout_words']} words); split by document
@@ -109,7 +91,39 @@ initialisation and seed {seeds[0]}'s standard and DIITO students.
 - Students: {p.student_layers} layer(s) of the same width, initialised from teacher blocks {mapping}
   (`{q.extract_script}`).
 - Every command is in `commands.sh`, its output in `logs/`.
+"""
 
+
+def report_markdown(q, r, machine: str, table: str, abl: str, sentence: str, corpus: dict, vocab: int, flops: dict,
+                    stages: dict, stage_rows: list[str], total: float) -> str:
+    """The text of report.md."""
+    seeds = q.seeds
+    n_t = len(r.teachers)
+    mapping = stages["student_init"]["teacher_layers"]
+    covers = (f"seeds {', '.join(map(str, seeds))} of the students" if n_t == 1 else
+              f"{n_t} teachers (seeds {', '.join(str(stages[t]['seed']) for t in stages if t.startswith('teacher'))}) "
+              f"x seeds {', '.join(map(str, seeds))} of the students")
+    return f"""# Quickstart report ({NAMES[q.family]})
+
+{dt.date.today().isoformat()}, preset `{q.args.preset}`, `--family {q.family}`, {machine}.
+
+## Result
+
+{table}
+{sentence}
+
+{_method_notes(q, r, corpus, vocab, flops, mapping, covers)}
+![held-out perplexity](plots/heldout_perplexity.png)
+
+![alignment heatmaps](plots/iia_heatmaps.png)
+
+IIA of every (teacher block, student block) pair of full-width sites (`run_iia.py --sweep`): the student at
+initialisation and seed {seeds[0]}'s standard and DIITO students.
+
+{_ablation_section(q, r, abl)}
+![training losses](plots/training_losses.png)
+
+{_setup_section(q, corpus, vocab, stages, mapping, n_t)}
 ## Time per stage
 
 Wall times on the machine above; when it is shared with other jobs (see its load average) they are inflated.
