@@ -42,6 +42,7 @@ How long it takes: docs/quickstart.md (measured figures, with the machine and it
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -51,8 +52,12 @@ from pathlib import Path
 from pipelines.quickstart import clm
 from pipelines.quickstart.mlm import MlmQuickstart
 from pipelines.quickstart.pipeline import PRESETS, QUICKSTART_ENV, read_text_files, split_corpus
-from pipelines.stages import Interrupted, StageFailed
+from pipelines.stages import Interrupted, StageFailed, check_inputs_outside, check_out, lock_out
+from atomic_files import atomic_write_text
 from utils import CliError, logger, run_cli
+
+MANIFEST = "quickstart.json"  # marks --out as the quickstart's (it replaces stage folders only there)
+MANIFEST_TOOL = "causal-distill scripts/quickstart.py"
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -127,6 +132,37 @@ def main(argv: list[str] | None = None) -> dict:
         if not torch.cuda.is_available():
             raise CliError("--preset gpu trains with --n_gpu 1 --bf16 and needs a CUDA GPU, which torch does not see "
                            "here; use --preset small on a CPU")
+    out = Path(args.out).resolve()
+    inputs = [("--text", t) for t in args.text or ()]
+    if args.tokenizer and Path(args.tokenizer).expanduser().exists():  # (a hub name is no file of ours to guard)
+        inputs.append(("--tokenizer", args.tokenizer))
+    check_inputs_outside(out, inputs)
+    lock = lock_out(out)  # one quickstart per --out at a time
+    try:
+        claim_out(out)
+        return run(args, preset, user_docs)
+    finally:
+        lock.release()
+
+
+def claim_out(out: Path) -> None:
+    """Make --out the quickstart's own (new, empty or one of its outputs, else CliError) and mark it so."""
+    if check_out(out, MANIFEST, MANIFEST_TOOL, "scripts/quickstart.py", legacy=made_by_an_older_quickstart) is None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / MANIFEST, json.dumps({"tool": MANIFEST_TOOL, "version": 1}, indent=2) + "\n")
+
+
+def made_by_an_older_quickstart(out: Path) -> bool:
+    """Outputs of a quickstart from before the manifest: its commands.sh opens with `# quickstart`."""
+    try:
+        with open(out / "commands.sh", encoding="utf-8") as fh:
+            return fh.readline().startswith("# quickstart ")
+    except OSError:
+        return False
+
+
+def run(args, preset, user_docs) -> dict:
+    """The quickstart of --family, stopping cleanly on SIGTERM or Ctrl-C (exit 128 + the signal)."""
     os.environ.update(QUICKSTART_ENV)
 
     def stop(signum, frame):  # SIGTERM (docker stop, Slurm): stop the running command as Ctrl-C does

@@ -53,7 +53,7 @@ from pipelines.reproduce.configs import (
 from pipelines.reproduce.plan import Plan, Stage, detect_gpus
 from pipelines.reproduce.runner import Runner, State, emit, now_iso, stage_status
 from pipelines.reproduce.tables import format_hours, write_tables
-from pipelines.stages import OFFLINE_ENV, Interrupted, StageFailed, format_seconds
+from pipelines.stages import OFFLINE_ENV, Interrupted, StageFailed, check_out, format_seconds, lock_out
 from atomic_files import atomic_write_text
 from utils import CliError, REPO_ROOT, run_cli
 logger = logging.getLogger("causal_distill.reproduce")
@@ -71,20 +71,9 @@ DEFAULT_SPEED_SOURCE = ("docs/gpu.md: one NVIDIA H200, bf16, bench_train_step.py
 # --- the output folder -------------------------------------------------------------------------
 def check_out_folder(out: Path, preset: str, rows: list[Row], force: bool) -> dict | None:
     """CliError when --out holds something else than this reproduction; returns its manifest (or None)."""
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file, not a folder")
-    manifest_path = out / MANIFEST
-    if not out.exists() or not any(out.iterdir()):
+    manifest = check_out(out, MANIFEST, MANIFEST_TOOL, "scripts/reproduce.py")
+    if manifest is None:
         return None
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise CliError(f"--out {out} is not empty and holds no {MANIFEST}: it is not a folder of scripts/reproduce.py; "
-                       f"choose another --out") from None
-    except (OSError, ValueError) as err:
-        raise CliError(f"--out {out}: cannot read {manifest_path} ({err}); choose another --out") from None
-    if not isinstance(manifest, dict) or manifest.get("tool") != MANIFEST_TOOL:
-        raise CliError(f"--out {out}: {manifest_path} was not written by scripts/reproduce.py; choose another --out")
     if manifest.get("preset") != preset:
         raise CliError(f"--out {out} holds a reproduction with --preset {manifest.get('preset')}, not {preset}; "
                        f"choose another --out")
@@ -337,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = load_rows(names, config_dir)
     tasks = parse_tasks(args.tasks)
     out = Path(args.out).resolve()
-    manifest = check_out_folder(out, args.preset, rows, args.force)
+    check_out_folder(out, args.preset, rows, args.force)  # before any work: a foreign --out is refused at once
     gpus = args.gpus if args.gpus is not None else (0 if args.preset == "tiny" else detect_gpus())
     if args.preset == "tiny" and gpus:
         raise CliError("--preset tiny runs on the CPU; leave --gpus out (or 0)")
@@ -379,29 +368,40 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only != "tables" and any(statuses[s.id] != "done" for s in stages):
         check_hub(plan, tasks, args.cache_dir)
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_manifest(out, args.preset, rows, manifest)
-    runner = Runner(plan, args.force, jobs, args.progress_interval)
-    previous = {sig: signal.signal(sig, runner.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    start = time.time()
+    return run_plan(args, plan, rows, stages, jobs)
+
+
+def run_plan(args, plan: Plan, rows: list[Row], stages: list[Stage], jobs: int) -> dict:
+    """Run `stages` (those found done are skipped) under the --out lock, then write the tables."""
+    out = plan.out
+    lock = lock_out(out)  # one reproduction per --out at a time
     try:
-        if stages:
-            runner.run(stages)
-    except Interrupted:
-        logger.error("stopped by %s after %s; run the same command again to continue (finished stages are skipped, "
-                     "a distillation resumes from its last checkpoint)",
-                     signal.Signals(runner.stop_signal).name, format_seconds(time.time() - start))
-        sys.exit(128 + runner.stop_signal)
-    except StageFailed as err:
-        logger.error("%s", err)
-        logger.error("fix the cause and run the same command again: finished stages are skipped")
-        sys.exit(1)
+        manifest = check_out_folder(out, args.preset, rows, args.force)  # (again, under the lock)
+        out.mkdir(parents=True, exist_ok=True)
+        write_manifest(out, args.preset, rows, manifest)
+        runner = Runner(plan, args.force, jobs, args.progress_interval)
+        previous = {sig: signal.signal(sig, runner.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        start = time.time()
+        try:
+            if stages:
+                runner.run(stages)
+        except Interrupted:
+            logger.error("stopped by %s after %s; run the same command again to continue (finished stages are "
+                         "skipped, a distillation resumes from its last checkpoint)",
+                         signal.Signals(runner.stop_signal).name, format_seconds(time.time() - start))
+            sys.exit(128 + runner.stop_signal)
+        except StageFailed as err:
+            logger.error("%s", err)
+            logger.error("fix the cause and run the same command again: finished stages are skipped")
+            sys.exit(1)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        tables = write_tables(plan, State(out))
+        logger.info("finished in %s: ran %d stage(s), skipped %d found done; tables in %s",
+                    format_seconds(time.time() - start), len(runner.ran), len(runner.skipped), tables)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    tables = write_tables(plan, State(out))
-    logger.info("finished in %s: ran %d stage(s), skipped %d found done; tables in %s", format_seconds(time.time() - start),
-                len(runner.ran), len(runner.skipped), tables)
+        lock.release()
     return {"ran": runner.ran, "skipped": runner.skipped, "tables": str(tables)}
 
 

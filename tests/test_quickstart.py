@@ -313,7 +313,7 @@ def test_the_corpus_stage_writes_what_a_fresh_python_writes(tmp_path):
     from dataclasses import replace
 
     preset = replace(quickstart.PRESETS["test"], max_documents=None, packages=())
-    args = Namespace(out=str(tmp_path / "out"), force=False, jobs=1, threads=1, heldout_fraction=0.1, text=None,
+    args = Namespace(out=str(tmp_path / "out"), force=False, jobs=1, threads=1, heldout_fraction=0.1, text=None, tokenizer=None,
                      seeds=1, no_preload=False)
     q = quickstart_pipeline.Quickstart(args, preset, None)
     q.corpus()

@@ -33,6 +33,7 @@ QUICKSTART_ENV = {**OFFLINE_ENV, **CHILD_ENV}
 PROGRESS = re.compile(rb"(\d+)/(\d+) \[")  # a tqdm bar's `n/total [` in a command's output
 MIN_DOCUMENTS = 20  # fewer cannot be split into a training part and a held-out part worth evaluating on
 SPLIT_SEED = "quickstart-split-v1"
+STARTED = ".{}.started"  # beside a stage's folder, written first: the quickstart made it (removed with `.done`)
 TEACHER_SEED = 0  # teacher k (1-based) trains with seed TEACHER_SEED + k - 1
 RANDOM_STUDENT_SEED = 0
 ALPHA_CAUSAL_CE = 0.25  # DIITO's weight, added to each family's standard objective
@@ -181,6 +182,15 @@ def load_fast_tokenizer(name: str):
 
 
 # --- stage bookkeeping -------------------------------------------------------------------------
+def started(folder: Path) -> Path:
+    """The marker beside a stage's folder that says the quickstart made it and its stage has not finished."""
+    return folder.with_name(STARTED.format(folder.name))
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def read_marker(folder: Path) -> dict | None:
     """The `.done` record of `folder`, or None if it has none (or an unreadable one)."""
     try:
@@ -192,8 +202,10 @@ def read_marker(folder: Path) -> dict | None:
 class Pipeline:
     """Runs stages and commands, skipping what a matching `.done` marker says is finished."""
 
-    def __init__(self, out: Path, force: bool, env: dict[str, str], jobs: int = 1, preload: bool = True):
+    def __init__(self, out: Path, force: bool, env: dict[str, str], jobs: int = 1, preload: bool = True,
+                 inputs: tuple[Path, ...] = ()):
         self.out = out
+        self.inputs = [Path(p).resolve() for p in inputs]  # the user's files: never inside what `clear` removes
         self.preload = preload  # fork commands from a server that imported torch once (pipelines/launcher.py)
         self.force = force
         self.env = env
@@ -230,16 +242,43 @@ class Pipeline:
                   flush=True)
             self.skipped.append(name)
             return marker
-        if folder.exists():
-            shutil.rmtree(folder)
+        self.clear(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        # beside the folder, not in it: a stage's command may want an empty folder (causal_train.py --force)
+        atomic_write_text(started(folder), name + "\n")  # the folder is ours from now on (`clear`)
         start = time.time()
         result = work(folder) or {}
         marker = {"name": name, "key": key, "settings": settings, "seconds": round(time.time() - start, 2),
-                  "finished": dt.datetime.now().isoformat(timespec="seconds"), **result}
+                  "finished": dt.datetime.now().isoformat(timespec="seconds"), **result,
+                  "files": sorted(p.name for p in folder.iterdir() if p.name != ".done")}
         atomic_write_text(folder / ".done", json.dumps(marker, indent=2, default=str))
+        started(folder).unlink()
         self.ran.append(name)
         return marker
+
+    def clear(self, folder: Path) -> None:
+        """Empty a stage's folder before the stage runs, so that no output of an older run survives into the new
+        one; but only a folder the pipeline made itself (`started` or `.done` says so) and only what its stage
+        wrote there (the files `.done` lists). Anything else, or an input, is the user's: CliError naming it."""
+        if not folder.exists():
+            return
+        for inp in self.inputs:
+            if inp == folder or folder in inp.parents:
+                raise CliError(f"{inp} is an input of this quickstart and lies in {folder}, which the stage about to "
+                               f"run replaces: move it out of --out {self.out}")
+        entries = sorted(p.name for p in folder.iterdir())
+        if not entries:
+            return
+        marker = read_marker(folder)
+        if marker is None and not started(folder).exists():
+            raise CliError(f"{folder} was not made by the quickstart (it holds {_some(entries)}); the stage about to "
+                           f"run would replace it: move it out of --out {self.out} or give another --out")
+        if marker is not None and "files" in marker:
+            foreign = [e for e in entries if e not in marker["files"] and e != ".done"]
+            if foreign:
+                raise CliError(f"{folder} holds {_some(foreign)}, which its stage did not write; the stage about to "
+                               f"run replaces the folder: move them out of --out {self.out} first")
+        shutil.rmtree(folder)
 
     def command(self, log_name: str, script: str, args: list[str], fresh: bool = False) -> float:
         """Run `python <script> <args>` from the repository root, its whole output to `logs/<log_name>.log`.
@@ -335,8 +374,9 @@ class Quickstart:
         self.seeds = list(range(1, args.seeds + 1))
         env = dict(os.environ, **QUICKSTART_ENV)
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+        inputs = [*(args.text or ()), *([args.tokenizer] if args.tokenizer and Path(args.tokenizer).exists() else [])]
         self.pipe = Pipeline(self.out, args.force, env, getattr(args, "jobs", 1),
-                             preload=not getattr(args, "no_preload", False))
+                             preload=not getattr(args, "no_preload", False), inputs=inputs)
         self.device_args = ["--n_gpu", "1", "--bf16"] if preset.gpu else ["--n_gpu", "0"]
         self.trainer_device_args = ["--bf16"] if preset.gpu else ["--use_cpu", "--no_dataloader_pin_memory"]
 
@@ -450,7 +490,8 @@ class Quickstart:
         settings = {"corpus": corpus["key"], "tokenizer": tokenizer["key"], "argv": [str(a) for a in argv]}
 
         def work(folder: Path) -> dict:
-            seconds = self.pipe.command(teacher_name(k), script, [*argv, "--output_dir", folder, "--overwrite_output_dir"])
+            seconds = self.pipe.command(teacher_name(k), script,
+                                        [*argv, "--output_dir", folder, "--overwrite_output_dir"])
             return {"train_seconds": round(seconds, 2), "steps": steps, "seed": TEACHER_SEED + k - 1}
 
         return self.pipe.unit(teacher_name(k), self.out / teacher_name(k), settings, work,
