@@ -291,7 +291,8 @@ def head_losses(
 
 def logits_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """`mse`: squared error of the logits, summed and divided by the number of positions."""
-    diff = student_logits.float() - teacher_logits.float()
+    acc = _accumulation_dtype(student_logits)  # fp32 for low-precision logits; fp64 references stay fp64
+    diff = student_logits.to(acc) - teacher_logits.to(acc)
     return (diff * diff).sum() / max(student_logits.shape[0], 1)
 
 
@@ -299,5 +300,6 @@ def hidden_cosine(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) ->
     """`cos`/`causal_cos`: mean over positions of 1 - cosine(student, teacher) of (N, H) hidden states."""
     if student_hidden.shape[0] == 0:
         return student_hidden.sum() * 0.0
-    cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)
+    acc = _accumulation_dtype(student_hidden)
+    cos = F.cosine_similarity(student_hidden.to(acc), teacher_hidden.to(acc), dim=-1)
     return (1.0 - cos).mean()

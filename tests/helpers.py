@@ -259,3 +259,12 @@ def in_memory_distiller(argv: list[str], teacher, student, t_sites, s_sites, voc
     probs[:5] = 0
     entry = MappingEntry(index=0, teacher=t_sites, student=s_sites, teacher_names=(), student_names=())
     return causal_distiller.CausalDistiller(args, dataset, probs if mlm else None, student, teacher, [entry])
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a torchrun rendezvous (a fixed one fails when it is taken)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 from conftest import ROOT
-from helpers import SUBPROCESS_ENV, train_argv
+from helpers import SUBPROCESS_ENV, free_port, train_argv
 
 
 @pytest.mark.e2e
@@ -14,7 +14,7 @@ def test_torchrun_two_cpu_ranks(tmp_path, distill_setup):
     argv = train_argv(setup, dump, "--max_steps", "4", "--log_interval", "2", "--gradient_accumulation_steps", "2",
                       "--include_crossway")
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "causal_train.py", *argv],
         cwd=ROOT, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=280,
     )

@@ -14,7 +14,6 @@ import pickle
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,10 @@ import pytest
 import torch
 from clm_helpers import llama_distill_setup, llama_train_argv
 from conftest import ROOT
-from helpers import SUBPROCESS_ENV, assert_same_weights, student_weights, train_argv
+from helpers import SUBPROCESS_ENV, assert_same_weights, free_port, student_weights, train_argv
 
 import causal_train
 from utils import CliError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(argv: list[str], nproc: int = 2, script: str = "causal_train.py", timeout: int = 280, **popen):

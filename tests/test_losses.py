@@ -46,6 +46,19 @@ def test_hidden_cosine_formula():
     assert math.isclose(hidden_cosine(s, t).item(), ((1 - 0) + (1 - 1)) / 2, abs_tol=1e-6)
 
 
+def test_mse_and_cosine_keep_float64_inputs_in_float64():
+    """fp64 references must match to round-off: a cast to fp32 inside the loss would lose ~1e-8 relative."""
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    mse, cos = logits_mse(s, t), hidden_cosine(s, t)
+    assert mse.dtype == cos.dtype == torch.float64
+    want_mse = sum((a - b) ** 2 for ra, rb in zip(s.tolist(), t.tolist()) for a, b in zip(ra, rb)) / 5
+    want_cos = sum(1 - sum(a * b for a, b in zip(ra, rb)) / math.sqrt(sum(a * a for a in ra) * sum(b * b for b in rb))
+                   for ra, rb in zip(s.tolist(), t.tolist())) / 5
+    assert math.isclose(mse.item(), want_mse, rel_tol=1e-14) and math.isclose(cos.item(), want_cos, rel_tol=1e-13)
+    assert logits_mse(s.bfloat16(), t.bfloat16()).dtype == torch.float32  # low precision accumulates in fp32
+
+
 def test_soft_target_kl_gradient_matches_autograd_reference():
     import losses
 

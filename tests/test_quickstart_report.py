@@ -26,6 +26,21 @@ def test_paired_t_test_matches_scipy_and_is_two_sided():
     assert paired_p([1.0, 1.0, 1.0]) == 0.0 and paired_p([0.0, 0.0]) == 1.0
 
 
+def test_the_interval_is_students_t_with_n_minus_1_degrees_of_freedom():
+    """Pinned against scipy: a t with n degrees of freedom (or a normal) gives a narrower interval."""
+    from scipy import stats
+
+    a = {1: 10.0, 2: 11.5, 3: 9.0}
+    b = {1: 10.5, 2: 12.5, 3: 9.2}
+    diffs = [a[k] - b[k] for k in a]
+    c = compare(a, b, lower_is_better=True)
+    lo, hi = stats.t.interval(0.95, len(diffs) - 1, loc=stats.tmean(diffs), scale=stats.sem(diffs))
+    assert (c.lo, c.hi) == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
+    assert c.p == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue, rel=1e-12)
+    wrong = stats.t.interval(0.95, len(diffs), loc=stats.tmean(diffs), scale=stats.sem(diffs))
+    assert c.hi - c.lo > (wrong[1] - wrong[0]) * 1.2  # (3 pairs: t(2) is far wider than t(3))
+
+
 def test_a_difference_counts_only_when_significant_and_beyond_the_spread():
     # consistent and large: better
     big = compare({1: 300.0, 2: 301.0, 3: 302.0}, {1: 320.0, 2: 321.5, 3: 322.0}, lower_is_better=True)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
-from helpers import SUBPROCESS_ENV, assert_same_weights, student_weights, train_argv
+from helpers import SUBPROCESS_ENV, assert_same_weights, free_port, student_weights, train_argv
 
 import causal_distiller
 import causal_train
@@ -408,7 +408,7 @@ def test_ranks_orphaned_by_a_killed_torchrun_stop_with_a_checkpoint(distill_setu
     dump = tmp_path / "ddp"
     argv = _argv(distill_setup, dump, "--checkpoint_interval", "0", "--max_steps", "200", "--n_epoch", "20",
                  "--log_interval", "1")  # far longer than the test waits: only a stop ends it
-    torchrun = _start(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741",
+    torchrun = _start(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                        "causal_train.py", *argv])
     log = []
     _read_until(torchrun, "step 2 |", log)
