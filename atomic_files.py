@@ -26,8 +26,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        _raise_write_error(err, path)
-        raise
+        _raise_temporary_error(err, path)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     try:
         with os.fdopen(fd, mode, encoding=encoding) as fh:
@@ -66,8 +65,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as err:
-        _raise_write_error(err, path)
-        raise
+        _raise_temporary_error(err, path)
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -83,6 +81,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_write_error(err, path)
         raise
+
+
+def _raise_temporary_error(err: OSError, path: Path) -> None:
+    """No temporary can be made beside `path` (a full disk, no permission, or a folder that takes no new files,
+    such as /proc): always the user's to fix, so a CliError naming `path`, never a traceback."""
+    _raise_write_error(err, path)
+    raise CliError(f"cannot write {path}: {err.strerror or err} (no file can be created in {path.parent})") from err
 
 
 def _raise_write_error(err: BaseException, path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from input_checks import check_local_path, check_tokenizer
+from input_checks import check_config_numbers, check_local_path, check_tokenizer
 from atomic_files import atomic_write_text, writing_into
 from devices import cpu_bf16_warning, set_seed
 from utils import (check_output_parent, check_writable, CliError, line_mode_progress_bars_for_transformers,
@@ -142,10 +142,12 @@ def start(arguments: Sequence[type], argv: Sequence[str] | None, doc: str,
     training_args = parsed[-1]
     setup_logging(training_args)
     require_action(training_args, actions)
-    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, flag) < 1:
             raise CliError(f"--{flag} must be >= 1, not {getattr(training_args, flag)}")
+    check_sample_caps(parsed)
     if training_args.do_train:
+        check_training_length(training_args)
         for flag, ok, what in (("learning_rate", training_args.learning_rate > 0, "> 0"),
                                ("weight_decay", training_args.weight_decay >= 0, ">= 0"),
                                ("adam_epsilon", training_args.adam_epsilon > 0, "> 0"),
@@ -161,6 +163,26 @@ def start(arguments: Sequence[type], argv: Sequence[str] | None, doc: str,
     checkpoint = resolve_checkpoint(training_args)
     set_seed(training_args.seed)
     return (*parsed, checkpoint)
+
+
+def check_sample_caps(parsed) -> None:
+    """Every --max_*_samples cap of the scripts' data arguments is unset or >= 1 (0 trained or evaluated on
+    nothing and reported it as a result)."""
+    for args in parsed:
+        for name, value in vars(args).items():
+            if name.startswith("max_") and name.endswith("_samples") and value is not None and value < 1:
+                raise CliError(f"--{name} must be >= 1 (or left out: every row), not {value}")
+
+
+def check_training_length(training_args) -> None:
+    """A training run trains at least one step: --max_steps -1 (the epochs decide) or >= 1, and then a finite
+    --num_train_epochs > 0 (-1 and -1 trained 0 steps and saved the untrained model)."""
+    steps, epochs = training_args.max_steps, training_args.num_train_epochs
+    if steps == 0 or steps < -1:
+        raise CliError(f"--max_steps must be -1 (train for --num_train_epochs) or >= 1, not {steps}")
+    if steps == -1 and not (math.isfinite(epochs) and epochs > 0):
+        raise CliError(f"--num_train_epochs must be a finite number > 0 when --max_steps is -1, not {epochs}: "
+                       f"the run would train no step")
 
 
 # What `start` saw of --output_dir: the folders the run is about to create (for `finetune_main` to remove again).
@@ -441,10 +463,12 @@ def load_config(model_args: ModelArguments, **overrides):
     if not name:
         raise CliError("no model: pass --model_name_or_path")
     try:
-        return AutoConfig.from_pretrained(name, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-                                          **overrides)
+        config = AutoConfig.from_pretrained(name, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                                            **overrides)
     except (OSError, ValueError, KeyError) as err:
         raise CliError(f"could not load a model config from {flag} {name}: {err}") from None
+    check_config_numbers(config, f"{flag} {name}")
+    return config
 
 
 def check_vocab(tokenizer, config, model_args: ModelArguments) -> None:
@@ -830,6 +854,7 @@ def build_lm(model_args: LmModelArguments, tokenizer, kind: str):
                 config.update_from_string(model_args.config_overrides)
             except (ValueError, TypeError) as err:  # unknown key, malformed value, or a key whose default is None
                 raise CliError(f"--config_overrides {model_args.config_overrides!r}: {err}") from None
+            check_config_numbers(config, f"--config_overrides {model_args.config_overrides!r}")
         config.vocab_size = len(tokenizer)
         for key in LM_KINDS[kind]["token_ids"]:
             value = getattr(tokenizer, key, None)

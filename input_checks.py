@@ -12,6 +12,7 @@ Two mistakes that otherwise cost minutes or give silent garbage:
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -108,3 +109,11 @@ def check_tokenizer(tokenizer, config=None, *, tokenizer_flag: str, tokenizer_na
                 f"{tokenizer_flag} {tokenizer_name}: its {key} is {token_id} but {model} has {key} {model_id}: "
                 f"they do not belong together; {fix}"
             )
+
+
+def check_config_numbers(config, source: str) -> None:
+    """CliError naming `source` when a number of a model config is NaN or infinite (`"dropout": NaN` in a hand-edited
+    config.json loads without a word and fails at the first training step, deep in the model)."""
+    for key, value in sorted(config.to_dict().items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CliError(f"{source}: the config's {key} is {value}; give a finite number")

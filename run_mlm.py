@@ -106,6 +106,19 @@ def tokenize_texts(raw, data_args: MlmDataArguments, tokenizer, max_seq_length: 
         )
 
 
+def check_maskable(dataset, mlm_probability: float, source: str | None) -> None:
+    """CliError when the training data has so few tokens to mask that a run would mask none on average: a
+    one-word file trained with loss 0.0 at every step and saved the model as if it had learnt something."""
+    maskable = 0
+    for special in dataset["special_tokens_mask"]:
+        maskable += len(special) - sum(special)
+        if maskable * mlm_probability >= 1:
+            return
+    raise CliError(f"{source or 'the training data'} has {maskable} token(s) that can be masked; at --mlm_probability "
+                   f"{mlm_probability:g} that is {maskable * mlm_probability:.2g} masked per pass over the data, so the "
+                   f"batches would have nothing to predict: give more text")
+
+
 def mask_fixed(dataset, tokenizer, mlm_probability: float, seed: int):
     """Mask `dataset` once, deterministically: adds `labels` (-100 where not masked) and rewrites `input_ids`.
 
@@ -186,6 +199,7 @@ def prepare_datasets(raw, data_args: MlmDataArguments, tokenizer, max_seq_length
         train_dataset = take(tokenized["train"], data_args.max_train_samples)
         if len(train_dataset) == 0:
             raise CliError(f"{getattr(raw, 'sources', {}).get('train', 'the training data')} holds no text")
+        check_maskable(train_dataset, data_args.mlm_probability, getattr(raw, "sources", {}).get("train"))
     if training_args.do_eval:
         eval_dataset = take(tokenized["validation"], data_args.max_eval_samples)
         if len(eval_dataset) == 0:

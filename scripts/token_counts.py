@@ -18,9 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from binarized_io import Corpus, load_corpus
 from atomic_files import atomic_open
-from utils import check_output_parent, check_writable, CliError, logger, run_cli
+from binarized_io import Corpus, load_corpus
+from utils import CliError, check_output_parent, check_writable, logger, run_cli
 
 # The original's default, used for a pickle (which records no vocabulary size) without --vocab_size.
 DEFAULT_VOCAB_SIZE = 30522
@@ -58,8 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab_size",
         type=int,
         default=None,
-        help="Vocabulary size (default: the one the .bin file records; for a pickle, 30522 as in the original).",
+        help="Vocabulary size (default: the one the .bin file records; for a pickle, 30522 as in the original). "
+             "With a .bin it must equal the recorded size (a corpus of another tokenizer is refused here, not at "
+             "training), unless --allow_vocab_mismatch.",
     )
+    parser.add_argument("--allow_vocab_mismatch", action="store_true",
+                        help="Take a --vocab_size other than the one the .bin records: for a model whose embedding "
+                             "table is padded beyond its tokenizer (causal_train.py wants one count per row).")
     return parser
 
 
@@ -74,12 +79,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if vocab_size is None:
         vocab_size = corpus.vocab_size or DEFAULT_VOCAB_SIZE
         logger.info("vocabulary size %d (%s)", vocab_size, "recorded in the file" if corpus.vocab_size else "default")
-    elif corpus.vocab_size is not None and corpus.vocab_size != vocab_size:
-        logger.warning("--vocab_size %d differs from the %d recorded in %s", vocab_size, corpus.vocab_size, corpus.path)
+    elif corpus.vocab_size is not None and corpus.vocab_size != vocab_size and not args.allow_vocab_mismatch:
+        raise CliError(f"--vocab_size {vocab_size} differs from the {corpus.vocab_size} entries of the tokenizer that "
+                       f"binarized --data_file {corpus.path} (recorded in it): leave --vocab_size out to use "
+                       f"{corpus.vocab_size}; for a model whose embedding table is padded beyond its tokenizer, add "
+                       f"--allow_vocab_mismatch")
     if vocab_size < 1:
         raise CliError(f"--vocab_size must be positive, not {vocab_size}")
     logger.info("counting tokens of %s", corpus.describe())
     counts = count_tokens(corpus, vocab_size)
+    if not counts.any():
+        raise CliError(f"--data_file {corpus.path} holds no token: nothing to count (binarize a non-empty corpus)")
     with atomic_open(out, "wb") as fh:
         if out.suffix == ".npy":
             np.save(fh, counts)

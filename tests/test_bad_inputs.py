@@ -138,6 +138,16 @@ def _issue21_inputs(w, root, setup, corpus_lines, payload):
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(gpt2)
     tok.save_pretrained(gpt2)
     w["gpt2"] = gpt2
+    nan_teacher = root / "nan_teacher"  # a hand-edited config.json: Python's json reads NaN
+    shutil.copytree(setup["teacher"], nan_teacher)
+    config = json.loads((nan_teacher / "config.json").read_text())
+    config["hidden_dropout_prob"] = float("nan")
+    (nan_teacher / "config.json").write_text(json.dumps(config))
+    w["nan_teacher"] = nan_teacher
+    w["one_word"] = root / "one_word.txt"
+    w["one_word"].write_text("word\n")
+    w["empty_corpus"] = root / "empty.pickle"
+    w["empty_corpus"].write_bytes(pickle.dumps([]))
     w["short_text"] = root / "short.txt"
     w["short_text"].write_text("a few words only\n")
     from binarized_io import CorpusWriter
@@ -340,6 +350,47 @@ CASES = [
      lambda w, o: _train(w, o, "--resume_from", str(w["sharded_checkpoint"])),
      "checkpoint-3 was written by an --fsdp run \\(sharded\\): resume it with --fsdp under torchrun .*"
      "scripts/consolidate_checkpoint.py"),
+] + [  # the third attack: tracebacks and silent results in the fine-tuning and data scripts
+    ("glue-accumulation-0", "run_glue.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--task_name", "sst2", "--train_file", str(w["text"]),
+                   "--do_train", "--gradient_accumulation_steps", "0", "--output_dir", str(o / "glue")],
+     "--gradient_accumulation_steps must be >= 1, not 0"),
+    ("glue-max-train-samples-0", "run_glue.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--task_name", "sst2", "--train_file", str(w["text"]),
+                   "--do_train", "--max_train_samples", "0", "--output_dir", str(o / "glue")],
+     "--max_train_samples must be >= 1 \(or left out: every row\), not 0"),
+    ("glue-no-step", "run_glue.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--task_name", "sst2", "--train_file", str(w["text"]),
+                   "--do_train", "--num_train_epochs", "-1", "--max_steps", "-1", "--output_dir", str(o / "glue")],
+     "--num_train_epochs must be a finite number > 0 when --max_steps is -1, not -1"),
+    ("mlm-max-steps-0", "run_mlm.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--train_file", str(w["text"]), "--do_train",
+                   "--max_steps", "0", "--output_dir", str(o / "mlm")],
+     "--max_steps must be -1 \(train for --num_train_epochs\) or >= 1, not 0"),
+    ("mlm-one-word", "run_mlm.py",
+     lambda w, o: ["--model_name_or_path", str(w["teacher"]), "--train_file", str(w["one_word"]), "--do_train",
+                   "--max_steps", "2", "--output_dir", str(o / "mlm")],
+     "one_word.txt has 1 token\(s\) that can be masked; at --mlm_probability 0.15 .* nothing to predict"),
+    ("mlm-nan-dropout", "run_mlm.py",
+     lambda w, o: ["--model_name_or_path", str(w["nan_teacher"]), "--validation_file", str(w["text"]), "--do_eval",
+                   "--output_dir", str(o / "mlm")], "--model_name_or_path .*nan_teacher: the config's hidden_dropout_prob "
+                                                    "is nan; give a finite number"),
+    ("mlm-nan-override", "run_mlm.py",
+     lambda w, o: ["--model_type", "bert", "--tokenizer_name", str(w["teacher"]), "--config_overrides",
+                   "hidden_dropout_prob=nan", "--train_file", str(w["text"]), "--do_train", "--output_dir", str(o / "m")],
+     "--config_overrides 'hidden_dropout_prob=nan': the config's hidden_dropout_prob is nan"),
+    ("counts-empty-corpus", "scripts/token_counts.py",
+     lambda w, o: ["--data_file", str(w["empty_corpus"]), "--token_counts_dump", str(o / "c.pickle")],
+     "--data_file .*empty.pickle holds no token"),
+    ("counts-another-vocabulary", "scripts/token_counts.py",
+     lambda w, o: ["--data_file", str(w["data"]), "--token_counts_dump", str(o / "c.pickle"), "--vocab_size", "30522"],
+     "--vocab_size 30522 differs from the \d+ entries of the tokenizer that binarized --data_file"),
+    ("binarize-into-proc", "scripts/binarized_data.py",
+     lambda w, o: ["--file_path", str(w["text"]), "--tokenizer_type", "bert", "--tokenizer_name", str(w["teacher"]),
+                   "--dump_file", "/proc/data"], "cannot write /proc/data.train.*: .*no file can be created in /proc"),
+    ("mapping-into-proc", "scripts/make_mapping.py",
+     lambda w, o: ["--teacher", str(w["teacher"]), "--student", str(w["student_config"]), "--alignment", "middle",
+                   "--output", "/proc/m.nm"], "cannot write /proc/m.nm: .*no file can be created in /proc"),
 ]
 
 
