@@ -37,10 +37,12 @@ from checkpoints import (CHECKPOINT_PREFIX, DCP_METADATA, MANIFEST_FILE, STATE_F
 from atomic_files import atomic_write_text, file_blake2b
 from utils import CliError, logger
 
-# The globals a DCP `.metadata` pickle of torch 2.13 refers to; anything else is refused.
+# The globals a DCP `.metadata` pickle of torch 2.13 refers to when it describes tensors only; anything else is
+# refused. Not BytesStorageMetadata: DCP loads such an entry with torch.load(weights_only=False), which runs code,
+# and our checkpoints hold tensors only.
 _METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                                               "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                                               "TensorStorageMetadata", "ChunkStorageMetadata",
                                                "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
@@ -73,6 +75,34 @@ def safe_metadata_reader(folder: Path):
             return metadata
 
     return SafeMetadataReader(str(folder))
+
+
+def check_metadata(folder: Path, expected: dict) -> None:
+    """CliError unless DCP's `.metadata` of checkpoint `folder` describes tensors only (read with the restricted
+    unpickler) and holds each tensor of `expected` (nested as for `dcp.load`) with its shape and dtype: a checkpoint
+    is refused before DCP reads any shard, so nothing is ever unpickled from one."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        entries = safe_metadata_reader(folder).read_metadata().state_dict_metadata
+    except Exception as err:  # noqa: BLE001 -- a refused global, a truncated pickle: one message
+        raise CliError(f"checkpoint {folder}: its {DCP_METADATA} is refused ({short_load_error(err)}); a checkpoint "
+                       f"of this project holds tensors only") from None
+    if not isinstance(entries, dict):
+        raise CliError(f"checkpoint {folder}: its {DCP_METADATA} holds no index of tensors")
+    others = sorted(k for k, v in entries.items() if not isinstance(v, TensorStorageMetadata))
+    if others:
+        raise CliError(f"checkpoint {folder}: its {DCP_METADATA} lists entries that are not tensors ({others[:3]}); "
+                       f"a checkpoint of this project holds tensors only, so it is refused unread")
+    flat, _ = flatten_state_dict(expected)
+    for key, tensor in flat.items():
+        entry = entries.get(key)
+        if entry is None:
+            raise CliError(f"checkpoint {folder} does not fit this student: it holds no {key}")
+        if tuple(entry.size) != tuple(tensor.shape) or entry.properties.dtype != tensor.dtype:
+            raise CliError(f"checkpoint {folder} does not fit this student: {key} is {tuple(entry.size)} "
+                           f"{entry.properties.dtype} there, {tuple(tensor.shape)} {tensor.dtype} here")
 
 
 # --- plain data for weights_only loading ---------------------------------------------------------------
@@ -229,6 +259,7 @@ def read_sharded_checkpoint(folder: Path, student: nn.Module, optimizer, params)
     tensors = {"model": get_model_state_dict(student)}
     if state["has_optimizer_state"]:
         tensors["optim"] = get_optimizer_state_dict(student, optimizer)["state"]
+    check_metadata(folder, tensors)
     try:
         dcp.load(tensors, checkpoint_id=str(folder), storage_reader=safe_metadata_reader(folder))
     except Exception as err:  # noqa: BLE001 -- shards of another student, a refused metadata global: one message
@@ -286,6 +317,7 @@ def consolidate(folder: Path, out: Path) -> None:
 
     model = FAMILIES[config.model_type].model_class(config)
     tensors = {"model": model.state_dict()}
+    check_metadata(folder, tensors)
     try:
         with warnings.catch_warnings():  # (one process on purpose: DCP's warning that it assumes so is noise)
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

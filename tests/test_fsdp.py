@@ -339,3 +339,130 @@ def test_training_state_of_a_sharded_checkpoint_loads_weights_only(tmp_path):
     assert torch.equal(loaded["pairing"], torch.arange(5))
     checkpoints.set_rng_state(sharded_checkpoints.native_rng(loaded["rng"][0]))
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == draws
+
+
+# --- a crafted sharded checkpoint runs no code ----------------------------------------------------------------
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A gloo process group of one rank in this process (what DCP's collectives need), destroyed afterwards."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(name, value)
+    torch.distributed.init_process_group("gloo")
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def _sharded_run(tmp_path):
+    """A real sharded checkpoint of a tiny DistilBERT and its AdamW (one step taken), written by
+    `write_sharded_checkpoint` on one rank; returns (checkpoint folder, a fresh student, its optimizer)."""
+    from helpers import tiny_distilbert
+
+    from checkpoints import CheckpointWriter, rng_states_all_ranks
+    from sharded_checkpoints import write_sharded_checkpoint
+
+    def model_and_optimizer():
+        student = tiny_distilbert()
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        student(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+        optimizer.step()
+        return student, optimizer
+
+    student, optimizer = model_and_optimizer()
+    state = {"scheduler": {}, "scaler": {}, "epoch": 0, "n_step": 1, "batch_in_epoch": 1, "n_tokens": 3,
+             "n_skipped_nonfinite": 0, "pairing": None, "world_size": 1, "data_fingerprint": None,
+             "rng": rng_states_all_ranks(False)}
+    folder = write_sharded_checkpoint(CheckpointWriter(tmp_path / "run"), 1, student, optimizer, state, True)
+    return folder, *model_and_optimizer()
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _craft_bytes_entry(folder, key: str, marker) -> None:
+    """What the attack did: one tensor entry of `.metadata` replaced by a BytesStorageMetadata that points at a
+    torch.save'd object whose unpickling runs a command, appended to a shard; the manifest sealed again."""
+    import io
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    from checkpoints import write_manifest
+
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    buffer = io.BytesIO()
+    torch.save(_Payload(marker), buffer)
+    shard = folder / "__0_0.distcp"
+    offset = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes() + buffer.getvalue())
+    metadata.state_dict_metadata[key] = BytesStorageMetadata()
+    metadata.storage_data[MetadataIndex(key)] = _StorageInfo("__0_0.distcp", offset, len(buffer.getvalue()))
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    write_manifest(folder)
+
+
+KEY = "model.distilbert.embeddings.word_embeddings.weight"
+
+
+def test_a_sharded_checkpoint_reloads_and_consolidates(one_rank_group, tmp_path):
+    from types import SimpleNamespace
+
+    from sharded_checkpoints import consolidate, read_sharded_checkpoint
+
+    folder, student, optimizer = _sharded_run(tmp_path)
+    params = SimpleNamespace(world_size=1, data_file=str(tmp_path / "unused"), data_fingerprint=None)
+    assert read_sharded_checkpoint(folder, student, optimizer, params)["n_step"] == 1
+    consolidate(folder, tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("path", ["consolidate", "resume"])
+def test_a_bytes_entry_in_sharded_metadata_is_refused_unread(one_rank_group, tmp_path, path):
+    from types import SimpleNamespace
+
+    from sharded_checkpoints import consolidate, read_sharded_checkpoint
+
+    folder, student, optimizer = _sharded_run(tmp_path)
+    marker = tmp_path / "pwned"
+    _craft_bytes_entry(folder, KEY, marker)
+    with pytest.raises(CliError, match=r"checkpoint .*checkpoint-1: its \.metadata is refused .*BytesStorageMetadata"):
+        if path == "consolidate":
+            consolidate(folder, tmp_path / "hf")
+        else:
+            params = SimpleNamespace(world_size=1, data_file=str(tmp_path / "unused"), data_fingerprint=None)
+            read_sharded_checkpoint(folder, student, optimizer, params)
+    assert not marker.exists()
+    assert not (tmp_path / "hf").exists()
+
+
+def test_sharded_metadata_must_describe_the_tensors_this_student_expects(one_rank_group, tmp_path):
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from checkpoints import write_manifest
+    from sharded_checkpoints import _METADATA_CLASSES, check_metadata, consolidate
+
+    folder, student, _ = _sharded_run(tmp_path)
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    metadata.state_dict_metadata[KEY].size = torch.Size([7, 7])
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    write_manifest(folder)  # sealed again, as the attack did: the manifest alone cannot tell
+    with pytest.raises(CliError, match=rf"does not fit this student: {re.escape(KEY)} is \(7, 7\) torch.float32 there"):
+        consolidate(folder, tmp_path / "hf")
+    del metadata.state_dict_metadata[KEY]
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CliError, match=f"holds no {re.escape(KEY)}"):
+        check_metadata(folder, {"model": student.state_dict()})
+    # were BytesStorageMetadata admitted by the unpickler, the entry would still be refused as not a tensor
+    metadata.state_dict_metadata[KEY] = BytesStorageMetadata()
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    _METADATA_CLASSES["torch.distributed.checkpoint.metadata"].add("BytesStorageMetadata")
+    try:
+        with pytest.raises(CliError, match="lists entries that are not tensors"):
+            check_metadata(folder, {"model": student.state_dict()})
+    finally:
+        _METADATA_CLASSES["torch.distributed.checkpoint.metadata"].discard("BytesStorageMetadata")
