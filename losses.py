@@ -3,12 +3,15 @@
 Rows are selected positions (tokens), already gathered: callers never pass padding.
 
 The vocabulary-wide losses (`ce`/`causal_ce` and `mlm`/`clm`) are computed in row chunks by
-`_kl_rows` and `_ce_rows`, which return each chunk's loss and its gradient with respect to the
-logits in one pass. `soft_target_kl` and `lm_cross_entropy` apply them to given logits;
+`_kl_rows` (or the rows of another `Divergence`) and `_ce_rows`, which return each chunk's loss and
+its gradient with respect to the logits in one pass. `soft_target_kl` and `lm_cross_entropy` apply them to given logits;
 `head_losses` applies them to logits it computes chunk by chunk from the LM head's features, so
 that no (positions x vocabulary) tensor is ever stored: memory grows with the hidden size.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +76,114 @@ def _ce_rows(logits, labels, want_grad: bool):
     return loss, grad
 
 
+def _softmax_backward(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits from d loss / d p (`g`, overwritten) for p = softmax(logits): p * (g - sum(p * g))."""
+    g.sub_((p * g).sum(-1, keepdim=True))
+    return g.mul_(p)
+
+
+def _reverse_kl_rows(s_scaled, t_scaled, want_grad: bool, skew: float = 0.0):
+    """Sum over rows of KL(p_s || r), r = skew * p_s + (1 - skew) * p_t (r = p_t without skew), and d/ds."""
+    s_log, t_log = F.log_softmax(s_scaled, dim=-1), F.log_softmax(t_scaled, dim=-1)
+    p_s = s_log.exp()
+    r_log = t_log if skew == 0 else torch.logaddexp(s_log + math.log(skew), t_log + math.log1p(-skew))
+    d = s_log - r_log
+    loss = torch.dot(p_s.view(-1), d.view(-1))
+    if not want_grad:
+        return loss, None
+    if skew:  # d/dp_s: log p_s - log r + 1 - skew * p_s / r (the constant 1 cancels through the softmax)
+        d.sub_(d.exp().mul_(skew))  # (d = log p_s - log r, so exp(d) = p_s / r)
+    return loss, _softmax_backward(p_s, d)
+
+
+def _skew_kl_rows(s_scaled, t_scaled, want_grad: bool, skew: float):
+    """Sum over rows of KL(p_t || q), q = skew * p_t + (1 - skew) * p_s (DistiLLM's skew KL), and d/ds."""
+    s_log, t_log = F.log_softmax(s_scaled, dim=-1), F.log_softmax(t_scaled, dim=-1)
+    p_t = t_log.exp()
+    q_log = torch.logaddexp(t_log + math.log(skew), s_log + math.log1p(-skew))
+    loss = torch.dot(p_t.view(-1), (t_log - q_log).view(-1))
+    if not want_grad:
+        return loss, None
+    g = (t_log - q_log).exp_().mul_(-(1 - skew))  # d/dp_s = -(1 - skew) p_t / q
+    return loss, _softmax_backward(s_log.exp(), g)
+
+
+def _jsd_rows(s_scaled, t_scaled, want_grad: bool, beta: float):
+    """Sum over rows of the generalised Jensen-Shannon divergence of GKD (TRL's generalized_jsd_loss), m =
+    beta * p_t + (1 - beta) * p_s: beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), and d/ds."""
+    s_log, t_log = F.log_softmax(s_scaled, dim=-1), F.log_softmax(t_scaled, dim=-1)
+    p_s, p_t = s_log.exp(), t_log.exp()
+    m_log = torch.logaddexp(t_log + math.log(beta), s_log + math.log1p(-beta))
+    s_part = s_log - m_log
+    loss = beta * torch.dot(p_t.view(-1), (t_log - m_log).view(-1)) + (1 - beta) * torch.dot(p_s.view(-1),
+                                                                                            s_part.view(-1))
+    if not want_grad:
+        return loss, None
+    return loss, _softmax_backward(p_s, s_part.mul_(1 - beta))  # d/dp_s = (1 - beta) (log p_s - log m)
+
+
+def _tvd_rows(s_scaled, t_scaled, want_grad: bool):
+    """Sum over rows of the total variation distance 1/2 sum_v |p_s - p_t|, and d/ds (a subgradient: 0 at ties)."""
+    p_s, p_t = F.softmax(s_scaled, dim=-1), F.softmax(t_scaled, dim=-1)
+    diff = p_s - p_t
+    loss = 0.5 * diff.abs().sum()
+    if not want_grad:
+        return loss, None
+    return loss, _softmax_backward(p_s, diff.sign_().mul_(0.5))
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """What a soft-target term (`ce`, `causal_ce`) measures between the softened teacher and student distributions.
+
+    name: forward_kl (KL(p_t || p_s), the original's), reverse_kl (KL(p_s || p_t)), jsd (the generalised
+    Jensen-Shannon divergence of GKD with `beta`; as in TRL, beta 0 is the forward KL and beta 1 the reverse KL)
+    or tvd (total variation). `skew` (DistiLLM, forward and reverse KL only): the student's side is mixed with
+    the other distribution, KL(p_t || skew p_t + (1 - skew) p_s) and KL(p_s || skew p_s + (1 - skew) p_t).
+    Every divergence is taken between softmax(logits / T) and multiplied by T^2, as the KL always was.
+    """
+
+    name: str = "forward_kl"
+    beta: float = 0.5
+    skew: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.name!r} (one of {', '.join(DIVERGENCES)})")
+        if not 0.0 <= self.beta <= 1.0 or not 0.0 <= self.skew < 1.0:
+            raise ValueError(f"beta must lie in [0, 1] and skew in [0, 1), got {self.beta} and {self.skew}")
+        if self.skew and self.name not in ("forward_kl", "reverse_kl"):
+            raise ValueError(f"a skew applies to forward_kl and reverse_kl, not {self.name}")
+
+    @property
+    def is_forward_kl(self) -> bool:
+        """The original objective, through the fused (and optionally compiled) KL kernel."""
+        return self.rows_name == "forward_kl" and not self.skew
+
+    @property
+    def rows_name(self) -> str:
+        if self.name == "jsd" and self.beta in (0.0, 1.0):
+            return "forward_kl" if self.beta == 0.0 else "reverse_kl"
+        return self.name
+
+    def rows(self, s_scaled, t_scaled, want_grad: bool):
+        """(sum over rows of the divergence, d/d s_scaled or None) of temperature-scaled logits (fp32/fp64
+        scratch: they may be overwritten)."""
+        name = self.rows_name
+        if name == "forward_kl":
+            return _kl_rows(s_scaled, t_scaled, want_grad) if not self.skew else \
+                _skew_kl_rows(s_scaled, t_scaled, want_grad, self.skew)
+        if name == "reverse_kl":
+            return _reverse_kl_rows(s_scaled, t_scaled, want_grad, self.skew)
+        if name == "jsd":
+            return _jsd_rows(s_scaled, t_scaled, want_grad, self.beta)
+        return _tvd_rows(s_scaled, t_scaled, want_grad)
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+FORWARD_KL = Divergence()
+
+
 def _kl_rows_fusable(s_raw, t_raw, s_bias, t_bias, inv_temperature: float):
     """`_kl_rows` from the projections' outputs before bias and softening, written for torch.compile:
     the bias, the 1/T, both log-softmaxes, the loss and the gradient fuse into a few passes."""
@@ -108,9 +219,9 @@ class _RowLoss(torch.autograd.Function):
         scale = 1.0 / max(n_norm, 1)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
-            if kind == "kl":  # fresh scaled copies: the caller's tensors are never written
-                loss, g = _kl_rows(logits[rows].to(acc) / temperature, other[rows].to(acc) / temperature,
-                                   needs_grad)
+            if kind != "ce":  # a Divergence; fresh scaled copies: the caller's tensors are never written
+                loss, g = kind.rows(logits[rows].to(acc) / temperature, other[rows].to(acc) / temperature,
+                                    needs_grad)
                 g = g.mul_(1.0 / temperature) if needs_grad else None
             else:
                 loss, g = _ce_rows(logits[rows].to(acc, copy=True), other[rows], needs_grad)
@@ -127,15 +238,20 @@ class _RowLoss(torch.autograd.Function):
         return (grad * grad_output).to(ctx.dtype), None, None, None, None
 
 
-def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`ce`/`causal_ce`: KL(teacher || student) of the temperature-softened distributions, times T².
-
-    Inputs are (N, V) logits at N selected positions; the result is averaged over positions:
+def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                     divergence: Divergence = FORWARD_KL) -> torch.Tensor:
+    """`ce`/`causal_ce`: the `divergence` of the temperature-softened distributions, times T², averaged over
+    the N positions of (N, V) student and teacher logits. The forward KL (the default, the original's):
 
         T² / N * sum_i sum_v p_t(v) * (log p_t(v) - log p_s(v)),   p = softmax(logits / T)
     """
     t = float(temperature)
-    return _RowLoss.apply(student_logits, teacher_logits, "kl", t, student_logits.shape[0]) * (t * t)
+    return _RowLoss.apply(student_logits, teacher_logits, divergence, t, student_logits.shape[0]) * (t * t)
+
+
+def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`soft_target_loss` with the forward KL, KL(teacher || student)."""
+    return soft_target_loss(student_logits, teacher_logits, temperature, FORWARD_KL)
 
 
 def lm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -148,7 +264,7 @@ def lm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 class _HeadLosses(torch.autograd.Function):
-    """alpha_kl * soft_target_kl + alpha_lm * lm_cross_entropy on logits = features @ W.T + b,
+    """alpha_kl * soft_target_loss + alpha_lm * lm_cross_entropy on logits = features @ W.T + b,
     computed chunk by chunk; returns (weighted total, kl value, lm value).
 
     The KL covers every row; the LM loss projects only its labelled rows (the MLM-masked tokens),
@@ -156,7 +272,7 @@ class _HeadLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_feat, weight, bias, t_feat, t_weight, t_bias, lm_rows, lm_targets, temperature, alpha_kl,
-                alpha_lm):
+                alpha_lm, divergence):
         n, n_lm = s_feat.shape[0], lm_rows.shape[0]
         t = temperature
         acc = _accumulation_dtype(s_feat)  # fp32, or fp64 for an fp64 model
@@ -189,23 +305,24 @@ class _HeadLosses(torch.autograd.Function):
             return torch.mm(grad, weight).mul_(scale).to(g_feat.dtype)
 
         if alpha_kl > 0:
-            # d(T^2 KL(p_t || p_s))/d(logits) = T (p_s - p_t): the 1/T of the softening times T^2
+            # d(T^2 D)/d(logits) = T dD/d(logits / T): the 1/T of the softening times T^2
             kl_scale = alpha_kl * t / max(n, 1)
-            if _compiled_kl is not None:
+            compiled = _compiled_kl if divergence.is_forward_kl else None  # (only the KL kernel is compiled)
+            if compiled is not None:
                 s_bias = kl_bias if kl_bias is not None else weight.new_zeros(weight.shape[0])
                 t_bias_ = kl_t_bias if kl_t_bias is not None else t_weight.new_zeros(t_weight.shape[0])
             for start in range(0, n, step):
                 rows = slice(start, start + step)
-                if _compiled_kl is not None:
+                if compiled is not None:
                     s_raw = torch.mm(s_feat[rows], weight.t())
                     with torch.no_grad():
                         t_raw = torch.mm(t_feat[rows], t_weight.t())
-                    loss, grad = _compiled_kl(s_raw, t_raw, s_bias, t_bias_, 1.0 / t)
+                    loss, grad = compiled(s_raw, t_raw, s_bias, t_bias_, 1.0 / t)
                 else:
                     s_scaled = logits(s_feat[rows], weight, kl_bias, 1.0 / t)
                     with torch.no_grad():
                         t_scaled = logits(t_feat[rows], t_weight, kl_t_bias, 1.0 / t)
-                    loss, grad = _kl_rows(s_scaled, t_scaled, True)
+                    loss, grad = divergence.rows(s_scaled, t_scaled, True)
                 kl_total += loss
                 g_feat[rows] = backward_of_projection(grad, s_feat[rows], kl_scale)
         if alpha_lm > 0 and n_lm > 0:
@@ -232,7 +349,7 @@ class _HeadLosses(torch.autograd.Function):
         g_feat, g_weight, g_bias = ctx.saved_tensors
         g_bias = g_bias * grad_total if ctx.has_bias else None
         return (g_feat * grad_total.to(g_feat.dtype), g_weight * grad_total, g_bias,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def _aligned_heads(weight, t_weight, bias, t_bias, temperature: float, autocast_dtype, acc=torch.float32):
@@ -271,14 +388,16 @@ def head_losses(
     temperature: float,
     alpha_kl: float,
     alpha_lm: float,
+    divergence: Divergence = FORWARD_KL,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`alpha_kl * ce + alpha_lm * lm` from the LM head's features, without storing any logits.
+    """`alpha_kl * ce + alpha_lm * lm` from the LM head's features, without storing any logits; `ce` is the
+    soft-target `divergence` (the forward KL by default).
 
     s_features: (N, H) student features before the vocabulary projection (with gradients);
     t_features: (N, H) teacher features at the same rows (or None when alpha_kl is 0);
     lm_rows: (M,) the rows with an LM target, lm_targets: (M,) their target ids (or None).
     Returns (weighted total with gradients, ce value, lm value); the values equal
-    `soft_target_kl` and `lm_cross_entropy` on the materialised logits.
+    `soft_target_loss` and `lm_cross_entropy` on the materialised logits.
     """
     t_weight = t_projection.weight if t_projection is not None else None
     t_bias = t_projection.bias if t_projection is not None else None
@@ -286,7 +405,7 @@ def head_losses(
         lm_rows = torch.zeros(0, dtype=torch.long, device=s_features.device)
         lm_targets = lm_rows
     return _HeadLosses.apply(s_features, projection.weight, projection.bias, t_features, t_weight, t_bias, lm_rows,
-                             lm_targets, float(temperature), float(alpha_kl), float(alpha_lm))
+                             lm_targets, float(temperature), float(alpha_kl), float(alpha_lm), divergence)
 
 
 def logits_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

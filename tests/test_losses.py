@@ -164,3 +164,93 @@ def test_head_losses_with_the_vocabulary_padded_are_unchanged(monkeypatch, with_
     assert all(p.grad.shape == p.shape for p in proj.parameters())
     for a, b in zip(padded, plain):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# --- divergences of the soft-target terms ----------------------------------------------------------------------
+def reference_divergence(s, t, T, name, beta=0.5, skew=0.0):
+    """T² / N * sum over rows of the divergence of softmax(s / T) from softmax(t / T), written as plainly as
+    possible in float64 (autograd gives its gradient)."""
+    p_s, p_t = torch.softmax(s / T, -1), torch.softmax(t / T, -1)
+
+    def kl(p, q):
+        return (p * (p.log() - q.log())).sum()
+
+    if name == "forward_kl":
+        value = kl(p_t, skew * p_t + (1 - skew) * p_s)
+    elif name == "reverse_kl":
+        value = kl(p_s, skew * p_s + (1 - skew) * p_t)
+    elif name == "jsd":
+        m = beta * p_t + (1 - beta) * p_s
+        value = beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+    else:
+        value = 0.5 * (p_s - p_t).abs().sum()
+    return value * T * T / s.shape[0]
+
+
+DIVERGENCE_CASES = [("forward_kl", 0.5, 0.0), ("forward_kl", 0.5, 0.1), ("reverse_kl", 0.5, 0.0),
+                    ("reverse_kl", 0.5, 0.3), ("jsd", 0.5, 0.0), ("jsd", 0.1, 0.0), ("jsd", 0.9, 0.0),
+                    ("tvd", 0.5, 0.0)]
+
+
+@pytest.mark.parametrize("name, beta, skew", DIVERGENCE_CASES)
+def test_every_divergence_equals_its_formula_in_float64_values_and_gradients(name, beta, skew):
+    from losses import Divergence, head_losses, soft_target_loss
+
+    torch.manual_seed(0)
+    T = 1.7
+    s = torch.randn(300, 41, dtype=torch.float64, requires_grad=True)  # more rows than one CPU chunk (256)
+    t = torch.randn(300, 41, dtype=torch.float64)
+    want = reference_divergence(s, t, T, name, beta, skew)
+    (want_grad,) = torch.autograd.grad(want, s)
+    divergence = Divergence(name, beta=beta, skew=skew)
+    got = soft_target_loss(s, t, T, divergence)
+    (got_grad,) = torch.autograd.grad(got, s)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(got_grad, want_grad, rtol=1e-10, atol=1e-14)
+    # the chunked head computes the same from features and the LM head
+    head = torch.nn.Linear(16, 41, dtype=torch.float64)
+    t_head = torch.nn.Linear(16, 41, dtype=torch.float64)
+    feat = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
+    t_feat = torch.randn(300, 16, dtype=torch.float64)
+    want = reference_divergence(head(feat), t_head(t_feat), T, name, beta, skew) * 0.7
+    want_grads = torch.autograd.grad(want, (feat, head.weight, head.bias))
+    total, value, _ = head_losses(feat, head, t_feat, t_head, None, None, T, 0.7, 0.0, divergence)
+    got_grads = torch.autograd.grad(total, (feat, head.weight, head.bias))
+    assert torch.allclose(total, want, rtol=1e-12) and torch.allclose(value * 0.7, want, rtol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-13)
+
+
+def test_jsd_beta_0_and_1_are_the_kls_and_skew_0_is_the_plain_kl():
+    from losses import FORWARD_KL, Divergence, soft_target_loss
+
+    torch.manual_seed(1)
+    s, t = torch.randn(20, 9, dtype=torch.float64), torch.randn(20, 9, dtype=torch.float64)
+    forward = soft_target_loss(s, t, 2.0, FORWARD_KL)
+    reverse = soft_target_loss(s, t, 2.0, Divergence("reverse_kl"))
+    assert torch.equal(soft_target_loss(s, t, 2.0, Divergence("jsd", beta=0.0)), forward)
+    assert torch.equal(soft_target_loss(s, t, 2.0, Divergence("jsd", beta=1.0)), reverse)
+    assert torch.allclose(reverse, soft_target_loss(t, s, 2.0, FORWARD_KL), rtol=1e-12)  # KL(s||t), the KL reversed
+    assert torch.equal(soft_target_loss(s, t, 2.0, Divergence("forward_kl", skew=0.0)), forward)
+    half = soft_target_loss(s, t, 1.0, Divergence("jsd", beta=0.5))
+    assert torch.allclose(half, soft_target_loss(t, s, 1.0, Divergence("jsd", beta=0.5)), rtol=1e-12)  # symmetric
+    assert 0 < half.item() < math.log(2)  # JSD(0.5) is bounded by log 2
+    tvd = soft_target_loss(s, t, 1.0, Divergence("tvd"))
+    assert 0 < tvd.item() < 1
+    for name in ("forward_kl", "reverse_kl", "jsd", "tvd"):  # zero, with a zero gradient, when they agree
+        same = s.clone().requires_grad_(True)
+        loss = soft_target_loss(same, s, 1.5, Divergence(name))
+        loss.backward()
+        assert abs(loss.item()) < 1e-15 and same.grad.abs().max().item() < 1e-15
+
+
+def test_bad_divergence_settings_are_refused():
+    from losses import Divergence
+
+    with pytest.raises(ValueError, match="unknown divergence"):
+        Divergence("kl")
+    with pytest.raises(ValueError, match="beta must lie in"):
+        Divergence("jsd", beta=1.5)
+    with pytest.raises(ValueError, match="a skew applies to forward_kl and reverse_kl"):
+        Divergence("tvd", skew=0.1)
