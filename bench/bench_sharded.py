@@ -103,7 +103,7 @@ def run_sharded(args) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    import bench_train_step as bench  # (a second copy of the script's module: it only defines things)
+    import bench_setup as bench
     from distill_setup import build_from_models
     from neuron_mapping import MappingEntry
     from devices import tune_cpu_allocator
@@ -124,8 +124,8 @@ def run_sharded(args) -> dict | None:
     params = _params(bench, args, cfg, mlm, device)
     params.special_tok_ids = ids
     params.pad_to_multiple_of = args.pad_to_multiple_of or (64 if device.type == "cuda" else 1)
-    dataset = bench._dataset(args, cfg, ids)
-    teacher, student = bench._models(cfg)
+    dataset = bench.build_dataset(args, cfg, ids)
+    teacher, student = bench.build_models(cfg)
     token_probs = None
     if mlm:
         token_probs = torch.ones(cfg["vocab"])

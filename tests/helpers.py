@@ -153,7 +153,8 @@ def train_argv(setup: dict, dump: Path, *extra: str, causal: bool = True) -> lis
 
 
 def load_bench():
-    """bench/bench_train_step.py as a module (it is a script, not on the import path)."""
+    """bench/bench_train_step.py as a fresh module (a command, not a module of the repository: each test may patch
+    its globals)."""
     import importlib.util
 
     from conftest import ROOT

@@ -1,5 +1,6 @@
 """bench/bench_train_step.py's own arithmetic: what it counts must be what the step computes."""
 import pytest
+import bench_setup
 from helpers import load_bench
 
 
@@ -36,8 +37,8 @@ def test_synthetic_sequences_of_a_large_vocabulary_keep_their_ids():
     """Llama 3's 128,256 ids do not fit uint16 (the bench's base_clm preset): they must not wrap."""
     import numpy as np
 
-    seqs = load_bench()._synthetic_sequences(50, 128256, 0, 1, 2, length=64)
+    seqs = bench_setup.synthetic_sequences(50, 128256, 0, 1, 2, length=64)
     assert all(len(s) == 64 and s.dtype == np.int32 for s in seqs)
     assert max(int(s.max()) for s in seqs) > 65535
-    small = load_bench()._synthetic_sequences(50, 30522, 0)
+    small = bench_setup.synthetic_sequences(50, 30522, 0)
     assert all(s.dtype == np.uint16 and 12 <= len(s) <= 466 for s in small)
