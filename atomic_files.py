@@ -69,18 +69,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_folder(tmp, path)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_write_error(err, path)
         raise
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Put the complete folder `tmp` in the place of `path` (a sibling of it): an existing `path` is moved aside
+    first and removed only once `tmp` is in its place, so a crash leaves the old folder or the new one, never a
+    half. (What is left aside, `.<name>.old`, is removed by `clean_stale_temporaries`.)"""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def _raise_temporary_error(err: OSError, path: Path) -> None:

@@ -254,3 +254,24 @@ def load_token_probs(path, smoothing: float, vocab_size: int, special_ids: dict[
     for tid in special_ids.values():
         probs[tid] = 0.0
     return torch.from_numpy(probs).float()
+
+
+def add_interchange_args(parser) -> None:
+    """The --interchange_* flags: where DIITO intervenes (causal_train.py) and where IIA is measured (run_iia.py),
+    drawn by `BatchPreparer` the same way in both."""
+    a = parser.add_argument
+    a("--interchange_prop", type=float, default=0.3,
+      help="Interchanged positions per base/source pair: int(min(len_base, len_source) * prop).")
+    a("--interchange_max_token", type=int, default=-1, help="Cap on interchanged positions per pair (-1: none).")
+    a("--interchange_consecutive_only", action="store_true", help="Interchange one consecutive span per pair.")
+    a("--interchange_masked_token_only", action="store_true",
+      help="Choose base positions only among the masked tokens (masked LMs; causal_train.py: with --mlm).")
+
+
+def interchange_problem(args) -> str | None:
+    """What is wrong with the --interchange_* flags of `args`, or None (the same rule for training and IIA)."""
+    if not 0.0 < args.interchange_prop <= 1.0:
+        return f"--interchange_prop must lie in (0, 1], got {args.interchange_prop}"
+    if not (args.interchange_max_token == -1 or args.interchange_max_token >= 1):
+        return f"--interchange_max_token must be -1 (no cap) or >= 1, not {args.interchange_max_token}"
+    return None

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
-import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -33,19 +31,18 @@ import torch.distributed as dist
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
+import training_checkpoints
 from batching import BatchPreparer, Prepared
-from checkpoints import CheckpointWriter, check_fingerprint, read_checkpoint, rng_states_all_ranks, set_rng_state
+from checkpoints import CheckpointWriter, check_fingerprint
 from cpu_dropout import use_cpu_dropout
 from grouped_batch_sampler import epoch_batches
 from interventions import Needs, Outputs, model_outputs
 from lm_seqs_dataset import collated_batches
-from losses import (LOSS_NAMES, head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl,
-                    use_compiled_kernels)
+from losses import head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl, use_compiled_kernels
 from neuron_mapping import MappingEntry
 from sharding import FsdpEngine
-from sharded_checkpoints import (check_engine, full_student_state, read_sharded_checkpoint, stock_model,
-                                 write_sharded_checkpoint)
-from training_log import TrainingLog, check_replicas  # noqa: F401 -- (check_replicas: imported from here before)
+from stop_signals import StopSignals
+from training_log import TrainingLog
 from utils import CliError, logger, progress_bar
 
 
@@ -131,7 +128,7 @@ def configure_optimizer(student: nn.Module, params, total_steps: int):
                 sum(p.numel() for _, p in named))
     optimizer = torch.optim.AdamW(
         groups, lr=params.learning_rate, eps=params.adam_epsilon, betas=(0.9, 0.98),
-        fused=params.device.type == "cuda" and not getattr(params, "fsdp_cpu_offload", False),  # (offload: on the CPU)
+        fused=params.device.type == "cuda" and not params.fsdp_cpu_offload,  # (offload: the step runs on the CPU)
     )
     warmup = math.ceil(total_steps * params.warmup_prop)
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
@@ -151,7 +148,7 @@ def batch_preparer(params, vocab_size: int, token_probs) -> BatchPreparer:
         interchange_max_token=params.interchange_max_token,
         interchange_mode="consecutive" if params.interchange_consecutive_only else "random",
         masked_only=params.interchange_masked_token_only,
-        pad_to_multiple_of=getattr(params, "pad_to_multiple_of", None) or 1,
+        pad_to_multiple_of=params.pad_to_multiple_of,
         max_width=params.max_model_input_size,
         pad_id=params.special_tok_ids.get("pad_token") or 0,
     )
@@ -177,8 +174,7 @@ class Preempted(Exception):
 class CausalDistiller:
     """Owns the data order, the optimisation, logging and checkpoints of a distillation run.
 
-    `params` is causal_train.py's argument namespace, completed by `devices.init_gpu_params`
-    (device, ranks) and `distill_setup.build` (special token ids, data fingerprint).
+    `params` is the run's `distill_config.DistillConfig` (flags, device and ranks, what the inputs gave).
     """
 
     def __init__(self, params, dataset, token_probs, student: nn.Module, teacher: nn.Module,
@@ -191,12 +187,10 @@ class CausalDistiller:
         self.dump_path = Path(params.dump_path)
         self.student = student
         self.teacher = teacher
-        self.alphas = {name: float(getattr(params, f"alpha_{name}")) for name in LOSS_NAMES}
+        self.alphas = params.alphas
         self.needs = needs_from_alphas(self.alphas)
         self.temperature = params.temperature
         self.mappings = mappings or []
-        if self.needs.causal and not self.mappings:
-            raise CliError("a causal objective (--alpha_causal_ce/--alpha_causal_cos > 0) needs --neuron_mapping")
         self.data_augment = params.data_augment
         self.shared_prefix = not params.no_shared_prefix
         self.include_crossway = params.include_crossway and self.needs.causal
@@ -206,14 +200,14 @@ class CausalDistiller:
         self._site_cache: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
 
         # Precision: one context, chosen once.
-        self.amp_dtype = torch.bfloat16 if params.bf16 else torch.float16 if params.fp16 else None
+        self.amp_dtype = params.amp_dtype
         if self.amp_dtype is None:
             self.autocast = contextlib.nullcontext
         else:
             self.autocast = partial(torch.autocast, device_type=self.device.type, dtype=self.amp_dtype)
             self.teacher.to(self.amp_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(params.fp16))
-        use_compiled_kernels(bool(getattr(params, "compile", False)))  # (a process-wide switch: set, or reset)
+        use_compiled_kernels(params.compile)  # (a process-wide switch: set, or reset)
         # On the CPU the student's dropout runs through cpu_dropout.py: the same functions, in less
         # time and memory (stock model classes and parameters; the saved config is unchanged).
         if self.device.type == "cpu":
@@ -227,11 +221,11 @@ class CausalDistiller:
             self.total_steps = min(self.total_steps, params.max_steps)
         # --fsdp: the models are sharded before the optimizer is made (it holds the shards).
         self.fsdp = None
-        if getattr(params, "fsdp", False):
+        if params.fsdp:
             self.fsdp = FsdpEngine(params, student, teacher, compute_losses)
         self.optimizer, self.scheduler = configure_optimizer(student, params, self.total_steps)
         # Logging never changes the numbers (a host sync and a read of the summed losses), only how often.
-        self.log_interval = getattr(params, "log_interval", None) or default_log_interval(self.total_steps)
+        self.log_interval = params.log_interval or default_log_interval(self.total_steps)
 
         self.step_module: nn.Module = StudentStep(student)
         if self.fsdp is not None:
@@ -250,8 +244,7 @@ class CausalDistiller:
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
         self.n_skipped_nonfinite = 0
         self.n_tokens = 0
-        self._stop_signal = None
-        self._launcher: int | None = None  # torchrun's pid, set by train() (see `_launcher_gone`)
+        self.stops = StopSignals()
         self.forward_counts = {"teacher": {}, "student": {}}
         self.checkpoints = CheckpointWriter(self.dump_path, params.save_total_limit)
         self.last_checkpoint_step: int | None = None
@@ -268,7 +261,7 @@ class CausalDistiller:
         p = self.params
         self.student.train()
         self.teacher.eval()
-        self._install_signal_handlers()
+        self.stops.install()
         if self.is_master:
             self.log.open()
             logger.info("training for %d optimiser steps (%d batches per epoch, %d epochs, accumulation %d), "
@@ -283,7 +276,7 @@ class CausalDistiller:
         done = self.n_step >= self.total_steps
         try:
             while self.epoch < p.n_epoch and not done:
-                check_fingerprint(p.data_file, getattr(p, "data_fingerprint", None))
+                check_fingerprint(p.data_file, p.data_fingerprint)
                 self.dataset.set_epoch(self.epoch)
                 batches = self.epoch_batches(self.epoch)
                 for window in self._windows(batches[self.batch_in_epoch:]):
@@ -302,10 +295,10 @@ class CausalDistiller:
                     if self.n_step >= self.total_steps:
                         done = True
                         break
-                    if self._should_stop():
+                    if self.stops.agreed(self.multi_gpu, self.device):
                         if self.last_checkpoint_step != self.n_step:  # (not twice when this step just wrote one)
                             self.save_checkpoint()
-                        raise Preempted(self._stop_signal)
+                        raise Preempted(self.stops.signum)
                 if not done or self.batch_in_epoch >= len(batches):
                     self.epoch += 1
                     self.batch_in_epoch = 0
@@ -476,55 +469,13 @@ class CausalDistiller:
     def collated(self, batches: list[list[int]]) -> Iterator[dict[str, torch.Tensor]]:
         """The collated `batches`, in order, through --num_workers DataLoader workers."""
         return collated_batches(self.dataset, batches, num_workers=self.params.num_workers,
-                                seed=self.params.seed + self.epoch, stopping=lambda: self._stop_signal is not None)
+                                seed=self.params.seed + self.epoch, stopping=lambda: self.stops.signum is not None)
 
     def _windows(self, batches: list[list[int]]) -> Iterator[list[dict[str, torch.Tensor]]]:
         """The collated `batches` in windows of --gradient_accumulation_steps (the last may be shorter)."""
         collated = self.collated(batches)
         for start in range(0, len(batches), self.grad_acc):
             yield [next(collated) for _ in range(min(self.grad_acc, len(batches) - start))]
-
-    # --- signals -------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            if self._stop_signal is None:
-                logger.warning("received %s: finishing the current step, then writing a checkpoint",
-                               signal.Signals(signum).name)
-            self._stop_signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
-                continue  # nohup: a hang-up is to be ignored
-            with contextlib.suppress(ValueError):  # not in the main thread
-                signal.signal(sig, handler)
-        # torchrun's agent is this rank's parent; a plain run's parent (a shell) may end without meaning a stop
-        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
-
-    def _launcher_gone(self) -> bool:
-        """Under torchrun: True once the launcher that started this rank has died (`kill -9` of torchrun). The
-        rank is then an orphan that nobody will stop: it stops by itself, as on SIGHUP, with a checkpoint."""
-        if self._launcher is None or os.getppid() == self._launcher:
-            return False
-        if self._stop_signal is None:
-            logger.warning("the launcher that started this rank (torchrun, pid %d) is gone: finishing the current "
-                           "step, then writing a checkpoint and stopping", self._launcher)
-            self._stop_signal = signal.SIGHUP
-        return True
-
-    def _should_stop(self) -> bool:
-        """Whether to stop after this step; every rank stops at the same step, with the same signal. The ranks
-        agree on the largest signal number any of them received: a rank that received none itself stops with the
-        others' (a killed torchrun reaches its orphaned ranks at different moments, so one rank may see its
-        launcher gone a step before the other)."""
-        self._launcher_gone()
-        agreed = torch.tensor([float(self._stop_signal or 0)])
-        if self.multi_gpu:
-            agreed = agreed.to(self.device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        signum = int(agreed.item())
-        if signum and self._stop_signal is None:
-            self._stop_signal = signal.Signals(signum)
-        return signum > 0
 
     # --- logging -------------------------------------------------------------------------------
     def _log(self, sums: dict[str, torch.Tensor], n: int, tokens_at_log: int, bar) -> None:
@@ -535,94 +486,18 @@ class CausalDistiller:
         if self.is_master:
             self.log.write(self.n_step, values, self.scheduler.get_last_lr()[0], tok_s, self.n_skipped_nonfinite, bar)
 
-    # --- checkpoints ---------------------------------------------------------------------------
+    # --- checkpoints (training_checkpoints.py) -------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        """Write `checkpoint-<step>/` with everything a continuation needs (checkpoints.CheckpointWriter).
-
-        Every rank takes part (the RNG states are gathered); the master writes, then prunes beyond
-        --save_total_limit. Under --fsdp every rank writes its shards (`sharded_checkpoints.py`).
-        Returns the folder on the master, None elsewhere.
-        """
-        # (under --fsdp the optimizer's tensors are sharded beside the weights)
-        state = {} if self.fsdp is not None else {"optimizer": self.optimizer.state_dict()}
-        state.update({
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "n_step": self.n_step,
-            "batch_in_epoch": self.batch_in_epoch,
-            "n_tokens": self.n_tokens,
-            "n_skipped_nonfinite": self.n_skipped_nonfinite,
-            "pairing": getattr(self.dataset, "pairing", None),
-            "world_size": self.params.world_size,
-            "data_fingerprint": getattr(self.params, "data_fingerprint", None),
-            "rng": rng_states_all_ranks(self.multi_gpu),  # collective
-        })
-        self.last_checkpoint_step = self.n_step
-        if self.fsdp is not None:
-            target = write_sharded_checkpoint(self.checkpoints, self.n_step, self.student, self.optimizer, state,
-                                              self.is_master)
-        elif self.is_master:
-            target = self.checkpoints.write(self.n_step, self.student, state)
-        if not self.is_master:
-            return None
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(target)
-        self.checkpoints.prune()
-        return target
+        """Write `checkpoint-<step>/` (every rank takes part); returns the folder on the master, None elsewhere."""
+        return training_checkpoints.save(self)
 
     def load_checkpoint(self, folder: Path) -> None:
-        """Continue from a checkpoint written by `save_checkpoint`: weights, optimiser, data position, RNG.
-
-        A damaged checkpoint, a changed data file or another number of processes is a CliError.
-        """
-        p = self.params
-        check_engine(folder, sharded=self.fsdp is not None)
-        if self.fsdp is not None:  # (the world size and the RNG states checked, the optimizer's shards loaded)
-            state = read_sharded_checkpoint(folder, self.student, self.optimizer, p)
-        else:
-            state = read_checkpoint(folder, self.student, p.data_file, getattr(p, "data_fingerprint", None))
-            if state["world_size"] != p.world_size:
-                raise CliError(f"checkpoint {folder} was written by {state['world_size']} processes; "
-                               f"resume with the same number (now {p.world_size})")
-            if len(state["rng"]) != p.world_size:
-                raise CliError(f"checkpoint {folder} is damaged: it holds the RNG state of {len(state['rng'])} "
-                               f"processes for a run of {p.world_size}")
-        try:
-            if self.fsdp is None:
-                self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"][p.global_rank])
-        except Exception as err:  # noqa: BLE001 -- a state of another run or a damaged one: one clear message
-            raise CliError(f"checkpoint {folder} is damaged or from another run: cannot restore its optimiser, "
-                           f"schedule or RNG state ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-                           ) from None
-        self.epoch, self.n_step = state["epoch"], state["n_step"]
-        self.batch_in_epoch, self.n_tokens = state["batch_in_epoch"], state["n_tokens"]
-        self.n_skipped_nonfinite = state["n_skipped_nonfinite"]
-        self.last_checkpoint_step = self.n_step
-        logger.info("resumed from %s: epoch %d, step %d, batch %d of the epoch", folder, self.epoch, self.n_step,
-                    self.batch_in_epoch)
-        if self.n_step >= self.total_steps:
-            logger.info("this checkpoint already reached the %d steps asked for (raise --max_steps or --n_epoch to "
-                        "train further)", self.total_steps)
+        """Continue from a checkpoint: weights, optimiser, data position, RNG (CliError when it does not fit)."""
+        training_checkpoints.load(self, folder)
 
     def save_final(self) -> None:
-        """The student as a plain HF model folder at --dump_path (config.json + model.safetensors); under
-        --fsdp the shards gathered on the master into one consolidated folder."""
-        if self.fsdp is not None:
-            full = full_student_state(self.student)  # (a collective)
-            if self.is_master:
-                self.checkpoints.write_final(stock_model(self.student.config, full))
-                self.log.flush()
-            return
-        if self.multi_gpu:
-            check_replicas(self.student, self.is_master)
-        if not self.is_master:
-            return
-        self.checkpoints.write_final(self.student)
-        self.log.flush()
+        """The student as a plain HF model folder at --dump_path (consolidated under --fsdp)."""
+        training_checkpoints.save_final(self)
 
 
 def _usable_outside_inference(o: Outputs) -> Outputs:

@@ -6,7 +6,9 @@ import os
 import random
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,67 +30,83 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def init_gpu_params(params) -> None:
-    """Fill the distributed fields of `params` from torchrun's environment and start the process group.
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its device and its place among torchrun's processes (`init_runtime`)."""
+
+    device: Any  # torch.device
+    multi_gpu: bool  # in a process group (torchrun with several processes, or --fsdp under torchrun)
+    is_master: bool
+    global_rank: int
+    world_size: int
+    local_rank: int
+    n_nodes: int
+    node_id: int
+    multi_node: bool
+
+
+def single_process(device=None) -> Runtime:
+    """The `Runtime` of one process without a process group, on `device` (the CPU by default)."""
+    import torch
+
+    return Runtime(device=device or torch.device("cpu"), multi_gpu=False, is_master=True, global_rank=0, world_size=1,
+                   local_rank=0, n_nodes=1, node_id=0, multi_node=False)
+
+
+def init_runtime(n_gpu: int, local_rank: int | None = -1, fsdp: bool = False) -> Runtime:
+    """This process's `Runtime` from torchrun's environment; starts the process group when there is one.
 
     Reads `RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`
-    (set by `torchrun`). Without them the run is single-process: on one GPU when `--n_gpu` > 0
-    and CUDA is available, on the CPU otherwise. Sets `params.multi_gpu`, `is_master`,
-    `global_rank`, `world_size`, `local_rank`, `n_nodes`, `node_id`, `multi_node` and `device`.
-    The backend is nccl on CUDA and gloo on the CPU.
+    (set by `torchrun`). Without them the run is single-process: on one GPU when `n_gpu` > 0 and CUDA
+    is available, on the CPU otherwise. The backend is nccl on CUDA and gloo on the CPU. `fsdp` under
+    torchrun runs in a process group even with one process (to shard or offload on one GPU).
     """
     import torch
 
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    # --fsdp under torchrun runs in a process group even with one process (to shard or offload on one GPU)
-    sharded_alone = getattr(params, "fsdp", False) and "RANK" in os.environ
-    use_cuda = params.n_gpu > 0 and torch.cuda.is_available()
-    if params.n_gpu > 0 and not torch.cuda.is_available():
-        logger.warning("--n_gpu %d asked for but CUDA is not available: training on the CPU", params.n_gpu)
-    if env_world > 1 or sharded_alone:
-        params.global_rank = int(os.environ["RANK"])
-        params.world_size = env_world
-        params.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = n_gpu > 0 and torch.cuda.is_available()
+    if n_gpu > 0 and not torch.cuda.is_available():
+        logger.warning("--n_gpu %d asked for but CUDA is not available: training on the CPU", n_gpu)
+    if env_world > 1 or (fsdp and "RANK" in os.environ):
+        global_rank, world_size = int(os.environ["RANK"]), env_world
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(env_world)))
-        params.n_nodes = max(1, env_world // local_world)
-        params.node_id = params.global_rank // local_world
-        params.multi_gpu = True
+        n_nodes, node_id, multi_gpu = max(1, env_world // local_world), global_rank // local_world, True
     else:
-        params.global_rank = 0
-        params.world_size = 1
-        params.local_rank = 0 if params.local_rank in (-1, None) else params.local_rank
-        params.n_nodes = 1
-        params.node_id = 0
-        params.multi_gpu = False
-        if params.n_gpu > 1:
-            logger.warning(
-                "--n_gpu %d without torchrun runs on one device; launch with "
-                "`torchrun --nproc_per_node %d causal_train.py ...` for data parallelism",
-                params.n_gpu,
-                params.n_gpu,
-            )
-    params.multi_node = params.n_nodes > 1
-    params.is_master = params.global_rank == 0
+        global_rank, world_size, n_nodes, node_id, multi_gpu = 0, 1, 1, 0, False
+        local_rank = 0 if local_rank in (-1, None) else local_rank
+        if n_gpu > 1:
+            logger.warning("--n_gpu %d without torchrun runs on one device; launch with "
+                           "`torchrun --nproc_per_node %d causal_train.py ...` for data parallelism", n_gpu, n_gpu)
     if use_cuda:
-        torch.cuda.set_device(params.local_rank)
-        params.device = torch.device("cuda", params.local_rank)
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
     else:
-        params.device = torch.device("cpu")
-    if params.multi_gpu:
+        device = torch.device("cpu")
+    if multi_gpu:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
-    logger.info(
-        "node %d/%d, rank %d/%d, local rank %d, device %s, host %s",
-        params.node_id,
-        params.n_nodes,
-        params.global_rank,
-        params.world_size,
-        params.local_rank,
-        params.device,
-        socket.gethostname(),
-    )
+    runtime = Runtime(device=device, multi_gpu=multi_gpu, is_master=global_rank == 0, global_rank=global_rank,
+                      world_size=world_size, local_rank=local_rank, n_nodes=n_nodes, node_id=node_id,
+                      multi_node=n_nodes > 1)
+    logger.info("node %d/%d, rank %d/%d, local rank %d, device %s, host %s", node_id, n_nodes, global_rank,
+                world_size, local_rank, device, socket.gethostname())
+    return runtime
+
+
+def end_process_group() -> None:
+    """Destroy the process group, if any, once nothing refers to it any more: the models, DDP's reducer and FSDP's
+    state must be gone first (freed after it, at interpreter exit, a rank now and then aborted in their
+    destructors: "terminate called without an active exception")."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def tune_cpu_allocator() -> None:

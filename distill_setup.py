@@ -1,8 +1,8 @@
-"""The set-up of a distillation run: causal_train.py's command line and checks, and `build(args)`.
+"""The set-up of a distillation run: causal_train.py's command line and checks, and `build(args, runtime)`.
 
 `build` loads and checks every input (tokenizer, teacher, student, neuron mapping, token counts,
-corpus) and assembles the run: the models in place (the teacher frozen), the dataset and the
-`CausalDistiller` with its optimiser. causal_train.py trains what it returns; count_step_flops.py
+corpus), makes the run's one `DistillConfig` and assembles the run: the models in place (the teacher
+frozen), the dataset and the `CausalDistiller` with its optimiser. causal_train.py trains what it returns; count_step_flops.py
 and the benchmark step it (`CausalDistiller.step`), so all three run the same build.
 `build_from_models` is the second half alone, for models and data made in memory.
 """
@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from batching import load_token_probs
+from batching import add_interchange_args, interchange_problem, load_token_probs
 from binarized_io import load_corpus, require_corpus, vocab_fingerprint
 from causal_distiller import CausalDistiller
+from devices import Runtime, cpu_bf16_warning, init_runtime, set_seed, tune_cpu_allocator
+from distill_config import DistillConfig
 from checkpoints import file_fingerprint, short_load_error
 from input_checks import check_local_path, check_tokenizer
 from interventions import CAUSAL_FAMILIES, FAMILIES, family_of, get_submodule, model_shape
@@ -78,12 +80,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
            "better with 0 (docs/differences.md, docs/quickstart.md). 0 masks uniformly.")
     a("--token_counts", default=None,
       help="Token counts (scripts/token_counts.py: a pickled list of ints or a .npy), required with --mlm.")
-    a("--interchange_prop", type=float, default=0.3,
-      help="Interchanged positions per example: int(min(len_base, len_source) * prop).")
-    a("--interchange_max_token", type=int, default=-1, help="Cap on interchanged positions per example (-1: none).")
-    a("--interchange_consecutive_only", action="store_true", help="Interchange one consecutive span per example.")
-    a("--interchange_masked_token_only", action="store_true",
-      help="Choose base positions only among the MLM-masked tokens.")
+    add_interchange_args(p)
     a("--data_augment", action="store_true",
       help="Swap the tokens themselves at the input instead of hidden states.")
     a("--include_crossway", action="store_true",
@@ -190,8 +187,9 @@ def sanity_checks(args) -> None:
         raise CliError("--word_mask + --word_keep + --word_rand must sum to 1")
     if not 0.0 <= args.mlm_mask_prop <= 1.0:
         raise CliError("--mlm_mask_prop must be in [0, 1]")
-    if not 0.0 <= args.interchange_prop <= 1.0:
-        raise CliError("--interchange_prop must be in [0, 1]")
+    problem = interchange_problem(args)
+    if problem:
+        raise CliError(problem)
     if args.temperature <= 0:
         raise CliError("--temperature must be > 0")
     alphas = [getattr(args, f"alpha_{name}") for name in LOSS_NAMES]
@@ -221,8 +219,6 @@ def sanity_checks(args) -> None:
         ("weight_decay", args.weight_decay >= 0, ">= 0"),
         ("max_grad_norm", args.max_grad_norm >= 0, ">= 0"),
         ("initializer_range", args.initializer_range > 0, "> 0"),
-        ("interchange_max_token", args.interchange_max_token == -1 or args.interchange_max_token >= 1,
-         "-1 (no cap) or >= 1"),
         ("max_model_input_size", args.max_model_input_size is None or args.max_model_input_size >= 3, ">= 3"),
         ("pad_to_multiple_of", args.pad_to_multiple_of is None or args.pad_to_multiple_of >= 1, ">= 1"),
     ):
@@ -260,8 +256,9 @@ def load_teacher(args):
     return teacher
 
 
-def load_special_tokens(args) -> dict[str, int]:
-    """The special token ids of the tokenizer (--tokenizer_name, else --teacher_name), checked against the teacher."""
+def load_special_tokens(args) -> tuple[dict[str, int], str | None, int]:
+    """(the special token ids, the vocabulary fingerprint, the size) of the tokenizer (--tokenizer_name, else
+    --teacher_name), checked against the teacher."""
     from transformers import AutoConfig, AutoTokenizer
 
     check_local_path(args.teacher_name, "--teacher_name")
@@ -276,7 +273,6 @@ def load_special_tokens(args) -> dict[str, int]:
     check_tokenizer(tok, teacher_config, tokenizer_flag="--tokenizer_name",
                     tokenizer_name=args.tokenizer_name or f"(not given, so read from --teacher_name {name})",
                     model_name=f"teacher {args.teacher_name}")
-    args.tokenizer_vocab_hash, args.tokenizer_size = vocab_fingerprint(tok), len(tok)
     ids = {}
     for key in ("cls_token", "sep_token", "pad_token", "unk_token", "mask_token", "bos_token", "eos_token"):
         tid = getattr(tok, f"{key}_id", None)
@@ -291,7 +287,7 @@ def load_special_tokens(args) -> dict[str, int]:
         ids.setdefault("unk_token", ids.get("eos_token", 0))
         ids.setdefault("cls_token", ids.get("bos_token", ids.get("eos_token", 0)))
         ids.setdefault("sep_token", ids.get("eos_token", 0))
-    return ids
+    return ids, vocab_fingerprint(tok), len(tok)
 
 
 def build_student(args):
@@ -382,23 +378,23 @@ def max_positions(model) -> int:
     return n - 2 if c.model_type == "roberta" else n
 
 
-def check_corpus(args, corpus, vocab: int) -> None:
+def check_corpus(config: DistillConfig, corpus, vocab: int) -> None:
     """The corpus must be intact and made with the teacher's tokenizer (ids within the models' vocabulary)."""
-    if corpus.format == "mmap" and corpus.verify_checksum(args.data_fingerprint.get("blake2b_from_4096")):
-        logger.info("--data_file %s matches the checksum recorded when it was written", args.data_file)
+    if corpus.format == "mmap" and corpus.verify_checksum(config.data_fingerprint.get("blake2b_from_4096")):
+        logger.info("--data_file %s matches the checksum recorded when it was written", config.data_file)
     if corpus.vocab_size is not None and corpus.vocab_size > vocab:
-        raise CliError(f"--data_file {args.data_file} was binarized with a vocabulary of {corpus.vocab_size} "
+        raise CliError(f"--data_file {config.data_file} was binarized with a vocabulary of {corpus.vocab_size} "
                        f"entries but the models have {vocab}: binarized with another tokenizer?")
-    tok_name = args.tokenizer_name or args.teacher_name
+    tok_name = config.tokenizer_name or config.teacher_name
     differs = []
-    if corpus.vocab_hash and corpus.vocab_hash != args.tokenizer_vocab_hash:
-        differs.append(f"vocabulary fingerprint {corpus.vocab_hash} vs {args.tokenizer_vocab_hash}")
-    if corpus.vocab_size is not None and corpus.vocab_size != args.tokenizer_size:
-        differs.append(f"vocabulary size {corpus.vocab_size} vs {args.tokenizer_size}")
+    if corpus.vocab_hash and corpus.vocab_hash != config.tokenizer_vocab_hash:
+        differs.append(f"vocabulary fingerprint {corpus.vocab_hash} vs {config.tokenizer_vocab_hash}")
+    if corpus.vocab_size is not None and corpus.vocab_size != config.tokenizer_size:
+        differs.append(f"vocabulary size {corpus.vocab_size} vs {config.tokenizer_size}")
     if differs:
-        message = (f"--data_file {args.data_file} was binarized with another tokenizer than {tok_name} "
+        message = (f"--data_file {config.data_file} was binarized with another tokenizer than {tok_name} "
                    f"({'; '.join(differs)})")
-        if not args.allow_tokenizer_mismatch:
+        if not config.allow_tokenizer_mismatch:
             raise CliError(message + ": binarize it with this tokenizer, or add --allow_tokenizer_mismatch if "
                                      "its ids are known to be the same")
         logger.warning("%s; going on (--allow_tokenizer_mismatch)", message)
@@ -408,8 +404,10 @@ def check_corpus(args, corpus, vocab: int) -> None:
 # --- the run ---------------------------------------------------------------------------------------
 @dataclass
 class Run:
-    """What `build` assembles: the models (on the device), the data and the distiller with its optimiser."""
+    """What `build` assembles: the config, the models (on the device), the data and the distiller with its
+    optimiser."""
 
+    config: DistillConfig
     teacher: nn.Module
     student: nn.Module
     dataset: LmSeqsDataset
@@ -420,64 +418,75 @@ class Run:
         return self.distiller.optimizer
 
 
-def build(args) -> Run:
-    """Load and check every input named by `args` (parsed, `sanity_checks`-ed, `init_gpu_params`-ed) and
-    assemble the run. Sets `args.data_fingerprint`, `args.special_tok_ids` and, if not given,
-    `args.max_model_input_size` and `args.pad_to_multiple_of`. Writes nothing. Raises CliError naming
-    the input at fault."""
-    if args.pad_to_multiple_of is None:  # a handful of batch shapes on CUDA; nothing to gain on the CPU
-        args.pad_to_multiple_of = 64 if args.device.type == "cuda" else 1
+def start_runtime(args) -> Runtime:
+    """This process's device and ranks (`devices.init_runtime`), the CPU allocator tuned and every seed set."""
+    tune_cpu_allocator()
+    runtime = init_runtime(args.n_gpu, args.local_rank, args.fsdp)
+    if args.fp16 and runtime.device.type != "cuda":
+        raise CliError("--fp16 needs a CUDA device; use --bf16 on the CPU")
+    if args.bf16 and runtime.device.type == "cpu" and (warning := cpu_bf16_warning()):
+        logger.warning("--bf16: %s", warning)
+    set_seed(args.seed)
+    return runtime
+
+
+def build(args, runtime: Runtime) -> Run:
+    """Load and check every input named by `args` (parsed and `sanity_checks`-ed), make the run's
+    `DistillConfig` (once: the flags, `runtime` and what the inputs gave) and assemble the run.
+    Writes nothing. Raises CliError naming the input at fault."""
     require_corpus(args.data_file, "--data_file")
-    args.data_fingerprint = file_fingerprint(args.data_file)
-    args.special_tok_ids = load_special_tokens(args)
+    data_fingerprint = file_fingerprint(args.data_file)
+    special_tok_ids, vocab_hash, tokenizer_size = load_special_tokens(args)
     teacher = load_teacher(args)
     student = build_student(args)
     model_checks(args, student, teacher)
     longest = min(max_positions(teacher), max_positions(student))
-    if args.max_model_input_size is None:
-        args.max_model_input_size = longest
-    elif args.max_model_input_size > longest:
+    if args.max_model_input_size is not None and args.max_model_input_size > longest:
         raise CliError(f"--max_model_input_size {args.max_model_input_size} is beyond the models' positions "
                        f"(teacher {max_positions(teacher)}, student {max_positions(student)})")
+    config = DistillConfig.from_args(
+        args, runtime, special_tok_ids=special_tok_ids, tokenizer_vocab_hash=vocab_hash, tokenizer_size=tokenizer_size,
+        data_fingerprint=data_fingerprint, max_model_input_size=args.max_model_input_size or longest,
+        # a handful of batch shapes on CUDA; nothing to gain on the CPU
+        pad_to_multiple_of=args.pad_to_multiple_of or (64 if runtime.device.type == "cuda" else 1))
     mappings = None
-    if args.neuron_mapping:
-        mappings = load_neuron_mapping(args.neuron_mapping, model_shape(teacher), model_shape(student))
-        logger.info("neuron mapping %s: %d entries", args.neuron_mapping, len(mappings))
+    if config.neuron_mapping:
+        mappings = load_neuron_mapping(config.neuron_mapping, model_shape(teacher), model_shape(student))
+        logger.info("neuron mapping %s: %d entries", config.neuron_mapping, len(mappings))
     token_probs = None
-    if args.mlm:
-        token_probs = load_token_probs(args.token_counts, args.mlm_smoothing, student.config.vocab_size,
-                                       args.special_tok_ids)
-    corpus = load_corpus(args.data_file)
-    check_corpus(args, corpus, student.config.vocab_size)
-    ids = args.special_tok_ids
+    if config.mlm:
+        token_probs = load_token_probs(config.token_counts, config.mlm_smoothing, student.config.vocab_size,
+                                       special_tok_ids)
+    corpus = load_corpus(config.data_file)
+    check_corpus(config, corpus, student.config.vocab_size)
+    ids = special_tok_ids
     dataset = LmSeqsDataset(
         data=corpus,
-        max_model_input_size=args.max_model_input_size,
+        max_model_input_size=config.max_model_input_size,
         cls_id=ids["cls_token"], sep_id=ids["sep_token"], pad_id=ids["pad_token"], unk_id=ids["unk_token"],
-        seed=args.seed,
-        paired=args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0,
+        seed=config.seed,
+        paired=config.alpha_causal_ce > 0 or config.alpha_causal_cos > 0,
     )
-    return build_from_models(args, teacher, student, dataset, token_probs, mappings)
+    return build_from_models(config, teacher, student, dataset, token_probs, mappings)
 
 
-def build_from_models(args, teacher: nn.Module, student: nn.Module, dataset, token_probs: torch.Tensor | None,
-                      mappings: list[MappingEntry] | None) -> Run:
+def build_from_models(config: DistillConfig, teacher: nn.Module, student: nn.Module, dataset,
+                      token_probs: torch.Tensor | None, mappings: list[MappingEntry] | None) -> Run:
     """The second half of `build`, for models and data already in memory: freeze the embeddings
-    the flags name, move both models to `args.device`, freeze the teacher, and make the distiller.
+    the flags name, move both models to the device, freeze the teacher, and make the distiller.
     Under --fsdp (--fsdp_teacher) the student (teacher) stays where it is: `fully_shard` moves each
     block's shard to the device as it shards it, so the whole model never sits on one device."""
     family = family_of(student)
-    if args.freeze_pos_embs:
+    if config.freeze_pos_embs:
         get_submodule(student, family.position_embeddings).weight.requires_grad = False
-    if args.freeze_token_type_embds and family.token_type_embeddings:
+    if config.freeze_token_type_embds and family.token_type_embeddings:
         get_submodule(student, family.token_type_embeddings).weight.requires_grad = False
-    fsdp = getattr(args, "fsdp", False)
-    if not fsdp:
-        student.to(args.device)
-    if not (fsdp and args.fsdp_teacher):
-        teacher.to(args.device)
+    if not config.fsdp:
+        student.to(config.device)
+    if not (config.fsdp and config.fsdp_teacher):
+        teacher.to(config.device)
     teacher.eval()
     for param in teacher.parameters():
         param.requires_grad = False
-    distiller = CausalDistiller(args, dataset, token_probs, student, teacher, mappings)
-    return Run(teacher=teacher, student=student, dataset=dataset, distiller=distiller)
+    distiller = CausalDistiller(config, dataset, token_probs, student, teacher, mappings)
+    return Run(config=config, teacher=teacher, student=student, dataset=dataset, distiller=distiller)

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batching import BatchPreparer, load_token_probs
+from batching import BatchPreparer, add_interchange_args, interchange_problem, load_token_probs
 from binarized_io import MAGIC, load_corpus
 from iia import choose_pairs, draw_heatmaps, evaluate, format_table, prepare_batches, summarize, sweep_entries
 from interventions import FAMILIES, model_shape
@@ -77,12 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=32, help="Pairs per forward pass (default 32).")
     a("--max_seq_length", type=int, default=None,
       help="Longest sequence (default: the smaller position table of the two models); longer ones are split.")
-    a("--interchange_prop", type=float, default=0.3,
-      help="Interchanged positions per pair: int(min(len_base, len_source) * prop), as causal_train.py.")
-    a("--interchange_max_token", type=int, default=-1, help="Cap on interchanged positions per pair (-1: none).")
-    a("--interchange_consecutive_only", action="store_true", help="Interchange one consecutive span per pair.")
-    a("--interchange_masked_token_only", action="store_true",
-      help="Choose base positions among the masked tokens only (masked LMs).")
+    add_interchange_args(p)
     a("--mlm_mask_prop", type=float, default=0.15, help="Share of real tokens masked and evaluated (masked LMs).")
     a("--word_mask", type=float, default=0.8, help="Of the masked tokens: share replaced by [MASK].")
     a("--word_keep", type=float, default=0.1, help="Of the masked tokens: share kept.")
@@ -107,8 +102,9 @@ def check_args(args) -> None:
     for flag in ("num_pairs", "batch_size", "n_bootstrap"):
         if getattr(args, flag) < 1:
             raise CliError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if not 0.0 < args.interchange_prop <= 1.0:
-        raise CliError(f"--interchange_prop must lie in (0, 1], got {args.interchange_prop}")
+    problem = interchange_problem(args)
+    if problem:
+        raise CliError(problem)
     if not 0.0 < args.mlm_mask_prop <= 1.0:
         raise CliError(f"--mlm_mask_prop must lie in (0, 1], got {args.mlm_mask_prop}")
     if abs(args.word_mask + args.word_keep + args.word_rand - 1.0) > 1e-6:

@@ -34,7 +34,7 @@ from torch import nn
 from checkpoints import (CHECKPOINT_PREFIX, DCP_METADATA, MANIFEST_FILE, STATE_FILE, CheckpointWriter,
                          check_fingerprint, checkpoint_problem, is_sharded_checkpoint, load_training_state,
                          save_training_state, short_load_error, state_problem)
-from atomic_files import atomic_write_text, file_blake2b
+from atomic_files import atomic_write_text, file_blake2b, replace_folder
 from utils import CliError, logger
 
 # The globals a DCP `.metadata` pickle of torch 2.13 refers to when it describes tensors only; anything else is
@@ -193,20 +193,7 @@ def _seal(tmp: Path, target: Path, student: nn.Module, state: dict, shards: dict
     save_training_state(state, tmp / STATE_FILE)
     files = {**shards, **_hash_files(tmp, (DCP_METADATA, STATE_FILE, "config.json"))}
     atomic_write_text(tmp / MANIFEST_FILE, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
-    _replace_folder(tmp, target)
-
-
-def _replace_folder(tmp: Path, target: Path) -> None:
-    import os
-
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    replace_folder(tmp, target)
 
 
 # --- loading ---------------------------------------------------------------------------------------------
@@ -255,7 +242,7 @@ def read_sharded_checkpoint(folder: Path, student: nn.Module, optimizer, params)
     if state.get("data_fingerprint") is not None:
         if not isinstance(state["data_fingerprint"], dict):
             raise CliError(f"checkpoint {folder} is damaged: {STATE_FILE}: data_fingerprint is not a dictionary")
-        check_fingerprint(params.data_file, state["data_fingerprint"], getattr(params, "data_fingerprint", None))
+        check_fingerprint(params.data_file, state["data_fingerprint"], params.data_fingerprint)
     tensors = {"model": get_model_state_dict(student)}
     if state["has_optimizer_state"]:
         tensors["optim"] = get_optimizer_state_dict(student, optimizer)["state"]

@@ -48,7 +48,7 @@ FSDP_FLAGS = ("fsdp_teacher", "fsdp_cpu_offload")
 def fsdp_flag_problem(args) -> str | None:
     """Why the --fsdp flags of `args` cannot run as given (before anything is loaded), or None."""
     for flag in FSDP_FLAGS:
-        if getattr(args, flag, False) and not args.fsdp:
+        if getattr(args, flag) and not args.fsdp:
             return f"--{flag} needs --fsdp"
     if not args.fsdp:
         return None
@@ -121,7 +121,7 @@ class FsdpEngine:
     """The student (and with --fsdp_teacher the teacher) sharded over the ranks of the process group.
 
     Build it before the optimizer: `fully_shard` replaces the parameters by their shards (DTensors),
-    which the optimizer must hold. `params` is causal_train.py's namespace after `init_gpu_params`.
+    which the optimizer must hold. `params` is the run's `distill_config.DistillConfig`.
     """
 
     def __init__(self, params, student: nn.Module, teacher: nn.Module, compute_losses: Callable):

@@ -114,4 +114,6 @@ def train_args(args, cfg: dict, mlm: bool):
             "--num_workers", "0", "--log_interval", str(10**9), "--checkpoint_interval", "0", "--no_progress"]
     argv += ["--mlm"] * mlm + ["--bf16"] * (args.dtype == "bf16") + ["--compile"] * bool(args.compile)
     argv += ["--no_shared_prefix"] * mode["no_shared_prefix"]
+    if args.pad_to_multiple_of is not None:
+        argv += ["--pad_to_multiple_of", str(args.pad_to_multiple_of)]
     return build_parser().parse_args(argv)

@@ -84,17 +84,18 @@ def held_gib(tensors) -> float:
     return total / 2**30
 
 
-def _params(bench, args, cfg, mlm: bool, device):
-    """causal_train.py's arguments of this child, with the engine's flags, completed by init_gpu_params."""
-    from devices import init_gpu_params
+def _config(bench, args, cfg, mlm: bool, device, ids: dict):
+    """The run's config for this child: causal_train.py's arguments with the engine's flags, on this rank."""
+    from devices import init_runtime
+    from distill_config import DistillConfig
 
     params = bench.train_args(args, cfg, mlm)
     params.fsdp = args.engine in ("fsdp", "fsdp_teacher")
     params.fsdp_teacher = args.engine == "fsdp_teacher"
     params.fsdp_cpu_offload = False
     params.n_gpu = 1 if device.type == "cuda" else 0
-    init_gpu_params(params)
-    return params
+    runtime = init_runtime(params.n_gpu, params.local_rank, params.fsdp)
+    return DistillConfig.in_memory(params, runtime, ids, cfg["max_len"])
 
 
 def run_sharded(args) -> dict | None:
@@ -121,9 +122,7 @@ def run_sharded(args) -> dict | None:
     device = torch.device(args.device)
     mlm = cfg.get("family") is None
     ids = bench.SPECIAL_IDS["bert" if mlm else cfg["family"]]
-    params = _params(bench, args, cfg, mlm, device)
-    params.special_tok_ids = ids
-    params.pad_to_multiple_of = args.pad_to_multiple_of or (64 if device.type == "cuda" else 1)
+    params = _config(bench, args, cfg, mlm, device, ids)
     dataset = bench.build_dataset(args, cfg, ids)
     teacher, student = bench.build_models(cfg)
     token_probs = None

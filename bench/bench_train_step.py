@@ -204,15 +204,13 @@ def _distiller(args, cfg: dict, device, dataset, ids: dict, mlm: bool):
     models and data; one full-width mapping entry at the preset's sites."""
     import torch
 
+    from devices import single_process
+    from distill_config import DistillConfig
     from distill_setup import build_from_models
     from neuron_mapping import MappingEntry
 
     teacher, student = build_models(cfg)
-    params = train_args(args, cfg, mlm)
-    params.__dict__.update(device=device, is_master=True, multi_gpu=False, world_size=1, global_rank=0,
-                           special_tok_ids=ids,
-                           pad_to_multiple_of=args.pad_to_multiple_of if args.pad_to_multiple_of is not None else
-                           (64 if device.type == "cuda" else 1))
+    config = DistillConfig.in_memory(train_args(args, cfg, mlm), single_process(device), ids, cfg["max_len"])
     if args.no_cudnn_sdp:
         torch.backends.cuda.enable_cudnn_sdp(False)
     if args.head_align is not None:
@@ -226,7 +224,7 @@ def _distiller(args, cfg: dict, device, dataset, ids: dict, mlm: bool):
     t, s = cfg["t_site"], cfg["s_site"]
     hidden = cfg["hidden"]
     entry = MappingEntry(0, {t: tuple(range(hidden))}, {s: tuple(range(hidden))}, (), ())
-    distiller = build_from_models(params, teacher, student, dataset, token_probs, [entry]).distiller
+    distiller = build_from_models(config, teacher, student, dataset, token_probs, [entry]).distiller
     student.train()
     return distiller
 

@@ -26,16 +26,14 @@ def count(train_argv: list[str], n_batches: int) -> dict:
     """Build the run of `train_argv` as causal_train.py does and count the FLOPs of its first `n_batches` steps."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from distill_setup import build, build_parser, sanity_checks
-    from devices import count_cpu_flash_attention, init_gpu_params, set_seed
+    from devices import count_cpu_flash_attention
+    from distill_setup import build, build_parser, sanity_checks, start_runtime
 
     count_cpu_flash_attention()
     with tempfile.TemporaryDirectory() as tmp:
         args = build_parser().parse_args([*train_argv, "--dump_path", str(Path(tmp) / "run"), "--force"])
         sanity_checks(args)
-        init_gpu_params(args)
-        set_seed(args.seed)
-        distiller = build(args).distiller
+        distiller = build(args, start_runtime(args)).distiller
         distiller.student.train()
         batches = distiller.epoch_batches(0)[:n_batches]
         flops, tokens = [], 0

@@ -239,27 +239,32 @@ def quickstart_twice(base: Path, argv: list[str]) -> list:
 
 def in_memory_distiller(argv: list[str], teacher, student, t_sites, s_sites, vocab: int, mlm: bool = True):
     """A CausalDistiller on the CPU over six random in-memory sequences (ids 5..vocab-1 between [CLS]=2 and
-    [SEP]=3), built from causal_train's parser with `argv`, one mapping entry (t_sites -> s_sites) and, with
-    `mlm`, uniform masking probabilities over the non-special ids."""
+    [SEP]=3), built from causal_train's parser with `argv` as causal_train builds one (`build_from_models`: the
+    teacher frozen), one mapping entry (t_sites -> s_sites) and, with `mlm`, uniform masking probabilities over
+    the non-special ids. Not the master process: it logs nothing of its own."""
+    import dataclasses
+
     import numpy as np
     import torch
 
-    import causal_distiller
     import causal_train
+    from devices import single_process
+    from distill_config import DistillConfig
+    from distill_setup import build_from_models
     from lm_seqs_dataset import LmSeqsDataset
     from neuron_mapping import MappingEntry
 
     args = causal_train.build_parser().parse_args(argv)
-    args.__dict__.update(device=torch.device("cpu"), is_master=False, multi_gpu=False, world_size=1, global_rank=0,
-                         special_tok_ids={"cls_token": 2, "sep_token": 3, "pad_token": 0, "unk_token": 1,
-                                          "mask_token": 4})
+    runtime = dataclasses.replace(single_process(), is_master=False)
+    ids = {"cls_token": 2, "sep_token": 3, "pad_token": 0, "unk_token": 1, "mask_token": 4}
+    config = DistillConfig.in_memory(args, runtime, ids, max_model_input_size=64)
     rng = np.random.default_rng(0)
     dataset = LmSeqsDataset(data=[np.r_[2, rng.integers(5, vocab, 14), 3] for _ in range(6)], max_model_input_size=64,
                             cls_id=2, sep_id=3, pad_id=0, unk_id=1, seed=0)
     probs = torch.ones(vocab)
     probs[:5] = 0
     entry = MappingEntry(index=0, teacher=t_sites, student=s_sites, teacher_names=(), student_names=())
-    return causal_distiller.CausalDistiller(args, dataset, probs if mlm else None, student, teacher, [entry])
+    return build_from_models(config, teacher, student, dataset, probs if mlm else None, [entry]).distiller
 
 
 def free_port() -> int:

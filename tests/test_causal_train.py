@@ -165,9 +165,8 @@ def test_the_first_step_of_a_run_is_build_then_step(distill_setup, tmp_path):
     build + one step on the first window gives the weights of a one-step run, bitwise."""
     from itertools import islice
 
-    from distill_setup import build, build_parser, sanity_checks
+    from distill_setup import build, build_parser, sanity_checks, start_runtime
     from helpers import student_weights
-    from devices import init_gpu_params, set_seed
 
     argv = train_argv(distill_setup, tmp_path / "run", "--max_steps", "1", "--gradient_accumulation_steps", "2",
                       "--freeze_pos_embs", "--include_crossway")
@@ -175,9 +174,7 @@ def test_the_first_step_of_a_run_is_build_then_step(distill_setup, tmp_path):
 
     args = build_parser().parse_args(argv)
     sanity_checks(args)
-    init_gpu_params(args)
-    set_seed(args.seed)
-    run = build(args)
+    run = build(args, start_runtime(args))
     assert not run.student.distilbert.embeddings.position_embeddings.weight.requires_grad
     assert not any(p.requires_grad for p in run.teacher.parameters()) and not run.teacher.training
     run.student.train()

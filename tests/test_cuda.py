@@ -7,6 +7,7 @@ non-finite step that never updates the weights. `bench/gpu_check.sh` runs this f
 The non-finite-step test also runs on the CPU with the grad scaler switched on, so that the fp16
 path of the optimiser step is covered where no GPU exists.
 """
+import dataclasses
 import os
 import signal
 
@@ -288,7 +289,7 @@ def test_nonfinite_step_never_updates_the_weights(setup, tmp_path, monkeypatch, 
     distiller = _built_distiller(_argv(setup, tmp_path / "run", *flags, n_gpu="1" if device == "cuda" else "0"),
                                  monkeypatch)
     if device == "cpu":  # the fp16 path's grad scaler, where fp16 itself is refused
-        distiller.params.fp16 = True
+        distiller.params = dataclasses.replace(distiller.params, fp16=True)  # (the config is frozen)
         distiller.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, enabled=True)
     assert distiller.device.type == device
     batches = distiller.epoch_batches(0)

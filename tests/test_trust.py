@@ -380,23 +380,25 @@ def test_a_rank_that_saw_no_signal_stops_with_the_other_ranks_signal(monkeypatch
     """A killed torchrun reaches its orphaned ranks at different moments: rank 0 may see its launcher gone (SIGHUP)
     while rank 1 has not yet. Both stop at that step, and rank 1 with SIGHUP too: it raised Preempted(None) and died
     on 128 + None (seen once in CI) before the ranks agreed on the signal, not only on stopping."""
-    from types import SimpleNamespace
+    import stop_signals
 
     def all_reduce(tensor, op):  # what the other rank (which saw SIGHUP) contributes
         assert op == torch.distributed.ReduceOp.MAX
         tensor.copy_(torch.maximum(tensor, torch.tensor([float(signal.SIGHUP)])))
 
-    monkeypatch.setattr(causal_distiller.dist, "all_reduce", all_reduce)
-    rank1 = SimpleNamespace(_stop_signal=None, multi_gpu=True, device=torch.device("cpu"), _launcher_gone=lambda: False)
-    assert causal_distiller.CausalDistiller._should_stop(rank1)
-    assert rank1._stop_signal == signal.SIGHUP and 128 + rank1._stop_signal == 129
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(stop_signals.dist, "all_reduce", all_reduce)
+    rank1 = stop_signals.StopSignals()  # (not installed: its launcher is unknown, so never "gone")
+    assert rank1.agreed(True, cpu)
+    assert rank1.signum == signal.SIGHUP and 128 + rank1.signum == 129
 
     # a rank that received SIGTERM itself keeps it; with no signal anywhere nobody stops
-    rank0 = SimpleNamespace(**(rank1.__dict__ | {"_stop_signal": signal.SIGTERM}))
-    assert causal_distiller.CausalDistiller._should_stop(rank0) and rank0._stop_signal == signal.SIGTERM
-    monkeypatch.setattr(causal_distiller.dist, "all_reduce", lambda tensor, op: None)
-    idle = SimpleNamespace(**(rank1.__dict__ | {"_stop_signal": None}))
-    assert not causal_distiller.CausalDistiller._should_stop(idle) and idle._stop_signal is None
+    rank0 = stop_signals.StopSignals()
+    rank0.signum = signal.SIGTERM
+    assert rank0.agreed(True, cpu) and rank0.signum == signal.SIGTERM
+    monkeypatch.setattr(stop_signals.dist, "all_reduce", lambda tensor, op: None)
+    idle = stop_signals.StopSignals()
+    assert not idle.agreed(True, cpu) and idle.signum is None
 
 
 @pytest.mark.e2e
