@@ -258,10 +258,16 @@ class CausalDistiller:
         Writes a checkpoint every --checkpoint_interval steps, at each epoch's end and at the end;
         on SIGTERM/SIGINT it finishes the current step, writes one and raises `Preempted`.
         """
+        self.stops.install()
+        try:
+            self._train()
+        finally:
+            self.stops.restore()
+
+    def _train(self) -> None:
         p = self.params
         self.student.train()
         self.teacher.eval()
-        self.stops.install()
         if self.is_master:
             self.log.open()
             logger.info("training for %d optimiser steps (%d batches per epoch, %d epochs, accumulation %d), "

@@ -13,7 +13,8 @@ from utils import logger
 
 
 class StopSignals:
-    """The stop requests of one training loop. `install` while it runs, `restore` after; `agreed` after each step."""
+    """The stop requests of one training loop: `install` when it starts, `agreed` after each step, `restore` when
+    it ends (however it ends)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -36,6 +37,16 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, handler)
         # torchrun's agent is this rank's parent; a plain run's parent (a shell) may end without meaning a stop
         self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+    def restore(self) -> None:
+        """Put back the handlers `install` replaced. The handler refers to this object, and through the training
+        loop that owns it to the models, DDP's reducer and the process group: left installed, it kept them alive
+        until the interpreter's exit, where a rank now and then aborted in their destructors ("terminate called
+        without an active exception") after a run that had finished and saved its student."""
+        for sig, previous in self._previous.items():
+            with contextlib.suppress(ValueError, TypeError):  # not in the main thread; a handler set from C
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def launcher_gone(self) -> bool:
         """Under torchrun: True once the launcher that started this rank has died (`kill -9` of torchrun). The

@@ -200,3 +200,22 @@ def test_count_step_flops_counts_the_runs_own_steps(distill_setup, tmp_path):
     assert all(s < d for s, d in zip(standard["flops_each"], diito["flops_each"]))
     assert diito == count_step_flops.count(train_argv(distill_setup, tmp_path / "unused", "--freeze_pos_embs"), 2)
     assert not (tmp_path / "unused").exists()  # nothing written
+
+
+def test_a_finished_run_leaves_nothing_alive_and_its_signal_handlers_restored(distill_setup, tmp_path):
+    """The stop handler refers to the training loop; left installed after a run, it kept the models, DDP's reducer
+    and the process group alive until the interpreter's exit, where a torchrun rank now and then aborted in their
+    destructors ("terminate called without an active exception", exit -6) after saving its student."""
+    import gc
+    import signal
+
+    import causal_distiller
+
+    def alive() -> set[int]:
+        gc.collect()
+        return {id(o) for o in gc.get_objects() if isinstance(o, causal_distiller.CausalDistiller)}
+
+    before, handlers = alive(), {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    causal_train.main(train_argv(distill_setup, tmp_path / "run", "--max_steps", "2"))
+    assert alive() <= before  # (earlier tests of this process may hold distillers of their own)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
