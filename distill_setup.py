@@ -23,7 +23,7 @@ from causal_distiller import CausalDistiller
 from devices import Runtime, cpu_bf16_warning, init_runtime, set_seed, tune_cpu_allocator
 from distill_config import DistillConfig
 from checkpoints import file_fingerprint, short_load_error
-from input_checks import check_local_path, check_tokenizer
+from input_checks import check_config_numbers, check_local_path, check_tokenizer
 from interventions import CAUSAL_FAMILIES, FAMILIES, family_of, get_submodule, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from losses import LOSS_NAMES
@@ -187,6 +187,13 @@ def sanity_checks(args) -> None:
         raise CliError("--word_mask + --word_keep + --word_rand must sum to 1")
     if not 0.0 <= args.mlm_mask_prop <= 1.0:
         raise CliError("--mlm_mask_prop must be in [0, 1]")
+    if args.mlm and args.mlm_mask_prop == 0:
+        uses = [flag for flag, on in (("--alpha_mlm", args.alpha_mlm > 0),
+                                      ("--restrict_ce_to_mask", args.restrict_ce_to_mask),
+                                      ("--interchange_masked_token_only", args.interchange_masked_token_only)) if on]
+        if uses:
+            raise CliError(f"--mlm_mask_prop 0 masks no token, so {' and '.join(uses)} would train on nothing (the mlm "
+                           f"loss 0 at every step): give a proportion > 0")
     problem = interchange_problem(args)
     if problem:
         raise CliError(problem)
@@ -248,6 +255,7 @@ def load_teacher(args):
     except Exception as err:  # noqa: BLE001 -- OSError, ValueError, a truncated safetensors file: one message
         raise CliError(f"--teacher_name {args.teacher_name}: cannot load a {args.teacher_type} teacher "
                        f"({type(err).__name__}: {err})") from None
+    check_config_numbers(teacher.config, f"--teacher_name {args.teacher_name}")
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise CliError(f"--teacher_name {args.teacher_name} lacks weights of {family.model_class.__name__} "
@@ -301,6 +309,7 @@ def build_student(args):
     if getattr(config, "model_type", None) != family.name:
         raise CliError(f"--student_config {args.student_config} is a {config.model_type!r} config, "
                        f"not {args.student_type!r}")
+    check_config_numbers(config, f"--student_config {args.student_config}")
     config.initializer_range = args.initializer_range
     try:
         model = family.model_class(config)
@@ -421,6 +430,12 @@ class Run:
 def start_runtime(args) -> Runtime:
     """This process's device and ranks (`devices.init_runtime`), the CPU allocator tuned and every seed set."""
     tune_cpu_allocator()
+    if args.n_gpu > 0 and (args.bf16 or args.fp16) and not torch.cuda.is_available():
+        precision = "--bf16" if args.bf16 else "--fp16"
+        cpu_bf16 = "" if args.fp16 else ("; add --bf16 only on a CPU with bf16 instructions (elsewhere it is emulated, "
+                                         "several times slower than fp32)")
+        raise CliError(f"--n_gpu {args.n_gpu} {precision}: torch sees no CUDA GPU here. To train on the CPU, run the "
+                       f"same command with --n_gpu 0 (fp32){cpu_bf16}")
     runtime = init_runtime(args.n_gpu, args.local_rank, args.fsdp)
     if args.fp16 and runtime.device.type != "cuda":
         raise CliError("--fp16 needs a CUDA device; use --bf16 on the CPU")

@@ -1,7 +1,9 @@
 """A distillation run's --dump_path through its life: checked before anything is written, locked while the run
 writes, and with --force the previous run kept aside until this run has a checkpoint of its own.
 
-- Without --force or --resume, an existing non-empty folder is refused.
+- Without --force or --resume, an existing non-empty folder is refused; with --force too, unless a run of
+  causal_train.py wrote it (a user's folder is never replaced).
+- A --dump_path that is a link is followed: the folder it names is the run's.
 - --force moves the previous contents to `.<name>.replaced` beside the folder; they are removed once this run
   writes a checkpoint past step 0, and put back if it stops before.
 - --resume continues from the newest sound checkpoint; --resume_from from the one it names.
@@ -9,6 +11,7 @@ writes, and with --force the previous run kept aside until this run has a checkp
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -43,6 +46,19 @@ def progress_checkpoints(path: Path) -> list[Path]:
     return [c for c in list_checkpoints(Path(path)) if int(c.name[len(CHECKPOINT_PREFIX):]) > 0]
 
 
+def written_by_a_run(path: Path) -> bool:
+    """Whether folder `path` is a run's --dump_path: a run records its arguments (parameters.json) before anything
+    else, and any complete checkpoint says so too. (A user's folder that happens to hold a parameters.json of
+    another tool is not taken for one.)"""
+    if list_checkpoints(path):
+        return True
+    try:
+        record = json.loads((path / "parameters.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"dump_path", "teacher_name", "student_type"} <= set(record)
+
+
 def newest_checkpoint(dump_path) -> Path | str:
     """The newest complete checkpoint of `dump_path`, or words for it when there is none yet."""
     found = list_checkpoints(Path(dump_path))
@@ -53,7 +69,11 @@ class RunFolder:
     """The --dump_path of one run (the flags --dump_path, --force, --resume, --resume_from of `args`)."""
 
     def __init__(self, args, is_master: bool):
-        self.path = Path(args.dump_path)
+        given = Path(args.dump_path)
+        # A link is followed: the run's folder, its lock and --force's copy aside are those of the folder it names
+        self.path = given.resolve() if given.is_symlink() else given
+        if self.path != given and is_master:
+            logger.info("--dump_path %s is a link to %s: the run writes there", given, self.path)
         self.force, self.resume, self.resume_from = args.force, args.resume, args.resume_from
         self.is_master = is_master
         self.created = not self.path.exists()  # (a run that fails at once removes a folder it made)
@@ -82,6 +102,11 @@ class RunFolder:
             if target == here or target in here.parents or target.parent == target:
                 raise CliError(f"--dump_path {self.path} with --force: {target} is the current folder or holds it; "
                                f"--force moves the old contents aside, so give the run its own folder")
+        if self.force and path.is_dir() and any(path.iterdir()) and not written_by_a_run(path):
+            found = sorted(p.name for p in path.iterdir())
+            raise CliError(f"--dump_path {path} holds files no run of causal_train.py wrote ({', '.join(found[:3])}"
+                           f"{', ...' if len(found) > 3 else ''}): --force replaces only a run's folder; give an "
+                           f"empty or new folder")
         if not self.force and path.exists() and any(path.iterdir()):
             found = list_checkpoints(path)
             cont = f" (from {found[-1]})" if found else ""

@@ -144,6 +144,10 @@ def _issue21_inputs(w, root, setup, corpus_lines, payload):
     config["hidden_dropout_prob"] = float("nan")
     (nan_teacher / "config.json").write_text(json.dumps(config))
     w["nan_teacher"] = nan_teacher
+    student_config = json.loads(Path(setup["student_config"]).read_text())
+    student_config["dropout"] = float("nan")
+    w["nan_student"] = root / "nan_student.json"
+    w["nan_student"].write_text(json.dumps(student_config))
     w["one_word"] = root / "one_word.txt"
     w["one_word"].write_text("word\n")
     w["empty_corpus"] = root / "empty.pickle"
@@ -379,6 +383,14 @@ CASES = [
      lambda w, o: ["--model_type", "bert", "--tokenizer_name", str(w["teacher"]), "--config_overrides",
                    "hidden_dropout_prob=nan", "--train_file", str(w["text"]), "--do_train", "--output_dir", str(o / "m")],
      "--config_overrides 'hidden_dropout_prob=nan': the config's hidden_dropout_prob is nan"),
+    ("train-nan-dropout", "causal_train.py", lambda w, o: _train(w, o, "--student_config", str(w["nan_student"])),
+     "--student_config .*nan_student.json: the config's dropout is nan; give a finite number"),
+    ("train-nan-teacher", "causal_train.py", lambda w, o: _train(w, o, "--teacher_name", str(w["nan_teacher"])),
+     "--teacher_name .*nan_teacher: the config's hidden_dropout_prob is nan"),
+    ("train-mask-nothing", "causal_train.py", lambda w, o: _train(w, o, "--mlm_mask_prop", "0"),
+     "--mlm_mask_prop 0 masks no token, so --alpha_mlm would train on nothing"),
+    ("train-bf16-without-a-gpu", "causal_train.py", lambda w, o: _train(w, o, "--n_gpu", "1", "--bf16"),
+     "--n_gpu 1 --bf16: torch sees no CUDA GPU here. To train on the CPU, run the same command with --n_gpu 0"),
     ("counts-empty-corpus", "scripts/token_counts.py",
      lambda w, o: ["--data_file", str(w["empty_corpus"]), "--token_counts_dump", str(o / "c.pickle")],
      "--data_file .*empty.pickle holds no token"),
@@ -423,6 +435,11 @@ def test_bad_input_gives_one_message_exit_2_and_writes_nothing(world, tmp_path, 
     out = tmp_path / "out"
     if world["ro"] is None and "read-only" in request.node.callspec.id:
         pytest.skip("no folder can be made read-only here (chmod does not stop root and chattr is unavailable)")
+    if "without-a-gpu" in request.node.callspec.id:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA GPU is here")
     argv = build(world, out)
     before = _snapshot(world["root"])
     monkeypatch.setattr(sys, "argv", [script, *argv])

@@ -1,6 +1,8 @@
 """Preemption of the whole process group, --force, full disks, leftovers, verified checkpoints and data,
 extending a finished run, untrusted token counts (issue 12; issue 13 item 4)."""
 import errno
+import json
+import logging
 import os
 import pickle
 import re
@@ -77,9 +79,42 @@ def test_worker_death_while_stopping_still_ends_in_the_stop_checkpoint(distill_s
 # --- --force -----------------------------------------------------------------------------------------
 
 def _previous_run(folder):
+    """A previous run's folder: its record of arguments (every run writes one first) and its student."""
     folder.mkdir()
+    (folder / "parameters.json").write_text(json.dumps({"dump_path": str(folder), "teacher_name": "bert-base-uncased",
+                                                        "student_type": "distilbert"}))
     (folder / "model.safetensors").write_bytes(b"weights of a week-long run")
     return folder
+
+
+def test_force_refuses_a_folder_no_run_wrote(distill_setup, tmp_path):
+    """--force replaces a run's folder; a user's folder (here with a parameters.json of another tool) is refused
+    before anything is moved, and stays as it was."""
+    dump = tmp_path / "mine"
+    dump.mkdir()
+    (dump / "notes.txt").write_text("my notes")
+    (dump / "parameters.json").write_text(json.dumps({"epochs": 3}))
+    with pytest.raises(CliError, match=f"--dump_path {dump} holds files no run of causal_train.py wrote "
+                                       f"\\(notes.txt, parameters.json\\): --force replaces only a run's folder"):
+        causal_train.main(_argv(distill_setup, dump, "--force", "--max_steps", "2"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    assert (dump / "notes.txt").read_text() == "my notes" and sorted(p.name for p in dump.iterdir()) == [
+        "notes.txt", "parameters.json"]
+
+
+def test_force_through_a_link_replaces_the_folder_it_names(distill_setup, tmp_path, caplog):
+    """A --dump_path that is a link is followed: the previous run is moved aside beside the folder the link names
+    and removed once the new run has a checkpoint; the link stays a link to the new run."""
+    target = _previous_run(tmp_path / "real")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    caplog.set_level(logging.INFO)
+    causal_train.main(_argv(distill_setup, link, "--force", "--max_steps", "2"))
+    assert f"--dump_path {link} is a link to {target}: the run writes there" in caplog.text
+    assert f"--force: removed the previous contents ({tmp_path / '.real.replaced'})" in caplog.text
+    assert link.is_symlink() and link.resolve() == target
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert student_weights(target) and json.loads((target / "parameters.json").read_text())["max_steps"] == 2
 
 
 def test_force_checks_every_input_before_touching_the_previous_run(distill_setup, tmp_path):

@@ -147,3 +147,11 @@ def test_each_site_receives_the_source_block_output_of_an_unhooked_forward(pair,
             expected[rows, p.base_pos[:, None], d[None, :]] = src_hs[layer + 1][rows, p.source_pos[:, None], d[None, :]]
             real = p.attention_mask.bool()
             torch.testing.assert_close(got[real], expected[real], atol=2e-6, rtol=1e-5)
+
+
+def test_the_in_memory_distiller_is_built_as_causal_train_builds_it():
+    """The tests' distiller goes through build_from_models: the teacher frozen and in eval mode, as in production
+    (built by hand, it was left trainable)."""
+    distiller, teacher, _ = _distiller("bert->distilbert", {1: (0, 1)}, {0: (0, 1)}, shared_prefix=True)
+    assert distiller.teacher is teacher and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
