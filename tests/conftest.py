@@ -8,6 +8,7 @@ the fast loop, `pytest tests` runs everything.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -101,3 +102,31 @@ LONGEST_FIRST = ("test_quickstart.py", "test_quickstart_clm.py", "test_fsdp.py",
 def pytest_collection_modifyitems(config, items):
     rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # (stable: the rest keep their order)
+
+
+@pytest.fixture(scope="module")
+def three_steps(distill_setup, tmp_path_factory):
+    """A finished 3-step run with checkpoint-1, -2 and -3 (read-only: copy it)."""
+    import causal_train
+    from helpers import checkpointed_argv
+
+    dump = tmp_path_factory.mktemp("trust") / "run"
+    causal_train.main(checkpointed_argv(distill_setup, dump, 3))
+    return dump
+
+
+@pytest.fixture
+def run_copy(three_steps, tmp_path):
+    """A copy of `three_steps` the test may change."""
+    dump = tmp_path / "run"
+    shutil.copytree(three_steps, dump)
+    return dump
+
+
+@pytest.fixture(scope="module")
+def model_without_tokenizer(tmp_path_factory, distill_setup) -> Path:
+    """The teacher's weights and config without its tokenizer files, as a student folder is."""
+    folder = tmp_path_factory.mktemp("no_tokenizer")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(distill_setup["teacher"] / name, folder / name)
+    return folder

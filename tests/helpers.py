@@ -274,3 +274,62 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def checkpointed_argv(setup: dict, dump: Path, steps: int, *extra: str) -> list[str]:
+    """`train_argv` for `steps` optimiser steps with a checkpoint and a log line at every step."""
+    return train_argv(setup, dump, "--max_steps", str(steps), "--checkpoint_interval", "1", "--log_interval", "1",
+                      *extra)
+
+
+def two_epoch_argv(setup: dict, dump: Path, *extra: str) -> list[str]:
+    """`train_argv` for two epochs with a checkpoint at every step, accumulation 2 and the crossway pairs (batch 16:
+    about 18 batches an epoch; 2 epochs of ~35 batches of 8 would be long)."""
+    return train_argv(setup, dump, "--batch_size", "16", "--n_epoch", "2", "--checkpoint_interval", "1",
+                      "--log_interval", "4", "--gradient_accumulation_steps", "2", "--include_crossway", *extra)
+
+
+class Payload:
+    """What a crafted file would do: run a command (create `marker`) when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def start_process(argv: list[str], **kwargs):
+    """`python argv...` from the repository root, its output (stdout and stderr together) readable as text lines."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def read_until(proc, needle: str, log: list[str], seconds: float = 300) -> None:
+    """Read `proc`'s output lines into `log` until one holds `needle` (or `seconds` passed, or the output ended)."""
+    import time
+
+    deadline = time.time() + seconds
+    for line in proc.stdout:
+        log.append(line)
+        if needle in line or time.time() > deadline:
+            return
+
+
+def glue_args(out: Path, tmp_path: Path) -> list[str]:
+    """run_glue.py's arguments for 4 training steps on a 16-row SST-2 file written into `tmp_path` (CPU, seeded,
+    a checkpoint every 2 steps), into `out`."""
+    rows = ["sentence,label"] + [f"{w} film,{i % 2}" for i, w in enumerate(["good", "bad", "great", "dull"] * 4)]
+    data = tmp_path / "sst2.csv"
+    data.write_text("\n".join(rows) + "\n")
+    return [
+        "--task_name", "sst2", "--train_file", str(data), "--validation_file", str(data), "--output_dir", str(out),
+        "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--seed", "0",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--save_steps", "2", "--max_steps", "4",
+        "--cache_dir", str(tmp_path / "cache"),
+    ]

@@ -3,19 +3,33 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import binarized_data
 import numpy as np
 import pytest
+import token_counts
 from conftest import ROOT
+from helpers import Payload, checkpointed_argv, train_argv
 
-from binarized_io import HEADER_SIZE, CliError, CorpusWriter, InMemoryCorpus, load_corpus, output_path
 import binarized_io
-from utils import run_cli
+import causal_train
+import checkpoints
+from binarized_io import (
+    HEADER_SIZE,
+    CorpusWriter,
+    InMemoryCorpus,
+    load_corpus,
+    load_token_counts,
+    output_path,
+)
+from utils import CliError, run_cli
 
 N_DOCS = 300  # documents of the stdlib corpus used by the CLI tests: enough for several batches
 
@@ -428,3 +442,123 @@ def test_combinator_refuses_mismatched_vocabularies(tmp_path, caplog):
 def test_in_memory_corpus_rejects_non_sequences():
     with pytest.raises(ValueError, match="sequence 1"):
         InMemoryCorpus([np.arange(3), np.zeros((2, 2), dtype=int)])
+
+
+def test_a_token_changed_mid_file_is_detected(tmp_path):
+    """Beyond the first and last MiB that the cheap fingerprint reads: only the full checksum sees it."""
+    path = tmp_path / "big.bin"
+    rng = np.random.default_rng(0)
+    with CorpusWriter(path, vocab_size=1000, shuffle=False) as w:
+        for _ in range(1500):
+            w.add(rng.integers(0, 1000, 1000))
+    assert load_corpus(path).verify_checksum()
+    before = checkpoints.file_fingerprint(path)
+    mid = HEADER_SIZE + 1_500_000
+    with open(path, "r+b") as fh:
+        fh.seek(mid)
+        byte = fh.read(1)
+        fh.seek(mid)
+        fh.write(bytes([byte[0] ^ 1]))
+    after = checkpoints.file_fingerprint(path)
+    assert after["sha256_head_tail"] == before["sha256_head_tail"]
+    with pytest.raises(CliError, match="differ from the checksum recorded"):
+        load_corpus(path).verify_checksum()
+    with pytest.raises(CliError, match="changed while the run used it"):
+        checkpoints.check_fingerprint(path, before, after)
+
+
+def test_a_bin_written_before_checksums_still_loads(tmp_path):
+    import json
+
+    import binarized_io as bio
+
+    path = tmp_path / "old.bin"
+    with CorpusWriter(path, vocab_size=100, shuffle=False) as w:
+        w.add([1, 2, 3])
+    head = bytearray(path.read_bytes()[:HEADER_SIZE])
+    fields = list(bio._HEADER.unpack_from(head))
+    meta = json.loads(head[bio._HEADER.size: bio._HEADER.size + fields[-1]])
+    del meta[bio.CHECKSUM_KEY]  # what the previous version wrote
+    blob = json.dumps(meta).encode()
+    fields[-1] = len(blob)
+    head[:] = b"\0" * HEADER_SIZE
+    head[: bio._HEADER.size + len(blob)] = bio._HEADER.pack(*fields) + blob
+    path.write_bytes(bytes(head) + path.read_bytes()[HEADER_SIZE:])
+    corpus = load_corpus(path)
+    assert corpus.recorded_checksum is None and corpus.verify_checksum() is False
+    assert corpus[0].tolist() == [1, 2, 3]
+
+
+def test_token_counts_pickle_cannot_run_code(distill_setup, tmp_path):
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "counts.pickle"
+    with open(crafted, "wb") as fh:
+        pickle.dump([1, 2, Payload(marker)], fh)
+    with pytest.raises(CliError, match="counts.pickle: not a token counts file"):
+        causal_train.main(checkpointed_argv(distill_setup, tmp_path / "r", 4, "--token_counts", str(crafted)))
+    assert not marker.exists()
+
+
+def test_token_counts_as_npy(distill_setup, tmp_path):
+    import token_counts
+
+    npy = tmp_path / "counts.npy"
+    token_counts.main(["--data_file", str(distill_setup["data"]), "--token_counts_dump", str(npy)])
+    assert load_token_counts(npy).tolist() == load_token_counts(distill_setup["counts"]).tolist()
+    causal_train.main(checkpointed_argv(distill_setup, tmp_path / "r", 4, "--token_counts", str(npy), "--max_steps", "1"))
+    assert (tmp_path / "r" / "model.safetensors").is_file()
+
+
+def test_a_pickled_corpus_says_it_has_no_checksum(tmp_path, caplog):
+    import pickle
+
+    import numpy as np
+
+    path = tmp_path / "c.pickle"
+    path.write_bytes(pickle.dumps([np.arange(2, 20, dtype=np.uint16)]))
+    load_corpus(path)
+    assert f"{path}: a pickled corpus carries no checksum: a flipped bit or a damaged copy is read without a word; " \
+           f"the .bin format" in caplog.text
+
+
+def test_binarized_data_refuses_a_tokenizer_without_vocabulary(tmp_path, model_without_tokenizer, corpus_file):
+    argv = ["--file_path", str(corpus_file), "--tokenizer_name", str(model_without_tokenizer),
+            "--dump_file", str(tmp_path / "out" / "data")]
+    with pytest.raises(CliError, match="--tokenizer_name .*no vocabulary"):
+        binarized_data.main(argv)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_missing_pickle_names_the_bin_of_the_same_stem(tmp_path, distill_setup):
+    stem = tmp_path / "binarized_text.train.bert-base-uncased"
+    shutil.copy(distill_setup["data"], f"{stem}.bin")
+    for call in (lambda p: load_corpus(p), lambda p: token_counts.main(["--data_file", p, "--token_counts_dump",
+                                                                        str(tmp_path / "counts.pickle")])):
+        with pytest.raises(CliError, match=f"not found; {stem}.bin exists"):
+            call(f"{stem}.pickle")
+    argv = train_argv(distill_setup, tmp_path / "run", "--max_steps", "1")
+    argv[argv.index("--data_file") + 1] = f"{stem}.pickle"
+    with pytest.raises(CliError, match=f"--data_file {stem}.pickle: binarized corpus not found; {stem}.bin exists"):
+        causal_train.main(argv)
+    # The reverse, and other names beside it.
+    with CorpusWriter(tmp_path / "other.train.tok.pickle", fmt="pickle", vocab_size=10, seed=0) as writer:
+        writer.add([1, 2, 3])
+    with pytest.raises(CliError, match="other.train.tok.pickle exists"):
+        load_corpus(tmp_path / "other.train.tok.bin")
+    with pytest.raises(CliError, match="beside it: binarized_text.train.bert-base-uncased.bin"):
+        load_corpus(tmp_path / "binarized_text.train.bert-base-cased.bin")
+
+
+def test_binarized_data_help_states_the_naming_rule(capsys):
+    with pytest.raises(SystemExit):
+        binarized_data.main(["--help"])
+    assert "{dump_file}.{split}.{tokenizer}" in capsys.readouterr().out
+
+
+def test_fast_process_is_capped_at_the_cpus(tmp_path, corpus_file, tokenizer_dir, monkeypatch, caplog):
+    monkeypatch.setattr(binarized_data, "available_cpus", lambda: 1)
+    caplog.set_level(logging.WARNING)
+    out = binarized_data.main(["--file_path", str(corpus_file), "--tokenizer_name", str(tokenizer_dir), "--dump_file",
+                               str(tmp_path / "d"), "--fast_process", "--preprocessing_num_workers", "48",
+                               "--max_parsing_example", "50"])
+    assert out.is_file() and "--preprocessing_num_workers 48: only 1 CPU(s) available, using 1 processes" in caplog.text

@@ -1,15 +1,25 @@
 """causal_train.py end to end on tiny local models: training lowers the loss, the saved student
 reloads equal, standard KD runs no causal forwards, and every pre-training check gives its error."""
+from __future__ import annotations
+
 import json
+import logging
 import math
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import train_argv
+from helpers import checkpointed_argv, student_weights, train_argv, two_epoch_argv
 
+import causal_distiller
 import causal_train
+import checkpoints
+from binarized_io import HEADER_SIZE, CorpusWriter, load_corpus
+from checkpoints import load_training_state
 from utils import CliError
 
 
@@ -165,8 +175,9 @@ def test_the_first_step_of_a_run_is_build_then_step(distill_setup, tmp_path):
     build + one step on the first window gives the weights of a one-step run, bitwise."""
     from itertools import islice
 
-    from distill_setup import build, build_parser, sanity_checks, start_runtime
     from helpers import student_weights
+
+    from distill_setup import build, build_parser, sanity_checks, start_runtime
 
     argv = train_argv(distill_setup, tmp_path / "run", "--max_steps", "1", "--gradient_accumulation_steps", "2",
                       "--freeze_pos_embs", "--include_crossway")
@@ -219,3 +230,149 @@ def test_a_finished_run_leaves_nothing_alive_and_its_signal_handlers_restored(di
     causal_train.main(train_argv(distill_setup, tmp_path / "run", "--max_steps", "2"))
     assert alive() <= before  # (earlier tests of this process may hold distillers of their own)
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+
+
+def test_causal_train_checks_the_recorded_checksum_at_start(distill_setup, tmp_path):
+    data = tmp_path / "data.bin"
+    shutil.copy(distill_setup["data"], data)
+    corpus = load_corpus(data)
+    pos = HEADER_SIZE + 2 * int(corpus.starts[0] + 3)  # a token inside the first sequence (uint16)
+    with open(data, "r+b") as fh:
+        fh.seek(pos)
+        fh.write(b"\x07\x00")
+    with pytest.raises(CliError, match="data.bin: the tokens differ from the checksum"):
+        causal_train.main(checkpointed_argv(distill_setup, tmp_path / "r", 4, "--data_file", str(data)))
+
+
+def test_teacher_without_its_lm_head_is_an_error(distill_setup, tmp_path):
+    from transformers import BertModel
+
+    headless = tmp_path / "headless"
+    BertModel.from_pretrained(distill_setup["teacher"]).save_pretrained(headless)
+    with pytest.raises(CliError, match=r"headless lacks weights of BertForMaskedLM .*cls\.predictions"):
+        causal_train.main(checkpointed_argv(distill_setup, tmp_path / "r", 4, "--teacher_name", str(headless),
+                                "--tokenizer_name", str(distill_setup["teacher"])))
+
+
+def test_corpus_of_another_tokenizer_is_an_error_unless_allowed(distill_setup, tmp_path, caplog):
+    data = tmp_path / "other.bin"
+    corpus = load_corpus(distill_setup["data"])
+    with CorpusWriter(data, vocab_size=corpus.vocab_size, vocab_hash="0123456789abcdef", shuffle=False) as w:
+        for seq in corpus:
+            w.add(seq)
+    argv = checkpointed_argv(distill_setup, tmp_path / "r", 4, "--data_file", str(data), "--max_steps", "1")
+    with pytest.raises(CliError, match="other.bin was binarized with another tokenizer .*vocabulary fingerprint "
+                                       "0123456789abcdef vs .*--allow_tokenizer_mismatch"):
+        causal_train.main(argv)
+    causal_train.main(argv + ["--allow_tokenizer_mismatch"])
+    assert "going on (--allow_tokenizer_mismatch)" in caplog.text
+
+
+def test_crossway_with_accumulation_steps_once_per_window(distill_setup, tmp_path, caplog):
+    """The original stepped the optimiser and the schedule for each direction of a crossway pair."""
+    dump = tmp_path / "cross"
+    caplog.set_level("INFO")
+    causal_train.main(train_argv(distill_setup, dump, "--include_crossway", "--gradient_accumulation_steps", "2",
+                                 "--checkpoint_interval", "0", "--batch_size", "16"))
+    state = load_training_state(checkpoints.list_checkpoints(dump)[-1] / "training_state.pt")
+    assert state["batch_in_epoch"] == 0 and state["epoch"] == 1
+    (n_batches,) = [int(m.group(1)) for r in caplog.records if (m := re.search(r"\((\d+) batches per epoch", r.getMessage()))]
+    assert n_batches > 2
+    assert state["n_step"] == -(-n_batches // 2)
+    assert state["scheduler"]["last_epoch"] == state["n_step"]
+    assert all(int(s["step"]) == state["n_step"] for s in state["optimizer"]["state"].values())
+    # the run ended with its epoch: the epoch-end checkpoint is the final one, written once
+    assert len(checkpoints.list_checkpoints(dump)) == 1
+
+
+def _nan_at(monkeypatch, call_number):
+    original = causal_distiller.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        values, total = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == call_number:
+            values["causal_ce"] = values["causal_ce"] * float("nan")
+            total = total * float("nan")
+        return values, total
+
+    monkeypatch.setattr(causal_distiller, "compute_losses", poisoned)
+
+
+@pytest.mark.e2e
+def test_nan_stops_with_last_good_checkpoint(distill_setup, tmp_path, monkeypatch, caplog):
+    # 2 pairs (crossway) x 2 micro-batches per step: call 9 is in step 3
+    _nan_at(monkeypatch, 9)
+    dump = tmp_path / "nan"
+    argv = two_epoch_argv(distill_setup, dump)
+    argv[argv.index("--checkpoint_interval") + 1] = "0"
+    with pytest.raises(SystemExit) as exit_info:
+        causal_train.main(argv)
+    assert exit_info.value.code == 3
+    assert "step 3: non-finite loss in causal_ce" in caplog.text
+    assert [p.name for p in dump.glob("checkpoint-*")] == ["checkpoint-2"]
+    state = load_training_state(dump / "checkpoint-2" / "training_state.pt")
+    assert state["n_step"] == 2
+    for w in student_weights(dump / "checkpoint-2").values():
+        assert torch.isfinite(w).all()
+
+
+def test_nan_skipped_with_flag(distill_setup, tmp_path, monkeypatch, caplog):
+    _nan_at(monkeypatch, 9)
+    dump = tmp_path / "skip"
+    caplog.set_level("INFO")
+    causal_train.main(two_epoch_argv(distill_setup, dump, "--skip_nonfinite_steps", "1", "--max_steps", "5"))
+    assert "step skipped (1/1 skips used)" in caplog.text
+    assert all(torch.isfinite(w).all() for w in student_weights(dump).values())
+
+
+def test_data_file_changed_under_the_run_is_detected(distill_setup, tmp_path):
+    import shutil
+
+    data = tmp_path / "data.bin"
+    shutil.copy(distill_setup["data"], data)
+    dump = tmp_path / "changed"
+    argv = two_epoch_argv(distill_setup, dump, "--data_file", str(data), "--max_steps", "2")
+    causal_train.main(argv)
+    with open(data, "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\x07\x00")
+    with pytest.raises(CliError, match="changed while the run used it"):
+        causal_train.main(argv + ["--resume"])
+
+
+def test_truncated_data_file_is_an_error(distill_setup, tmp_path):
+    data = tmp_path / "short.bin"
+    data.write_bytes(Path(distill_setup["data"]).read_bytes()[:-100])
+    with pytest.raises(CliError, match="short.bin"):
+        causal_train.main(two_epoch_argv(distill_setup, tmp_path / "t", "--data_file", str(data)))
+
+
+def test_out_of_memory_names_the_batch(distill_setup, tmp_path, monkeypatch):
+    def oom(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(causal_distiller.CausalDistiller, "losses_for_batch", oom)
+    with pytest.raises(CliError, match=r"out of memory at step 1 on a batch of shape \(16, \d+\).*--batch_size"):
+        causal_train.main(two_epoch_argv(distill_setup, tmp_path / "oom"))
+
+
+def test_a_short_run_logs_about_fifty_points_by_default(distill_setup, tmp_path, caplog):
+    """--log_interval 500 by default gave one point (the final one) in a short run."""
+    argv = train_argv(distill_setup, tmp_path / "run", "--max_steps", "6")
+    i = argv.index("--log_interval")
+    del argv[i:i + 2]
+    caplog.set_level(logging.INFO)
+    causal_train.main(argv)
+    steps = [r.getMessage().split(" |")[0] for r in caplog.records if r.getMessage().startswith("step ")]
+    assert steps == [f"step {n}" for n in range(1, 7)]
+    assert "logging every 1" in caplog.text
+
+
+def test_causal_train_blames_the_tokenizer_not_the_corpus(tmp_path, distill_setup, model_without_tokenizer):
+    argv = train_argv(distill_setup, tmp_path / "run", "--max_steps", "1")
+    argv[argv.index("--teacher_name") + 1] = str(model_without_tokenizer)
+    with pytest.raises(CliError, match="--tokenizer_name") as err:
+        causal_train.main(argv)
+    assert "corpus" not in str(err.value) and "binarized" not in str(err.value)

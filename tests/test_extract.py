@@ -13,12 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import extract
+import extract_distilbert
+import make_mapping
 import pytest
 import torch
 from conftest import ROOT
+from helpers import train_argv
 
-import extract
-import extract_distilbert
+import causal_train
 import extraction
 from utils import CliError
 
@@ -46,7 +49,12 @@ def _bert(folder: Path, n_layers: int, seed: int, head: bool = True) -> Path:
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory) -> dict[str, Path]:
-    from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForMaskedLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
 
     root = tmp_path_factory.mktemp("teachers")
     out = {
@@ -311,7 +319,12 @@ CONFIG_FILES = {
 
 
 def test_every_shipped_config_builds_its_model():
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        BertConfig,
+    )
 
     assert {p.name for p in CONFIGS.glob("*.json")} == set(CONFIG_FILES)
     bert_base = extract_distilbert.distilbert_config_fields(BertConfig(), 6)
@@ -386,3 +399,92 @@ def test_neuron_mappings_are_in_range_and_documented():
                 _check_name(var, n_layers=student_depth)
                 if not re.search(r"_layer_\d+\.nm$", name):
                     _check_name(var, n_layers=6)  # the unsuffixed files also fit the 6-layer student
+
+
+def test_extract_map_train_chain_needs_no_hand_written_file(tmp_path, distill_setup, caplog):
+    """Student folder from extract_distilbert.py, .nm from make_mapping.py, straight into causal_train.py."""
+    from transformers import AutoModelForMaskedLM, BertForMaskedLM
+
+    student = tmp_path / "student"
+    extract_distilbert.main(["--model_name", str(distill_setup["teacher"]), "--dump_checkpoint", str(student),
+                             "--num_layers", "2", "--vocab_transform"])
+    nm = tmp_path / "maps" / "full.nm"
+    make_mapping.main(["--teacher", str(distill_setup["teacher"]), "--student", str(student), "--alignment", "full",
+                       "--output", str(nm)])
+    mapping = json.loads(nm.read_text())["interchange_variable_mappings"]
+    assert [(e["teacher_variable_names"], e["student_variable_names"]) for e in mapping] == [
+        (["$L:[0:2]$H:[0:4]$[0:8]"], ["$L:0$H:[0:4]$[0:8]"]),
+        (["$L:[2:4]$H:[0:4]$[0:8]"], ["$L:1$H:[0:4]$[0:8]"]),
+    ]
+    argv = train_argv(distill_setup, tmp_path / "run", "--max_steps", "2", "--checkpoint_interval", "0")
+    for flag, value in (("--student_config", student), ("--student_pretrained_weights", student), ("--neuron_mapping", nm)):
+        argv[argv.index(flag) + 1] = str(value)
+    caplog.set_level(logging.INFO)
+    causal_train.main(argv)
+    assert f"student initialised from {student}" in caplog.text
+    trained = AutoModelForMaskedLM.from_pretrained(tmp_path / "run")
+    assert type(trained).__name__ == "DistilBertForMaskedLM" and trained.config.n_layers == 2
+
+    # A full-depth student folder loads with AutoModelForMaskedLM and computes what the teacher computes.
+    full = tmp_path / "full_student"
+    extract_distilbert.main(["--model_name", str(distill_setup["teacher"]), "--dump_checkpoint", str(full),
+                             "--num_layers", "4", "--vocab_transform"])
+    teacher = BertForMaskedLM.from_pretrained(distill_setup["teacher"]).eval()
+    loaded = AutoModelForMaskedLM.from_pretrained(full).eval()
+    ids = torch.randint(5, teacher.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=1e-4)
+    assert json.loads((full / "extraction.json").read_text())["teacher_layers"] == [0, 1, 2, 3]
+
+
+def test_pth_extraction_writes_its_config_beside_it(tmp_path, distill_setup):
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    out = tmp_path / "s.pth"
+    extract_distilbert.main(["--model_name", str(distill_setup["teacher"]), "--dump_checkpoint", str(out), "--num_layers", "2"])
+    config = DistilBertConfig.from_pretrained(tmp_path / "s.config.json")
+    assert config.n_layers == 2 and config.dim == 32 and config.vocab_size == len(torch.load(out)["vocab_projector.bias"])
+    DistilBertForMaskedLM(config).load_state_dict(torch.load(out), strict=False)
+    nm = make_mapping.main(["--teacher", str(distill_setup["teacher"]), "--student", str(out), "--alignment", "middle",
+                            "--output", str(tmp_path / "m.nm")])
+    assert json.loads(nm.read_text())["interchange_variable_mappings"][0]["student_variable_names"] == ["$L:1$H:[0:4]$[0:8]"]
+
+
+@pytest.mark.parametrize("kind", ["roberta", "gpt2"])
+def test_same_family_extraction_folder_loads(kind, tmp_path):
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        teacher, auto = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=3, n_head=2, n_positions=32)), AutoModelForCausalLM
+    else:
+        teacher = RobertaForMaskedLM(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                                   intermediate_size=32, max_position_embeddings=34, type_vocab_size=1))
+        auto = AutoModelForMaskedLM
+    teacher.eval().save_pretrained(tmp_path / "teacher")
+    extract.main(["--model_type", kind, "--model_name", str(tmp_path / "teacher"), "--dump_checkpoint",
+                  str(tmp_path / "student"), "--layers", "0,1,2", "--vocab_transform"])
+    student = auto.from_pretrained(tmp_path / "student").eval()
+    ids = torch.randint(3, 50, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(student(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("module", [extract, extract_distilbert, make_mapping])
+def test_extract_and_mapping_help_explains_every_flag(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out.split("options:")[1]
+    flags = {"--model_type": "family", "--dump_checkpoint": "model folder"} if module is not make_mapping else \
+        {"--teacher": "config", "--alignment": "full"}
+    for flag, words in flags.items():
+        line = " ".join(out[out.index(flag):].split())  # argparse wraps the help text
+        assert words in line[:300], (flag, line[:300])

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from helpers import glue_args
 
+import finetune_common
 import run_glue
 import run_mlm
 import run_ner
 import run_qa
 from utils import CliError, run_cli
-
 
 # ------------------------------------------------------------------------------------------ fixtures
 
@@ -524,3 +525,25 @@ def test_glue_table_prints_the_paper_table(tmp_path, capsys):
     text = glue_table.main(["--run", f"DIITO={full}", "--mrpc_metric", "acc_f1", "--stsb_metric", "pearson_spearman", "--tokens", "DIITO=0.1B"])
     row = text.splitlines()[2].split(" | ")
     assert row[:2] == ["DIITO", "0.1B"] and row[5] == f"{(84 + 88.18) / 2:.2f}" and row[10] == "81.70 |"
+
+
+def test_run_scripts_refuse_a_model_folder_without_tokenizer(tmp_path, model_without_tokenizer, tokenizer_dir):
+    """transformers 5 builds a 5-entry tokenizer from such a folder: every word would be [UNK]."""
+    glue = ["--model_name_or_path", str(model_without_tokenizer), "--do_eval"] + glue_args(tmp_path / "g", tmp_path)
+    with pytest.raises(CliError, match="--tokenizer_name.*only its 5 special token"):
+        run_glue.main(glue)
+    assert not (tmp_path / "g" / "eval_results.json").exists()
+    text = tmp_path / "valid.txt"
+    text.write_text("a line of text to evaluate on\n" * 4)
+    mlm = ["--model_name_or_path", str(model_without_tokenizer), "--validation_file", str(text), "--do_eval",
+           "--output_dir", str(tmp_path / "m"), "--use_cpu", "--report_to", "none", "--cache_dir", str(tmp_path / "c")]
+    with pytest.raises(CliError, match="--tokenizer_name"):
+        run_mlm.main(mlm)
+    # With the right tokenizer the same folder is accepted.
+    run_glue.main(glue + ["--tokenizer_name", str(tokenizer_dir), "--max_eval_samples", "4"])
+    assert (tmp_path / "g" / "eval_results.json").is_file()
+
+
+def test_no_pinned_memory_on_the_cpu(tmp_path):
+    _, _, training_args = finetune_common.parse_args(run_glue.ARGUMENTS, ["--task_name", "sst2", "--output_dir", str(tmp_path), "--use_cpu"], "x")
+    assert training_args.dataloader_pin_memory is False

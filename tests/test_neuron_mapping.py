@@ -1,10 +1,18 @@
 """`.nm` parsing: the site semantics, range expansion, and a clear error for every malformed input."""
+from __future__ import annotations
+
 import json
 from pathlib import Path
 
+import extract_distilbert
+import make_mapping
 import pytest
+from conftest import ROOT
+from helpers import train_argv
 
+import causal_train
 from neuron_mapping import ModelShape, load_neuron_mapping, parse_variable_name
+from pipelines.quickstart import distill as quickstart_distill
 from utils import CliError
 
 TEACHER = ModelShape(n_layers=12, hidden_size=768, n_heads=12)
@@ -88,3 +96,77 @@ def test_shipped_mappings_parse(path):
 
 def test_some_mappings_are_shipped():
     assert len(list(CONFIGS.glob("*.nm"))) >= 10
+
+
+@pytest.mark.parametrize("output", ["student.pth", "student_folder"])
+def test_make_mapping_writes_the_quickstarts_alignment_from_the_extraction_record(distill_setup, tmp_path, output):
+    student = tmp_path / output
+    extract_distilbert.main(["--model_name", str(distill_setup["teacher"]), "--dump_checkpoint", str(student),
+                             "--layers", "1,3", "--vocab_transform"])
+    record = json.loads((student / "extraction.json" if student.is_dir() else tmp_path / "student.pth.json").read_text())
+    assert record["teacher_layers"] == [1, 3]
+    out = tmp_path / "extracted.nm"
+    make_mapping.main(["--teacher", str(distill_setup["teacher"]), "--student", str(student), "--alignment", "extracted",
+                       "--output", str(out)])
+    heads, hidden = 4, 32  # the distill set-up's width
+    assert json.loads(out.read_text()) == quickstart_distill.neuron_mapping([1, 3], heads, hidden // heads)
+    # and it is a mapping causal_train.py takes for this teacher and student
+    causal_train.main(train_argv(distill_setup, tmp_path / "run", "--max_steps", "1", "--neuron_mapping", str(out),
+                                 "--student_config", str(student if student.is_dir() else tmp_path / "student.config.json"),
+                                 "--student_pretrained_weights", str(student)))
+
+
+def test_make_mapping_extracted_needs_the_record(distill_setup, tmp_path):
+    with pytest.raises(CliError, match="--alignment extracted needs the extraction record of --student .*student.json"):
+        make_mapping.main(["--teacher", str(distill_setup["teacher"]), "--student", str(distill_setup["student_config"]),
+                           "--alignment", "extracted", "--output", str(tmp_path / "m.nm")])
+    assert not (tmp_path / "m.nm").exists()
+
+
+def test_a_shipped_mapping_that_does_not_fit_points_to_make_mapping():
+    with pytest.raises(CliError) as err:
+        load_neuron_mapping(ROOT / "training_configs" / "single_middle_layer_6.nm", ModelShape(4, 32, 4),
+                            ModelShape(2, 32, 4))
+    assert "single_middle_layer_6.nm, entry 0, teacher variable" in str(err.value)
+    assert "write one for these models with scripts/make_mapping.py" in str(err.value)
+
+
+SHIPPED = [  # (.nm file, alignment, student config of the depth it was written for)
+    ("single_middle_layer_6.nm", "single_middle", "distilbert-base-uncased.json"),
+    ("single_middle_layer_9.nm", "middle", "distilbert-base-uncased-large.json"),
+    ("single_middle_late.nm", "late", "distilbert-base-uncased-small.json"),
+    ("multiple_single_middle_late.nm", "multiple_single_middle_late", "distilbert-base-uncased-small.json"),
+    ("multiple_single_middle_late_layer_6.nm", "multiple_single_middle_late", "distilbert-base-uncased.json"),
+    ("multiple_single_multilayer_layer_3.nm", "full", "distilbert-base-uncased-small.json"),
+    ("multiple_single_multilayer_layer_6.nm", "full", "distilbert-base-uncased.json"),
+    ("multiple_single_multilayer_layer_9.nm", "multiple_single_multilayer", "distilbert-base-uncased-large.json"),
+]
+
+
+@pytest.mark.parametrize("shipped,alignment,student", SHIPPED)
+def test_make_mapping_reproduces_the_shipped_bert_base_files(tmp_path, shipped, alignment, student):
+    from transformers import BertConfig
+
+    BertConfig().to_json_file(tmp_path / "bert-base.json")
+    out = make_mapping.main(["--teacher", str(tmp_path / "bert-base.json"), "--student", str(CONFIGS / student),
+                             "--alignment", alignment, "--output", str(tmp_path / "made.nm")])
+    teacher_shape = make_mapping.load_shape(str(tmp_path / "bert-base.json"), "--teacher")
+    student_shape = make_mapping.load_shape(str(CONFIGS / student), "--student")
+    made = load_neuron_mapping(out, teacher_shape, student_shape)
+    original = load_neuron_mapping(CONFIGS / shipped, teacher_shape, student_shape)
+    assert [(e.teacher, e.student) for e in made] == [(e.teacher, e.student) for e in original]
+
+
+def test_make_mapping_any_widths_and_refusals(tmp_path):
+    from transformers import DistilBertConfig, GPT2Config
+
+    GPT2Config(n_layer=5, n_embd=48, n_head=3).to_json_file(tmp_path / "t.json")
+    DistilBertConfig(n_layers=2, dim=20, n_heads=5, hidden_dim=40).to_json_file(tmp_path / "s.json")
+    t, s = make_mapping.load_shape(str(tmp_path / "t.json"), "--t"), make_mapping.load_shape(str(tmp_path / "s.json"), "--s")
+    assert make_mapping.alignment_pairs("full", 5, 2) == [([0, 1, 2], 0), ([3, 4], 1)]
+    assert make_mapping.build_mapping("late", t, s)["interchange_variable_mappings"] == [
+        {"teacher_variable_names": ["$L:3$H:[0:3]$[0:16]"], "student_variable_names": ["$L:0$H:[0:5]$[0:4]"]}]
+    with pytest.raises(CliError, match="at least as deep"):
+        make_mapping.build_mapping("full", s, t)
+    with pytest.raises(CliError, match="3 or more blocks"):
+        make_mapping.build_mapping("multiple_single_middle_late", t, s)

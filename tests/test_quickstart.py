@@ -6,18 +6,19 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
+import quickstart
 from conftest import ROOT
+from helpers import assert_same_numbers, quickstart_twice
 
 import doc_corpus
-import quickstart
 from pipelines.quickstart import mlm as quickstart_mlm
-from pipelines.quickstart.pipeline import QUICKSTART_ENV
 from pipelines.quickstart import pipeline as quickstart_pipeline
-from helpers import assert_same_numbers, quickstart_twice
+from pipelines.quickstart.pipeline import QUICKSTART_ENV
 from utils import CliError
 
 SCRIPT = ROOT / "scripts" / "quickstart.py"
@@ -353,3 +354,32 @@ def test_an_interrupt_stops_the_commands_of_every_job(tmp_path):
     for p in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(int(p.read_text()), 0)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_the_quickstart_says_how_to_continue_when_stopped(tmp_path, monkeypatch, caplog, how):
+    import os
+
+    def stopped(self):
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    class Unhandled(Exception):
+        pass
+
+    def guard(signum, frame):  # what the test sees if the quickstart did not take SIGTERM itself
+        raise Unhandled
+
+    monkeypatch.setattr(quickstart_mlm.MlmQuickstart, "run", stopped)
+    before = signal.signal(signal.SIGTERM, guard)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            quickstart.main(["--out", str(tmp_path / "q"), "--preset", "test"])
+        assert signal.getsignal(signal.SIGTERM) == guard  # put back as it was
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    signum = signal.SIGINT if how == "ctrl-c" else signal.SIGTERM
+    assert stop.value.code == 128 + signum
+    assert (f"stopped by {signal.Signals(signum).name}: run the same command again to continue (finished stages are "
+            f"skipped") in caplog.text

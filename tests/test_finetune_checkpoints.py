@@ -5,6 +5,7 @@ uninterrupted run ends (run_glue.py: collation draws nothing at random; run_mlm.
 resume exactly, see docs/reliability.md)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_weights, student_weights
+from helpers import assert_same_weights, glue_args, student_weights
 
 import finetune_common
 import run_glue
@@ -141,3 +142,36 @@ def test_an_evaluation_failing_after_training_loses_nothing(tmp_path, glue_model
     monkeypatch.undo()
     run_qa.main(["--model_name_or_path", str(out), "--do_eval", *common])  # as the message says
     assert json.loads((out / "eval_results.json").read_text())["eval_samples"] == 4
+
+
+def test_trainer_resume_skips_incomplete_and_refuses_finished(tmp_path, glue_model, tokenizer_dir, caplog):
+    out = tmp_path / "run"
+    argv = ["--model_name_or_path", str(glue_model), "--tokenizer_name", str(tokenizer_dir), "--do_train"] + glue_args(out, tmp_path)
+    run_glue.main(argv)
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file()
+    with pytest.raises(CliError, match="finished training run .*--overwrite_output_dir"):
+        run_glue.main(argv)
+
+    # A run killed while saving checkpoint-4: no trainer_state.json there, no train_results.json.
+    (out / "checkpoint-4" / "trainer_state.json").unlink()
+    (out / "train_results.json").unlink()
+    caplog.set_level(logging.WARNING)
+    run_glue.main(argv)
+    assert f"skipping the incomplete checkpoint {out / 'checkpoint-4'}" in caplog.text
+    assert f"RESUMING training from {out / 'checkpoint-2'} (step 2)" in caplog.text
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file()
+
+    (out / "checkpoint-4" / "trainer_state.json").write_text('{"global_st')  # truncated
+    with pytest.raises(CliError, match="checkpoint-4: not a complete Trainer checkpoint .*truncated"):
+        run_glue.main(argv + ["--resume_from_checkpoint", str(out / "checkpoint-4")])
+    caplog.clear()
+    run_glue.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert f"skipping the incomplete checkpoint {out / 'checkpoint-4'}: trainer_state.json is truncated" in caplog.text
+    assert f"RESUMING training from {out / 'checkpoint-2'}" in caplog.text
+    caplog.clear()
+    run_glue.main(argv + ["--resume_from_checkpoint", "latest"])  # checkpoint-4 is complete again: at the end
+    assert f"{out / 'checkpoint-4'} already reached step 4 of 4: no training step is left" in caplog.text
+    caplog.clear()
+    run_glue.main(argv + ["--overwrite_output_dir"])
+    assert "RESUMING" not in caplog.text and json.loads((out / "train_results.json").read_text())["train_loss"] > 0
