@@ -40,15 +40,12 @@ def world(tmp_path_factory, distill_setup, corpus_lines):  # noqa: C901 -- one p
     cfg["n_heads"] = 5  # does not divide dim 32
     w["bad_heads"] = root / "bad_heads.json"
     w["bad_heads"].write_text(json.dumps(cfg))
-    import os
     import pickle
 
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {root / 'pwned'}",))
+    from helpers import Payload
 
     w["crafted_counts"] = root / "crafted.pickle"
-    w["crafted_counts"].write_bytes(pickle.dumps([1, Payload()]))
+    w["crafted_counts"].write_bytes(pickle.dumps([1, Payload(root / "pwned")]))
     w["png"] = root / "dev.json"
     w["png"].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     w["glue"] = root / "eval_results.json"
@@ -56,7 +53,7 @@ def world(tmp_path_factory, distill_setup, corpus_lines):  # noqa: C901 -- one p
     (root / "percent").mkdir()
     w["glue_percent"] = root / "percent" / "eval_results.json"
     w["glue_percent"].write_text(json.dumps({"eval_accuracy": 85.3}))
-    _issue21_inputs(w, root, setup, corpus_lines, Payload)
+    _issue21_inputs(w, root, setup, corpus_lines, lambda: Payload(root / "pwned"))
     w["sharded_checkpoint"] = _sharded_checkpoint(root, setup)
     w["root"] = root
     w["ro"] = read_only_folder(root / "read_only")

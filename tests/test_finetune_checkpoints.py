@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_weights, glue_args, student_weights
+from helpers import Payload, assert_same_weights, glue_args, student_weights
 
 import finetune_common
 import run_glue
@@ -53,13 +52,6 @@ def finished(tmp_path_factory, glue_model, tokenizer_dir):
     return out, argv
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
 
 def _damage(folder: Path, name: str, kind: str, marker: Path) -> None:
     path = folder / name
@@ -72,7 +64,7 @@ def _damage(folder: Path, name: str, kind: str, marker: Path) -> None:
         data[200] ^= 0x01
         path.write_bytes(bytes(data))
     elif kind == "crafted":
-        torch.save({"python": _Payload(marker)}, path)
+        torch.save({"python": Payload(marker)}, path)
 
 
 DAMAGE = [

@@ -22,7 +22,7 @@ import pytest
 import torch
 from clm_helpers import llama_distill_setup, llama_train_argv
 from conftest import ROOT
-from helpers import SUBPROCESS_ENV, assert_same_weights, free_port, student_weights, train_argv
+from helpers import SUBPROCESS_ENV, Payload, assert_same_weights, free_port, student_weights, train_argv
 
 import causal_train
 from utils import CliError
@@ -376,13 +376,6 @@ def _sharded_run(tmp_path):
     return folder, *model_and_optimizer()
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
 
 def _craft_bytes_entry(folder, key: str, marker) -> None:
     """What the attack did: one tensor entry of `.metadata` replaced by a BytesStorageMetadata that points at a
@@ -396,7 +389,7 @@ def _craft_bytes_entry(folder, key: str, marker) -> None:
 
     metadata = pickle.loads((folder / ".metadata").read_bytes())
     buffer = io.BytesIO()
-    torch.save(_Payload(marker), buffer)
+    torch.save(Payload(marker), buffer)
     shard = folder / "__0_0.distcp"
     offset = shard.stat().st_size
     shard.write_bytes(shard.read_bytes() + buffer.getvalue())
