@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "models and longer runs with --n_gpu 1 --bf16; test: the smallest size, for the test suite.")
     parser.add_argument("--family", choices=("bert", "llama", "gpt2"), default="bert",
                         help="Teacher family: bert (masked LM, the default), or a causal LM, llama or gpt2 "
-                             "(run_clm.py; scripts/quickstart_clm.py).")
+                             "(run_clm.py; pipelines/quickstart/clm.py).")
     parser.add_argument("--seeds", type=int, default=3, help="Seeds per objective (default 3).")
     parser.add_argument("--steps", type=int, default=None, help="Optimiser steps per student run (default: the preset's).")
     parser.add_argument("--teacher_steps", type=int, default=None, help="Teacher training steps (default: the preset's).")

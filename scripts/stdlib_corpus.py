@@ -4,7 +4,7 @@ By default, the Python standard library's docstrings; with --pydoc_topics, also 
 interpreter's topic help; with --packages, also the documentation of installed packages (the
 docstrings of their .py files, read without importing them, their .md/.rst/.txt prose and their
 README). Code examples, reST/markdown markup and short fragments are dropped; each remaining
-paragraph is one line, each paragraph appears once (scripts/doc_corpus.py does the work).
+paragraph is one line, each paragraph appears once (doc_corpus.py does the work).
 
 So tests and the offline quickstart need no download and the repository ships no data. The same
 Python and package versions give the same bytes. --manifest records those versions and which
