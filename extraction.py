@@ -13,7 +13,7 @@ import copy
 import json
 from pathlib import Path
 
-from input_checks import check_local_path
+from input_checks import check_config_numbers, check_local_path
 from atomic_files import atomic_dir, atomic_open, atomic_write_text
 from utils import check_output_parent, check_writable, CliError, logger
 
@@ -102,6 +102,7 @@ def load_teacher_config(model_name: str, model_types: tuple[str, ...], flag_type
         config = transformers.AutoConfig.from_pretrained(model_name)
     except (OSError, ValueError) as err:
         raise CliError(f"--model_name {model_name}: cannot load its config ({err})") from None
+    check_config_numbers(config, f"--model_name {model_name}")  # (the student's config is made from it)
     if config.model_type not in model_types:
         raise CliError(
             f"--model_name {model_name} is a {config.model_type!r} model; --model_type {flag_type} needs "

@@ -42,6 +42,7 @@ import torch
 from batching import BatchPreparer, add_interchange_args, interchange_problem, load_token_probs
 from binarized_io import MAGIC, load_corpus
 from iia import choose_pairs, draw_heatmaps, evaluate, format_table, prepare_batches, summarize, sweep_entries
+from input_checks import check_config_numbers
 from interventions import FAMILIES, model_shape
 from lm_seqs_dataset import LmSeqsDataset
 from neuron_mapping import MappingEntry, load_neuron_mapping
@@ -129,6 +130,7 @@ def load_lm(name: str, flag: str, cache_dir: str | None = None):
         config = AutoConfig.from_pretrained(name, cache_dir=cache_dir)
     except (OSError, ValueError, KeyError) as err:
         raise CliError(f"{flag} {name}: cannot load a model config ({err})") from None
+    check_config_numbers(config, f"{flag} {name}")
     family = FAMILIES.get(getattr(config, "model_type", None))
     if family is None:
         raise CliError(f"{flag} {name}: model type {config.model_type!r} is not in the family table "
