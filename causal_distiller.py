@@ -38,7 +38,8 @@ from cpu_dropout import use_cpu_dropout
 from grouped_batch_sampler import epoch_batches
 from interventions import Needs, Outputs, model_outputs
 from lm_seqs_dataset import collated_batches
-from losses import head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_kl, use_compiled_kernels
+from losses import (FORWARD_KL, Divergence, head_losses, hidden_cosine, lm_cross_entropy, logits_mse, soft_target_loss,
+                    use_compiled_kernels)
 from neuron_mapping import MappingEntry
 from sharding import FsdpEngine
 from stop_signals import StopSignals
@@ -73,20 +74,23 @@ class StudentStep(nn.Module):
 
 
 def compute_losses(
-    s: Outputs, t: Outputs, p: Prepared, alphas: dict[str, float], temperature: float
+    s: Outputs, t: Outputs, p: Prepared, alphas: dict[str, float], temperature: float,
+    divergences: tuple[Divergence, Divergence] = (FORWARD_KL, FORWARD_KL),
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Every active loss (weight > 0) of one prepared batch.
+    """Every active loss (weight > 0) of one prepared batch; `divergences` are what `ce` and `causal_ce`
+    measure between the softened distributions (--divergence, --causal_divergence).
 
     Returns (the value of each loss, the weighted total with gradients). The vocabulary-wide
     losses go through `head_losses` (no logits stored) unless `mse` needs the logits themselves.
     """
+    ce_divergence, causal_divergence = divergences
     values, total = {}, 0.0
     lm_name = "mlm" if alphas["mlm"] > 0 else "clm" if alphas["clm"] > 0 else None
     if alphas["mse"] > 0:  # the plain path: materialise the logits once
         s_logits, t_logits = s.logits(), t.logits()
         parts = {"mse": logits_mse(s_logits, t_logits)}
         if alphas["ce"] > 0:
-            parts["ce"] = soft_target_kl(s_logits, t_logits, temperature)
+            parts["ce"] = soft_target_loss(s_logits, t_logits, temperature, ce_divergence)
         if lm_name:
             parts[lm_name] = lm_cross_entropy(s_logits.index_select(0, p.lm_rows), p.lm_targets)
         for name, value in parts.items():
@@ -95,7 +99,7 @@ def compute_losses(
     elif alphas["ce"] > 0 or lm_name:
         head_total, ce, lm = head_losses(
             s.features, s.projection, t.features, t.projection, p.lm_rows, p.lm_targets, temperature,
-            alphas["ce"], alphas[lm_name] if lm_name else 0.0,
+            alphas["ce"], alphas[lm_name] if lm_name else 0.0, ce_divergence,
         )
         total = total + head_total
         if alphas["ce"] > 0:
@@ -104,7 +108,7 @@ def compute_losses(
             values[lm_name] = lm
     if alphas["causal_ce"] > 0:
         head_total, ce, _ = head_losses(s.cf_features, s.projection, t.cf_features, t.projection, None, None,
-                                        temperature, alphas["causal_ce"], 0.0)
+                                        temperature, alphas["causal_ce"], 0.0, causal_divergence)
         total = total + head_total
         values["causal_ce"] = ce
     for name, (a, b) in (("cos", (s.hidden, t.hidden)), ("causal_cos", (s.cf_hidden, t.cf_hidden))):
@@ -190,6 +194,7 @@ class CausalDistiller:
         self.alphas = params.alphas
         self.needs = needs_from_alphas(self.alphas)
         self.temperature = params.temperature
+        self.divergences = (params.soft_target_divergence, params.causal_soft_target_divergence)
         self.mappings = mappings or []
         self.data_augment = params.data_augment
         self.shared_prefix = not params.no_shared_prefix
@@ -358,7 +363,8 @@ class CausalDistiller:
                 ]
             t_outs = [_usable_outside_inference(o) for o in t_outs]
             s_outs = self.step_module(prepared, s_sites, self.needs, self.data_augment, self.shared_prefix)
-            per_pair = [compute_losses(s, t, p, self.alphas, self.temperature) for s, t, p in zip(s_outs, t_outs, prepared)]
+            per_pair = [compute_losses(s, t, p, self.alphas, self.temperature, self.divergences)
+                        for s, t, p in zip(s_outs, t_outs, prepared)]
         return self._mean_losses(prepared, t_outs, s_outs, per_pair)
 
     def _sharded_losses(self, prepared: list[Prepared], t_sites, s_sites):
@@ -369,7 +375,8 @@ class CausalDistiller:
                                                    self.shared_prefix)
             t_outs = [_usable_outside_inference(o) for o in t_outs]
             s_outs, per_pair = self.fsdp.student_losses(prepared, s_sites, self.needs, self.data_augment,
-                                                        self.shared_prefix, t_outs, self.alphas, self.temperature)
+                                                        self.shared_prefix, t_outs, self.alphas, self.temperature,
+                                                        self.divergences)
         return self._mean_losses(prepared, t_outs, s_outs, per_pair)
 
     def _mean_losses(self, prepared, t_outs, s_outs, per_pair):

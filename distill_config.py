@@ -10,7 +10,7 @@ import argparse
 from dataclasses import dataclass, fields
 
 from devices import Runtime
-from losses import LOSS_NAMES
+from losses import LOSS_NAMES, Divergence
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class DistillConfig(Runtime):
     alpha_cos: float
     alpha_causal_ce: float
     alpha_causal_cos: float
+    divergence: str
+    causal_divergence: str | None
+    jsd_beta: float
+    skew: float
     mlm: bool
     mlm_mask_prop: float
     word_mask: float
@@ -118,6 +122,16 @@ class DistillConfig(Runtime):
     def alphas(self) -> dict[str, float]:
         """The weight of each loss of `losses.LOSS_NAMES`."""
         return {name: float(getattr(self, f"alpha_{name}")) for name in LOSS_NAMES}
+
+    @property
+    def soft_target_divergence(self) -> Divergence:
+        """What `ce` measures between the softened teacher and student distributions (--divergence)."""
+        return Divergence(self.divergence, beta=self.jsd_beta, skew=self.skew)
+
+    @property
+    def causal_soft_target_divergence(self) -> Divergence:
+        """What `causal_ce` measures (--causal_divergence, else --divergence)."""
+        return Divergence(self.causal_divergence or self.divergence, beta=self.jsd_beta, skew=self.skew)
 
     @property
     def amp_dtype(self):

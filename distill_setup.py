@@ -26,7 +26,7 @@ from checkpoints import file_fingerprint, short_load_error
 from input_checks import check_config_numbers, check_local_path, check_tokenizer
 from interventions import CAUSAL_FAMILIES, FAMILIES, family_of, get_submodule, model_shape
 from lm_seqs_dataset import LmSeqsDataset
-from losses import LOSS_NAMES
+from losses import DIVERGENCES, LOSS_NAMES, Divergence
 from neuron_mapping import MappingEntry, load_neuron_mapping
 from sharding import fsdp_flag_problem
 from utils import CliError, logger, require_file
@@ -65,6 +65,20 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     a("--alpha_cos", type=float, default=0.0, help="Weight of the cosine loss between last hidden states.")
     a("--alpha_causal_ce", type=float, default=0.0, help="Weight of the DIITO soft-target loss on counterfactual runs.")
     a("--alpha_causal_cos", type=float, default=0.0, help="Weight of the DIITO cosine loss on counterfactual hidden states.")
+    a("--divergence", choices=DIVERGENCES, default="forward_kl",
+      help="What the soft-target loss (--alpha_ce) measures between the temperature-softened teacher and student "
+           "distributions, times T^2: forward_kl KL(teacher || student) (the original's), reverse_kl "
+           "KL(student || teacher), jsd the generalised Jensen-Shannon divergence of GKD (--jsd_beta), tvd the "
+           "total variation distance. Computed in row chunks like the KL: no logits are stored.")
+    a("--causal_divergence", choices=DIVERGENCES, default=None,
+      help="The same for DIITO's counterfactual soft-target loss (--alpha_causal_ce) (default: --divergence).")
+    a("--jsd_beta", type=float, default=0.5,
+      help="jsd's beta: the divergences to the mixture beta * p_teacher + (1 - beta) * p_student, weighted beta "
+           "and 1 - beta; 0 is the forward KL and 1 the reverse KL (TRL's GKD convention).")
+    a("--skew", type=float, default=0.0,
+      help="DistiLLM's skew for forward_kl and reverse_kl, in [0, 1): the distribution the KL is taken to is "
+           "mixed with the other one, KL(p_t || skew p_t + (1 - skew) p_s) and KL(p_s || skew p_s + (1 - skew) p_t). "
+           "0: the plain KL.")
     a("--mlm", action="store_true", help="Masked-LM training (BERT/RoBERTa); otherwise causal LM (GPT-2, Llama, Qwen, ...).")
     a("--mlm_mask_prop", type=float, default=0.15, help="Proportion of tokens chosen for MLM prediction.")
     a("--word_mask", type=float, default=0.8, help="Of the chosen tokens: proportion replaced by [MASK].")
@@ -153,8 +167,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 # Every float flag: NaN or an infinity passes the range checks below (nan <= 0 is False) and then
 # fails at the first step, or, as --adam_epsilon inf, trains nothing and exits 0.
-FLOAT_FLAGS = ("temperature", *(f"alpha_{name}" for name in LOSS_NAMES), "mlm_mask_prop", "word_mask", "word_keep",
-               "word_rand", "mlm_smoothing", "interchange_prop", "warmup_prop", "weight_decay", "learning_rate",
+FLOAT_FLAGS = ("temperature", *(f"alpha_{name}" for name in LOSS_NAMES), "jsd_beta", "skew", "mlm_mask_prop",
+               "word_mask", "word_keep", "word_rand", "mlm_smoothing", "interchange_prop", "warmup_prop", "weight_decay", "learning_rate",
                "adam_epsilon", "max_grad_norm", "initializer_range")
 
 
@@ -206,6 +220,11 @@ def sanity_checks(args) -> None:
         raise CliError("every --alpha_* weight is 0: nothing to train")
     if (args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0) and not args.neuron_mapping:
         raise CliError("--alpha_causal_ce/--alpha_causal_cos need --neuron_mapping")
+    for flag, name in (("--divergence", args.divergence), ("--causal_divergence", args.causal_divergence)):
+        try:
+            Divergence(name or args.divergence, beta=args.jsd_beta, skew=args.skew)
+        except ValueError as err:
+            raise CliError(f"{flag} {name}: {err} (--jsd_beta {args.jsd_beta}, --skew {args.skew})") from None
     if args.fp16 and args.bf16:
         raise CliError("choose one of --fp16 and --bf16")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1:

@@ -74,10 +74,12 @@ class StudentLosses(nn.Module):
         self.model = model
         self.compute_losses = compute_losses
 
-    def forward(self, batches, sites, needs, data_augment: bool, shared_prefix: bool, t_outs, alphas, temperature):
+    def forward(self, batches, sites, needs, data_augment: bool, shared_prefix: bool, t_outs, alphas, temperature,
+                *divergences):
         s_outs = [model_outputs(self.model, p, sites, needs, want_logits=needs.logits, data_augment=data_augment,
                                 shared_prefix=shared_prefix) for p in batches]
-        per_pair = [self.compute_losses(s, t, p, alphas, temperature) for s, t, p in zip(s_outs, t_outs, batches)]
+        per_pair = [self.compute_losses(s, t, p, alphas, temperature, *divergences)
+                    for s, t, p in zip(s_outs, t_outs, batches)]
         return s_outs, per_pair
 
 
@@ -149,12 +151,12 @@ class FsdpEngine:
                               shared_prefix=shared_prefix) for p in prepared]
 
     def student_losses(self, prepared, sites, needs, data_augment: bool, shared_prefix: bool, t_outs, alphas,
-                       temperature):
+                       temperature, *divergences):
         """(the student's outputs, [(loss values, weighted total)] per prepared batch); frees the teacher's
         gathered root afterwards."""
         try:
             return self.student_step(prepared, sites, needs, data_augment, shared_prefix, t_outs, alphas,
-                                     temperature)
+                                     temperature, *divergences)
         finally:
             self.release_teacher()
 

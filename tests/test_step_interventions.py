@@ -54,9 +54,9 @@ def _step(distiller, batch, monkeypatch):
     seen = {}
     original = causal_distiller.compute_losses
 
-    def spy(s, t, p, alphas, temperature):
+    def spy(s, t, p, *settings):
         seen.update(s=s, t=t, p=p)
-        return original(s, t, p, alphas, temperature)
+        return original(s, t, p, *settings)
 
     monkeypatch.setattr(causal_distiller, "compute_losses", spy)
     torch.manual_seed(0)
@@ -155,3 +155,34 @@ def test_the_in_memory_distiller_is_built_as_causal_train_builds_it():
     distiller, teacher, _ = _distiller("bert->distilbert", {1: (0, 1)}, {0: (0, 1)}, shared_prefix=True)
     assert distiller.teacher is teacher and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("flags, ce, causal_ce", [
+    ([], "forward_kl", "forward_kl"),
+    (["--divergence", "tvd", "--causal_divergence", "reverse_kl"], "tvd", "reverse_kl"),
+    (["--divergence", "jsd", "--jsd_beta", "0.3"], "jsd", "jsd"),
+])
+def test_the_divergence_flags_reach_both_soft_target_losses(flags, ce, causal_ce, monkeypatch):
+    """--divergence and --causal_divergence choose what `ce` and `causal_ce` measure, in the chunked head losses
+    and in the plain path on materialised logits (--alpha_mse) alike."""
+    from losses import Divergence, soft_target_loss
+
+    batch = _batch()
+    results = {}
+    for path, extra in (("head", []), ("plain", ["--alpha_mse", "1e-9"])):
+        make_t, make_s, _ = PAIRS["bert->distilbert"]
+        teacher, student = make_t(), make_s()
+        argv = ["--dump_path", "unused", "--data_file", "unused", "--student_type", "distilbert", "--student_config",
+                "unused", "--teacher_type", "bert", "--teacher_name", "unused", "--n_gpu", "0", "--alpha_ce", "1.0",
+                "--alpha_causal_ce", "1.0", "--alpha_clm", "0.0", "--temperature", "1.5", "--mlm", "--alpha_mlm",
+                "0.0", "--token_counts", "unused", *flags, *extra]
+        distiller = in_memory_distiller(argv, teacher, student, _full(1), _full(1), VOCAB)
+        assert distiller.divergences == (Divergence(ce, beta=0.3 if ce == "jsd" else 0.5),
+                                         Divergence(causal_ce, beta=0.3 if causal_ce == "jsd" else 0.5))
+        prepared, s_out, t_out, values = _step(distiller, batch, monkeypatch)
+        results[path] = values
+        if path == "plain":  # the value is the divergence of the materialised logits
+            want = soft_target_loss(s_out.logits(), t_out.logits(), 1.5, distiller.divergences[0])
+            assert torch.allclose(values["ce"], want, rtol=1e-5)
+    for name in ("ce", "causal_ce"):
+        assert torch.allclose(results["head"][name], results["plain"][name], rtol=1e-4, atol=1e-7), name
