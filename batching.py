@@ -184,7 +184,8 @@ class BatchPreparer:
 
     # --- the whole batch -----------------------------------------------------------------------
     def prepare(self, batch: dict, causal: bool, reverse: bool = False) -> Prepared:
-        """Prepare a collated batch (`base_ids`, `base_lengths`[, `source_ids`, `source_lengths`]).
+        """Prepare a collated batch (`base_ids`, `base_lengths`[, `source_ids`, `source_lengths`]; with on-policy
+        samples also `base_prompt_lengths` and `source_prompt_lengths`, causal LMs only).
 
         causal: sample interchange positions and keep the source input.
         reverse: use the source as base and the base as source (--include_crossway).
@@ -192,6 +193,7 @@ class BatchPreparer:
         base_ids, base_len = batch["base_ids"], batch["base_lengths"]
         source_ids, source_len = batch.get("source_ids"), batch.get("source_lengths")
         base_ids, source_ids = self.widen(base_ids), self.widen(source_ids)
+        prompt_len = batch.get("source_prompt_lengths" if reverse else "base_prompt_lengths")  # (on-policy samples)
         if reverse:
             base_ids, source_ids, base_len, source_len = source_ids, base_ids, source_len, base_len
         width = base_ids.shape[1]
@@ -211,13 +213,19 @@ class BatchPreparer:
                 lm_rows = rank_in_real[flat_lm]
         else:
             input_ids = base_ids
-            # Row t predicts token t+1: every real token that has a real successor.
-            has_next = base_mask & length_mask(base_len - 1, width)
-            logit_idx = flat_real
-            rank_in_real = base_mask.flatten().long().cumsum(0) - 1
-            flat_lm = has_next.flatten().nonzero(as_tuple=True)[0]
-            lm_rows = rank_in_real[flat_lm]
-            lm_targets = base_ids.flatten()[flat_lm + 1]
+            if prompt_len is not None:
+                # The student's own continuation of a prompt: the soft targets at the rows that predict a
+                # sampled token (and the last); no LM target, the samples being no ground truth.
+                logit_idx = (base_mask & ~length_mask(prompt_len - 1, width)).flatten().nonzero(as_tuple=True)[0]
+                lm_rows = lm_targets = torch.zeros(0, dtype=torch.long)
+            else:
+                # Row t predicts token t+1: every real token that has a real successor.
+                has_next = base_mask & length_mask(base_len - 1, width)
+                logit_idx = flat_real
+                rank_in_real = base_mask.flatten().long().cumsum(0) - 1
+                flat_lm = has_next.flatten().nonzero(as_tuple=True)[0]
+                lm_rows = rank_in_real[flat_lm]
+                lm_targets = base_ids.flatten()[flat_lm + 1]
         prepared = Prepared(
             input_ids=input_ids,
             attention_mask=base_mask.long(),

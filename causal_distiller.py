@@ -86,6 +86,8 @@ def compute_losses(
     ce_divergence, causal_divergence = divergences
     values, total = {}, 0.0
     lm_name = "mlm" if alphas["mlm"] > 0 else "clm" if alphas["clm"] > 0 else None
+    if p.lm_rows.numel() == 0:  # no LM target in this batch (on-policy samples): no LM term either
+        lm_name = None
     if alphas["mse"] > 0:  # the plain path: materialise the logits once
         s_logits, t_logits = s.logits(), t.logits()
         parts = {"mse": logits_mse(s_logits, t_logits)}
@@ -195,6 +197,7 @@ class CausalDistiller:
         self.needs = needs_from_alphas(self.alphas)
         self.temperature = params.temperature
         self.divergences = (params.soft_target_divergence, params.causal_soft_target_divergence)
+        self.on_policy = params.on_policy
         self.mappings = mappings or []
         self.data_augment = params.data_augment
         self.shared_prefix = not params.no_shared_prefix
@@ -281,7 +284,7 @@ class CausalDistiller:
         bar = progress_bar(total=self.total_steps, initial=self.n_step, disable=not self.is_master or p.no_progress,
                    desc="distilling", dynamic_ncols=True)
         log_sums: dict[str, torch.Tensor] = {}
-        n_log = 0
+        n_log: dict[str, int] = {}  # steps that had each term (on-policy samples have no LM loss)
         self.last_log = time.time()
         tokens_at_log = self.n_tokens
         done = self.n_step >= self.total_steps
@@ -297,10 +300,10 @@ class CausalDistiller:
                     if losses is not None:
                         for k, v in losses.items():
                             log_sums[k] = log_sums.get(k, 0.0) + v
-                        n_log += 1
+                            n_log[k] = n_log.get(k, 0) + 1
                         if self.n_step % self.log_interval == 0:
                             self._log(log_sums, n_log, tokens_at_log, bar)
-                            log_sums, n_log, tokens_at_log = {}, 0, self.n_tokens
+                            log_sums, n_log, tokens_at_log = {}, {}, self.n_tokens
                         if p.checkpoint_interval > 0 and self.n_step % p.checkpoint_interval == 0:
                             self.save_checkpoint()
                     if self.n_step >= self.total_steps:
@@ -336,14 +339,29 @@ class CausalDistiller:
         `loss`, the weighted total), or None when the step was skipped for a non-finite loss.
         """
         losses: dict[str, torch.Tensor] = {}
+        if self.on_policy is not None:  # (the window's first batch: its place in this epoch's batches)
+            first = max(self.batch_in_epoch - len(window), 0)
+            window = [self._on_policy_batch(batch, first + i) for i, batch in enumerate(window)]
+        present: dict[str, int] = {}
         for micro_step, batch in enumerate(window):
             sync = micro_step == len(window) - 1
             for k, v in self._micro_step(batch, sync).items():
                 losses[k] = losses.get(k, 0.0) + v / self.grad_acc
+                present[k] = present.get(k, 0) + 1
+        for k, n in present.items():  # a term some micro-batches lack (the LM loss of on-policy samples)
+            if n < len(window):
+                losses[k] = losses[k] * (len(window) / n)
         if not self._optimizer_step(losses):
             return None
         self.n_step += 1
         return losses
+
+    def _on_policy_batch(self, batch: dict, index: int) -> dict:
+        """`batch`, or (when --on_policy_fraction picks it) the student's continuations of its prompts."""
+        if not self.on_policy.chosen(self.epoch, index):
+            return batch
+        return self.on_policy.sample_batch(self.student, batch, self.epoch, index, self.params.global_rank,
+                                           self.device, self.autocast)
 
     def losses_for_batch(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Forward every run of one collated batch; return (each active loss's value, weighted total).
@@ -491,9 +509,9 @@ class CausalDistiller:
             yield [next(collated) for _ in range(min(self.grad_acc, len(batches) - start))]
 
     # --- logging -------------------------------------------------------------------------------
-    def _log(self, sums: dict[str, torch.Tensor], n: int, tokens_at_log: int, bar) -> None:
+    def _log(self, sums: dict[str, torch.Tensor], counts: dict[str, int], tokens_at_log: int, bar) -> None:
         now = time.time()
-        values = {k: float(v) / max(n, 1) for k, v in sums.items()}  # the host sync of a log interval
+        values = {k: float(v) / counts[k] for k, v in sums.items()}  # the host sync of a log interval
         tok_s = (self.n_tokens - tokens_at_log) / max(now - self.last_log, 1e-9)
         self.last_log = now
         if self.is_master:

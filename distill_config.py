@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 from devices import Runtime
 from losses import LOSS_NAMES, Divergence
+from on_policy import OnPolicy
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class DistillConfig(Runtime):
     causal_divergence: str | None
     jsd_beta: float
     skew: float
+    on_policy_fraction: float
+    on_policy_prompt_tokens: int
+    on_policy_new_tokens: int
+    on_policy_temperature: float
+    on_policy_top_k: int
     mlm: bool
     mlm_mask_prop: float
     word_mask: float
@@ -132,6 +138,17 @@ class DistillConfig(Runtime):
     def causal_soft_target_divergence(self) -> Divergence:
         """What `causal_ce` measures (--causal_divergence, else --divergence)."""
         return Divergence(self.causal_divergence or self.divergence, beta=self.jsd_beta, skew=self.skew)
+
+    @property
+    def on_policy(self) -> OnPolicy | None:
+        """The on-policy sampling of the run (--on_policy_*), or None when it is off."""
+        if not self.on_policy_fraction:
+            return None
+        ids = self.special_tok_ids
+        return OnPolicy(fraction=self.on_policy_fraction, prompt_tokens=self.on_policy_prompt_tokens,
+                        new_tokens=self.on_policy_new_tokens, temperature=self.on_policy_temperature,
+                        top_k=self.on_policy_top_k, seed=self.seed, eos_id=ids.get("eos_token", ids["sep_token"]),
+                        pad_id=ids["pad_token"], max_len=self.max_model_input_size)
 
     @property
     def amp_dtype(self):

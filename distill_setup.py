@@ -79,6 +79,18 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
       help="DistiLLM's skew for forward_kl and reverse_kl, in [0, 1): the distribution the KL is taken to is "
            "mixed with the other one, KL(p_t || skew p_t + (1 - skew) p_s) and KL(p_s || skew p_s + (1 - skew) p_t). "
            "0: the plain KL.")
+    a("--on_policy_fraction", type=float, default=0.0,
+      help="On-policy distillation (causal-LM students; GKD's lambda): this share of the micro-batches is replaced "
+           "by the student's own continuations of prompts taken from the corpus, which the teacher scores; the "
+           "soft-target terms (and DIITO's, base and source both sampled) train on the sampled positions only, the "
+           "LM loss skips them. The batches and samples follow from --seed and the batch's place, so a resumed "
+           "run draws the same. 0: off.")
+    a("--on_policy_prompt_tokens", type=int, default=16,
+      help="Corpus tokens kept as the prompt of an on-policy sample (fewer when a sequence of the batch is shorter).")
+    a("--on_policy_new_tokens", type=int, default=32,
+      help="Tokens the student samples after the prompt (a sequence ends at the first EOS it samples).")
+    a("--on_policy_temperature", type=float, default=1.0, help="Sampling temperature of the on-policy continuations.")
+    a("--on_policy_top_k", type=int, default=0, help="Sample among the k most likely tokens only (0: all).")
     a("--mlm", action="store_true", help="Masked-LM training (BERT/RoBERTa); otherwise causal LM (GPT-2, Llama, Qwen, ...).")
     a("--mlm_mask_prop", type=float, default=0.15, help="Proportion of tokens chosen for MLM prediction.")
     a("--word_mask", type=float, default=0.8, help="Of the chosen tokens: proportion replaced by [MASK].")
@@ -167,7 +179,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 # Every float flag: NaN or an infinity passes the range checks below (nan <= 0 is False) and then
 # fails at the first step, or, as --adam_epsilon inf, trains nothing and exits 0.
-FLOAT_FLAGS = ("temperature", *(f"alpha_{name}" for name in LOSS_NAMES), "jsd_beta", "skew", "mlm_mask_prop",
+FLOAT_FLAGS = ("temperature", *(f"alpha_{name}" for name in LOSS_NAMES), "jsd_beta", "skew", "on_policy_fraction",
+               "on_policy_temperature", "mlm_mask_prop",
                "word_mask", "word_keep", "word_rand", "mlm_smoothing", "interchange_prop", "warmup_prop", "weight_decay", "learning_rate",
                "adam_epsilon", "max_grad_norm", "initializer_range")
 
@@ -225,6 +238,8 @@ def sanity_checks(args) -> None:
             Divergence(name or args.divergence, beta=args.jsd_beta, skew=args.skew)
         except ValueError as err:
             raise CliError(f"{flag} {name}: {err} (--jsd_beta {args.jsd_beta}, --skew {args.skew})") from None
+    if args.on_policy_fraction:
+        on_policy_checks(args)
     if args.fp16 and args.bf16:
         raise CliError("choose one of --fp16 and --bf16")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1:
@@ -260,6 +275,22 @@ def sanity_checks(args) -> None:
                 raise CliError("--compile on CUDA needs triton (pip install triton), or drop --compile")
         elif not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
             raise CliError("--compile on the CPU needs a C++ compiler on PATH (c++, g++ or clang++), or drop --compile")
+
+
+def on_policy_checks(args) -> None:
+    """The --on_policy_* flags: a causal-LM student, and settings that sample something."""
+    if args.mlm:
+        raise CliError("--on_policy_fraction needs a causal-LM student (it samples continuations): masked LMs "
+                       "(--mlm) have no next-token distribution to sample from")
+    if args.fsdp:
+        raise CliError("--on_policy_fraction does not run with --fsdp yet: sample with DDP (torchrun without --fsdp)")
+    for flag, ok, what in (("on_policy_fraction", 0.0 <= args.on_policy_fraction <= 1.0, "in [0, 1]"),
+                           ("on_policy_prompt_tokens", args.on_policy_prompt_tokens >= 1, ">= 1"),
+                           ("on_policy_new_tokens", args.on_policy_new_tokens >= 1, ">= 1"),
+                           ("on_policy_temperature", args.on_policy_temperature > 0, "> 0"),
+                           ("on_policy_top_k", args.on_policy_top_k >= 0, ">= 0 (0: every token)")):
+        if not ok:
+            raise CliError(f"--{flag} must be {what}, not {getattr(args, flag)}")
 
 
 # --- inputs ------------------------------------------------------------------------------------------

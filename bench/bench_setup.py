@@ -34,6 +34,9 @@ MODES = {
     "kd": dict(alpha_causal_ce=0.0, no_shared_prefix=False),
     "diito_plain": dict(alpha_causal_ce=0.25, no_shared_prefix=True),
     "diito_shared": dict(alpha_causal_ce=0.25, no_shared_prefix=False),
+    # causal LMs: standard distillation on the student's own samples for every batch (--on_policy_fraction 1,
+    # 16 prompt tokens, 32 sampled): the cost of sampling, against `kd`
+    "kd_on_policy": dict(alpha_causal_ce=0.0, no_shared_prefix=False, on_policy=1.0),
 }
 
 
@@ -114,6 +117,8 @@ def train_args(args, cfg: dict, mlm: bool):
             "--num_workers", "0", "--log_interval", str(10**9), "--checkpoint_interval", "0", "--no_progress"]
     argv += ["--mlm"] * mlm + ["--bf16"] * (args.dtype == "bf16") + ["--compile"] * bool(args.compile)
     argv += ["--no_shared_prefix"] * mode["no_shared_prefix"]
+    if mode.get("on_policy"):
+        argv += ["--on_policy_fraction", str(mode["on_policy"])]
     if args.pad_to_multiple_of is not None:
         argv += ["--pad_to_multiple_of", str(args.pad_to_multiple_of)]
     return build_parser().parse_args(argv)

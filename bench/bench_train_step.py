@@ -235,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_file", default=None,
                         help="Binarized corpus to draw batches from (default: synthetic lengths like WikiText).")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where to run.")
-    parser.add_argument("--modes", default="kd,diito_plain,diito_shared", help="Comma-separated modes.")
+    parser.add_argument("--modes", default="kd,diito_plain,diito_shared",
+                        help="Comma-separated modes: kd, diito_plain, diito_shared; kd_on_policy (causal-LM presets: KD "
+                             "on the student's own samples for every batch, the cost of --on_policy_fraction 1).")
     parser.add_argument("--dtypes", default="fp32,bf16", help="Comma-separated precisions (fp32, bf16).")
     parser.add_argument("--steps", type=int, default=8, help="Timed steps per mode.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
@@ -426,7 +428,8 @@ def print_tables(args, rows: list[dict], failures: list[str], dtypes: list[str])
     for dtype in dtypes:
         pairs = [("diito_shared", "diito_plain", "shared prefix speed-up over plain"),
                  ("kd", "diito_shared", "standard KD over DIITO shared prefix"),
-                 ("kd", "diito_plain", "standard KD over DIITO plain")]
+                 ("kd", "diito_plain", "standard KD over DIITO plain"),
+                 ("kd", "kd_on_policy", "standard KD over KD on the student's samples")]
         for fast, slow, label in pairs:
             if (fast, dtype) in by and (slow, dtype) in by:
                 a, b = by[(fast, dtype)], by[(slow, dtype)]

@@ -399,6 +399,8 @@ CASES = [
      "--divergence tvd: a skew applies to forward_kl and reverse_kl, not tvd"),
     ("train-jsd-beta-beyond-1", "causal_train.py", lambda w, o: _train(w, o, "--divergence", "jsd", "--jsd_beta", "1.5"),
      "--divergence jsd: beta must lie in \\[0, 1\\] and skew in \\[0, 1\\)"),
+    ("train-on-policy-masked-lm", "causal_train.py", lambda w, o: _train(w, o, "--on_policy_fraction", "0.5"),
+     "--on_policy_fraction needs a causal-LM student \\(it samples continuations\\)"),
     ("counts-empty-corpus", "scripts/token_counts.py",
      lambda w, o: ["--data_file", str(w["empty_corpus"]), "--token_counts_dump", str(o / "c.pickle")],
      "--data_file .*empty.pickle holds no token"),
