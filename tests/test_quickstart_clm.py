@@ -9,11 +9,14 @@ import pytest
 
 import quickstart
 from pipelines.quickstart import clm as quickstart_clm
-from helpers import assert_same_numbers, quickstart_twice
+from conftest import ROOT
+from helpers import assert_same_numbers, quickstart_twice, run_together
 
 
 FAST = ("--family", "llama", "--preset", "test", "--seeds", "1", "--jobs", "2", "--no_ablation")
 MAIN = [a.name for a in quickstart_clm.ClmQuickstart.arms.values() if a.main]
+ABLATION = [a.name for a in quickstart_clm.ClmQuickstart.arms.values()  # (the test preset's subset)
+            if not a.main and a.name in quickstart.PRESETS["test"].ablation_arms]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,27 @@ def test_llama_quickstart_runs_end_to_end_and_reports(llama_run):
     # every model is evaluated on the same fixed blocks
     samples = {json.loads(p.read_text())["eval_samples"] for p in (out / "eval").glob("*/eval_results.json")}
     assert len(samples) == 1
+
+
+@pytest.mark.e2e
+def test_the_ablation_adds_a_divergence_and_on_policy_rows(llama_run):
+    """Without --no_ablation the causal-LM quickstart adds only the ablation's runs; among them the default
+    objective with the generalised JSD and with half the batches on-policy, each a row of the ablation table."""
+    out, _ = llama_run
+    before = (out / "commands.sh").read_text().split("\npython ")
+    (proc,) = run_together(ROOT / "scripts" / "quickstart.py",
+                           [*[a for a in FAST if a != "--no_ablation"], "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    new = (out / "commands.sh").read_text().split("\npython ")[len(before):]
+    trained = [c for c in new if c.startswith("causal_train.py")]
+    assert len(trained) == len(ABLATION) and all("--force" in c for c in trained)
+    assert sum("--divergence jsd --jsd_beta 0.5" in c for c in trained) == 1
+    assert sum("--on_policy_fraction 0.5" in c for c in trained) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    report = (out / "report.md").read_text()
+    for arm in ("abl_jsd", "abl_on_policy"):
+        assert summary[arm]["main"] is False and math.isfinite(summary[arm]["perplexity"]["seed 1"])
+        assert f"| {quickstart_clm.ClmQuickstart.arms[arm].label} |" in report
 
 
 def test_family_flag_is_checked():

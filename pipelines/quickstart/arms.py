@@ -12,8 +12,9 @@ family's language-model loss (`mlm` for BERT, `clm` for causal LMs) in place of 
 - ablation arms, one run per seed with the first teacher, evaluated for perplexity: each loss term
   alone and the seed's combination with and without smoothing at the ablation's learning rate (the
   preset's `ablation_lr`), the default objective at that rate too (against the default rate: how
-  the default rate was chosen) and the seed's recipe with DIITO's term. The ablation table (`ablation_rows`) also lists the main arms it
-  shares a run with.
+  the default rate was chosen) and the seed's recipe with DIITO's term; for causal LMs also the default objective
+  with the generalised JSD in place of the KL, and with half the batches on-policy (the student's own samples).
+  The ablation table (`ablation_rows`) also lists the main arms it shares a run with.
 
 Held-out evaluation (both families) and the choice of DEFAULTS are described in docs/quickstart.md.
 """
@@ -39,6 +40,7 @@ class Arm:
     lr: str = "default"  # default (the preset's student_lr), seed (seed_lr) or ablation (ablation_lr)
     equal_compute: bool = False
     main: bool = True  # trained with every teacher, evaluated for IIA too
+    flags: tuple[str, ...] = ()  # more causal_train.py flags (another divergence, on-policy samples)
     notes: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -57,6 +59,8 @@ class Arm:
         terms = " + ".join(f"{lm if k == 'lm' else k} {w:g}" for k, w in self.alphas if w > 0)
         if self.smoothing is not None and any(k == "lm" for k, w in self.alphas if w > 0):
             terms += f" (smoothing {self.smoothing:g})"
+        if self.flags:
+            terms += f" ({' '.join(self.flags)})"
         return terms
 
 
@@ -87,6 +91,13 @@ def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smooth
     if mlm:
         arms.append(Arm("abl_seed_combo_s0", "the seed's combination, no smoothing", seed_combo, 0.0, lr="ablation",
                         main=False))
+    else:  # the objectives of today's distillation tools, against the default objective at its own rate
+        arms += [
+            Arm("abl_jsd", "the default objective, generalised JSD (beta 0.5) for ce", default, s_default,
+                main=False, flags=("--divergence", "jsd", "--jsd_beta", "0.5")),
+            Arm("abl_on_policy", "the default objective, half the batches the student's own samples", default,
+                s_default, main=False, flags=("--on_policy_fraction", "0.5")),
+        ]
     arms += [
         Arm("abl_default_ablation_lr", "the default objective at the ablation's rate", default, s_default,
             lr="ablation", main=False),
@@ -99,7 +110,7 @@ def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smooth
 def ablation_rows(arms: dict[str, Arm]) -> list[str]:
     """The arms of the ablation table, in its order: the terms alone, combinations, rates, DIITO's term."""
     order = ["abl_ce", "abl_lm", "abl_lm_s0", "abl_cos", "abl_causal_ce", "abl_seed_combo", "abl_seed_combo_s0",
-             "abl_default_ablation_lr", "standard", "diito", "seed_standard", "seed_diito"]
+             "abl_default_ablation_lr", "standard", "abl_jsd", "abl_on_policy", "diito", "seed_standard", "seed_diito"]
     return [name for name in order if name in arms]
 
 

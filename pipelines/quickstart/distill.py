@@ -37,7 +37,7 @@ class DistillQuickstart(Quickstart):
             argv += ["--mlm_smoothing", arm.smoothing]
         if arm.causal:
             argv += ["--neuron_mapping", self.out / init_name(k) / "diito.nm"]
-        return [*argv, "--learning_rate", learning_rate(arm, p)]
+        return [*argv, *arm.flags, "--learning_rate", learning_rate(arm, p)]
 
     @property
     def labels(self) -> dict[str, str]:

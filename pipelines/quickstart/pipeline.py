@@ -91,7 +91,7 @@ PRESETS = {
     "test": Preset(vocab_size=400, teacher_layers=2, hidden=32, heads=2, ffn=64, max_seq_length=64,
                    teacher_steps=20, teacher_batch=16, teacher_lr=2e-3,
                    student_layers=1, student_steps=6, student_batch=8, student_lr=5e-4, eval_batch=64,
-                   iia_pairs=32, max_documents=400, ablation_arms=("abl_lm", "abl_lm_s0")),
+                   iia_pairs=32, max_documents=400, ablation_arms=("abl_lm", "abl_lm_s0", "abl_jsd", "abl_on_policy")),
 }
 
 
