@@ -176,7 +176,10 @@ def test_both_families_have_the_same_arms_with_their_own_lm_loss():
     bert, clm = quickstart_mlm.MlmQuickstart.arms, quickstart_clm.ClmQuickstart.arms
     assert [n for n, a in bert.items() if a.main] == [n for n, a in clm.items() if a.main] == \
         ["standard", "diito", "standard_eqc", "seed_standard"]
-    assert set(clm) == set(bert) - {"abl_lm_s0", "abl_seed_combo_s0"}  # smoothing is an MLM setting
+    # smoothing is an MLM setting; the generalised JSD and on-policy samples are the causal LMs' own rows
+    assert set(clm) == set(bert) - {"abl_lm_s0", "abl_seed_combo_s0"} | {"abl_jsd", "abl_on_policy"}
+    assert clm["abl_jsd"].alphas == clm["abl_on_policy"].alphas == clm["standard"].alphas
+    assert clm["abl_jsd"].lr == clm["abl_on_policy"].lr == clm["standard"].lr  # against the default at its rate
     for arms, lm in ((bert, "mlm"), (clm, "clm")):
         assert arms["seed_standard"].weights(lm) == {"ce": 0.25, "mlm": 0.25 if lm == "mlm" else 0.0,
                                                      "clm": 0.25 if lm == "clm" else 0.0, "cos": 0.25,
@@ -190,7 +193,8 @@ def test_both_families_have_the_same_arms_with_their_own_lm_loss():
     assert {a.lr for a in bert.values() if not a.main} == {"ablation", "seed"}
     # the test preset's ablation subset names arms that exist (a renamed arm would silently drop out)
     subset = quickstart.PRESETS["test"].ablation_arms
-    assert set(subset) <= {n for n, a in bert.items() if not a.main} and "abl_lm" in clm
+    assert set(subset) <= {n for arms in (bert, clm) for n, a in arms.items() if not a.main}
+    assert {"abl_lm", "abl_lm_s0"} <= set(subset) and {"abl_jsd", "abl_on_policy"} <= set(subset)
     assert all(p.ablation_arms is None for name, p in quickstart.PRESETS.items() if name != "test")
 
 
