@@ -142,3 +142,21 @@ def test_on_policy_settings_are_checked():
                             ({"on_policy_temperature": 0.0}, "--on_policy_temperature must be > 0")):
         with pytest.raises(CliError, match=message):
             on_policy_checks(Namespace(**{**good, **change}))
+
+
+@pytest.mark.e2e
+def test_on_policy_under_torchrun_keeps_the_replicas_equal(llama, tmp_path):
+    """Two CPU ranks sample their own batches at the same micro-steps: no rank waits on another, and DDP's
+    replicas stay bitwise equal (causal_train.py checks them before saving)."""
+    from helpers import free_port
+
+    root, data, _ = llama
+    args = llama_train_argv(root, data, "--on_policy_fraction", "0.5", "--on_policy_new_tokens", "6",
+                            "--max_steps", "4")
+    args[args.index("--dump_path") + 1] = str(tmp_path / "ddp")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), "causal_train.py", *args], cwd=ROOT, env=SUBPROCESS_ENV,
+                         capture_output=True, text=True, timeout=600)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "all 2 ranks hold identical student weights" in log
