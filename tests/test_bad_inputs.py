@@ -159,6 +159,17 @@ def _issue21_inputs(w, root, setup, corpus_lines, payload):
             writer.add([2, 7, 8, 9, 3])
 
 
+def _extract(teacher, out):
+    """extract_distilbert.py's arguments for a 2-block student of `teacher`, into `out`."""
+    return ["--model_name", str(teacher), "--num_layers", "2", "--dump_checkpoint", str(out / "s.pth")]
+
+
+def _iia_sweep(w, teacher, out, *extra):
+    """run_iia.py's arguments: `teacher` against the world's teacher on its text, every block pair."""
+    return ["--teacher_name", str(teacher), "--student_name", str(w["teacher"]), *extra, "--data_file",
+            str(w["text"]), "--sweep", "--output_dir", str(out / "iia")]
+
+
 def _train(w, out, *extra):
     return train_argv(w, out / "run", "--max_steps", "2", *extra)
 
@@ -279,18 +290,16 @@ CASES = [
      "ids_negative.pickle: sequence 5 holds token id -4, a token id is never negative"),
     # damaged teachers
     ("extract-truncated-teacher", "scripts/extract_distilbert.py",
-     lambda w, o: ["--model_name", str(w["truncated"]), "--num_layers", "2", "--dump_checkpoint", str(o / "s.pth")],
+     lambda w, o: _extract(w["truncated"], o),
      "--model_name .*truncated_teacher: cannot load it as BertForMaskedLM .*SafetensorError"),
     ("extract-flipped-teacher", "scripts/extract_distilbert.py",
-     lambda w, o: ["--model_name", str(w["flipped"]), "--num_layers", "2", "--dump_checkpoint", str(o / "s.pth")],
+     lambda w, o: _extract(w["flipped"], o),
      "--model_name .*flipped_teacher: cannot load it as BertForMaskedLM .*SafetensorError"),
     ("iia-truncated-teacher", "run_iia.py",
-     lambda w, o: ["--teacher_name", str(w["truncated"]), "--student_name", str(w["teacher"]), "--tokenizer_name",
-                   str(w["teacher"]), "--data_file", str(w["text"]), "--sweep", "--output_dir", str(o / "iia")],
+     lambda w, o: _iia_sweep(w, w["truncated"], o, "--tokenizer_name", str(w["teacher"])),
      "--teacher_name .*truncated_teacher: cannot load the bert weights .*SafetensorError"),
     ("iia-flipped-teacher", "run_iia.py",
-     lambda w, o: ["--teacher_name", str(w["flipped"]), "--student_name", str(w["teacher"]), "--tokenizer_name",
-                   str(w["teacher"]), "--data_file", str(w["text"]), "--sweep", "--output_dir", str(o / "iia")],
+     lambda w, o: _iia_sweep(w, w["flipped"], o, "--tokenizer_name", str(w["teacher"])),
      "--teacher_name .*flipped_teacher: cannot load the bert weights .*SafetensorError"),
     # malformed task data and options
     ("ner-tokens-a-string", "run_ner.py",
@@ -389,11 +398,10 @@ CASES = [
     ("train-bf16-without-a-gpu", "causal_train.py", lambda w, o: _train(w, o, "--n_gpu", "1", "--bf16"),
      "--n_gpu 1 --bf16: torch sees no CUDA GPU here. To train on the CPU, run the same command with --n_gpu 0"),
     ("extract-nan-teacher", "scripts/extract_distilbert.py",
-     lambda w, o: ["--model_name", str(w["nan_teacher"]), "--num_layers", "2", "--dump_checkpoint", str(o / "s.pth")],
+     lambda w, o: _extract(w["nan_teacher"], o),
      "--model_name .*nan_teacher: the config's hidden_dropout_prob is nan"),
     ("iia-nan-teacher", "run_iia.py",
-     lambda w, o: ["--teacher_name", str(w["nan_teacher"]), "--student_name", str(w["teacher"]), "--data_file",
-                   str(w["text"]), "--sweep", "--output_dir", str(o / "iia")],
+     lambda w, o: _iia_sweep(w, w["nan_teacher"], o),
      "--teacher_name .*nan_teacher: the config's hidden_dropout_prob is nan"),
     ("train-skew-with-tvd", "causal_train.py", lambda w, o: _train(w, o, "--divergence", "tvd", "--skew", "0.1"),
      "--divergence tvd: a skew applies to forward_kl and reverse_kl, not tvd"),
