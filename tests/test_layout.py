@@ -161,3 +161,19 @@ def test_pyproject_names_every_module_and_package():
     packages = sorted(".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "pipelines").rglob("__init__.py"))
     assert sorted(config["packages"]) == packages
     assert (ROOT / "requirements.txt").read_text().splitlines()[-1] == "-e ."
+
+
+def test_the_readmes_layout_names_every_module_and_folder():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Layout"):]
+    block = block[block.index("```") + 3:]
+    block = block[:block.index("```")]
+    names = set(re.findall(r"[\w.]+", block))
+    for stem, choices in re.findall(r"(\w+)_\{([\w,]+)\}", block):  # run_{mlm,clm}.py
+        names.update(f"{stem}_{c}.py" for c in choices.split(","))
+    missing = [p.name for p in ROOT.glob("*.py") if p.name not in names]
+    missing += [d.name for d in ROOT.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in names
+                and (d / "__init__.py").exists() | any(d.glob("*.py"))]
+    assert not missing, f"README's Layout misses {missing}"
