@@ -202,6 +202,7 @@ class CausalDistiller:
         self.data_augment = params.data_augment
         self.shared_prefix = not params.no_shared_prefix
         self.include_crossway = params.include_crossway and self.needs.causal
+        self.source_kd = params.source_kd and not self.needs.causal
         self.grad_acc = params.gradient_accumulation_steps
 
         self.preparer = batch_preparer(params, student.config.vocab_size, token_probs)
@@ -306,6 +307,8 @@ class CausalDistiller:
                             log_sums, n_log, tokens_at_log = {}, {}, self.n_tokens
                         if p.checkpoint_interval > 0 and self.n_step % p.checkpoint_interval == 0:
                             self.save_checkpoint()
+                        if p.snapshot_interval > 0 and self.n_step % p.snapshot_interval == 0:
+                            training_checkpoints.save_snapshot(self)
                     if self.n_step >= self.total_steps:
                         done = True
                         break
@@ -366,7 +369,8 @@ class CausalDistiller:
     def losses_for_batch(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Forward every run of one collated batch; return (each active loss's value, weighted total).
 
-        With --include_crossway the reversed pair is added and each loss is the mean of both.
+        With --include_crossway the reversed pair is added and each loss is the mean of both; so are the source
+        sequences with --source_kd (standard losses only).
         """
         prepared = self._prepare(batch)
         t_sites, s_sites = self._draw_sites()
@@ -405,10 +409,11 @@ class CausalDistiller:
         return values, total
 
     def _prepare(self, batch: dict) -> list[Prepared]:
-        """The batch masked and with its interchange positions (and reversed, with --include_crossway), on the device."""
+        """The batch masked and with its interchange positions (and reversed, with --include_crossway; its sources
+        as a batch of their own, with --source_kd), on the device."""
         prepared = [self.preparer.prepare(batch, causal=self.needs.causal)]
-        if self.include_crossway:
-            prepared.append(self.preparer.prepare(batch, causal=True, reverse=True))
+        if self.include_crossway or self.source_kd:
+            prepared.append(self.preparer.prepare(batch, causal=self.needs.causal, reverse=True))
         return [p.to(self.device) for p in prepared]
 
     def _draw_sites(self) -> tuple[dict[int, torch.Tensor] | None, dict[int, torch.Tensor] | None]:

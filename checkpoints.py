@@ -238,6 +238,19 @@ class CheckpointWriter:
             shutil.rmtree(tmp, ignore_errors=True)
         logger.info("student saved to %s", self.dump_path)
 
+    def write_snapshot(self, student, step: int) -> Path:
+        """The student as a plain HF model folder, `snapshots/step_<step>` (replaced whole if a resumed run writes it
+        again)."""
+        target = self.dump_path / "snapshots" / f"step_{step}"
+        try:
+            with atomic_dir(target) as tmp:
+                student.save_pretrained(tmp, safe_serialization=True)
+        except CliError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise self._write_error(target, err) from None
+        return target
+
     def _write(self, target: Path, student, state: dict) -> None:
         with atomic_dir(target) as tmp:
             student.save_pretrained(tmp, safe_serialization=True)

@@ -60,6 +60,7 @@ class DistillConfig(Runtime):
     interchange_masked_token_only: bool
     data_augment: bool
     include_crossway: bool
+    source_kd: bool
     restrict_ce_to_mask: bool
     no_shared_prefix: bool
     freeze_pos_embs: bool
@@ -87,6 +88,7 @@ class DistillConfig(Runtime):
     log_interval: int | None
     checkpoint_interval: int
     save_total_limit: int
+    snapshot_interval: int
     resume: bool
     resume_from: str | None
     skip_nonfinite_steps: int

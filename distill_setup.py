@@ -111,6 +111,11 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
       help="Swap the tokens themselves at the input instead of hidden states.")
     a("--include_crossway", action="store_true",
       help="Also train on the reversed pair (source as base) in the same step; losses are averaged.")
+    a("--source_kd", action="store_true",
+      help="A control for DIITO: also apply the non-causal losses to the source sequences a DIITO step would "
+           "draw (the same pairing), with no intervention; each loss is the mean over the base and source "
+           "sequences. It gives standard distillation DIITO's extra sequences without its interchange. Not with "
+           "the causal losses or --on_policy_fraction.")
     a("--restrict_ce_to_mask", action="store_true", help="Soft-target losses only on MLM-masked tokens.")
     a("--no_shared_prefix", action="store_true",
       help="Run three full forwards per model (plain path, for checking) instead of sharing the base run's prefix.")
@@ -157,6 +162,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
            "500, or the run's steps / 50 when that is less (at least 1), so that a short run logs about 50 points.")
     a("--checkpoint_interval", type=int, default=4000, help="Optimiser steps between checkpoints (0: epoch ends only).")
     a("--save_total_limit", type=int, default=0, help="Keep only the newest N checkpoints (0: keep all).")
+    a("--snapshot_interval", type=int, default=0,
+      help="Every N optimiser steps also save the student as a plain model folder, <dump_path>/snapshots/step_<n> "
+           "(config.json + model.safetensors, no optimiser), for learning curves; 0 (default): none.")
     a("--resume", action="store_true",
       help="Continue from the newest sound checkpoint in --dump_path (checked against its manifest; a damaged one is "
            "named and skipped). A finished run continues too, with a larger --max_steps or --n_epoch.")
@@ -240,6 +248,9 @@ def sanity_checks(args) -> None:
             raise CliError(f"{flag} {name}: {err} (--jsd_beta {args.jsd_beta}, --skew {args.skew})") from None
     if args.on_policy_fraction:
         on_policy_checks(args)
+    if args.source_kd and (args.alpha_causal_ce > 0 or args.alpha_causal_cos > 0 or args.on_policy_fraction):
+        raise CliError("--source_kd is standard distillation on the base and source sequences: drop the causal "
+                       "losses (--alpha_causal_ce/--alpha_causal_cos 0) and --on_policy_fraction")
     if args.fp16 and args.bf16:
         raise CliError("choose one of --fp16 and --bf16")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1:
@@ -252,6 +263,7 @@ def sanity_checks(args) -> None:
         ("log_interval", args.log_interval is None or args.log_interval >= 1, ">= 1"),
         ("checkpoint_interval", args.checkpoint_interval >= 0, ">= 0"),
         ("save_total_limit", args.save_total_limit >= 0, ">= 0"),
+        ("snapshot_interval", args.snapshot_interval >= 0, ">= 0"),
         ("skip_nonfinite_steps", args.skip_nonfinite_steps >= 0, ">= 0"),
         ("num_workers", args.num_workers >= 0, ">= 0"),
         ("seed", 0 <= args.seed < 2**32, "in [0, 2**32)"),
@@ -530,7 +542,7 @@ def build(args, runtime: Runtime) -> Run:
         max_model_input_size=config.max_model_input_size,
         cls_id=ids["cls_token"], sep_id=ids["sep_token"], pad_id=ids["pad_token"], unk_id=ids["unk_token"],
         seed=config.seed,
-        paired=config.alpha_causal_ce > 0 or config.alpha_causal_cos > 0,
+        paired=config.alpha_causal_ce > 0 or config.alpha_causal_cos > 0 or config.source_kd,
     )
     return build_from_models(config, teacher, student, dataset, token_probs, mappings)
 

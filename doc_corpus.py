@@ -13,17 +13,25 @@ Nothing is downloaded and nothing depends on hashing or the file system's order:
 sorted order, paragraphs cleaned of code, markup and fragments, and a paragraph seen before is
 dropped. So the same Python and package versions give the same documents, byte for byte
 (`tests/test_doc_corpus.py`); `versions` names them. `scripts/stdlib_corpus.py` is the command line.
+
+Other versions give other documents, so the quickstart does not build its corpus from what is
+installed: it reads the copy shipped in `data/` (`shipped_corpus`), built once by
+`scripts/stdlib_corpus.py` with the versions its manifest names and checked against its SHA-256.
 """
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib
+import json
+import lzma
 import importlib.metadata as metadata
 import inspect
 import pkgutil
 import platform
 import re
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 # Pure-Python modules with substantial prose docstrings; importing them has no side effects.
@@ -41,9 +49,10 @@ DEFAULT_MODULES = (
     "traceback", "turtle", "typing", "unittest", "urllib", "uuid", "warnings", "wave", "weakref",
     "xml", "zipfile", "zipimport",
 )
-# The installed packages whose documentation the quickstart's corpus adds (distribution names).
-# torch is pinned (requirements.txt); the others are whatever versions are installed, recorded.
+# The packages whose documentation the quickstart's corpus adds (distribution names): the shipped copy was built
+# with them (its manifest names the versions).
 QUICKSTART_PACKAGES = ("torch", "transformers", "numpy", "scipy", "scikit-learn", "datasets")
+SHIPPED = Path(__file__).resolve().parent / "data" / "quickstart_corpus.txt.xz"
 
 Grouped = Iterator[tuple[str, str]]  # (document, paragraph)
 
@@ -281,3 +290,33 @@ def stdlib_documents(modules=DEFAULT_MODULES, max_docs: int | None = None) -> li
     """Cleaned prose paragraphs of the standard library's docstrings (one document each, in a fixed order,
     without duplicates)."""
     return build_corpus(modules=modules, max_docs=max_docs)[0]
+
+
+class CorpusError(Exception):
+    """The shipped corpus is missing or is not the one its manifest describes."""
+
+
+def shipped_corpus(max_paragraphs: int | None = None, path: Path = SHIPPED) -> tuple[list[str], list[tuple[str, int]], dict]:
+    """(paragraphs, documents, manifest) of the corpus shipped in `path` (xz text, its manifest beside it as
+    `<stem>.json`), its SHA-256 checked; with `max_paragraphs`, the first ones only (as `build_corpus`'s `max_docs`)."""
+    manifest_path = path.with_name(path.name.split(".")[0] + ".json")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        raw = lzma.decompress(path.read_bytes())
+    except (OSError, ValueError, lzma.LZMAError) as err:
+        raise CorpusError(f"the shipped corpus {path} (manifest {manifest_path}) cannot be read: {err}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != manifest.get("sha256"):
+        raise CorpusError(f"the shipped corpus {path} has SHA-256 {digest}, its manifest {manifest_path} says "
+                          f"{manifest.get('sha256')}: the file is damaged or was changed; restore it from git")
+    lines = raw.decode("utf-8").splitlines()
+    documents = [tuple(d) for d in manifest["documents"]]
+    if max_paragraphs is not None and max_paragraphs < len(lines):
+        lines, kept, n = lines[:max_paragraphs], [], 0
+        for name, count in documents:
+            if n >= max_paragraphs:
+                break
+            kept.append((name, min(count, max_paragraphs - n)))
+            n += kept[-1][1]
+        documents = kept
+    return lines, documents, manifest

@@ -84,6 +84,18 @@ def load(d, folder: Path) -> None:
         logger.info("this checkpoint already reached the %d steps asked for (raise --max_steps or --n_epoch to "
                     "train further)", d.total_steps)
 
+def save_snapshot(d) -> None:
+    """The student at this step as a plain HF model folder, `snapshots/step_<n>` in --dump_path (--snapshot_interval);
+    written whole or not at all. Every rank calls it (under --fsdp the gather is a collective)."""
+    if d.fsdp is not None:
+        full = full_student_state(d.student)
+        if d.is_master:
+            d.checkpoints.write_snapshot(stock_model(d.student.config, full), d.n_step)
+        return
+    if d.is_master:
+        d.checkpoints.write_snapshot(d.student, d.n_step)
+
+
 def save_final(d) -> None:
     """The student as a plain HF model folder at --dump_path (config.json + model.safetensors); under
     --fsdp the shards gathered on the master into one consolidated folder."""

@@ -376,3 +376,21 @@ def test_causal_train_blames_the_tokenizer_not_the_corpus(tmp_path, distill_setu
     with pytest.raises(CliError, match="--tokenizer_name") as err:
         causal_train.main(argv)
     assert "corpus" not in str(err.value) and "binarized" not in str(err.value)
+
+
+def test_snapshots_are_the_student_at_their_steps(distill_setup, tmp_path):
+    """--snapshot_interval: plain model folders equal to the checkpoint's student at the same step and to the final
+    student at the last, without changing the run."""
+    from helpers import assert_same_weights
+
+    from transformers import AutoModelForMaskedLM
+
+    dump, plain = tmp_path / "snap", tmp_path / "plain"
+    causal_train.main(checkpointed_argv(distill_setup, dump, 4, "--snapshot_interval", "2"))
+    causal_train.main(checkpointed_argv(distill_setup, plain, 4))
+    assert sorted(p.name for p in (dump / "snapshots").iterdir()) == ["step_2", "step_4"]
+    ckpt = {c.name: c for c in checkpoints.list_checkpoints(dump)}
+    assert_same_weights(student_weights(dump / "snapshots" / "step_2"), student_weights(ckpt["checkpoint-2"]))
+    assert_same_weights(student_weights(dump / "snapshots" / "step_4"), student_weights(dump))
+    assert_same_weights(student_weights(dump), student_weights(plain))
+    assert AutoModelForMaskedLM.from_pretrained(dump / "snapshots" / "step_2") is not None

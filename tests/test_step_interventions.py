@@ -186,3 +186,31 @@ def test_the_divergence_flags_reach_both_soft_target_losses(flags, ce, causal_ce
             assert torch.allclose(values["ce"], want, rtol=1e-5)
     for name in ("ce", "causal_ce"):
         assert torch.allclose(results["head"][name], results["plain"][name], rtol=1e-4, atol=1e-7), name
+
+
+def test_source_kd_is_the_standard_loss_on_base_and_source_sequences_alike():
+    """--source_kd (DIITO's control): each loss is the mean of the standard loss on the base sequences and on the
+    source sequences a DIITO step would draw, with no intervention."""
+    argv = ["--dump_path", "unused", "--data_file", "unused", "--student_type", "gpt2", "--student_config", "unused",
+            "--teacher_type", "gpt2", "--teacher_name", "unused", "--n_gpu", "0", "--alpha_ce", "1.0",
+            "--alpha_clm", "0.5", "--alpha_cos", "0.3", "--alpha_causal_ce", "0", "--alpha_causal_cos", "0",
+            "--temperature", "2.0", "--batch_size", "3"]
+    made = {}
+
+    def distiller(*extra):
+        teacher, student = tiny_gpt2(n_layers=4), tiny_gpt2(n_layers=3, seed=5)
+        made[extra] = in_memory_distiller([*argv, *extra], teacher, student, _full(1), _full(1), VOCAB, mlm=False)
+        return made[extra]
+
+    batch = _batch()
+    swapped = {"base_ids": batch["source_ids"], "base_lengths": batch["source_lengths"]}
+    with torch.no_grad():
+        both, total = distiller("--source_kd").losses_for_batch(batch)
+        plain = distiller()
+        on_base, total_base = plain.losses_for_batch({k: batch[k] for k in ("base_ids", "base_lengths")})
+        on_source, total_source = plain.losses_for_batch(swapped)
+    assert both.keys() == on_base.keys() == {"ce", "clm", "cos"}
+    for k in both:
+        torch.testing.assert_close(both[k], (on_base[k] + on_source[k]) / 2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(total, (total_base + total_source) / 2, rtol=1e-6, atol=0)
+    assert not torch.allclose(on_base["ce"], on_source["ce"])  # (the two halves differ: the mean is not trivial)
