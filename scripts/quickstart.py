@@ -3,30 +3,34 @@
 Chains the project's real scripts as a user would, each as its own command (collected in
 `<out>/commands.sh`, its full output in `<out>/logs/`), with no model or dataset hub:
 
-  1 corpus      English prose every Python installation has: the standard library's docstrings,
-                pydoc's topic help and the documentation of installed packages (torch, transformers,
-                numpy, scipy, scikit-learn, datasets; scripts/stdlib_corpus.py, versions recorded), or
-                your own text (--text); split by document into train and held-out parts
+  1 corpus      English prose: the standard library's docstrings, pydoc's topic help and the
+                documentation of torch, transformers, numpy, scipy, scikit-learn and datasets, shipped
+                in data/ (SHA-256 checked: the same bytes whatever is installed), or your own text
+                (--text); split by document into train, validation and test parts
   2 tokenizer   a WordPiece tokenizer learnt on the train part, reproducibly (or --tokenizer)
-  3 teacher     a small BERT pretrained from scratch: run_mlm.py --do_train (two, seeds 0 and 1, with
+  3 teacher     a small BERT pretrained from scratch: run_mlm.py --do_train (five, seeds 0 to 4, with
                 --preset study)
   4 data        scripts/binarized_data.py and scripts/token_counts.py
   5 references  scripts/extract_distilbert.py: the student at initialisation (the teacher's blocks),
-                its config and DIITO's neuron mapping (.nm); a random student of the same shape; the
-                held-out perplexity of the teacher, the initialisation and the random student
-  6 ablation    causal_train.py per seed: each loss term alone, the seed's combination with and
-                without smoothed MLM masking, the default objective at the seed's learning rate, the
-                seed's recipe with DIITO's term (each run evaluated on the held-out part)
-  7 students    causal_train.py per teacher and seed: standard distillation (the default recipe),
-                DIITO, standard distillation given DIITO's compute (steps scaled by the FLOPs per step
-                that scripts/count_step_flops.py counts) and the seed's recipe; each evaluated with
-                run_mlm.py --do_eval on the held-out part, the same masking for every model
-  8 alignment   run_iia.py on the held-out part: IIA, effective IIA and base agreement with DIITO's
-                mapping of the initialisation, the random student and every student of stage 7 (and
-                every block pair, --sweep, for the initialisation and the first seed's standard and
-                DIITO students)
-  9 report      <out>/report.md: the table (every arm as a change from the initialisation), the
-                ablation table, a two-sided noise-aware verdict, plots (<out>/plots/*.png)
+                its config, DIITO's neuron mapping (.nm) and a misaligned one; a random student of the
+                same shape; the test perplexity of the teachers, the initialisations and the random student
+  6 tuning      causal_train.py per seed, first teacher, read on the validation part: the standard
+                objective's learning rate, then DIITO's weight at that rate (the same number of tries);
+                and the ablation: each loss term alone, the seed's combination with and without
+                smoothed MLM masking, the seed's recipe with DIITO's term
+  7 students    causal_train.py per teacher and seed: standard distillation, DIITO, standard
+                distillation given DIITO's compute (steps scaled by the FLOPs per step that
+                scripts/count_step_flops.py counts), the seed's recipe, and DIITO's controls
+                (weight-matched, source-KD, misaligned mapping); each evaluated with run_mlm.py
+                --do_eval on the test part, the same masking for every model, the first teacher's runs
+                at several points too (learning curves)
+  8 alignment   run_iia.py on the test part: IIA, effective IIA and base agreement with DIITO's
+                mapping (and at the misaligned sites DIITO did not train on) of the initialisation,
+                the random student and every student of stage 7; every block pair (--sweep) for the
+                initialisation and the first seed's standard and DIITO students
+  9 report      <out>/report.md: a three-line verdict, the table (every arm as a change from the
+                initialisation), DIITO against its controls, the curves, the tuning and ablation
+                tables, plots (<out>/plots/*.png)
 
 The terminal shows the stage lines, one progress bar for the running command and the final
 summary. Each stage writes a `.done` marker last, recording the settings it ran with; a re-run
@@ -72,7 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--family", choices=("bert", "llama", "gpt2"), default="bert",
                         help="Teacher family: bert (masked LM, the default), or a causal LM, llama or gpt2 "
                              "(run_clm.py; pipelines/quickstart/clm.py).")
-    parser.add_argument("--seeds", type=int, default=3, help="Seeds per objective (default 3).")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="Student seeds per objective and teacher (default: the preset's, 3; 2 with --preset study).")
     parser.add_argument("--steps", type=int, default=None, help="Optimiser steps per student run (default: the preset's).")
     parser.add_argument("--teacher_steps", type=int, default=None, help="Teacher training steps (default: the preset's).")
     parser.add_argument("--text", nargs="+", default=None, metavar="FILE",
@@ -81,7 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None,
                         help="Use this tokenizer (local folder, or a hub name already in the cache) instead of "
                              "training one.")
-    parser.add_argument("--heldout_fraction", type=float, default=0.1, help="Share of documents held out (default 0.1).")
+    parser.add_argument("--heldout_fraction", type=float, default=0.1,
+                        help="Share of the paragraphs (whole documents) in the test part, on which every reported "
+                             "figure is measured (default 0.1).")
+    parser.add_argument("--validation_fraction", type=float, default=0.1,
+                        help="Share of the paragraphs (whole documents) in the validation part, on which the tuning "
+                             "and the ablation are read (default 0.1).")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="Threads per training process (default: half the cores; two processes fighting "
                              "over the same cores run several times slower).")
@@ -90,9 +100,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "--threads 1 keeps both busy; the numbers do not change (each command is its own "
                              "seeded process), the wall times of single runs do.")
     parser.add_argument("--no_ablation", action="store_true",
-                        help="Skip the ablation stage (each loss term alone, smoothing on and off, the seed's recipe "
-                             "with DIITO): about half the student runs of a quickstart. The report then says it was "
-                             "not run.")
+                        help="Skip the ablation (each loss term alone, smoothing on and off, the seed's recipe "
+                             "with DIITO; the tuning still runs): about a third of the student runs of a quickstart. "
+                             "The report then says it was not run.")
+    parser.add_argument("--no_tuning", action="store_true",
+                        help="Skip the tuning on the validation part: standard distillation at the preset's learning "
+                             "rate, DIITO at causal_ce 0.25. The report then says the recipes were not tuned.")
     parser.add_argument("--no_preload", action="store_true",
                         help="Start every command as a fresh `python` process. By default commands are forked from "
                              "a server that imported torch and transformers once (pipelines/launcher.py), which saves "
@@ -104,8 +117,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CliError(f"--{flag} must be at least 1, got {value}")
-    if not 0.0 < args.heldout_fraction <= 0.5:
-        raise CliError(f"--heldout_fraction must lie in (0, 0.5], got {args.heldout_fraction}")
+    for flag in ("heldout_fraction", "validation_fraction"):
+        if not 0.0 < getattr(args, flag) <= 0.3:
+            raise CliError(f"--{flag} must lie in (0, 0.3], got {getattr(args, flag)}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise CliError(f"--out {args.out} is a file, not a folder")
     return args
@@ -121,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     user_docs = None
     if args.text:  # bad input fails here, before anything is written or trained
         user_docs = read_text_files(args.text)
-        split_corpus(user_docs, args.heldout_fraction, "--text " + " ".join(args.text))
+        split_corpus(user_docs, (args.validation_fraction, args.heldout_fraction), "--text " + " ".join(args.text))
         if preset.max_documents:
             preset = replace(preset, max_documents=None)
     if args.tokenizer and args.tokenizer.startswith((".", "/", "~")) and not Path(args.tokenizer).expanduser().exists():

@@ -188,16 +188,18 @@ def head_losses_eager_and_compiled(s_feat, proj, t_feat, t_proj, rows, targets) 
 
 def assert_same_numbers(out, second, arms) -> None:
     """Two quickstart folders hold bitwise the same corpus and tokenizer and the same reported numbers."""
-    for path in ("corpus/train.txt", "corpus/heldout.txt", "tokenizer/tokenizer.json"):
+    for path in ("corpus/train.txt", "corpus/validation.txt", "corpus/test.txt", "tokenizer/tokenizer.json"):
         assert (out / path).read_bytes() == (second / path).read_bytes(), path
     first, again = (json.loads((o / "summary.json").read_text()) for o in (out, second))
     assert first["teacher"]["perplexity"] == again["teacher"]["perplexity"]
     for ref in ("student_init", "random_student"):
         assert first[ref] == again[ref], ref
     for objective in arms:
-        for key in ("perplexity", "iia", "effective_iia", "base_agreement", "steps", "vs_init_perplexity"):
+        for key in ("perplexity", "iia", "effective_iia", "base_agreement", "steps", "untrained_site"):
             assert first[objective][key] == again[objective][key], (objective, key)
     assert first["flops_per_step"] == again["flops_per_step"]
+    assert first["comparisons"] == again["comparisons"] and first["curves"] == again["curves"]
+    assert first["tuning"] == again["tuning"]
     assert first["verdict"] == again["verdict"]
 
 

@@ -64,13 +64,15 @@ def test_missing_package_is_an_error(tmp_path):
 def test_split_by_document_keeps_each_document_whole():
     docs = [f"Paragraph {i} of document {i // 7} is written out here in a sentence." for i in range(210)]
     groups = [f"doc{i // 7}" for i in range(210)]
-    train, heldout = quickstart_pipeline.split_corpus(docs, 0.1, "x", groups)
+    train, validation, test = quickstart_pipeline.split_corpus(docs, (0.2, 0.1), "x", groups)
     owner = dict(zip(docs, groups))
-    assert {owner[d] for d in train}.isdisjoint({owner[d] for d in heldout})
-    assert 21 <= len(heldout) < 21 + 7 and len(train) + len(heldout) == 210
+    owners = [{owner[d] for d in part} for part in (train, validation, test)]
+    assert owners[0].isdisjoint(owners[1]) and owners[0].isdisjoint(owners[2]) and owners[1].isdisjoint(owners[2])
+    assert 21 <= len(test) < 21 + 7 and 42 <= len(validation) < 42 + 7
+    assert len(train) + len(validation) + len(test) == 210
     # the documents held out depend on their names, not on their order
     order = list(reversed(range(210)))
-    again = quickstart_pipeline.split_corpus([docs[i] for i in order], 0.1, "x", [groups[i] for i in order])
-    assert set(again[1]) == set(heldout)
+    again = quickstart_pipeline.split_corpus([docs[i] for i in order], (0.2, 0.1), "x", [groups[i] for i in order])
+    assert set(again[1]) == set(validation) and set(again[2]) == set(test)
     with pytest.raises(Exception, match="too few"):
-        quickstart_pipeline.split_corpus(docs, 0.1, "x", ["one"] * 210)  # one document cannot be split
+        quickstart_pipeline.split_corpus(docs, (0.1, 0.1), "x", ["one"] * 105 + ["two"] * 105)  # two documents

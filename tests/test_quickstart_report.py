@@ -8,9 +8,9 @@ import pytest
 import quickstart
 from pipelines.quickstart import mlm as quickstart_mlm
 from pipelines.quickstart import clm as quickstart_clm
-from pipelines.quickstart.arms import ablation_rows, build_arms, run_name
-from pipelines.quickstart.report import Results, ablation_table, verdict
-from pipelines.quickstart.stats import against_reference, compare, paired_p
+from pipelines.quickstart.arms import CONTROLS, ablation_rows, build_arms, misaligned_layers, run_name, tuning_arms
+from pipelines.quickstart.report import Results, ablation_table, tuning_table, verdict
+from pipelines.quickstart.stats import Comparison, against_reference, compare, paired_p
 from pipelines.stages import format_seconds
 
 
@@ -68,23 +68,65 @@ def test_against_the_initialisation_pairs_each_run_with_its_teachers_init():
 def test_the_spread_that_hides_a_difference_is_within_a_teacher_not_between_teachers():
     """The BERT study (two teachers, 3 seeds): DIITO against standard distillation at DIITO's compute differs by
     about +8 perplexity in every pair, while the teachers' students differ by about 16 from each other."""
+    from scipy import stats
+
     diito = {(1, 1): 295.91, (1, 2): 295.86, (1, 3): 296.45, (2, 1): 310.95, (2, 2): 311.18, (2, 3): 311.15}
     eqc = {(1, 1): 286.61, (1, 2): 287.66, (1, 3): 287.44, (2, 1): 302.83, (2, 2): 303.81, (2, 3): 304.19}
     c = compare(diito, eqc, lower_is_better=True)
-    assert c.result == "worse" and c.wins == 0 and c.p < 1e-4
     within = [287.66 - 286.61, 287.44 - 286.61]  # hand-computed pooled within-teacher sd of eqc, the larger one
     eqc_sd = (sum((x - sum(v) / 3) ** 2 for v in ([286.61, 287.66, 287.44], [302.83, 303.81, 304.19]) for x in v)
               / 4) ** 0.5
     assert c.spread == pytest.approx(eqc_sd) and 0.5 < c.spread < max(within)
-    # one teacher: the pooled spread is the plain standard deviation over seeds
+    # the unit is the teacher: two teachers are one degree of freedom, however consistent their six pairs
+    per_teacher = [sum(diito[(k, s)] - eqc[(k, s)] for s in (1, 2, 3)) / 3 for k in (1, 2)]
+    assert c.unit == "teacher" and c.n == 2 and c.pairs == 6 and c.wins == 0
+    assert c.p == pytest.approx(stats.ttest_1samp(per_teacher, 0.0).pvalue, rel=1e-12) and c.p > 0.05
+    assert c.result == "no clear difference"
+    # the per-seed view (secondary) treats the six pairs as independent: what the report said before
+    assert c.p_seed == pytest.approx(stats.ttest_rel(list(diito.values()), list(eqc.values())).pvalue)
+    assert c.p_seed < 1e-4
+    # one teacher: the pooled spread is the plain standard deviation over seeds, and the unit is the seed
     one = compare({1: 300.0, 2: 305.0, 3: 310.0}, {1: 300.6, 2: 305.5, 3: 310.7}, lower_is_better=True)
-    assert one.spread == pytest.approx(5.1, abs=0.05)
+    assert one.spread == pytest.approx(5.1, abs=0.05) and one.unit == "seed" and one.p_seed == one.p
     # against the initialisation (one value per teacher) the teachers' difference is not spread either
     vs_init = against_reference(eqc, {1: 359.40, 2: 341.94}, lower_is_better=True)
-    assert vs_init.spread == pytest.approx(eqc_sd) and vs_init.result == "better"
+    assert vs_init.spread == pytest.approx(eqc_sd)
     # one seed per teacher: no spread can be told, so nothing is claimed
     two = compare({(1, 1): 1.0, (2, 1): 5.0}, {(1, 1): 2.0, (2, 1): 6.0}, lower_is_better=True)
     assert two.spread is None and two.result == "no clear difference"
+
+
+def test_five_teachers_are_five_units_tested_on_their_mean_differences():
+    from scipy import stats
+
+    diffs = {1: [-1.1, -0.9], 2: [-0.4, -0.6], 3: [-1.4, -1.2], 4: [-0.2, -0.3], 5: [-0.9, -1.0]}
+    b = {(k, s): 300.0 + 10 * k + s for k in diffs for s in (1, 2)}
+    a = {(k, s): b[(k, s)] + diffs[k][s - 1] for k in diffs for s in (1, 2)}
+    c = compare(a, b, lower_is_better=True)
+    means = [sum(v) / 2 for v in diffs.values()]
+    assert c.unit == "teacher" and c.n == 5 and c.pairs == 10 and c.wins == 10
+    assert c.diff == pytest.approx(sum(means) / 5)
+    assert c.p == pytest.approx(stats.ttest_1samp(means, 0.0).pvalue, rel=1e-12)
+    lo, hi = stats.t.interval(0.95, 4, loc=stats.tmean(means), scale=stats.sem(means))
+    assert (c.lo, c.hi) == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
+    assert "5 teachers" in c.evidence()
+
+
+def test_holm_adjusts_step_down_and_can_take_a_claim_away():
+    from pipelines.quickstart.stats import holm
+
+    def made(p):
+        return Comparison(3, 1.0, 2.0, -1.0, -1.5, -0.5, p, 0.1, 3, True)
+
+    ps = {"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.2}
+    adjusted = holm({k: made(p) for k, p in ps.items()})
+    # sorted 0.01, 0.03, 0.04, 0.2 -> 4 x 0.01, max(., 3 x 0.03), max(., 2 x 0.04), max(., 0.2)
+    assert {k: c.p_holm for k, c in adjusted.items()} == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.2})
+    assert made(0.03).result == "better" and adjusted["c"].result == "no clear difference"
+    assert adjusted["a"].result == "better" and "Holm 0.04" in adjusted["a"].evidence()
+    # comparisons without a test are left alone and do not count in m
+    untested = Comparison(1, 1.0, 2.0, -1.0, None, None, None, None, 1, True)
+    assert holm({"x": untested, "a": made(0.02)})["a"].p_holm == pytest.approx(0.02)
 
 
 def fake_quickstart(arms, lm="mlm", seeds=(1, 2, 3), teachers=1):
@@ -101,65 +143,96 @@ def replace_preset(p, **kw):
     return replace(p, **kw)
 
 
-def fake_records(q, ppl_of, iia_of, init_ppl=276.0, init_iia=0.65):
-    """Runs, evaluations and IIA records as the quickstart writes them; ppl_of(arm, seed) and iia_of(arm, seed)."""
+def fake_records(q, ppl_of, eff_of, init_ppl=276.0, init_eff=0.65):
+    """Runs, evaluations and IIA records as the quickstart writes them; ppl_of(arm, seed) and eff_of(arm, seed)
+    (effective IIA; IIA and base agreement are set apart from it, so that a verdict read off them would differ)."""
     runs, evals, alignment = {}, {}, {}
     for name, arm in q.arms.items():
         for k in range(1, (q.n_teachers if arm.main else 1) + 1):
             for s in q.seeds:
                 run = run_name(name, k, s)
-                runs[run] = {"objective": name, "teacher": k, "seed": s, "steps": 200, "train_seconds": 10.0}
+                runs[run] = {"objective": name, "teacher": k, "seed": s, "steps": 200, "train_seconds": 10.0,
+                             "folder": f"/nowhere/{run}"}
                 evals[run] = {"perplexity": ppl_of(name, s) + (k - 1)}
                 if arm.main:
-                    alignment[run] = {"iia": iia_of(name, s), "effective_iia": 0.7, "base_agreement": 0.6,
+                    alignment[run] = {"iia": 0.9, "effective_iia": eff_of(name, s), "base_agreement": 0.91,
                                       "iia_ci95": [0.6, 0.7]}
+                    alignment[run + "@misaligned"] = {"iia": 0.8, "effective_iia": eff_of(name, s) / 2}
     for k in range(1, q.n_teachers + 1):
         t, i = ("teacher", "student_init") if k == 1 else (f"teacher_t{k}", f"student_init_t{k}")
         evals[t] = {"perplexity": 255.0}
         evals[i] = {"perplexity": init_ppl + (k - 1)}
-        alignment[i] = {"iia": init_iia, "effective_iia": 0.7, "base_agreement": 0.64, "iia_ci95": [0.62, 0.68]}
+        alignment[i] = {"iia": 0.9, "effective_iia": init_eff, "base_agreement": 0.92, "iia_ci95": [0.62, 0.68]}
+        alignment[i + "@misaligned"] = {"iia": 0.8, "effective_iia": init_eff / 2}
+    evals["student_init@validation"] = {"perplexity": init_ppl + 5}
     evals["random_student"] = {"perplexity": 2500.0}
     alignment["random_student"] = {"iia": 0.001, "effective_iia": 0.0, "base_agreement": 0.001, "iia_ci95": [0, 0]}
     return runs, evals, alignment
 
 
-def test_verdict_reads_every_arm_against_the_initialisation_and_is_two_sided():
+def test_verdict_is_three_lines_read_from_effective_iia_with_holm_and_controls():
     q = fake_quickstart(quickstart_mlm.MlmQuickstart.arms)
     noise = {1: 0.0, 2: 0.4, 3: -0.3}
     ppl = {"standard": 262.0, "diito": 261.8, "standard_eqc": 262.1, "seed_standard": 357.0}
-    iia = {"standard": 0.66, "diito": 0.70, "standard_eqc": 0.66, "seed_standard": 0.51}
-    runs, evals, alignment = fake_records(q, lambda a, s: ppl.get(a, 300.0) + noise[s],
-                                          lambda a, s: iia.get(a, 0.6) + noise[s] / 100)
+    eff = {"standard": 0.66, "diito": 0.70, "standard_eqc": 0.66, "seed_standard": 0.51, "ctl_weight": 0.66,
+           "ctl_source_kd": 0.69, "ctl_misaligned": 0.68}
+    gain = {1: 0.0, 2: -0.01, 3: 0.01}  # DIITO's gain over standard, 4 +- 1 points: p about 0.02 alone
+    runs, evals, alignment = fake_records(q, lambda a, s: ppl.get(a, 262.0) + noise[s],
+                                          lambda a, s: eff.get(a, 0.6) + noise[s] / 100 + (gain[s] if a == "diito" else 0))
     r = Results(q, {}, runs, evals, alignment)
-    text = verdict(r)
-    assert "standard distillation: perplexity better (" in text
-    assert "the seed's recipe (standard): perplexity worse (" in text
-    assert "The default recipe improves on the initialisation" in text
-    # DIITO 0.2 lower in perplexity: within the spread, so no clear difference; +4 IIA points on every seed: better
-    assert "at equal steps (against standard distillation): perplexity no clear difference" in text
-    assert "IIA DIITO better" in text and "equal compute" in text and "paired t-test" in text
+    lines = verdict(r).splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("1. Distillation: standard distillation against its initialisation, test perplexity "
+                               "better (")
+    # DIITO 0.2 lower in perplexity: within the spread; +4 effective IIA points on every seed, but 3 seeds cannot
+    # pass Holm over the report's comparisons: nothing is claimed
+    assert "at equal steps, perplexity no clear difference" in lines[1]
+    assert r.get("diito-standard|effective_iia").p < 0.05 < r.get("diito-standard|effective_iia").p_holm
+    assert "effective IIA no clear difference" in lines[1] and "equal compute" in lines[1]
+    assert lines[2].startswith("3. Is the intervention the cause: DIITO beats none of its 3 controls")
+    # every main arm and control against the initialisation and DIITO against five arms, two metrics each, + 1
+    assert len(r.comparisons) == 7 * 2 + 5 * 2 + 1
+    assert all(c.p_holm is not None for c in r.comparisons.values())
 
-    # a default that does not beat its initialisation is said plainly
-    runs, evals, alignment = fake_records(q, lambda a, s: 290.0 + noise[s], lambda a, s: 0.6)
-    assert "The default recipe does NOT improve on the initialisation" in verdict(Results(q, {}, runs, evals, alignment))
+    # large, consistent gains over every control: the intervention is said to be the cause
+    big = {1: 0.0, 2: 0.001, 3: -0.001}
+    runs, evals, alignment = fake_records(q, lambda a, s: ppl.get(a, 262.0) + 10 * big[s],
+                                          lambda a, s: (0.9 if a == "diito" else 0.5) + big[s])
+    lines = verdict(Results(q, {}, runs, evals, alignment)).splitlines()
+    assert "effective IIA DIITO better" in lines[1]
+    assert lines[2].startswith("3. Is the intervention the cause: DIITO beats weight-matched")
+    assert lines[2].endswith("(all three: the aligned intervention itself helps).")
+
+    # IIA would say otherwise: the verdict reads effective IIA (IIA is 0.9 for every arm here, and 0.9 > 0.65)
+    assert "IIA" not in r.get("standard|effective_iia").evidence()
+    assert r.vs_init("standard", "effective_iia").diff == pytest.approx(0.66 + 0.001 / 3 - 0.65, abs=1e-9)
 
 
-def test_ablation_table_lists_terms_alone_and_smoothing_with_change_from_init():
+def test_ablation_and_tuning_tables_read_the_validation_part():
     q = fake_quickstart(quickstart_mlm.MlmQuickstart.arms)
     runs, evals, alignment = fake_records(q, lambda a, s: {"abl_lm": 340.0, "abl_lm_s0": 258.0}.get(a, 265.0) + s,
                                           lambda a, s: 0.6)
-    table = ablation_table(Results(q, {}, runs, evals, alignment))
+    r = Results(q, {}, runs, evals, alignment)
+    table = ablation_table(r)
     lines = table.splitlines()
     assert len(lines) == 2 + len(ablation_rows(q.arms))
     smoothed = next(line for line in lines if line.startswith("| mlm alone |"))
     uniform = next(line for line in lines if line.startswith("| mlm alone, no smoothing |"))
-    assert "(smoothing 0.7)" in smoothed and "| worse (p = " in smoothed
-    assert "(smoothing 0)" in uniform and "| better (p = " in uniform
+    # against the initialisation's validation perplexity, 281 (its test perplexity is 276)
+    assert "(smoothing 0.7)" in smoothed and "| worse (p = " in smoothed and "+61.00" in smoothed
+    assert "(smoothing 0)" in uniform and "| better (p = " in uniform and "-21.00" in uniform
     # without the ablation's runs there is no table
     main_only = {n: a for n, a in q.arms.items() if a.main}
     q2 = fake_quickstart(main_only)
     q2.ablation_table_arms = lambda: ablation_rows(q.arms)
     assert ablation_table(Results(q2, {}, *fake_records(q2, lambda a, s: 265.0 + s, lambda a, s: 0.6))) == ""
+    # the tuning table marks what was chosen
+    arms = {**q.arms, **tuning_arms(q.arms, (1e-4, 5e-4), (0.1, 0.5), 5e-4)}
+    q3 = fake_quickstart(arms)
+    r3 = Results(q3, {}, *fake_records(q3, lambda a, s: {"tune_lr2": 260.0, "tune_w2": 259.0}.get(a, 270.0) + s,
+                                       lambda a, s: 0.6))
+    rows = tuning_table(r3, {"lr": 5e-4, "weight": 0.5}).splitlines()[2:]
+    assert [row.endswith("| yes |") for row in rows] == [False, True, False, True]
 
 
 def test_two_teachers_pair_each_run_with_its_own_teacher():
@@ -175,7 +248,7 @@ def test_two_teachers_pair_each_run_with_its_own_teacher():
 def test_both_families_have_the_same_arms_with_their_own_lm_loss():
     bert, clm = quickstart_mlm.MlmQuickstart.arms, quickstart_clm.ClmQuickstart.arms
     assert [n for n, a in bert.items() if a.main] == [n for n, a in clm.items() if a.main] == \
-        ["standard", "diito", "standard_eqc", "seed_standard"]
+        ["standard", "diito", "standard_eqc", "seed_standard", "ctl_weight", "ctl_source_kd", "ctl_misaligned"]
     # smoothing is an MLM setting; the generalised JSD and on-policy samples are the causal LMs' own rows
     assert set(clm) == set(bert) - {"abl_lm_s0", "abl_seed_combo_s0"} | {"abl_jsd", "abl_on_policy"}
     assert clm["abl_jsd"].alphas == clm["abl_on_policy"].alphas == clm["standard"].alphas
@@ -189,13 +262,28 @@ def test_both_families_have_the_same_arms_with_their_own_lm_loss():
         assert dict(arms["diito"].alphas).items() > dict(arms["standard"].alphas).items()
     assert bert["seed_standard"].smoothing == 0.7 and bert["standard"].smoothing == quickstart_mlm.DEFAULT_SMOOTHING
     assert clm["standard"].smoothing is None
-    assert build_arms(True, (("ce", 0.5),), 0.0)["abl_default_ablation_lr"].alphas == (("ce", 0.5),)
     assert {a.lr for a in bert.values() if not a.main} == {"ablation", "seed"}
     # the test preset's ablation subset names arms that exist (a renamed arm would silently drop out)
     subset = quickstart.PRESETS["test"].ablation_arms
     assert set(subset) <= {n for arms in (bert, clm) for n, a in arms.items() if not a.main}
     assert {"abl_lm", "abl_lm_s0"} <= set(subset) and {"abl_jsd", "abl_on_policy"} <= set(subset)
     assert all(p.ablation_arms is None for name, p in quickstart.PRESETS.items() if name != "test")
+
+
+def test_controls_differ_from_diito_in_one_thing_each():
+    arms = build_arms(True, (("ce", 0.25), ("lm", 0.25)), 0.0, lr=1e-3, weight=0.5)
+    diito, std = arms["diito"], arms["standard"]
+    assert dict(diito.alphas) == {"ce": 0.25, "lm": 0.25, "causal_ce": 0.5} and diito.lr == std.lr == 1e-3
+    # weight-matched: the causal weight moves to ce, the total weight stays DIITO's
+    assert dict(arms["ctl_weight"].alphas) == {"ce": 0.75, "lm": 0.25}
+    assert sum(dict(arms["ctl_weight"].alphas).values()) == sum(dict(diito.alphas).values())
+    # source-KD: standard's objective with --source_kd; misaligned: DIITO's objective with the other mapping
+    assert arms["ctl_source_kd"].alphas == std.alphas and arms["ctl_source_kd"].flags == ("--source_kd",)
+    assert arms["ctl_misaligned"].alphas == diito.alphas and arms["ctl_misaligned"].mapping == "misaligned"
+    assert all(arms[c].lr == diito.lr and arms[c].smoothing == diito.smoothing for c in CONTROLS)
+    # the misaligned mapping pairs no student block with the teacher block it was copied from
+    assert misaligned_layers([0, 3], 4) == [3, 0] and misaligned_layers([1, 3, 5], 6) == [3, 5, 1]
+    assert misaligned_layers([0], 2) == [1] and misaligned_layers([1], 4) == [3]
 
 
 def test_durations_round_before_splitting_into_minutes():

@@ -4,17 +4,23 @@ An arm is one distillation recipe (loss weights, MLM masking smoothing, learning
 once per seed (and per teacher, for the main arms). Both families have the same arms, with the
 family's language-model loss (`mlm` for BERT, `clm` for causal LMs) in place of `lm`:
 
-- main arms, one run per teacher and seed, each evaluated for perplexity and IIA:
-    standard       the quickstart's default objective (chosen from the ablation, see DEFAULTS)
-    diito          the default objective + DIITO's causal_ce term
+- main arms, one run per teacher and seed, evaluated on the test part for perplexity and IIA:
+    standard       the default objective (DEFAULTS) at the learning rate tuned on the validation part
+    diito          the default objective + DIITO's causal_ce term, its weight tuned on the validation part
     standard_eqc   the default objective given a DIITO run's compute (steps x counted FLOPs ratio)
     seed_standard  the seed's recipe: ce + lm + cos, 0.25 each, masking smoothed (0.7), the seed's rate
-- ablation arms, one run per seed with the first teacher, evaluated for perplexity: each loss term
-  alone and the seed's combination with and without smoothing at the ablation's learning rate (the
-  preset's `ablation_lr`), the default objective at that rate too (against the default rate: how
-  the default rate was chosen) and the seed's recipe with DIITO's term; for causal LMs also the default objective
-  with the generalised JSD in place of the KL, and with half the batches on-policy (the student's own samples).
-  The ablation table (`ablation_rows`) also lists the main arms it shares a run with.
+  and DIITO's controls (same initialisation, data and steps as DIITO):
+    ctl_weight     weight-matched: DIITO's causal_ce weight given to ce instead
+    ctl_source_kd  standard distillation also on the source sequences DIITO sees (--source_kd)
+    ctl_misaligned DIITO with a mapping whose sites do not correspond (`misaligned_layers`)
+- tuning arms (`tuning_arms`), first teacher, every seed, read on the validation part: the
+  standard objective at each of the preset's `tune_lrs`, then DIITO at the chosen rate with each of
+  its `tune_weights`: the same number of tries for each;
+- ablation arms, one run per seed with the first teacher, read on the validation part: each loss
+  term alone and the seed's combination with and without smoothing at the ablation's learning rate
+  (the preset's `ablation_lr`) and the seed's recipe with DIITO's term; for causal LMs also the
+  default objective with the generalised JSD in place of the KL, and with half the batches
+  on-policy (the student's own samples).
 
 Held-out evaluation (both families) and the choice of DEFAULTS are described in docs/quickstart.md.
 """
@@ -37,10 +43,11 @@ class Arm:
     label: str
     alphas: tuple[tuple[str, float], ...]
     smoothing: float | None = None  # --mlm_smoothing (masked LMs only); None: no MLM masking settings
-    lr: str = "default"  # default (the preset's student_lr), seed (seed_lr) or ablation (ablation_lr)
+    lr: str | float = "default"  # default (the preset's student_lr), seed (seed_lr), ablation (ablation_lr) or a rate
     equal_compute: bool = False
-    main: bool = True  # trained with every teacher, evaluated for IIA too
-    flags: tuple[str, ...] = ()  # more causal_train.py flags (another divergence, on-policy samples)
+    main: bool = True  # trained with every teacher, evaluated on the test part, for IIA too
+    flags: tuple[str, ...] = ()  # more causal_train.py flags (another divergence, on-policy samples, --source_kd)
+    mapping: str = "aligned"  # DIITO's neuron mapping: aligned (diito.nm) or misaligned (misaligned.nm)
     notes: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -61,21 +68,38 @@ class Arm:
             terms += f" (smoothing {self.smoothing:g})"
         if self.flags:
             terms += f" ({' '.join(self.flags)})"
+        if self.causal and self.mapping != "aligned":
+            terms += f" ({self.mapping} mapping)"
         return terms
 
 
-def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smoothing: float | None) -> dict[str, Arm]:
-    """The arms of one family, by name (main arms first). `default`: the standard objective, as (loss, weight)."""
+def weight_matched(objective: tuple[tuple[str, float], ...], weight: float) -> tuple[tuple[str, float], ...]:
+    """`objective` with `weight` more on ce (DIITO's causal_ce weight, given to the soft targets instead)."""
+    if not any(k == "ce" for k, _ in objective):
+        return objective + (("ce", weight),)
+    return tuple((k, w + weight if k == "ce" else w) for k, w in objective)
+
+
+def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smoothing: float | None,
+               lr: str | float = "default", weight: float = DIITO_WEIGHT) -> dict[str, Arm]:
+    """The arms of one family, by name (main arms first). `default`: the standard objective, as (loss, weight);
+    `lr` and `weight`: the standard arm's learning rate and DIITO's causal_ce weight (tuned: `tuning_arms`)."""
     seed_combo = (("ce", 0.25), ("lm", 0.25), ("cos", 0.25))
     s_seed = SEED_SMOOTHING if mlm else None
     s_default = default_smoothing if mlm else None
     lm = "mlm" if mlm else "clm"
-    diito = default + (("causal_ce", DIITO_WEIGHT),)
+    diito = default + (("causal_ce", weight),)
     arms = [
-        Arm("standard", "standard distillation", default, s_default),
-        Arm("diito", "DIITO", diito, s_default),
-        Arm("standard_eqc", "standard distillation, DIITO's compute", default, s_default, equal_compute=True),
+        Arm("standard", "standard distillation", default, s_default, lr=lr),
+        Arm("diito", "DIITO", diito, s_default, lr=lr),
+        Arm("standard_eqc", "standard distillation, DIITO's compute", default, s_default, lr=lr, equal_compute=True),
         Arm("seed_standard", "the seed's recipe (standard)", seed_combo, s_seed, lr="seed"),
+        Arm("ctl_weight", f"control: weight-matched (ce + {weight:g} instead of causal_ce)",
+            weight_matched(default, weight), s_default, lr=lr),
+        Arm("ctl_source_kd", "control: source-KD (standard also on DIITO's source sequences)", default, s_default,
+            lr=lr, flags=("--source_kd",)),
+        Arm("ctl_misaligned", "control: DIITO with a misaligned mapping", diito, s_default, lr=lr,
+            mapping="misaligned"),
         # ablation: every term alone and the seed's combination at the ablation's rate
         Arm("abl_ce", "ce alone", (("ce", 0.25),), s_seed, lr="ablation", main=False),
         Arm("abl_lm", f"{lm} alone", (("lm", 0.25),), s_seed, lr="ablation", main=False),
@@ -99,8 +123,6 @@ def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smooth
                 s_default, main=False, flags=("--on_policy_fraction", "0.5")),
         ]
     arms += [
-        Arm("abl_default_ablation_lr", "the default objective at the ablation's rate", default, s_default,
-            lr="ablation", main=False),
         Arm("seed_diito", "the seed's recipe + causal_ce (DIITO)", seed_combo + (("causal_ce", DIITO_WEIGHT),),
             s_seed, lr="seed", main=False),
     ]
@@ -110,8 +132,34 @@ def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smooth
 def ablation_rows(arms: dict[str, Arm]) -> list[str]:
     """The arms of the ablation table, in its order: the terms alone, combinations, rates, DIITO's term."""
     order = ["abl_ce", "abl_lm", "abl_lm_s0", "abl_cos", "abl_causal_ce", "abl_seed_combo", "abl_seed_combo_s0",
-             "abl_default_ablation_lr", "standard", "abl_jsd", "abl_on_policy", "diito", "seed_standard", "seed_diito"]
+             "abl_jsd", "abl_on_policy", "seed_diito"]
     return [name for name in order if name in arms]
+
+
+CONTROLS = ("ctl_weight", "ctl_source_kd", "ctl_misaligned")
+CONTROL_NAMES = {"ctl_weight": "weight-matched", "ctl_source_kd": "source-KD", "ctl_misaligned": "misaligned mapping"}
+
+
+def tuning_arms(arms: dict[str, Arm], lrs: tuple[float, ...], weights: tuple[float, ...] = (),
+                lr: float | None = None) -> dict[str, Arm]:
+    """The tuning runs (read on the validation part): the standard objective at each rate of `lrs` (`tune_lr<i>`),
+    and with `weights` DIITO at rate `lr` with each causal_ce weight (`tune_w<j>`)."""
+    standard = arms["standard"]
+    out = {f"tune_lr{i}": Arm(f"tune_lr{i}", f"standard distillation, learning rate {r:g}", standard.alphas,
+                              standard.smoothing, lr=r, main=False) for i, r in enumerate(lrs, 1)}
+    if weights:
+        out.update({f"tune_w{j}": Arm(f"tune_w{j}", f"DIITO, causal_ce {w:g}, learning rate {lr:g}",
+                                      standard.alphas + (("causal_ce", w),), standard.smoothing, lr=lr, main=False)
+                    for j, w in enumerate(weights, 1)})
+    return out
+
+
+def misaligned_layers(teacher_layers: list[int], n_teacher_layers: int) -> list[int]:
+    """Teacher blocks that do not correspond to the student's: each student block gets the teacher block of the
+    next student block (a rotation); a one-block student, the teacher block half the teacher's depth away."""
+    if len(teacher_layers) > 1:
+        return teacher_layers[1:] + teacher_layers[:1]
+    return [(teacher_layers[0] + n_teacher_layers // 2) % n_teacher_layers]
 
 
 def run_name(arm: str, teacher: int, seed: int) -> str:
@@ -136,4 +184,6 @@ def key_text(key: tuple[int, int], teachers: int) -> str:
 
 def learning_rate(arm: Arm, preset) -> float:
     """The learning rate an arm trains with under `preset`."""
+    if not isinstance(arm.lr, str):
+        return arm.lr
     return {"default": preset.student_lr, "seed": preset.seed_lr, "ablation": preset.ablation_lr}[arm.lr]

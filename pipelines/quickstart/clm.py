@@ -94,6 +94,8 @@ class ClmQuickstart(DistillQuickstart):
     extract_script = "scripts/extract.py"
     lm = "clm"
     arms = build_arms(mlm=False, default=DEFAULT_OBJECTIVE, default_smoothing=None)
+    default_objective = DEFAULT_OBJECTIVE
+    default_smoothing = None
 
     def __init__(self, args, preset, user_docs):
         super().__init__(args, preset, user_docs)
@@ -147,10 +149,10 @@ class ClmQuickstart(DistillQuickstart):
         config = AutoConfig.from_pretrained(self.out / teacher_name(1))
         return student_config(config, record["teacher_layers"]).to_json_string()
 
-    def eval_options(self) -> tuple[str, list]:
+    def eval_options(self, split: str = "test") -> tuple[str, list]:
         p = self.preset
         common = [
-            "--tokenizer_name", self.out / "tokenizer", "--validation_file", self.out / "corpus" / "heldout.txt",
+            "--tokenizer_name", self.out / "tokenizer", "--validation_file", self.out / "corpus" / f"{split}.txt",
             "--block_size", p.max_seq_length, "--do_eval", "--per_device_eval_batch_size", p.eval_batch,
             "--seed", 0, "--report_to", "none", "--dataloader_num_workers", 0,
             *(["--use_cpu", "--no_dataloader_pin_memory"] if not p.gpu else []),

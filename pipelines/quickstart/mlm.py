@@ -43,6 +43,8 @@ class MlmQuickstart(DistillQuickstart):
     student_type = "distilbert"
     lm = "mlm"
     arms = build_arms(mlm=True, default=DEFAULT_OBJECTIVE, default_smoothing=DEFAULT_SMOOTHING)
+    default_objective = DEFAULT_OBJECTIVE
+    default_smoothing = DEFAULT_SMOOTHING
 
     def tokenizer_title(self) -> str:
         return f"WordPiece ({self.preset.vocab_size} entries) on the train part"
@@ -88,10 +90,10 @@ class MlmQuickstart(DistillQuickstart):
     def student_config_text(self, record: dict) -> str:
         return json.dumps(record["student_config"], indent=2) + "\n"
 
-    def eval_options(self) -> tuple[str, list]:
+    def eval_options(self, split: str = "test") -> tuple[str, list]:
         p = self.preset
         common = [
-            "--tokenizer_name", self.out / "tokenizer", "--validation_file", self.out / "corpus" / "heldout.txt",
+            "--tokenizer_name", self.out / "tokenizer", "--validation_file", self.out / "corpus" / f"{split}.txt",
             "--line_by_line", "--max_seq_length", p.max_seq_length, "--do_eval",
             "--per_device_eval_batch_size", p.eval_batch, "--eval_mask_seed", EVAL_MASK_SEED, "--seed", 0,
             "--report_to", "none", "--dataloader_num_workers", 0,

@@ -1,6 +1,6 @@
 """The quickstart's pipeline: what the masked-LM (BERT) and causal-LM quickstarts share.
 
-The corpus and its split, the stage bookkeeping (`Pipeline`: `.done` markers, commands with a
+The corpus (shipped in data/, or --text) and its split into train, validation and test parts, the stage bookkeeping (`Pipeline`: `.done` markers, commands with a
 progress bar and a log each), the presets, and the stages whose shape is the same for both families
 (`Quickstart`: corpus, tokenizer, teacher, data, student initialisation, one student run,
 evaluation, the run itself). Each family (pipelines/quickstart/mlm.py for BERT, pipelines/quickstart/clm.py
@@ -21,22 +21,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from doc_corpus import QUICKSTART_PACKAGES, versions
+from doc_corpus import CorpusError, shipped_corpus
 from pipelines.launcher import Command
 from pipelines.quickstart.arms import teacher_name
+from pipelines.quickstart.environment import kernel_env
 from pipelines.stages import CHILD_ENV, OFFLINE_ENV, StageFailed, fingerprint, format_seconds
 from atomic_files import atomic_write_text
 from utils import CliError, REPO_ROOT
 
-# Every command of the quickstart runs offline with these (and the quickstart itself, for its own loading).
-QUICKSTART_ENV = {**OFFLINE_ENV, **CHILD_ENV}
+# Every command of the quickstart runs offline with these (and the quickstart itself, for its own loading), its
+# CPU kernels pinned so that another CPU kind gives the same numbers (pipelines/quickstart/environment.py).
+QUICKSTART_ENV = {**OFFLINE_ENV, **CHILD_ENV, **kernel_env()}
 PROGRESS = re.compile(rb"(\d+)/(\d+) \[")  # a tqdm bar's `n/total [` in a command's output
-MIN_DOCUMENTS = 20  # fewer cannot be split into a training part and a held-out part worth evaluating on
+MIN_DOCUMENTS = 20  # fewer cannot be split into train, validation and test parts worth evaluating on
+SPLITS = ("train", "validation", "test")
 SPLIT_SEED = "quickstart-split-v1"
 STARTED = ".{}.started"  # beside a stage's folder, written first: the quickstart made it (removed with `.done`)
 TEACHER_SEED = 0  # teacher k (1-based) trains with seed TEACHER_SEED + k - 1
 RANDOM_STUDENT_SEED = 0
-ALPHA_CAUSAL_CE = 0.25  # DIITO's weight, added to each family's standard objective
 
 
 @dataclass(frozen=True)
@@ -55,16 +57,21 @@ class Preset:
     student_layers: int
     student_steps: int
     student_batch: int
-    student_lr: float  # the default recipe's learning rate (chosen from the ablation)
+    student_lr: float  # the learning rate without tuning (--no_tuning); one of `tune_lrs`
     eval_batch: int
     iia_pairs: int = 256
     gpu: bool = False
-    max_documents: int | None = None
-    packages: tuple[str, ...] = QUICKSTART_PACKAGES  # installed packages whose documentation joins the corpus
+    max_documents: int | None = None  # the first paragraphs of the shipped corpus only
     seed_lr: float = 5e-4  # the learning rate of the seed's recipe (the quickstart's until issue 20)
-    ablation_lr: float = 1e-4  # the ablation's rate (each term alone; the default objective at it too)
+    ablation_lr: float = 1e-4  # the ablation's rate (each term alone)
     teachers: int = 1  # teachers trained with different seeds; the main arms run with each
+    seeds: int = 3  # student seeds per teacher (--seeds)
     ablation: bool = True  # run the ablation stage (first teacher only)
+    # tuning on the validation part, the same number of tries each: the standard objective's learning rate, then
+    # DIITO's causal_ce weight at the rate chosen
+    tune_lrs: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3)
+    tune_weights: tuple[float, ...] = (0.1, 0.25, 0.5)
+    curve_points: int = 5  # evaluations along each first-teacher run (snapshots), the last one its end
     # the ablation's arms, by name (those the family has); None: every one. The test preset runs the MLM/CLM term
     # alone (with and without smoothing for BERT) to exercise the stage in a few subprocesses.
     ablation_arms: tuple[str, ...] | None = None
@@ -72,18 +79,18 @@ class Preset:
 
 # Sizes measured on a 2-core CPU shared with other jobs (docs/quickstart.md): a 128-wide teacher gets
 # well past the unigram plateau in the time a 256-wide one needs to reach it. `student_lr` is the
-# default recipe's rate, chosen from the ablation; `seed_lr` the seed's recipe's.
+# rate without tuning; `seed_lr` the seed's recipe's.
 PRESETS = {
     "small": Preset(vocab_size=2000, teacher_layers=4, hidden=128, heads=4, ffn=512, max_seq_length=128,
                     teacher_steps=1200, teacher_batch=32, teacher_lr=2e-3,
                     student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64),
-    # study: a deeper teacher trained longer, so that it is clearly better than the student extracted from
-    # it and the distilled students have room between the two; two teachers (seeds 0 and 1) so that the ±
-    # covers the teacher too. Sizes and steps from the measured curves in docs/quickstart.md.
-    "study": Preset(vocab_size=2000, teacher_layers=6, hidden=128, heads=4, ffn=512, max_seq_length=128,
-                    teacher_steps=4000, teacher_batch=32, teacher_lr=2e-3,
-                    student_layers=2, student_steps=400, student_batch=32, student_lr=5e-4, eval_batch=64,
-                    teachers=2),
+    # study: five teachers (seeds 0 to 4), the unit of its verdicts, two student seeds each, with DIITO's
+    # controls and without the ablation; the teachers shrunk from the `small` ones (fewer steps) so that a family
+    # runs in about 100 min on 2 idle cores (docs/quickstart.md)
+    "study": Preset(vocab_size=2000, teacher_layers=4, hidden=128, heads=4, ffn=512, max_seq_length=128,
+                    teacher_steps=1500, teacher_batch=32, teacher_lr=2e-3,
+                    student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64,
+                    teachers=5, seeds=2, ablation=False),
     "gpu": Preset(vocab_size=8000, teacher_layers=6, hidden=512, heads=8, ffn=2048, max_seq_length=128,
                   teacher_steps=6000, teacher_batch=128, teacher_lr=5e-4,
                   student_layers=3, student_steps=3000, student_batch=64, student_lr=5e-4, eval_batch=256,
@@ -91,17 +98,19 @@ PRESETS = {
     "test": Preset(vocab_size=400, teacher_layers=2, hidden=32, heads=2, ffn=64, max_seq_length=64,
                    teacher_steps=20, teacher_batch=16, teacher_lr=2e-3,
                    student_layers=1, student_steps=6, student_batch=8, student_lr=5e-4, eval_batch=64,
-                   iia_pairs=32, max_documents=400, ablation_arms=("abl_lm", "abl_lm_s0", "abl_jsd", "abl_on_policy")),
+                   iia_pairs=32, max_documents=400, ablation_arms=("abl_lm", "abl_lm_s0", "abl_jsd", "abl_on_policy"),
+                   tune_lrs=(5e-4, 2e-3), tune_weights=(0.25, 0.5), curve_points=3),
 }
 
 
 # --- corpus ------------------------------------------------------------------------------------
-def corpus_origin(found: dict, topics: bool) -> str:
-    """The corpus's sources in words, with the versions they came from (`found`: python and each package used)."""
-    packages = [f"{name} {version}" for name, version in found.items() if name != "python"]
+def corpus_origin(manifest: dict, topics: bool) -> str:
+    """The shipped corpus's sources in words, with the versions it was built from (its manifest)."""
+    packages = [f"{name} {version}" for name, version in manifest["packages"].items()]
     return ("the standard library's docstrings" + (", the prose of pydoc's topic help" if topics else "")
             + (f" and the documentation (docstrings, prose files, README) of {', '.join(packages)}" if packages else "")
-            + f" (scripts/stdlib_corpus.py), Python {found['python']}")
+            + f", Python {manifest['python']}: shipped in data/quickstart_corpus.txt.xz (SHA-256 "
+            + f"{manifest['sha256'][:12]}..., built by scripts/stdlib_corpus.py)")
 
 
 def split_documents(text: str) -> list[str]:
@@ -133,38 +142,52 @@ def read_text_files(paths: list[str]) -> list[str]:
     return docs
 
 
-def split_corpus(docs: list[str], heldout_fraction: float, source: str,
-                 groups: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """Deduplicate `docs` and split them into (train, held-out), sharing no document.
+def split_corpus(docs: list[str], fractions: tuple[float, float], source: str,
+                 groups: list[str] | None = None) -> tuple[list[str], list[str], list[str]]:
+    """Deduplicate `docs` and split them into (train, validation, test), sharing no document.
 
-    `groups[i]` names the document line i belongs to (a module, a topic, a package file); without
-    `groups` every line is a document of its own. Whole documents are held out, those with the
-    smallest hashes of their names first, until the held-out part has `heldout_fraction` of the
-    lines: the split does not depend on the documents' order and moves little when a few come or
-    go. Raises CliError when there are too few lines or documents to split.
+    `fractions`: the validation and test parts' shares of the lines. `groups[i]` names the document
+    line i belongs to (a module, a topic, a package file); without `groups` every line is a document
+    of its own. Whole documents are held out, those with the smallest hashes of their names first:
+    the test part until it has its share of the lines, then the validation part. So the split does
+    not depend on the documents' order and moves little when a few come or go. Raises CliError when
+    there are too few lines or documents to split.
     """
     if groups is None:
         groups = docs
     owner = dict(zip(reversed(docs), reversed(groups)))  # a repeated line belongs to its first document
     unique = list(dict.fromkeys(docs))
     n_groups = len({owner[d] for d in unique})
-    if len(unique) < MIN_DOCUMENTS or n_groups < 2:
+    if len(unique) < MIN_DOCUMENTS or n_groups < 3:
         raise CliError(
-            f"{source}: {len(unique)} distinct document(s), too few to split into a training part and a "
-            f"held-out part; give at least {MIN_DOCUMENTS} (one per line, or paragraphs separated by blank lines)"
+            f"{source}: {len(unique)} distinct document(s), too few to split into training, validation and test "
+            f"parts; give at least {MIN_DOCUMENTS} (one per line, or paragraphs separated by blank lines)"
         )
     size: dict[str, int] = {}
     for d in unique:
         size[owner[d]] = size.get(owner[d], 0) + 1
-    target = max(1, round(len(unique) * heldout_fraction))
     ranked = sorted(size, key=lambda g: hashlib.sha256(f"{SPLIT_SEED}\n{g}".encode()).hexdigest())
-    held, n = set(), 0
-    for g in ranked[:-1]:  # at least one document stays for training
-        if n >= target:
-            break
-        held.add(g)
-        n += size[g]
-    return [d for d in unique if owner[d] not in held], [d for d in unique if owner[d] in held]
+    part: dict[str, str] = {}
+    i = 0
+    for name, fraction in (("test", fractions[1]), ("validation", fractions[0])):
+        target, n = max(1, round(len(unique) * fraction)), 0
+        while n < target and i < len(ranked) - 1:  # at least one document stays for training
+            part[ranked[i]] = name
+            n += size[ranked[i]]
+            i += 1
+    out = {name: [d for d in unique if part.get(owner[d], "train") == name] for name in SPLITS}
+    return out["train"], out["validation"], out["test"]
+
+
+def shipped_sha256() -> str:
+    """The SHA-256 the shipped corpus's manifest records (the corpus stage's key: checked when it is read)."""
+    from doc_corpus import SHIPPED
+
+    try:
+        return json.loads(SHIPPED.with_name("quickstart_corpus.json").read_text(encoding="utf-8"))["sha256"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CliError(f"the shipped corpus's manifest beside {SHIPPED} cannot be read ({err}): restore data/ "
+                       f"from git") from None
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -371,7 +394,7 @@ class Quickstart:
         self.preset = preset
         self.user_docs = user_docs
         self.out = Path(args.out).resolve()
-        self.seeds = list(range(1, args.seeds + 1))
+        self.seeds = list(range(1, (args.seeds or preset.seeds) + 1))
         env = dict(os.environ, **QUICKSTART_ENV)
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
         inputs = [*(args.text or ()), *([args.tokenizer] if args.tokenizer and Path(args.tokenizer).exists() else [])]
@@ -403,8 +426,8 @@ class Quickstart:
         """The student config (JSON text) from the extraction's record."""
         raise NotImplementedError
 
-    def eval_options(self) -> tuple[str, list]:
-        """(banner detail, options) of the held-out evaluation common to every model."""
+    def eval_options(self, split: str = "test") -> tuple[str, list]:
+        """(banner detail, options) of the evaluation on the `split` part common to every model."""
         raise NotImplementedError
 
     def run_stages(self) -> tuple[dict, dict]:
@@ -416,49 +439,42 @@ class Quickstart:
 
     # 1
     def corpus(self) -> dict:
-        """Stage 1: the documents (documentation prose or --text), deduplicated and split into train and
-        held-out parts by document."""
+        """Stage 1: the documents (the shipped documentation prose or --text), deduplicated and split by document into
+        train, validation (tuning and the ablation) and test (every reported figure) parts."""
         p, args = self.preset, self.args
-        self.banner(1, "corpus: real English prose, split into train and held-out parts by document")
+        self.banner(1, "corpus: real English prose, split by document into train, validation and test parts")
         if self.user_docs is not None:
             source = {"text": [str(Path(t).resolve()) for t in args.text],
                       "sha256": hashlib.sha256("\n".join(self.user_docs).encode()).hexdigest()}
         else:
-            source = {"stdlib": sys.version, "pydoc_topics": True, **versions(p.packages),
-                      "max_documents": p.max_documents, "corpus": 2}
-        settings = {"source": source, "heldout_fraction": args.heldout_fraction, "split": SPLIT_SEED}
+            source = {"shipped": shipped_sha256(), "max_documents": p.max_documents}
+        fractions = (args.validation_fraction, args.heldout_fraction)
+        settings = {"source": source, "fractions": fractions, "split": SPLIT_SEED}
 
         def work(folder: Path) -> dict:
             record = {}
             if self.user_docs is not None:
                 docs, groups, origin = self.user_docs, None, "your --text files: " + ", ".join(args.text)
             else:
-                text, manifest = folder / "documentation.txt", folder / "documentation.json"
-                # fresh: the standard library's docstrings are read from its imported modules, and the libraries
-                # the server preloads patch some of them (typing, inspect): forked, four paragraphs went missing
-                self.pipe.command("corpus", "scripts/stdlib_corpus.py", [
-                    "--out", text, "--pydoc_topics", "--manifest", manifest,
-                    *(["--packages", *p.packages] if p.packages else []),
-                    *(["--max_docs", p.max_documents] if p.max_documents else [])], fresh=True)
-                docs = text.read_text(encoding="utf-8").splitlines()
-                made = json.loads(manifest.read_text())
-                groups = [name for name, n in made["documents"] for _ in range(n)]
-                used = {name.split(":")[0] for name, _ in made["documents"]}
-                record["versions"] = {"python": made["python"],
-                                      **{k: v for k, v in made["packages"].items() if k in used}}
-                record["corpus_sha256"] = made["sha256"]
-                origin = corpus_origin(record["versions"], "pydoc_topics" in used)
-            train, heldout = split_corpus(docs, args.heldout_fraction, "the corpus", groups)
-            atomic_write_text(folder / "train.txt", "\n".join(train) + "\n")
-            atomic_write_text(folder / "heldout.txt", "\n".join(heldout) + "\n")
-            stats = {"origin": origin, "train_documents": len(train), "heldout_documents": len(heldout),
-                     "train_words": sum(len(d.split()) for d in train),
-                     "heldout_words": sum(len(d.split()) for d in heldout), **record}
-            print(f"  {stats['train_documents']} training paragraphs ({stats['train_words']} words), "
-                  f"{stats['heldout_documents']} held-out paragraphs ({stats['heldout_words']} words)", flush=True)
-            return stats
+                try:
+                    docs, documents, manifest = shipped_corpus(p.max_documents)
+                except CorpusError as err:
+                    raise CliError(str(err)) from None
+                groups = [name for name, n in documents for _ in range(n)]
+                record["versions"] = {"python": manifest["python"], **manifest["packages"]}
+                record["corpus_sha256"] = manifest["sha256"]
+                origin = corpus_origin(manifest, manifest.get("pydoc_topics", False))
+            parts = dict(zip(SPLITS, split_corpus(docs, fractions, "the corpus", groups)))
+            stats = {"origin": origin}
+            for name, part in parts.items():
+                atomic_write_text(folder / f"{name}.txt", "\n".join(part) + "\n")
+                stats[f"{name}_documents"] = len(part)
+                stats[f"{name}_words"] = sum(len(d.split()) for d in part)
+            print("  " + ", ".join(f"{name} {stats[name + '_documents']} paragraphs ({stats[name + '_words']} words)"
+                                   for name in SPLITS), flush=True)
+            return {**stats, **record}
 
-        return self.pipe.unit("corpus", self.out / "corpus", settings, work, ("train.txt", "heldout.txt"))
+        return self.pipe.unit("corpus", self.out / "corpus", settings, work, tuple(f"{n}.txt" for n in SPLITS))
 
     # 2
     def tokenizer(self, corpus: dict) -> dict:
@@ -531,20 +547,24 @@ class Quickstart:
         return self.pipe.unit(name, self.out / "students" / name, settings, work, ("model.safetensors", "config.json"))
 
     # held-out evaluation (every model, same options)
-    def evaluate_one(self, name: str, model_dir: Path, model_record: dict) -> dict:
-        """Held-out perplexity of one model (`eval/<name>`), with the options every model gets."""
-        _, common = self.eval_options()
+    def evaluate_one(self, name: str, model_dir: Path, model_record: dict, split: str = "test") -> dict:
+        """Perplexity of one model on the `split` part (`eval/<name>`; `eval_validation/<name>` for the validation
+        part), with the options every model gets."""
+        _, common = self.eval_options(split)
         argv = ["--model_name_or_path", model_dir, *common]
         settings = {"model": model_record["key"], "argv": [str(a) for a in argv]}
 
         def work(folder: Path) -> dict:
-            self.pipe.command(f"eval_{name}", self.eval_script, [*argv, "--output_dir", folder])
+            self.pipe.command(f"eval_{name}" if split == "test" else f"eval_{split}_{name}", self.eval_script,
+                              [*argv, "--output_dir", folder])
             metrics = json.loads((folder / "eval_results.json").read_text())
-            print(f"  {name}: held-out perplexity {metrics['perplexity']:.2f}", flush=True)
+            print(f"  {name}: {split} perplexity {metrics['perplexity']:.2f}", flush=True)
             return {"perplexity": metrics["perplexity"], "eval_loss": metrics["eval_loss"],
-                    "eval_samples": metrics.get("eval_samples")}
+                    "eval_samples": metrics.get("eval_samples"), "split": split}
 
-        return self.pipe.unit(f"eval {name}", self.out / "eval" / name, settings, work, ("eval_results.json",))
+        folder = self.out / ("eval" if split == "test" else f"eval_{split}") / name
+        return self.pipe.unit(f"eval {name}" + ("" if split == "test" else f" ({split})"), folder, settings, work,
+                              ("eval_results.json",))
 
     def report_settings(self, version, **groups: dict) -> dict:
         """The report stage's key: when each input was made too, so that anything redone upstream is reported afresh."""

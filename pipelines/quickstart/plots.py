@@ -1,4 +1,4 @@
-"""The quickstart report's plots: held-out perplexity, the ablation, training losses and IIA heatmaps."""
+"""The quickstart report's plots: test perplexity, learning curves, the ablation, training losses and IIA heatmaps."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ from pathlib import Path
 from pipelines.quickstart.stats import mean_std
 
 COLORS = {"standard": "tab:blue", "diito": "tab:orange", "standard_eqc": "tab:green", "seed_standard": "tab:purple",
+          "ctl_weight": "tab:brown", "ctl_source_kd": "tab:pink", "ctl_misaligned": "tab:olive",
           "student_init": "0.45", "teacher": "0.15"}
 
 
@@ -43,7 +44,7 @@ def plot_losses(path: Path, out: Path, runs: dict, main_arms: list[str], labels:
                 plt) -> None:
     """The first teacher's loss and one panel per student loss: one line per main run (first teacher)."""
     names = {n: r for n, r in runs.items() if r["objective"] in main_arms and r["teacher"] == 1}
-    curves = {n: read_loss_curves(out / "students" / n / "log" / "train") for n in names}
+    curves = {n: read_loss_curves(Path(r["folder"]) / "log" / "train") for n, r in names.items()}
     losses = [n for n in ("loss", "ce", lm, "cos", "causal_ce") if any(n in c for c in curves.values())]
     teacher = teacher_loss_curve(out / "teacher")
     panels = len(losses) + 1
@@ -90,18 +91,38 @@ def plot_perplexity(path: Path, rows: list[tuple[str, str, list[float]]], init: 
     ax.set_xticks(range(len(rows)), [label.replace(", ", ",\n").replace(" (", "\n(") for _, label, _ in rows],
                   fontsize=7)
     ax.set_xlim(-0.5, len(rows) - 0.5)
-    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_ylabel("test perplexity (lower is better)")
     note = "" if ax.get_ylim()[0] <= 0 else f"; y from {ax.get_ylim()[0]:.0f}"
-    ax.set_title(f"held-out {what} perplexity (chance: {vocab}; random student: {random_ppl:.0f}, off the scale)\n"
+    ax.set_title(f"test {what} perplexity (chance: {vocab}; random student: {random_ppl:.0f}, off the scale)\n"
                  f"large marker: mean ± std; dots: runs{note}", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path, plt)
 
 
-def plot_ablation(path: Path, rows: list[tuple[str, list[float]]], init: float, teacher: float, plt) -> None:
-    """One line per ablation row (label, per-seed perplexities): the seeds and their mean, against the
-    initialisation and the teacher."""
+def plot_curves(path: Path, curves: dict, labels: dict, plt) -> None:
+    """Test perplexity and effective IIA against training compute: one line per arm (`curves[arm]`: (TFLOP, mean
+    perplexity, mean effective IIA or None) per point, first teacher, mean over seeds)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm, points in curves.items():
+        kw = {"color": COLORS.get(arm, "tab:gray"), "marker": "o", "ms": 3, "lw": 1.2, "label": labels[arm]}
+        axes[0].plot([x for x, _, _ in points], [y for _, y, _ in points], **kw)
+        eff = [(x, 100 * e) for x, _, e in points if e is not None]
+        if eff:
+            axes[1].plot(*zip(*eff), **kw)
+    axes[0].set_ylabel("test perplexity (lower is better)")
+    axes[1].set_ylabel("effective IIA % (higher is better)")
+    for ax in axes:
+        ax.set_xlabel("training compute (TFLOP, counted)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("learning curves (first teacher, mean over seeds; each point a snapshot of the runs)", fontsize=10)
+    _save(fig, path, plt)
+
+
+def plot_ablation(path: Path, rows: list[tuple[str, list[float]]], init: float, teacher: float | None, plt) -> None:
+    """One line per ablation row (label, per-seed validation perplexities): the seeds and their mean, against the
+    initialisation (and the teacher, when given)."""
     fig, ax = plt.subplots(figsize=(8.0, 0.45 * len(rows) + 1.6))
     if not rows:
         ax.text(0.5, 0.5, "ablation not run", ha="center", va="center")
@@ -114,10 +135,11 @@ def plot_ablation(path: Path, rows: list[tuple[str, list[float]]], init: float, 
         ax.errorbar([mean], [y], xerr=[std or 0.0], fmt="D", color=color, capsize=4, ms=6)
         ax.scatter(values, [y] * len(values), color=color, s=10, alpha=0.6)
     ax.axvline(init, color=COLORS["student_init"], ls="--", lw=1, label=f"student at initialisation ({init:.1f})")
-    ax.axvline(teacher, color=COLORS["teacher"], lw=1, label=f"teacher ({teacher:.1f})")
+    if teacher is not None:
+        ax.axvline(teacher, color=COLORS["teacher"], lw=1, label=f"teacher ({teacher:.1f})")
     ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("held-out perplexity (lower is better); green: mean below the initialisation")
+    ax.set_xlabel("validation perplexity (lower is better); green: mean below the initialisation")
     ax.set_title("ablation: one objective per row, seeds as dots (first teacher)", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(axis="x", alpha=0.3)

@@ -1,17 +1,20 @@
 """The quickstart's report, both families: `report.md`, `report_table.md`, `summary.json` and the plots.
 
-It answers two questions at the quickstart's scale, each against its controls:
+It answers three questions at the quickstart's scale, on the test part, each against its controls:
 
 1. Does distillation improve on the student it starts from? Every arm is read as a change from the
    student at initialisation (extracted from the teacher's blocks, not trained), with a 95%
    interval; a random student of the same shape is the floor.
 2. Is DIITO better than standard distillation, at equal steps and at equal compute (FLOPs counted
-   per step), in held-out perplexity and in IIA? Two-sided and noise-aware (`pipelines.quickstart.stats`):
-   "no clear difference" unless a paired t-test over seeds says p < 0.05 and the difference
-   exceeds the seeds' spread.
+   per step), in test perplexity and in effective IIA (the alignment figure that counts only the
+   positions where the intervention changed the teacher's prediction)?
+3. Is the intervention what helps? DIITO against its controls: the same weight on the soft targets,
+   the same extra source sequences without the interchange, and a misaligned mapping.
 
-The ablation table (each loss term alone, the seed's combination with and without smoothed MLM
-masking, the default at the seed's rate) shows where the default recipe comes from.
+Every comparison is two-sided and noise-aware (`pipelines.quickstart.stats`): over teachers when there
+are several, Holm-corrected over the report's comparisons, and "no clear difference" unless it is
+significant and beyond the seeds' spread. The tuning and the ablation are read on the validation part,
+which decides the learning rate and DIITO's weight; they are not claims and are not in the correction.
 """
 from __future__ import annotations
 
@@ -22,12 +25,15 @@ import platform
 import struct
 from pathlib import Path
 
-from pipelines.quickstart.arms import init_name, key_text, learning_rate, run_name, teacher_name
+from pipelines.quickstart.arms import CONTROL_NAMES, CONTROLS, init_name, key_text, learning_rate, run_name, teacher_name
 from pipelines.quickstart.report_text import report_markdown
-from pipelines.quickstart.stats import TEST_NAME, Comparison, against_reference, compare, mean_std, plus_minus
+from pipelines.quickstart.stats import TEST_NAME, Comparison, against_reference, compare, holm, mean_std, plus_minus
 from pipelines.stages import format_seconds
 from atomic_files import atomic_write_text
-MAIN_ROWS = ("standard", "diito", "standard_eqc", "seed_standard")
+
+MAIN_ROWS = ("standard", "diito", "standard_eqc", "seed_standard", *CONTROLS)
+METRICS = {"perplexity": True, "effective_iia": False}  # metric: lower is better
+AGAINST = ("standard", "standard_eqc", *CONTROLS)  # what DIITO is compared with
 
 
 def count_parameters(model_dir: Path) -> int:
@@ -48,7 +54,7 @@ def _cell(values, fmt: str = "{:.2f}") -> str:
 
 
 class Results:
-    """Every number of a finished quickstart, by arm and by (teacher, seed)."""
+    """Every number of a finished quickstart, by arm and by (teacher, seed), and the report's comparisons."""
 
     def __init__(self, q, stages: dict, runs: dict, evals: dict, alignment: dict):
         self.q = q
@@ -56,15 +62,19 @@ class Results:
         self.arms = {name: arm for name, arm in q.arms.items() if any(r["objective"] == name for r in runs.values())}
         self.keys = {name: sorted((r["teacher"], r["seed"]) for r in runs.values() if r["objective"] == name)
                      for name in self.arms}
+        self.runs = runs
 
-        def by_key(source, arm, field):
-            return {key: source[run_name(arm, *key)][field] for key in self.keys[arm]
-                    if run_name(arm, *key) in source and source[run_name(arm, *key)].get(field) is not None}
+        def by_key(source, arm, field, suffix=""):
+            return {key: source[run_name(arm, *key) + suffix][field] for key in self.keys[arm]
+                    if run_name(arm, *key) + suffix in source
+                    and source[run_name(arm, *key) + suffix].get(field) is not None}
 
-        self.ppl = {a: by_key(evals, a, "perplexity") for a in self.arms}
+        self.ppl = {a: by_key(evals, a, "perplexity") for a in self.arms}  # test (main), validation (others)
         self.iia = {a: by_key(alignment, a, "iia") for a in self.arms}
         self.eff = {a: by_key(alignment, a, "effective_iia") for a in self.arms}
         self.base = {a: by_key(alignment, a, "base_agreement") for a in self.arms}
+        self.untrained = {a: {f: by_key(alignment, a, f, "@misaligned") for f in ("iia", "effective_iia")}
+                          for a in self.arms}
         self.seconds = {a: by_key(runs, a, "train_seconds") for a in self.arms}
         self.steps = {a: runs[run_name(a, *self.keys[a][0])]["steps"] for a in self.arms}
         self.teacher_ppl = {k: evals[teacher_name(k)]["perplexity"] for k in self.teachers}
@@ -73,15 +83,71 @@ class Results:
             self.ref[ref] = {"perplexity": {k: evals[n]["perplexity"] for k, n in names.items()}}
             for field in ("iia", "effective_iia", "base_agreement", "iia_ci95"):
                 self.ref[ref][field] = {k: alignment[n][field] for k, n in names.items()}
+            for field in ("iia", "effective_iia"):
+                self.ref[ref][f"untrained_{field}"] = {k: alignment[f"{n}@misaligned"][field]
+                                                       for k, n in names.items() if f"{n}@misaligned" in alignment}
+        validation = evals.get(f"{init_name(1)}@validation")
+        self.init_validation = validation["perplexity"] if validation else None
+        self.curves = self._curves(evals, alignment, stages.get("flops") or {})
+        self.comparisons = holm({k: c for k, c in self._comparisons().items() if c is not None})
 
-    def vs_init(self, arm: str, metric: str) -> Comparison:
-        data, init, lower = ((self.ppl[arm], self.ref["init"]["perplexity"], True) if metric == "perplexity"
-                             else (self.iia[arm], self.ref["init"]["iia"], False))
-        return against_reference(data, init, lower)
+    def values(self, arm: str, metric: str) -> dict:
+        return self.ppl[arm] if metric == "perplexity" else self.eff[arm] if metric == "effective_iia" else \
+            self.iia[arm]
 
-    def between(self, a: str, b: str, metric: str) -> Comparison:
-        data = self.ppl if metric == "perplexity" else self.iia
-        return compare(data[a], data[b], metric == "perplexity")
+    def vs_init(self, arm: str, metric: str) -> Comparison | None:
+        data, init = self.values(arm, metric), self.ref["init"][metric]
+        if not data or any(init.get(k[0]) is None for k in data):
+            return None
+        return against_reference(data, init, METRICS.get(metric, False))
+
+    def between(self, a: str, b: str, metric: str) -> Comparison | None:
+        data_a, data_b = self.values(a, metric), self.values(b, metric)
+        if not data_a or any(k not in data_b for k in data_a):
+            return None
+        return compare(data_a, data_b, METRICS.get(metric, False))
+
+    def _comparisons(self) -> dict:
+        """The report's family of comparisons (Holm-corrected together), by name `arm|metric` or
+        `diito-other|metric` or `diito-standard|untrained`."""
+        out = {}
+        for arm in MAIN_ROWS:
+            if arm in self.arms:
+                for metric in METRICS:
+                    out[f"{arm}|{metric}"] = self.vs_init(arm, metric)
+        if "diito" in self.arms:
+            for other in AGAINST:
+                if other in self.arms:
+                    for metric in METRICS:
+                        out[f"diito-{other}|{metric}"] = self.between("diito", other, metric)
+            if "standard" in self.arms:
+                a, b = self.untrained["diito"]["effective_iia"], self.untrained["standard"]["effective_iia"]
+                out["diito-standard|untrained"] = compare(a, b, False) if a and all(k in b for k in a) else None
+        return out
+
+    def get(self, name: str) -> Comparison | None:
+        return self.comparisons.get(name)
+
+    def _curves(self, evals: dict, alignment: dict, flops: dict) -> dict:
+        """{arm: [(TFLOP, mean test perplexity, mean effective IIA or None, step)]} of the first teacher's runs."""
+        curves = {}
+        for arm in MAIN_ROWS:
+            if arm not in self.arms or arm not in flops:
+                continue
+            names = [run_name(arm, 1, seed) for (k, seed) in self.keys[arm] if k == 1]
+            steps = sorted({int(n.rsplit("_step", 1)[1]) for n in evals for base in names
+                            if n.startswith(base + "_step")} | {self.steps[arm]})
+            points = []
+            for step in steps:
+                suffix = "" if step == self.steps[arm] else f"_step{step}"
+                ppl = [evals[n + suffix]["perplexity"] for n in names if n + suffix in evals]
+                eff = [alignment[n + suffix]["effective_iia"] for n in names
+                       if n + suffix in alignment and alignment[n + suffix]["effective_iia"] is not None]
+                if ppl:
+                    points.append((flops[arm] * step / 1e12, sum(ppl) / len(ppl), sum(eff) / len(eff) if eff else None,
+                                   step))
+            curves[arm] = points
+        return curves
 
 
 def _ref_cell(values: dict, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
@@ -89,13 +155,18 @@ def _ref_cell(values: dict, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
     return plus_minus(vals, fmt) if vals else "-"
 
 
+def _change(c: Comparison | None, fmt: str = "{:+.2f}", scale: float = 1.0) -> str:
+    return "-" if c is None else c.interval(fmt, scale)
+
+
 def results_table(r: Results, params: dict, flops: dict) -> str:
-    """The main table: the teacher, the student at initialisation, the random student, then each main arm."""
+    """The main table (test part): the teacher, the student at initialisation, the random student, then each main arm
+    and control; effective IIA first among the alignment figures."""
     p, q = r.q.preset, r.q
     n_t = len(r.teachers)
     rows = [
-        "| model | layers x width | parameters | held-out perplexity | per run | change from initialisation "
-        "[95% CI] | IIA % | IIA change (points) [95% CI] | effective IIA % | base agreement % | training steps "
+        "| model | layers x width | parameters | test perplexity | per run | change from initialisation [95% CI] "
+        "| effective IIA % | change (points) [95% CI] | IIA % | base agreement % | training steps "
         "| training compute (TFLOP) | training time |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {q.labels['teacher']} | {p.teacher_layers} x {p.hidden} | {params['teacher'] / 1e6:.2f} M | "
@@ -107,78 +178,142 @@ def results_table(r: Results, params: dict, flops: dict) -> str:
         d = r.ref[ref]
         per = ", ".join(f"{v:.2f}" for v in d["perplexity"].values()) if len(d["perplexity"]) > 1 else "-"
         rows.append(f"| {label} | {p.student_layers} x {p.hidden} | {params['student'] / 1e6:.2f} M | "
-                    f"{_ref_cell(d['perplexity'])} | {per} | - | {_ref_cell(d['iia'], '{:.1f}', 100)} | - | "
-                    f"{_ref_cell(d['effective_iia'], '{:.1f}', 100)} | {_ref_cell(d['base_agreement'], '{:.1f}', 100)} "
+                    f"{_ref_cell(d['perplexity'])} | {per} | - | {_ref_cell(d['effective_iia'], '{:.1f}', 100)} | - | "
+                    f"{_ref_cell(d['iia'], '{:.1f}', 100)} | {_ref_cell(d['base_agreement'], '{:.1f}', 100)} "
                     f"| 0 | - | - |")
     for arm in MAIN_ROWS:
         if arm not in r.arms:
             continue
-        per_step = flops["diito"] if arm == "diito" else flops["standard"] if arm.startswith("standard") else None
+        per_step = flops.get(arm)
         compute = f"{per_step * r.steps[arm] / 1e12:.3g} per run" if per_step else "-"
         ppl = list(r.ppl[arm].values())
         rows.append(
             f"| {q.labels[arm]} | {p.student_layers} x {p.hidden} | {params['student'] / 1e6:.2f} M | "
-            f"{plus_minus(ppl)} | {', '.join(f'{v:.2f}' for v in ppl)} | {r.vs_init(arm, 'perplexity').interval()} | "
-            f"{_cell(_pct(r.iia[arm].values()), '{:.1f}')} | "
-            f"{r.vs_init(arm, 'iia').interval('{:+.1f}', 100)} | {_cell(_pct(r.eff[arm].values()), '{:.1f}')} | "
-            f"{_cell(_pct(r.base[arm].values()), '{:.1f}')} | {r.steps[arm]} per run | {compute} | "
-            f"{plus_minus(r.seconds[arm].values(), '{:.0f}')} s per run |")
+            f"{plus_minus(ppl)} | {', '.join(f'{v:.2f}' for v in ppl)} | {_change(r.get(f'{arm}|perplexity'))} | "
+            f"{_cell(_pct(r.eff[arm].values()), '{:.1f}')} | {_change(r.get(f'{arm}|effective_iia'), '{:+.1f}', 100)} | "
+            f"{_cell(_pct(r.iia[arm].values()), '{:.1f}')} | {_cell(_pct(r.base[arm].values()), '{:.1f}')} | "
+            f"{r.steps[arm]} per run | {compute} | {plus_minus(r.seconds[arm].values(), '{:.0f}')} s per run |")
+    return "\n".join(rows) + "\n"
+
+
+def diito_table(r: Results) -> str:
+    """DIITO against standard distillation (equal steps, equal compute) and its controls: each difference, its
+    interval, the verdict (p, Holm) and the per-seed view."""
+    q = r.q
+    rows = ["| DIITO against | test perplexity: DIITO minus it [95% CI] | verdict | effective IIA (points) [95% CI] "
+            "| verdict | per-seed view (perplexity; effective IIA) |", "|---|---|---|---|---|---|"]
+    for other in AGAINST:
+        cp, ce = r.get(f"diito-{other}|perplexity"), r.get(f"diito-{other}|effective_iia")
+        if cp is None:
+            continue
+        rows.append(f"| {q.labels[other]} | {cp.interval()} | {_words(cp)} | {_change(ce, '{:+.1f}', 100)} | "
+                    f"{_words(ce)} | {cp.per_seed()}; {ce.per_seed() if ce else '-'} |")
+    return "\n".join(rows) + "\n"
+
+
+def _words(c: Comparison | None) -> str:
+    if c is None:
+        return "-"
+    head = {"better": "DIITO better", "worse": "DIITO worse", "no clear difference": "no clear difference"}
+    return f"{head[c.result]} ({c.evidence()})"
+
+
+def curves_table(r: Results) -> str:
+    """The learning curves: each arm's mean test perplexity and effective IIA at each evaluated point."""
+    q = r.q
+    rows = ["| arm | step | training compute (TFLOP) | test perplexity | effective IIA % |", "|---|---|---|---|---|"]
+    for arm, points in r.curves.items():
+        for tflop, ppl, eff, step in points:
+            rows.append(f"| {q.labels[arm]} | {step} | {tflop:.3g} | {ppl:.2f} | "
+                        f"{'-' if eff is None else f'{100 * eff:.1f}'} |")
+    return "\n".join(rows) + "\n"
+
+
+def untrained_table(r: Results) -> str:
+    """IIA at DIITO's sites and at the misaligned sites (which only the misaligned control trained on)."""
+    q = r.q
+    rows = ["| model | effective IIA %, DIITO's sites | IIA % | effective IIA %, misaligned sites | IIA % |",
+            "|---|---|---|---|---|"]
+    init = r.ref["init"]
+    rows.append(f"| student at initialisation | {_ref_cell(init['effective_iia'], '{:.1f}', 100)} | "
+                f"{_ref_cell(init['iia'], '{:.1f}', 100)} | {_ref_cell(init.get('untrained_effective_iia', {}), '{:.1f}', 100)} "
+                f"| {_ref_cell(init.get('untrained_iia', {}), '{:.1f}', 100)} |")
+    for arm in ("standard", "diito", "ctl_misaligned"):
+        if arm in r.arms:
+            u = r.untrained[arm]
+            rows.append(f"| {q.labels[arm]} | {_cell(_pct(r.eff[arm].values()), '{:.1f}')} | "
+                        f"{_cell(_pct(r.iia[arm].values()), '{:.1f}')} | {_cell(_pct(u['effective_iia'].values()), '{:.1f}')} "
+                        f"| {_cell(_pct(u['iia'].values()), '{:.1f}')} |")
+    return "\n".join(rows) + "\n"
+
+
+def tuning_table(r: Results, choice: dict) -> str:
+    """The tuning runs (validation part): each candidate's perplexity over the seeds and which was chosen; '' when
+    the tuning was not run."""
+    q = r.q
+    names = [a for a in r.arms if a.startswith("tune_")]
+    if not names:
+        return ""
+    rows = ["| candidate | learning rate | causal_ce | validation perplexity | per seed | chosen |",
+            "|---|---|---|---|---|---|"]
+    for a in names:
+        arm = r.arms[a]
+        weight = dict(arm.alphas).get("causal_ce")
+        lr = learning_rate(arm, q.preset)
+        chosen = lr == choice["lr"] and (weight is None or weight == choice["weight"])
+        rows.append(f"| {arm.label} | {lr:g} | {'-' if weight is None else f'{weight:g}'} | "
+                    f"{plus_minus(r.ppl[a].values())} | {', '.join(f'{v:.2f}' for v in r.ppl[a].values())} | "
+                    f"{'yes' if chosen else ''} |")
     return "\n".join(rows) + "\n"
 
 
 def ablation_table(r: Results) -> str:
-    """The ablation: each objective's held-out perplexity over the seeds (first teacher) and its change from the
-    initialisation; '' when the ablation was not run."""
+    """The ablation (validation part): each objective's perplexity over the seeds (first teacher) and its change from
+    the initialisation's; '' when the ablation was not run."""
     q = r.q
     names = [a for a in q.ablation_table_arms() if a in r.arms]
-    if not any(not r.arms[a].main for a in names):
+    if not names or r.init_validation is None:
         return ""
-    rows = ["| objective | losses (weights) | learning rate | held-out perplexity | per seed | change from "
+    rows = ["| objective | losses (weights) | learning rate | validation perplexity | per seed | change from "
             "initialisation [95% CI] | against the initialisation |", "|---|---|---|---|---|---|---|"]
     for a in names:
         arm = r.arms[a]
         first = {k: v for k, v in r.ppl[a].items() if k[0] == 1}
-        c = against_reference(first, r.ref["init"]["perplexity"], True)
+        c = against_reference(first, {1: r.init_validation}, True)
         lr = learning_rate(arm, q.preset)
         rows.append(f"| {arm.label} | {arm.objective(q.lm)} | {lr:g} | {plus_minus(first.values())} | "
                     f"{', '.join(f'{v:.2f}' for v in first.values())} | {c.interval()} | {c.result} ({c.evidence()}) |")
     return "\n".join(rows) + "\n"
 
 
-def _change_words(c: Comparison, unit_fmt: str = "{:+.2f}", scale: float = 1.0) -> str:
-    words = {"better": "better", "worse": "worse", "no clear difference": "no clear difference"}
-    return f"{words[c.result]} ({c.interval(unit_fmt, scale)}, {c.evidence()})"
-
-
 def verdict(r: Results) -> str:
-    """The verdict: each main arm against the initialisation, then DIITO against standard, two-sided."""
-    q = r.q
-    init = r.ref["init"]
-    out = [f"Against the student at initialisation (held-out perplexity {_ref_cell(init['perplexity'])}, IIA "
-           f"{_ref_cell(init['iia'], '{:.1f}', 100)}%; changes as arm minus initialisation, 95% interval over "
-           f"{'teachers and ' if len(r.teachers) > 1 else ''}seeds):"]
-    for arm in MAIN_ROWS:
-        if arm in r.arms:
-            out.append(f"{q.labels[arm]}: perplexity {_change_words(r.vs_init(arm, 'perplexity'))}, IIA "
-                       f"{_change_words(r.vs_init(arm, 'iia'), '{:+.1f}', 100)} points.")
-    default = r.vs_init("standard", "perplexity")
-    if default.result == "better":
-        out.append("The default recipe improves on the initialisation in held-out perplexity.")
-    else:
-        out.append(f"The default recipe does NOT improve on the initialisation in held-out perplexity "
-                   f"({default.result}): distillation at this scale leaves the student no better than the teacher's "
-                   f"blocks it starts from; see the ablation for which objective does.")
+    """The short verdict, three lines: does distillation help; DIITO against standard at equal steps and compute;
+    is the intervention the cause (DIITO against its controls)."""
+
+    def said(c: Comparison | None, better: str, worse: str, fmt="{:+.2f}", scale=1.0) -> str:
+        if c is None:
+            return "not measured"
+        word = {"better": better, "worse": worse, "no clear difference": "no clear difference"}[c.result]
+        return f"{word} ({c.interval(fmt, scale)}; {c.evidence()})"
+
+    std = r.get("standard|perplexity")
+    line1 = "1. Distillation: standard distillation against its initialisation, test perplexity " + \
+        said(std, "better", "worse") + "."
     parts = []
     for other, setting in (("standard", "equal steps"), ("standard_eqc", "equal compute")):
-        cp, ci = r.between("diito", other, "perplexity"), r.between("diito", other, "iia")
-        head = {"better": "DIITO better", "worse": "DIITO worse", "no clear difference": "no clear difference"}
-        parts.append(f"at {setting} (against {q.labels[other]}): perplexity {head[cp.result]} "
-                     f"(DIITO minus standard {cp.interval()}, {cp.evidence()}, DIITO lower in {cp.wins} of {cp.n}), "
-                     f"IIA {head[ci.result]} ({ci.interval('{:+.1f}', 100)} points, {ci.evidence()}, "
-                     f"DIITO higher in {ci.wins} of {ci.n})")
-    out.append(f"DIITO against standard distillation ({TEST_NAME}; a difference counts only with p < 0.05 and "
-               f"beyond the seeds' spread): " + "; ".join(parts) + ".")
-    return " ".join(out)
+        parts.append(f"at {setting}, perplexity " + said(r.get(f"diito-{other}|perplexity"), "DIITO better",
+                                                         "DIITO worse")
+                     + ", effective IIA " + said(r.get(f"diito-{other}|effective_iia"), "DIITO better", "DIITO worse",
+                                                 "{:+.1f}", 100))
+    line2 = "2. DIITO against standard distillation: " + "; ".join(parts) + "."
+    beats = {m: [CONTROL_NAMES[c] for c in CONTROLS
+                 if (x := r.get(f"diito-{c}|{m}")) is not None and x.result == "better"] for m in METRICS}
+    n = sum(1 for c in CONTROLS if c in r.arms)
+    line3 = ("3. Is the intervention the cause: DIITO beats " + (", ".join(beats["effective_iia"]) or "none")
+             + f" of its {n} controls in effective IIA and " + (", ".join(beats["perplexity"]) or "none")
+             + " in perplexity" + (" (all three: the aligned intervention itself helps)."
+                                   if len(beats["effective_iia"]) == n and n else "."))
+    return "\n".join([line1, line2, line3])
 
 
 def write_report(q, stages: dict, runs: dict, evals: dict, alignment: dict) -> dict:
@@ -189,6 +324,7 @@ def write_report(q, stages: dict, runs: dict, evals: dict, alignment: dict) -> d
     import matplotlib.pyplot as plt
 
     from pipelines.quickstart import plots as qp
+    from pipelines.quickstart.environment import environment
     from iia import draw_heatmaps
 
     out = q.out
@@ -199,9 +335,10 @@ def write_report(q, stages: dict, runs: dict, evals: dict, alignment: dict) -> d
     q.eval_blocks = evals["teacher"].get("eval_samples")
     q.teacher_time = ", ".join(format_seconds(stages[teacher_name(k)]["train_seconds"]) for k in r.teachers)
     params = {"teacher": count_parameters(out / "teacher"),
-              "student": count_parameters(out / "students" / run_name("standard", 1, q.seeds[0]))}
-    table = results_table(r, params, flops)
-    abl = ablation_table(r)
+              "student": count_parameters(Path(runs[run_name("standard", 1, q.seeds[0])]["folder"]))}
+    env = environment(q.pipe.env)
+    tables = {"main": results_table(r, params, flops), "diito": diito_table(r), "curves": curves_table(r),
+              "untrained": untrained_table(r), "tuning": tuning_table(r, stages["tuning"]), "ablation": ablation_table(r)}
     sentence = verdict(r)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
@@ -211,11 +348,12 @@ def write_report(q, stages: dict, runs: dict, evals: dict, alignment: dict) -> d
                        [(a, q.labels[a], list(r.ppl[a].values())) for a in MAIN_ROWS if a in r.arms],
                        init_mean, teacher_mean, r.ref["random"]["perplexity"][1], vocab,
                        "masked-LM" if q.lm == "mlm" else "causal-LM", plt)
-    qp.plot_ablation(plots / "ablation.png",
-                     [(r.arms[a].label,
-                       [v for k, v in r.ppl[a].items() if k[0] == 1])
-                      for a in q.ablation_table_arms() if a in r.arms] if abl else [],
-                     init_mean, teacher_mean, plt)
+    qp.plot_curves(plots / "curves.png", {a: [(x, y, e) for x, y, e, _ in pts] for a, pts in r.curves.items()},
+                   q.labels, plt)
+    if tables["ablation"]:
+        qp.plot_ablation(plots / "ablation.png",
+                         [(r.arms[a].label, [v for k, v in r.ppl[a].items() if k[0] == 1])
+                          for a in q.ablation_table_arms() if a in r.arms], r.init_validation, None, plt)
     qp.plot_losses(plots / "training_losses.png", out, runs, [a for a in MAIN_ROWS if a in r.arms], q.labels, q.lm,
                    q.seeds[0], plt)
     first = q.seeds[0]
@@ -227,48 +365,54 @@ def write_report(q, stages: dict, runs: dict, evals: dict, alignment: dict) -> d
     machine, stage_rows, stage_seconds = _stage_times(q, stages, runs, evals, alignment)
     corpus = stages["corpus"]
 
-    atomic_write_text(out / "report.md", report_markdown(q, r, machine, table, abl, sentence, corpus, vocab, flops,
-                                                         stages, stage_rows, sum(stage_seconds.values())))
-    atomic_write_text(out / "report_table.md", table + ("\n" + abl if abl else ""))
-    summary = _summary(q, r, stages, params, flops, vocab, sentence, stage_seconds)
+    atomic_write_text(out / "report.md", report_markdown(q, r, machine, tables, sentence, corpus, vocab, flops,
+                                                         stages, stage_rows, sum(stage_seconds.values()), env))
+    atomic_write_text(out / "report_table.md", "\n".join(t for t in tables.values() if t))
+    summary = _summary(q, r, stages, params, flops, vocab, sentence, stage_seconds, env)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-def _summary(q, r: Results, stages, params, flops, vocab, sentence, stage_seconds) -> dict:
+def _summary(q, r: Results, stages, params, flops, vocab, sentence, stage_seconds, env) -> dict:
     n_t = len(r.teachers)
 
     def keyed(d):
         return {key_text(k, n_t): v for k, v in d.items()}
 
     def comparison(c: Comparison) -> dict:
-        return {"diff": c.diff, "ci95": [c.lo, c.hi], "p": c.p, "spread": c.spread, "n": c.n, "result": c.result}
+        return {"diff": c.diff, "ci95": [c.lo, c.hi], "p": c.p, "p_holm": c.p_holm, "unit": c.unit, "n": c.n,
+                "p_per_seed": c.p_seed, "pairs": c.pairs, "spread": c.spread, "result": c.result}
 
+    choice = {k: v for k, v in stages["tuning"].items() if k != "arms"}
     summary = {
         "preset": q.args.preset, "family": q.family, "seeds": q.seeds, "teachers": n_t, "vocab_size": vocab,
-        "verdict": sentence, "test": TEST_NAME,
+        "verdict": sentence, "test": TEST_NAME, "environment": env, "tuning": choice,
         "corpus": {k: stages["corpus"].get(k) for k in ("origin", "versions", "corpus_sha256", "train_documents",
-                                                        "heldout_documents")},
+                                                        "validation_documents", "test_documents")},
         "teacher": {"perplexity": mean_std(list(r.teacher_ppl.values()))[0],
                     "per_teacher": {str(k): v for k, v in r.teacher_ppl.items()}, "parameters": params["teacher"],
                     "train_seconds": stages["teacher"]["train_seconds"], "steps": stages["teacher"]["steps"]},
     }
     for ref, name in (("init", "student_init"), ("random", "random_student")):
         summary[name] = {field: {str(k): v for k, v in values.items()} for field, values in r.ref[ref].items()}
+    summary["student_init"]["validation_perplexity"] = r.init_validation
     for a in r.arms:
         ppl = list(r.ppl[a].values())
         summary[a] = {
             "perplexity": keyed(r.ppl[a]), "mean": mean_std(ppl)[0], "std": mean_std(ppl)[1],
+            "split": "test" if r.arms[a].main else "validation",
             "objective": r.arms[a].objective(q.lm), "main": r.arms[a].main,
             "learning_rate": learning_rate(r.arms[a], q.preset),
-            "vs_init_perplexity": comparison(r.vs_init(a, "perplexity")),
             "parameters": params["student"], "train_seconds": keyed(r.seconds[a]), "steps": r.steps[a]}
         if r.arms[a].main:
             summary[a].update({"iia": keyed(r.iia[a]), "effective_iia": keyed(r.eff[a]),
-                               "base_agreement": keyed(r.base[a]), "vs_init_iia": comparison(r.vs_init(a, "iia"))})
-    summary["diito_against"] = {other: {m: comparison(r.between("diito", other, m)) for m in ("perplexity", "iia")}
-                                for other in ("standard", "standard_eqc")}
-    summary["flops_per_step"] = {k: flops[k] for k in ("standard", "diito", "ratio")}
+                               "base_agreement": keyed(r.base[a]),
+                               "untrained_site": {f: keyed(v) for f, v in r.untrained[a].items() if v}})
+    summary["comparisons"] = {name: comparison(c) for name, c in r.comparisons.items()}
+    summary["curves"] = {a: [{"step": st, "tflop": x, "perplexity": y, "effective_iia": e} for x, y, e, st in pts]
+                         for a, pts in r.curves.items()}
+    summary["flops_per_step"] = {k: v for k, v in flops.items() if k not in ("key", "settings", "seconds", "finished",
+                                                                           "files", "name")}
     summary["stage_seconds"] = stage_seconds
     return summary
 
@@ -286,14 +430,14 @@ def _stage_times(q, stages: dict, runs: dict, evals: dict, alignment: dict):
     """(the machine in words, the rows of the stage-time table, the stages' seconds by name)."""
     groups = (("", stages), ("students: ", runs), ("evaluation: ", evals), ("alignment: ", alignment))
     stage_rows = [f"| {prefix}{k} | {format_seconds(v['seconds'])} | {v['finished']} |"
-                  for prefix, records in groups for k, v in records.items()]
+                  for prefix, records in groups for k, v in records.items() if "seconds" in v and "same_as" not in v]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     machine = (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
                + ("GPU preset (--n_gpu 1 --bf16)" if q.preset.gpu else f"CPU only, {q.args.threads} thread(s) per process")
                + f", Python {platform.python_version()}, {_versions()}"
                + (f"; load average {load:.1f} when the report was written" if load is not None else ""))
-    stage_seconds = {k: v["seconds"] for k, v in stages.items()}
+    stage_seconds = {k: v["seconds"] for k, v in stages.items() if "seconds" in v}
     for group, records in (("students", runs), ("eval", evals), ("iia", alignment)):
-        stage_seconds.update({f"{group}/{k}": v["seconds"] for k, v in records.items()})
+        stage_seconds.update({f"{group}/{k}": v["seconds"] for k, v in records.items() if "same_as" not in v})
     return machine, stage_rows, stage_seconds
 

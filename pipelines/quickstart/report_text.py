@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from pipelines.quickstart.arms import DIITO_WEIGHT, NAMES, SEED_SMOOTHING
+from pipelines.quickstart.arms import NAMES, SEED_SMOOTHING
 from pipelines.quickstart.stats import TEST_NAME
 from pipelines.stages import format_seconds
 
@@ -11,119 +11,163 @@ from pipelines.stages import format_seconds
 def _evaluation_text(q, corpus: dict, vocab: int, evals_blocks) -> str:
     p = q.preset
     if q.lm == "mlm":
-        return (f"Held-out perplexity is `run_mlm.py --do_eval` on {corpus['heldout_documents']} held-out paragraphs "
-                f"({corpus['heldout_words']} words), one sequence per paragraph truncated to {p.max_seq_length} tokens, "
-                f"15% of tokens masked uniformly with the same `--eval_mask_seed` for every model. Chance is the "
+        return (f"Test perplexity is `run_mlm.py --do_eval` on the {corpus['test_documents']} paragraphs of the test "
+                f"part ({corpus['test_words']} words), one sequence per paragraph truncated to {p.max_seq_length} "
+                f"tokens, 15% of tokens masked uniformly with the same `--eval_mask_seed` for every model. Chance is the "
                 f"vocabulary size, {vocab}.")
-    return (f"Held-out perplexity is `run_clm.py --do_eval` on {corpus['heldout_documents']} held-out paragraphs "
-            f"({corpus['heldout_words']} words), each closed with EOS, concatenated and cut into fixed blocks of "
+    return (f"Test perplexity is `run_clm.py --do_eval` on the {corpus['test_documents']} paragraphs of the test part "
+            f"({corpus['test_words']} words), each closed with EOS, concatenated and cut into fixed blocks of "
             f"{p.max_seq_length} tokens ({evals_blocks} blocks), the same for every model: exp of the mean next-token "
             f"cross-entropy. Chance is the vocabulary size, {vocab}.")
 
 
-def _ablation_section(q, r, abl: str) -> str:
-    """The ablation's section: its table and how to read it, or a line saying it was not run."""
+def _tuning_section(q, r, tables: dict, choice: dict) -> str:
+    """The tuning and ablation section (validation part)."""
     p = q.preset
-    return (f"""## Ablation
-
-{abl}
-One run per seed with the first teacher, {r.steps['standard']} steps each, the same data, initialisation and
-evaluation as the main arms; "against the initialisation" is the {TEST_NAME} of the change (p < 0.05 and beyond
-the seeds' spread to count). Each loss term alone and the seed's combination run at the ablation's learning rate
-({p.ablation_lr:g}), and so does the default objective once more: against the default recipe (the same objective at
-{p.student_lr:g}) that row shows how the default rate was chosen. The seed's recipe runs at its own rate
-({p.seed_lr:g}).""" + (f""" `smoothing` is `--mlm_smoothing`:
-masked positions are drawn with weight count^-smoothing, so with {SEED_SMOOTHING:g} (the seed's, the original's and HF
-DistilBERT's) rare tokens are masked far more often than they occur, while held-out evaluation masks uniformly;
-with 0 every token is equally likely (docs/differences.md)."""if q.lm == 'mlm' else "") + """
+    if tables["tuning"]:
+        tuning = f"""{tables['tuning']}
+First teacher, every seed, {r.steps['standard']} steps, read on the validation part (never on the test part). The
+standard objective's learning rate is chosen first ({len(p.tune_lrs)} tries), then DIITO's causal_ce weight at that
+rate ({len(p.tune_weights)} tries): the same budget for each, by the lowest mean validation perplexity. Chosen:
+learning rate {choice['lr']:g}, DIITO's weight {choice['weight']:g}. The main runs of the first teacher at the chosen
+values are these runs (the same command), evaluated on the test part.
+"""
+    else:
+        tuning = (f"Not run (`--no_tuning`): learning rate {choice['lr']:g} and DIITO's weight {choice['weight']:g}, "
+                  f"untuned.\n")
+    if tables["ablation"]:
+        ablation = f"""{tables['ablation']}
+One run per seed with the first teacher, {r.steps['standard']} steps each, the same data and initialisation as the
+main arms, read on the validation part against the initialisation's validation perplexity; "against the
+initialisation" is the {TEST_NAME} of the change (p < 0.05 and beyond the seeds' spread to count; these rows are
+not in the Holm correction: they describe the objectives, they are not the report's claims). Each loss term alone
+and the seed's combination run at the ablation's learning rate ({p.ablation_lr:g}); the seed's recipe at its own
+({p.seed_lr:g}).""" + (f""" `smoothing` is `--mlm_smoothing`: masked positions are drawn with weight
+count^-smoothing, so with {SEED_SMOOTHING:g} (the seed's, the original's and HF DistilBERT's) rare tokens are masked
+far more often than they occur, while evaluation masks uniformly; with 0 every token is equally likely
+(docs/differences.md).""" if q.lm == 'mlm' else "") + """
 
 ![ablation](plots/ablation.png)
-""") if abl else "## Ablation\n\nNot run (`--no_ablation`).\n"
+"""
+    else:
+        ablation = "The ablation was not run (`--no_ablation`, or a preset without it).\n"
+    return f"## Tuning and ablation (validation part)\n\n{tuning}\n{ablation}"
 
 
-def _method_notes(q, r, corpus: dict, vocab: int, flops: dict, mapping, covers: str) -> str:
+def _method_notes(q, r, corpus: dict, vocab: int, flops: dict, mapping, covers: str, choice: dict) -> str:
     """The bullets under the result: how each figure is measured and what its ± covers."""
-    p, lm, n_t, default, arms = q.preset, q.lm, len(r.teachers), q.arms["standard"], q.arms
+    p, lm, n_t, arms = q.preset, q.lm, len(r.teachers), q.arms
+    wrong = q.misaligned_layers
     return f"""- {_evaluation_text(q, corpus, vocab, r.q.eval_blocks)}
-- IIA is `run_iia.py` on the same held-out paragraphs with DIITO's mapping (`student_init/diito.nm`), pooled over
-  its entries: the share of evaluated positions where the student's prediction after an interchange intervention
-  (student block i's output at 30% of the positions, a consecutive span, taken from another paragraph) equals the
-  teacher's after the same intervention on teacher block {mapping} (in order), on {p.iia_pairs} pairs. Effective
-  IIA counts only the positions where the intervention changed the teacher's own prediction; base agreement is the
-  share of positions where the two agree with no intervention, the yardstick IIA is read against. The maps are
-  identity slices (student block i's whole output stands for teacher block j's), not learned: a learned
-  non-linear map reaches about 100% IIA even on random models (docs/iia.md), which would make IIA meaningless.
+- Effective IIA, the headline alignment figure, is `run_iia.py` on the test part with DIITO's mapping
+  (`student_init/diito.nm`) on {p.iia_pairs} pairs: among the positions where an interchange intervention (student
+  block i's output at 30% of the positions, a consecutive span, taken from another paragraph) changed the
+  teacher's own prediction (teacher block {mapping}, in order), the share where the student's prediction after the
+  same intervention equals the teacher's. IIA counts every position, so it is mostly base agreement (the share of
+  positions where the two agree with no intervention), shown beside it. The maps are identity slices, not learned:
+  a learned non-linear map reaches about 100% IIA even on random models (docs/iia.md).
+- IIA at sites DIITO did not train on: the same measure with the misaligned mapping (student block i against
+  teacher block {wrong}), which only the misaligned control trained on.
 - The student at initialisation is the student every run starts from (the teacher's blocks {mapping},
-  `student_init/model`), not trained; the random student has the same shape and random weights. The change from
-  the initialisation is each run minus the initialisation of its teacher, with a 95% Student-t interval.
-- Standard distillation (the default recipe): `{default.objective(lm)}`, learning rate {p.student_lr:g}. DIITO adds
-  `causal_ce {DIITO_WEIGHT:g}` with the mapping above. The seed's recipe: `{arms['seed_standard'].objective(lm)}`,
-  learning rate {p.seed_lr:g} (the quickstart's recipe until issue 20). All start from the same extracted
-  student with the same seeds and batches of {p.student_batch} sequences.
+  `student_init/model`), not trained; the random student has the same shape and random weights.
+- Standard distillation: `{arms['standard'].objective(lm)}`, learning rate {choice['lr']:g}; DIITO adds
+  `causal_ce {choice['weight']:g}` with the mapping above (both tuned on the validation part, below). Controls, with
+  DIITO's initialisation, data and steps: weight-matched (`{arms['ctl_weight'].objective(lm)}`), source-KD (the
+  standard objective on the base and the source sequences a DIITO step draws, `--source_kd`), misaligned (DIITO
+  with the misaligned mapping). The seed's recipe: `{arms['seed_standard'].objective(lm)}`, learning rate
+  {p.seed_lr:g}. Batches of {p.student_batch} sequences.
 - Equal compute: `scripts/count_step_flops.py` counts the FLOPs of the first training steps of each objective
   (every matmul, forward and backward): {flops['standard'] / 1e9:.3g} GFLOP per standard step,
   {flops['diito'] / 1e9:.3g} per DIITO step, a ratio of {flops['ratio']:.2f}. The equal-compute arm runs
   {r.steps['standard_eqc']} standard steps, the compute of a DIITO run; its learning-rate schedule spans its own
-  steps. Counted FLOPs, not wall time, so that the same command gives the same numbers.
-- Verdicts are two-sided and noise-aware: {TEST_NAME} (runs with the same teacher and seed are paired); a
-  difference counts only with p < 0.05 and when it exceeds the seeds' spread (the larger standard deviation over seeds within a teacher);
-  otherwise "no clear difference".
+  steps. The curves below show both arms along the way.
+- Verdicts: {TEST_NAME}, runs with the same teacher and seed paired; Holm's correction over the
+  {len(r.comparisons)} comparisons of the tables above; a difference counts only with a corrected p < 0.05 and when
+  it exceeds the seeds' spread (the larger standard deviation over seeds within a teacher); otherwise "no clear
+  difference". {'With one teacher the claims are about this teacher only.' if n_t == 1 else ''}
 - ± is the sample standard deviation over {covers}. It does not cover what is fixed in a run: the corpus and its
-  split, the tokenizer and the held-out masking{' and the teacher' if n_t == 1 else ''} are the same for every
-  student, so it says nothing of how the comparison moves with another tokenizer or corpus.
-- The same command gives the same numbers: every stage is seeded and reproducible on the CPU.
+  split, the tokenizer and the evaluation masking{' and the teacher' if n_t == 1 else ''} are the same for every
+  student.
 """
 
 
-def _setup_section(q, corpus: dict, vocab: int, stages: dict, mapping, n_t: int) -> str:
-    """The set-up: corpus, tokenizer, teachers and students."""
-    p, versions = q.preset, corpus.get("versions") or {}
+def _environment_lines(env: dict) -> str:
+    packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items())
+    pins = ", ".join(f"{k}={v}" for k, v in env["pinned"].items()) or "none"
+    return (f"- Environment: Python {env['python']}, {packages}; CPU {env['cpu']} ({env['machine']}), PyTorch kernels "
+            f"{env['kernels']} (pinned: {pins}).")
+
+
+def _setup_section(q, corpus: dict, vocab: int, stages: dict, mapping, n_t: int, env: dict) -> str:
+    """The set-up: corpus, tokenizer, teachers, students and the environment."""
+    p = q.preset
     return f"""## Set-up
 
-- Corpus: {corpus['origin']}. Train part: {corpus['train_documents']} paragraphs ({corpus['train_words']} words);
-  held-out part: {corpus['heldout_documents']} paragraphs ({corpus['heldout_words']} words); split by document
-  (a module, topic or package file is wholly in one part), no paragraph in both.
-  Versions: {', '.join(f'{k} {v}' for k, v in versions.items()) or 'your --text files'}.
+- Corpus: {corpus['origin']}. Split by document (a module, topic or package file is wholly in one part), no
+  paragraph in two parts: train {corpus['train_documents']} paragraphs ({corpus['train_words']} words), validation
+  {corpus['validation_documents']} ({corpus['validation_words']} words), test {corpus['test_documents']}
+  ({corpus['test_words']} words).
 - Tokenizer: {vocab} entries ({'--tokenizer ' + q.args.tokenizer if q.args.tokenizer else q.tokenizer_title()}).
 - Teacher{'s' if n_t > 1 else ''}: {NAMES[q.family]}, {p.teacher_layers} layers, hidden {p.hidden}, {p.heads} heads,
   FFN {p.ffn}, {stages['teacher']['steps']} steps of {p.teacher_batch} sequences, learning rate {p.teacher_lr}
   {f'({n_t} teachers, seeds ' + ', '.join(str(stages[t]['seed']) for t in stages if t.startswith('teacher')) + ')' if n_t > 1 else ''}.
 - Students: {p.student_layers} layer(s) of the same width, initialised from teacher blocks {mapping}
   (`{q.extract_script}`).
+{_environment_lines(env)}
 - Every command is in `commands.sh`, its output in `logs/`.
 """
 
 
-def report_markdown(q, r, machine: str, table: str, abl: str, sentence: str, corpus: dict, vocab: int, flops: dict,
-                    stages: dict, stage_rows: list[str], total: float) -> str:
+def report_markdown(q, r, machine: str, tables: dict, sentence: str, corpus: dict, vocab: int, flops: dict,
+                    stages: dict, stage_rows: list[str], total: float, env: dict) -> str:
     """The text of report.md."""
     seeds = q.seeds
     n_t = len(r.teachers)
     mapping = stages["student_init"]["teacher_layers"]
+    q.misaligned_layers = stages["student_init"].get("misaligned_layers")
+    choice = stages["tuning"]
     covers = (f"seeds {', '.join(map(str, seeds))} of the students" if n_t == 1 else
               f"{n_t} teachers (seeds {', '.join(str(stages[t]['seed']) for t in stages if t.startswith('teacher'))}) "
               f"x seeds {', '.join(map(str, seeds))} of the students")
+    warnings = "".join(f"> **Warning**: {w}: the numbers may differ from the documented ones.\n"
+                       for w in env["warnings"])
     return f"""# Quickstart report ({NAMES[q.family]})
 
 {dt.date.today().isoformat()}, preset `{q.args.preset}`, `--family {q.family}`, {machine}.
 
-## Result
+{warnings}## Verdict
 
-{table}
 {sentence}
 
-{_method_notes(q, r, corpus, vocab, flops, mapping, covers)}
-![held-out perplexity](plots/heldout_perplexity.png)
+## Result (test part)
 
+{tables['main']}
+{_method_notes(q, r, corpus, vocab, flops, mapping, covers, choice)}
+![test perplexity](plots/heldout_perplexity.png)
+
+## DIITO against standard distillation and its controls
+
+{tables['diito']}
+The per-seed view is the paired t-test over every (teacher, seed) pair, without the correction: with several
+teachers it treats seeds of one teacher as independent, which they are not, so the verdict does not use it.
+
+## Learning curves (first teacher, mean over seeds)
+
+{tables['curves']}
+![learning curves](plots/curves.png)
+
+## Alignment at sites DIITO did not train on
+
+{tables['untrained']}
 ![alignment heatmaps](plots/iia_heatmaps.png)
 
 IIA of every (teacher block, student block) pair of full-width sites (`run_iia.py --sweep`): the student at
 initialisation and seed {seeds[0]}'s standard and DIITO students.
 
-{_ablation_section(q, r, abl)}
+{_tuning_section(q, r, tables, choice)}
 ![training losses](plots/training_losses.png)
 
-{_setup_section(q, corpus, vocab, stages, mapping, n_t)}
+{_setup_section(q, corpus, vocab, stages, mapping, n_t, env)}
 ## Time per stage
 
 Wall times on the machine above; when it is shared with other jobs (see its load average) they are inflated.

@@ -1,47 +1,61 @@
 """Noise-aware comparisons for the quickstart's report.
 
 Two sets of runs are compared pair by pair: runs that share a teacher and a seed (the same data
-order, masks and interchange positions) form a pair. A difference counts only when both hold:
+order, masks and interchange positions) form a pair. The unit of the test is the teacher when there
+are several: a claim about the method at this scale is a claim over teachers, and the seeds of one
+teacher share it, so they are not independent evidence. Then the test is a one-sample t-test of the
+per-teacher means of the paired differences (n = teachers); with one teacher it is the paired t-test
+over seeds (n = seeds), and the claim is about that teacher only. The test over every pair (the
+per-seed view) is kept as a secondary figure.
 
-- it is significant in a two-sided paired t-test over the pairs (p < ALPHA; scipy.stats.ttest_rel),
+A difference counts only when all of these hold:
+
+- it is significant after Holm's correction over the report's comparisons (`holm`; adjusted p < ALPHA),
 - it is larger than the seeds' spread: the larger of the two sets' standard deviations over seeds
-  *within a teacher* (pooled over teachers). With several teachers the spread between teachers is
-  not noise of the comparison: the pairs share their teacher, so it cancels in the differences,
-  and counting it would hide a difference that every pair shows.
+  *within a teacher* (pooled over teachers). The spread between teachers is not noise of the
+  comparison: the pairs share their teacher, so it cancels in the differences.
 
-Otherwise the verdict is "no clear difference": with one seed nothing can be told, and a
-difference within the spread is not claimed even when it is consistent. The 95% interval of the
-mean difference is Student's t over the pairs. Against the student at initialisation (one model per
-teacher) the same test is a one-sample t-test of the differences.
+Otherwise the verdict is "no clear difference": with one seed (and one teacher) nothing can be
+told, and a difference within the spread is not claimed even when it is consistent. The 95%
+interval of the mean difference is Student's t over the units. Against the student at
+initialisation (one model per teacher) the same test is made on the differences from it.
 """
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ALPHA = 0.05
-TEST_NAME = "two-sided paired t-test over seeds"
+TEST_NAME = "two-sided t-test over teachers (per-teacher means of paired differences; over seeds with one teacher)"
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """`a` against `b` over their common pairs; `diff` = mean(a - b)."""
+    """`a` against `b` over their common pairs; `diff` = mean(a - b) over the units (teachers, or seeds)."""
 
-    n: int
+    n: int  # units: teachers (several teachers) or seeds (one teacher)
     mean_a: float
     mean_b: float
     diff: float
-    lo: float | None  # 95% interval of the mean difference (None with one pair)
+    lo: float | None  # 95% interval of the mean difference (None with one unit)
     hi: float | None
-    p: float | None  # two-sided paired t-test (None with one pair)
+    p: float | None  # two-sided t-test over the units (None with one unit)
     spread: float | None  # the larger within-teacher standard deviation over seeds of the two sets
     wins: int  # pairs where a is better
     lower_is_better: bool
+    unit: str = "seed"  # "teacher" or "seed"
+    pairs: int = 0  # (teacher, seed) pairs
+    p_seed: float | None = None  # the paired t-test over every pair (the per-seed view; secondary)
+    p_holm: float | None = None  # p after Holm's correction over the report's comparisons (`holm`)
+
+    @property
+    def p_used(self) -> float | None:
+        return self.p_holm if self.p_holm is not None else self.p
 
     @property
     def clear(self) -> bool:
-        return (self.p is not None and self.p < ALPHA and self.spread is not None
+        return (self.p_used is not None and self.p_used < ALPHA and self.spread is not None
                 and abs(self.diff) > self.spread)
 
     @property
@@ -52,17 +66,24 @@ class Comparison:
         return "better" if (self.diff < 0) == self.lower_is_better else "worse"
 
     def interval(self, fmt: str = "{:+.2f}", scale: float = 1.0) -> str:
-        """`+1.23 [0.50, 1.96]` (the change and its 95% interval), or the change alone with one pair."""
+        """`+1.23 [0.50, 1.96]` (the change and its 95% interval), or the change alone with one unit."""
         text = fmt.format(self.diff * scale)
         if self.lo is None:
-            return text + " (one seed: no interval)"
+            return text + f" (one {self.unit}: no interval)"
         return text + f" [{fmt.format(self.lo * scale)}, {fmt.format(self.hi * scale)}]"
 
     def evidence(self) -> str:
-        """`p = 0.012, spread 1.3` or why no test was made."""
+        """`p = 0.012, Holm 0.048, 5 teachers` or why no test was made."""
         if self.p is None:
-            return "one seed: no test"
-        return f"p = {self.p:.3g}"
+            return f"one {self.unit}: no test"
+        text = f"p = {self.p:.3g}"
+        if self.p_holm is not None:
+            text += f", Holm {self.p_holm:.3g}"
+        return text + f", {self.n} {self.unit}s"
+
+    def per_seed(self) -> str:
+        """The secondary view: the paired t-test over every (teacher, seed) pair."""
+        return "-" if self.p_seed is None else f"p = {self.p_seed:.3g} over {self.pairs} pairs"
 
 
 def _sd(values: list[float]) -> float:
@@ -100,25 +121,47 @@ def paired_p(diffs: list[float]) -> float:
     return float(2 * t.sf(abs(stat), len(diffs) - 1))
 
 
+def _unit_values(diffs: dict) -> tuple[str, list[float]]:
+    """("teacher", per-teacher means) when the keys (teacher, seed) name several teachers, else ("seed", diffs)."""
+    groups: dict = {}
+    for key, d in diffs.items():
+        groups.setdefault(key[0] if isinstance(key, tuple) else None, []).append(d)
+    if len(groups) > 1:
+        return "teacher", [statistics.fmean(g) for g in groups.values()]
+    return "seed", list(diffs.values())
+
+
 def compare(a: dict, b: dict, lower_is_better: bool) -> Comparison:
     """`a` against `b`, paired by key (a key of `a` missing from `b` is an error)."""
     keys = sorted(a)
     missing = [k for k in keys if k not in b]
     if missing or not keys:
         raise ValueError(f"nothing to pair for keys {missing or keys}")
-    xa, xb = [a[k] for k in keys], [b[k] for k in keys]
-    diffs = [x - y for x, y in zip(xa, xb)]
-    n = len(diffs)
-    diff = statistics.fmean(diffs)
+    diffs = {k: a[k] - b[k] for k in keys}
+    unit, units = _unit_values(diffs)
+    n = len(units)
     better = (lambda d: d < 0) if lower_is_better else (lambda d: d > 0)
-    wins = sum(better(d) for d in diffs)
+    wins = sum(better(d) for d in diffs.values())
+    mean_a, mean_b = statistics.fmean(a[k] for k in keys), statistics.fmean(b[k] for k in keys)
+    p_seed = paired_p(list(diffs.values())) if len(diffs) > 1 else None
+    diff = statistics.fmean(units)
     if n < 2:
-        return Comparison(n, statistics.fmean(xa), statistics.fmean(xb), diff, None, None, None, None, wins,
-                          lower_is_better)
-    half = t_quantile(n - 1) * _sd(diffs) / math.sqrt(n)
+        return Comparison(n, mean_a, mean_b, diff, None, None, None, None, wins, lower_is_better, unit, len(diffs),
+                          p_seed if unit == "teacher" else None)
+    half = t_quantile(n - 1) * _sd(units) / math.sqrt(n)
     spreads = [s for s in (seed_spread(a), seed_spread({k: b[k] for k in keys})) if s is not None]
-    return Comparison(n, statistics.fmean(xa), statistics.fmean(xb), diff, diff - half, diff + half,
-                      paired_p(diffs), max(spreads) if spreads else None, wins, lower_is_better)
+    return Comparison(n, mean_a, mean_b, diff, diff - half, diff + half, paired_p(units),
+                      max(spreads) if spreads else None, wins, lower_is_better, unit, len(diffs), p_seed)
+
+
+def holm(comparisons: dict) -> dict:
+    """The comparisons (by name) with `p_holm`: Holm's step-down adjustment over those that have a p."""
+    tested = sorted((c.p, name) for name, c in comparisons.items() if c.p is not None)
+    m, running, out = len(tested), 0.0, dict(comparisons)
+    for i, (p, name) in enumerate(tested):
+        running = max(running, min(1.0, (m - i) * p))
+        out[name] = replace(comparisons[name], p_holm=running)
+    return out
 
 
 def against_reference(a: dict, reference: dict, lower_is_better: bool) -> Comparison:
