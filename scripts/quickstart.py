@@ -55,6 +55,7 @@ from pathlib import Path
 
 from pipelines.quickstart import clm
 from pipelines.quickstart.mlm import MlmQuickstart
+from pipelines.quickstart.environment import PINNED_KERNELS
 from pipelines.quickstart.pipeline import PRESETS, QUICKSTART_ENV, read_text_files, split_corpus
 from pipelines.stages import Interrupted, StageFailed, check_inputs_outside, check_out, lock_out
 from atomic_files import atomic_write_text
@@ -106,6 +107,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no_tuning", action="store_true",
                         help="Skip the tuning on the validation part: standard distillation at the preset's learning "
                              "rate, DIITO at causal_ce 0.25. The report then says the recipes were not tuned.")
+    parser.add_argument("--cpu_kernels", choices=("pinned", "native"), default="pinned",
+                        help="pinned (default): PyTorch's and MKL's CPU kernels at their AVX2 level on x86-64, so that "
+                             "any x86-64 CPU with AVX2 gives the same numbers (pipelines/quickstart/environment.py); "
+                             "native: the CPU's own fastest code paths (AVX-512 where it has it): the numbers then "
+                             "depend on the CPU kind (docs/quickstart.md measures by how much).")
     parser.add_argument("--no_preload", action="store_true",
                         help="Start every command as a fresh `python` process. By default commands are forked from "
                              "a server that imported torch and transformers once (pipelines/launcher.py), which saves "
@@ -178,6 +184,9 @@ def made_by_an_older_quickstart(out: Path) -> bool:
 def run(args, preset, user_docs) -> dict:
     """The quickstart of --family, stopping cleanly on SIGTERM or Ctrl-C (exit 128 + the signal)."""
     os.environ.update(QUICKSTART_ENV)
+    if args.cpu_kernels == "native":
+        for name in PINNED_KERNELS:
+            os.environ.pop(name, None)
 
     def stop(signum, frame):  # SIGTERM (docker stop, Slurm): stop the running command as Ctrl-C does
         raise Interrupted(signum)

@@ -94,4 +94,5 @@ def environment(env: dict[str, str]) -> dict:
     return {"python": platform.python_version(), "packages": installed, "cpu": cpu_name(),
             "machine": platform.machine(), "kernels": kernel_level(env), "pinned": pinned,
             "warnings": version_warnings(installed, documented)
-            + ([] if pinned or not kernel_env() else ["the CPU kernels are not pinned (PINNED_KERNELS)"])}
+            + ([] if pinned or not kernel_env() else
+               ["the CPU kernels are the CPU's own (--cpu_kernels native), not the pinned AVX2 ones"])}

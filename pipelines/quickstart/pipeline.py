@@ -24,7 +24,7 @@ from pathlib import Path
 from doc_corpus import CorpusError, shipped_corpus
 from pipelines.launcher import Command
 from pipelines.quickstart.arms import teacher_name
-from pipelines.quickstart.environment import kernel_env
+from pipelines.quickstart.environment import PINNED_KERNELS, kernel_env
 from pipelines.stages import CHILD_ENV, OFFLINE_ENV, StageFailed, fingerprint, format_seconds
 from atomic_files import atomic_write_text
 from utils import CliError, REPO_ROOT
@@ -226,8 +226,9 @@ class Pipeline:
     """Runs stages and commands, skipping what a matching `.done` marker says is finished."""
 
     def __init__(self, out: Path, force: bool, env: dict[str, str], jobs: int = 1, preload: bool = True,
-                 inputs: tuple[Path, ...] = ()):
+                 inputs: tuple[Path, ...] = (), salt: dict | None = None):
         self.out = out
+        self.salt = salt or {}  # joins every stage's key (outputs made otherwise are not "done")
         self.inputs = [Path(p).resolve() for p in inputs]  # the user's files: never inside what `clear` removes
         self.preload = preload  # fork commands from a server that imported torch once (pipelines/launcher.py)
         self.force = force
@@ -258,7 +259,7 @@ class Pipeline:
         The folder is emptied first, so no output of an older run survives into the new one.
         Returns the marker: the key, the settings, the seconds the work took and what it returned.
         """
-        key = fingerprint(settings)
+        key = fingerprint({**settings, **self.salt} if self.salt else settings)
         marker = self.complete(folder, key, outputs)
         if marker is not None:
             print(f"  {name}: done already ({format_seconds(marker['seconds'])} on {marker['finished']}); skipping",
@@ -396,10 +397,15 @@ class Quickstart:
         self.out = Path(args.out).resolve()
         self.seeds = list(range(1, (args.seeds or preset.seeds) + 1))
         env = dict(os.environ, **QUICKSTART_ENV)
+        native = getattr(args, "cpu_kernels", "pinned") == "native"
+        if native:  # the CPU's own code paths: another CPU kind gives other numbers
+            for name in PINNED_KERNELS:
+                env.pop(name, None)
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
         inputs = [*(args.text or ()), *([args.tokenizer] if args.tokenizer and Path(args.tokenizer).exists() else [])]
         self.pipe = Pipeline(self.out, args.force, env, getattr(args, "jobs", 1),
-                             preload=not getattr(args, "no_preload", False), inputs=inputs)
+                             preload=not getattr(args, "no_preload", False), inputs=inputs,
+                             salt={"cpu_kernels": "native"} if native else {})
         self.device_args = ["--n_gpu", "1", "--bf16"] if preset.gpu else ["--n_gpu", "0"]
         self.trainer_device_args = ["--bf16"] if preset.gpu else ["--use_cpu", "--no_dataloader_pin_memory"]
 
