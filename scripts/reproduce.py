@@ -2,7 +2,7 @@
 """The paper's tables in one command: distil, fine-tune, evaluate and tabulate the rows of
 training_configs/paper/ through the project's own scripts, as a user would run them by hand.
 
-    python scripts/reproduce.py --list                                   # the rows, with the paper's numbers
+    python scripts/reproduce.py --list                                   # the rows, with the original README's numbers
     python scripts/reproduce.py --rows distilbert-6L-0.1B,diito-6L-0.1B --seeds 3 --out repro --dry_run
     python scripts/reproduce.py --rows distilbert-6L-0.1B,diito-6L-0.1B --seeds 3 --out repro
     python scripts/reproduce.py --preset tiny --rows distilbert-6L-0.1B,diito-6L-0.1B --seeds 2 --out /tmp/tiny
@@ -19,7 +19,7 @@ in OUT/logs/):
               run_qa.py (SQuAD v1.1), run_mlm.py (WikiText-103 perplexity), run_iia.py (IIA), each
               with its own seed; --jobs N runs N at once (one GPU each)
   tables      OUT/paper_tables.md (and .json, plots/): the paper's tables, mean +- std over seeds
-              with the per-seed values, the paper's numbers beside them, the compute used
+              with the per-seed values, the original README's numbers beside them, the compute used
 
 Every stage is resumable: a stage records what it ran with in OUT/state/ once it has finished, and
 a re-run skips every stage whose record matches; an interrupted distillation continues from its
@@ -279,7 +279,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
            "s+2000, ...); a student's score is their mean.")
     a("--dry_run", action="store_true", help="Print every command (marked done / to run / resume) and the compute "
                                              "estimate; run and write nothing.")
-    a("--list", action="store_true", help="Print the rows with the paper's published numbers, and exit.")
+    a("--list", action="store_true", help="Print the rows with their published numbers (the original README's table), and exit.")
     a("--gpus", type=int, default=None, help="GPUs to use (default: every GPU torch sees; 0: the CPU). Distillation "
                                             "runs under torchrun over all of them.")
     a("--jobs", type=int, default=None, help="Fine-tuning runs at once (default: one per GPU, 1 on the CPU); each gets "

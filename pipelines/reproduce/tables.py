@@ -218,8 +218,9 @@ def markdown(plan, data: dict) -> str:
                   "few steps of every stage). These numbers show that every stage of the chain runs; they say "
                   "nothing about the paper's results.", ""]
     lines += ["How to read: *ours* is the mean ± the sample standard deviation over the seeds (the values of each "
-              "seed are in the table beneath); *paper* is the published number (the row config's `published`, "
-              "with its source); *difference* is ours − paper. (-) is missing: a task not run, not finished for "
+              "seed are in the table beneath); *original README* is the published number (the row config's "
+              "`published`: the original README's table, with its source; the paper's own tables are not "
+              "transcribed); *difference* is ours − that number. (-) is missing: a task not run, not finished for "
               "every seed, or not published. A GLUE average is taken over all eight columns only.", ""]
     for table, spec in TABLES.items():
         rows = data["tables"][table]
@@ -230,7 +231,7 @@ def markdown(plan, data: dict) -> str:
             lines.append(md_row([r["label"], r["tokens"], f"ours ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"]
                                 + [fmt_summary(r["ours"][k]) for k, _ in spec["columns"]]))
             if table != "iia":
-                lines.append(md_row(["", "", "paper"] + [fmt(r["paper"].get(k)) for k, _ in spec["columns"]]))
+                lines.append(md_row(["", "", "original README"] + [fmt(r["paper"].get(k)) for k, _ in spec["columns"]]))
                 lines.append(md_row(["", "", "difference"] + [
                     "(-)" if r["difference"][k] is None else f"{r['difference'][k]:+.2f}" for k, _ in spec["columns"]]))
         extra = [("wnli", "WNLI"), ("mnli_mm", "MNLI-mm")] if table == "glue" else []
@@ -278,7 +279,8 @@ def markdown(plan, data: dict) -> str:
 
 
 def plot(table: str, plan, data: dict, path: Path) -> None:
-    """A grouped bar chart of one table: ours (mean, std as error bars) per row, the paper's numbers as markers."""
+    """A grouped bar chart of one table: ours (mean, std as error bars) per row, the published numbers (the original
+    README's) as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,7 +309,7 @@ def plot(table: str, plan, data: dict, path: Path) -> None:
         paper = [(x, r["paper"].get(k)) for x, (k, _) in zip(xs, columns) if r["paper"].get(k) is not None]
         if paper:
             ax.scatter([p[0] for p in paper], [p[1] for p in paper], marker="_", s=250, linewidths=3, color=f"C{i}",
-                       zorder=3, label=f"{label}: paper")
+                       zorder=3, label=f"{label}: original README")
             anything = True
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels([h for _, h in columns])
