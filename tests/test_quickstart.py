@@ -81,15 +81,20 @@ def test_every_stage_announced_and_its_output_written(test_run):
     assert len(list((out / "data").glob("*.bin"))) == 1
     summary = json.loads((out / "summary.json").read_text())
     # the first teacher's standard and DIITO runs are the tuning runs at the chosen rate and weight (the same
-    # command), not trained twice; every other run has its own folder
+    # command): copied, not trained twice
     tuned = [f"tune_lr{i}_seed{s}" for i in (1, 2) for s in range(1, SEEDS + 1)] + \
         [f"tune_w{j}_seed{s}" for j in (1, 2) for s in range(1, SEEDS + 1)]
-    reused = {f"{a}_seed{s}" for a in ("standard", "diito") for s in range(1, SEEDS + 1)}
-    for run in [*tuned, *(r for r in runs if r not in reused)]:
+    for run in [*tuned, *runs]:
         assert (out / "students" / run / "model.safetensors").is_file(), run
         assert list((out / "students" / run / "log" / "train").glob("events.out.tfevents.*")), run
         assert json.loads((out / "students" / run / ".done").read_text())["key"], run
-    assert not any((out / "students" / r).exists() for r in reused)
+    for arm, tune in (("standard", "tune_lr"), ("diito", "tune_w")):
+        same = json.loads((out / "students" / f"{arm}_seed1" / ".done").read_text())["same_as"]
+        assert same.startswith(tune) and (out / "students" / f"{arm}_seed1" / "model.safetensors").read_bytes() == \
+            (out / "students" / same / "model.safetensors").read_bytes()
+    assert "same_as" not in json.loads((out / "students" / "ctl_weight_seed1" / ".done").read_text())
+    trained = [line for line in (out / "commands.sh").read_text().splitlines() if line.startswith("python causal_train.py")]
+    assert len(trained) == len(tuned) + len(runs) - 2 * SEEDS
     lr = quickstart.PRESETS["test"].tune_lrs.index(summary["tuning"]["lr"]) + 1
     assert summary["standard"]["learning_rate"] == summary["tuning"]["lr"]
     assert summary["standard"]["perplexity"] != summary[f"tune_lr{lr}"]["perplexity"]  # test, not validation

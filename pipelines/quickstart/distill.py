@@ -6,8 +6,8 @@ equal steps and equal compute (test part), learning curves, and IIA.
 Each training run is evaluated as soon as it finishes (`eval/<run>` on the test part,
 `eval_validation/<run>` for tuning and ablation runs), so the terminal shows its perplexity at once
 and an interrupted quickstart keeps every finished number. A main run whose command a tuning run
-already ran (the first teacher's standard and DIITO runs at the chosen rate and weight) is that run,
-not trained twice. The arms are `arms.build_arms`; the report is `report.write_report`.
+already ran (the first teacher's standard and DIITO runs at the chosen rate and weight) is a copy of
+that run, not trained twice. The arms are `arms.build_arms`; the report is `report.write_report`.
 """
 from __future__ import annotations
 
@@ -138,9 +138,12 @@ class DistillQuickstart(Quickstart):
             settings = {"data": data["key"], "init": inits[init_name(k)]["key"], "argv": [str(a) for a in argv]}
             key = fingerprint(settings)
             about = {"objective": arm.name, "teacher": k, "seed": seed, "steps": n}
-            if key in self.trained:  # (the same command: the same model, bit for bit)
-                same, record = self.trained[key]
-                record = {**record, **about, "folder": str(self.out / "students" / same), "same_as": same}
+            if key in self.trained:  # the same command gives the same model, bit for bit: copied, not trained
+                same, first = self.trained[key]
+                record = self.pipe.unit(name, self.out / "students" / name, {**settings, "same_as": same},
+                                        lambda folder: copy_run(self.out / "students" / same, folder, first, about),
+                                        ("model.safetensors", "config.json"))
+                record = {**record, "folder": str(self.out / "students" / name)}
             else:
                 record = self.student(
                     name, argv, settings, about,
@@ -308,7 +311,7 @@ class DistillQuickstart(Quickstart):
     # --- stage 9: report ----------------------------------------------------------------------------
     def report(self, stages: dict, runs: dict, evals: dict, alignment: dict) -> dict:
         self.banner(9, "report: verdict, tables, curves and plots")
-        settings = self.report_settings(8, stages={k: v for k, v in stages.items() if "key" in v}, runs=runs,
+        settings = self.report_settings(9, stages={k: v for k, v in stages.items() if "key" in v}, runs=runs,
                                         evals=evals, alignment=alignment)
         settings["choice"] = {k: v for k, v in stages["tuning"].items() if k != "arms"}
 
@@ -351,6 +354,18 @@ class DistillQuickstart(Quickstart):
 
     def ablation_table_arms(self) -> list[str]:
         return ablation_rows(self.arms)
+
+
+def copy_run(source: Path, folder: Path, record: dict, about: dict) -> dict:
+    """Copy the training run in `source` (its student, snapshots and logs) into `folder`: the run of another name
+    whose command it is. Its record says so (`same_as`); its training time is the source's, counted once."""
+    import shutil
+
+    for entry in sorted(source.iterdir()):
+        if entry.name != ".done":
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, folder / entry.name)
+    print(f"  {folder.name}: the same command as {source.name}, copied", flush=True)
+    return {"train_seconds": record["train_seconds"], **about, "same_as": source.name}
 
 
 def snapshots(folder: Path, steps: int) -> list[tuple[int, Path]]:

@@ -21,6 +21,16 @@ def _evaluation_text(q, corpus: dict, vocab: int, evals_blocks) -> str:
             f"cross-entropy. Chance is the vocabulary size, {vocab}.")
 
 
+def _edge(p, choice: dict) -> str:
+    """A warning when a choice is at the edge of its grid: beyond it might be better still."""
+    edges = [f"the learning rate ({choice['lr']:g})" for grid, v in ((p.tune_lrs, choice["lr"]),)
+             if len(grid) > 1 and v in (min(grid), max(grid))]
+    edges += [f"DIITO's weight ({choice['weight']:g})" for grid, v in ((p.tune_weights, choice["weight"]),)
+              if len(grid) > 1 and v in (min(grid), max(grid))]
+    return (f" **At the edge of its grid**: {' and '.join(edges)}; a value beyond it might do better, so the tuned "
+            f"recipe may not be the best of its kind.") if edges else ""
+
+
 def _tuning_section(q, r, tables: dict, choice: dict) -> str:
     """The tuning and ablation section (validation part)."""
     p = q.preset
@@ -30,7 +40,7 @@ First teacher, every seed, {r.steps['standard']} steps, read on the validation p
 standard objective's learning rate is chosen first ({len(p.tune_lrs)} tries), then DIITO's causal_ce weight at that
 rate ({len(p.tune_weights)} tries): the same budget for each, by the lowest mean validation perplexity. Chosen:
 learning rate {choice['lr']:g}, DIITO's weight {choice['weight']:g}. The main runs of the first teacher at the chosen
-values are these runs (the same command), evaluated on the test part.
+values are these runs (the same command, copied), evaluated on the test part.{_edge(p, choice)}
 """
     else:
         tuning = (f"Not run (`--no_tuning`): learning rate {choice['lr']:g} and DIITO's weight {choice['weight']:g}, "
