@@ -85,8 +85,8 @@ PRESETS = {
                     teacher_steps=1200, teacher_batch=32, teacher_lr=2e-3,
                     student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64),
     # study: five teachers (seeds 0 to 4), the unit of its verdicts, two student seeds each, with DIITO's
-    # controls and without the ablation; the teachers shrunk from the `small` ones (fewer steps) so that a family
-    # runs in about 100 min on 2 idle cores (docs/quickstart.md)
+    # controls and without the ablation; the `small` teacher's shape (the earlier study's were 6 blocks, 4000 steps)
+    # and 2 seeds so that a family should run in about 100 min on 2 idle cores: an estimate (docs/quickstart.md)
     "study": Preset(vocab_size=2000, teacher_layers=4, hidden=128, heads=4, ffn=512, max_seq_length=128,
                     teacher_steps=1500, teacher_batch=32, teacher_lr=2e-3,
                     student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64,

@@ -119,8 +119,9 @@ def _setup_section(q, corpus: dict, vocab: int, stages: dict, mapping, n_t: int,
   ({corpus['test_words']} words).
 - Tokenizer: {vocab} entries ({'--tokenizer ' + q.args.tokenizer if q.args.tokenizer else q.tokenizer_title()}).
 - Teacher{'s' if n_t > 1 else ''}: {NAMES[q.family]}, {p.teacher_layers} layers, hidden {p.hidden}, {p.heads} heads,
-  FFN {p.ffn}, {stages['teacher']['steps']} steps of {p.teacher_batch} sequences, learning rate {p.teacher_lr}
-  {f'({n_t} teachers, seeds ' + ', '.join(str(stages[t]['seed']) for t in stages if t.startswith('teacher')) + ')' if n_t > 1 else ''}.
+  FFN {p.ffn}, {stages['teacher']['steps']} steps of {p.teacher_batch} sequences, learning rate {p.teacher_lr}{
+  f' ({n_t} teachers, seeds ' + ', '.join(str(stages[t]['seed']) for t in stages if t.startswith('teacher')) + ')'
+  if n_t > 1 else ''}.
 - Students: {p.student_layers} layer(s) of the same width, initialised from teacher blocks {mapping}
   (`{q.extract_script}`).
 {_environment_lines(env)}
