@@ -1,0 +1,94 @@
+"""Build offline downstream tasks from the quickstart's shipped corpus, for fine-tuning distilled students.
+
+Two tasks, split by document exactly as the quickstart splits the corpus (same fractions, same rule), so a
+task's test examples come only from documents no student was distilled on and no task trained on:
+
+  source         which documentation a paragraph comes from (8 classes: torch, numpy, scipy, scikit-learn,
+                 transformers, datasets, stdlib, pydoc_topics): sequence classification;
+  same_document  do two paragraphs come from the same document? (sentence pairs, balanced; negatives from
+                 another document of the same source where there is one).
+
+Output: OUT/<task>/{train,validation,test}.jsonl in the columns run_glue.py reads from local files (no
+--task_name), and OUT/tasks.json: sizes, class balance and the majority-class baseline of every part. The same
+settings give the same bytes. Fine-tune a student on one:
+
+  python scripts/make_downstream_tasks.py --out tasks
+  python run_glue.py --model_name_or_path STUDENT --train_file tasks/source/train.jsonl \\
+      --validation_file tasks/source/test.jsonl --do_train --do_eval --output_dir ft/source
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from doc_corpus import CorpusError, shipped_corpus
+from pipelines.quickstart.downstream import TASKS, build_tasks, split_parts, write_tasks
+from pipelines.quickstart.pipeline import SPLIT_SEED, SPLITS
+from utils import CliError, check_output_parent, logger, run_cli
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="Folder to write the tasks into (made if missing).")
+    parser.add_argument("--validation_fraction", type=float, default=0.1,
+                        help="Share of the corpus's paragraphs (whole documents) in the validation part; the "
+                             "quickstart's --validation_fraction (default 0.1).")
+    parser.add_argument("--heldout_fraction", type=float, default=0.1,
+                        help="Share of the paragraphs (whole documents) in the test part; the quickstart's "
+                             "--heldout_fraction (default 0.1).")
+    parser.add_argument("--train_examples", type=int, default=4000,
+                        help="Examples per task in the train part (source: at most this many paragraphs; "
+                             "same_document: this many pairs). Default 4000.")
+    parser.add_argument("--eval_examples", type=int, default=1000,
+                        help="Examples per task in the validation and test parts each (default 1000).")
+    parser.add_argument("--max_documents", type=int, default=None,
+                        help="Use only the corpus's first N paragraphs, as the quickstart's test preset does "
+                             "(default: all).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the example draws (default 0).")
+    args = parser.parse_args(argv)
+    for flag in ("validation_fraction", "heldout_fraction"):
+        if not 0.0 < getattr(args, flag) <= 0.3:
+            raise CliError(f"--{flag} must lie in (0, 0.3], got {getattr(args, flag)}")
+    for flag in ("train_examples", "eval_examples"):
+        if getattr(args, flag) < 2:
+            raise CliError(f"--{flag} must be at least 2, got {getattr(args, flag)}")
+    if args.max_documents is not None and args.max_documents < 1:
+        raise CliError(f"--max_documents must be positive, got {args.max_documents}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"--out {args.out} is a file, not a folder")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    check_output_parent(out / "tasks.json", "--out")
+    try:
+        lines, documents, manifest = shipped_corpus(args.max_documents)
+    except CorpusError as err:
+        raise CliError(str(err)) from None
+    groups = [name for name, n in documents for _ in range(n)]
+    parts = split_parts(lines, groups, (args.validation_fraction, args.heldout_fraction))
+    sizes = {"train": args.train_examples, "validation": args.eval_examples, "test": args.eval_examples}
+    tasks = build_tasks(parts, sizes, args.seed)
+    for task in TASKS:
+        for name in SPLITS:
+            if len({str(r["label"]) for r in tasks[task][name]}) < 2:
+                raise CliError(f"the {name} part has too few documents for the {task} task (one class or none); "
+                               f"raise --max_documents or the fractions")
+    record = {"corpus_sha256": manifest["sha256"], "max_documents": args.max_documents, "split": SPLIT_SEED,
+              "fractions": [args.validation_fraction, args.heldout_fraction], "seed": args.seed,
+              "documents": {name: len(set(parts[name].documents)) for name in SPLITS}}
+    result = write_tasks(out, tasks, record)
+    for task in TASKS:
+        t = result["tasks"][task]
+        logger.info("%s: %s; majority baseline on test %.1f%%", task,
+                    ", ".join(f"{name} {t[name]['examples']}" for name in SPLITS), 100 * t["test"]["majority_accuracy"])
+    logger.info("wrote %s", out / "tasks.json")
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_cli(main)
