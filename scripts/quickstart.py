@@ -104,6 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Skip the ablation (each loss term alone, smoothing on and off, the seed's recipe "
                              "with DIITO; the tuning still runs): about a third of the student runs of a quickstart. "
                              "The report then says it was not run.")
+    parser.add_argument("--no_downstream", action="store_true",
+                        help="Skip the downstream tasks (stage 9: every model fine-tuned with run_glue.py on tasks built "
+                             "from the corpus, scripts/make_downstream_tasks.py).")
     parser.add_argument("--no_tuning", action="store_true",
                         help="Skip the tuning on the validation part: standard distillation at the preset's learning "
                              "rate, DIITO at causal_ce 0.25. The report then says the recipes were not tuned.")

@@ -106,6 +106,31 @@ def test_every_stage_announced_and_its_output_written(test_run):
 
 
 @pytest.mark.e2e
+def test_downstream_stage_fine_tunes_every_model_on_its_corpus_tasks(test_run):
+    """Stage 9: the teachers, references and every main run fine-tuned with run_glue.py on the tasks the corpus
+    poses, scored on their test part, paired by seed and in the report's comparisons."""
+    out, proc = test_run
+    summary = json.loads((out / "summary.json").read_text())
+    tasks = json.loads((out / "tasks" / ".done").read_text())
+    # the test preset's corpus (its first 400 paragraphs, all the standard library's) cannot pose `source`
+    assert tasks["tasks"] == ["same_document"] and tasks["skipped"] == ["source"]
+    assert "not posed by this corpus: source" in proc.stdout
+    down = summary["downstream"]["same_document"]
+    assert down["balance"]["test"]["majority_accuracy"] == 0.5
+    for name in ("teacher", "init", "random", *MAIN):
+        assert set(down[name]) == {"seed 1"}, name
+    for arm in MAIN:
+        found = json.loads((out / "downstream" / "same_document" / f"{arm}_seed1_ft1" / "eval_results.json").read_text())
+        assert down[arm]["seed 1"] == found["eval_accuracy"]
+    commands = (out / "commands.sh").read_text()
+    assert f"run_glue.py --model_name_or_path {out}/students/diito_seed1 " in commands
+    assert f"--train_file {out}/tasks/same_document/train.jsonl --validation_file {out}/tasks/same_document/test.jsonl" \
+        in commands
+    assert {"standard|task:same_document", "diito-standard|task:same_document"} <= set(summary["comparisons"])
+    assert "## Downstream tasks (test part)" in (out / "report.md").read_text()
+
+
+@pytest.mark.e2e
 def test_learning_curves_evaluate_snapshots_of_the_first_teachers_runs(test_run):
     """Each main run of the first teacher is evaluated at `curve_points` points: snapshots of the run and its end."""
     out, _ = test_run

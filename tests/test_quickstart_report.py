@@ -294,3 +294,40 @@ def test_durations_round_before_splitting_into_minutes():
     assert format_seconds(1606.27) == "26 min 46 s"
     assert format_seconds(3599.6) == "1 h 00 min"
     assert format_seconds(4677) == "1 h 17 min"
+
+
+def test_downstream_accuracy_pairs_each_run_with_its_init_fine_tuned_under_the_same_seed():
+    """Each run's accuracy minus its own teacher's initialisation fine-tuned with the run's seed; the comparisons
+    join Holm's family, and a task where DIITO gains on every teacher is said in the verdict."""
+    from pipelines.quickstart.report import downstream_table
+
+    q = fake_quickstart(quickstart_mlm.MlmQuickstart.arms, teachers=5, seeds=(1, 2))
+    runs, evals, alignment = fake_records(q, lambda a, s: 270.0 + s, lambda a, s: 0.6)
+    # the initialisation's accuracy depends on the fine-tuning seed (0.50 + 0.02 s) and on the teacher
+    init = {(k, s): 0.50 + 0.02 * s + 0.001 * k for k in range(1, 6) for s in (1, 2)}
+    down = {}
+    for k in range(1, 6):
+        for s in (1, 2):
+            t, i = ("teacher", "student_init") if k == 1 else (f"teacher_t{k}", f"student_init_t{k}")
+            down[f"source/{t}_ft{s}"] = {"accuracy": 0.9}
+            down[f"source/{i}_ft{s}"] = {"accuracy": init[(k, s)]}
+            for arm in MAIN_ARMS:
+                gain = 0.10 + 0.001 * k + (0.05 if arm == "diito" else 0.0)
+                down[f"source/{run_name(arm, k, s)}_ft{s}"] = {"accuracy": init[(k, s)] + gain}
+    for s in (1, 2):
+        down[f"source/random_student_ft{s}"] = {"accuracy": 0.3}
+    tasks = {"tasks": ["source"], "balance": {"source": {"test": {"examples": 500, "majority_accuracy": 0.444}}}}
+    r = Results(q, {"tasks": tasks}, runs, evals, alignment, down)
+    c = r.get("standard|task:source")
+    # paired by (teacher, seed): the gain is exactly 0.10 + 0.001 k, whatever the seed did to the initialisation
+    assert c.unit == "teacher" and c.n == 5 and c.diff == pytest.approx(0.103)
+    assert r.get("diito-standard|task:source").diff == pytest.approx(0.05)
+    assert r.get("diito-standard|task:source").p_holm is not None
+    assert len(r.comparisons) == 7 * 3 + 5 * 3 + 1
+    lines = verdict(r).splitlines()
+    assert len(lines) == 3 and "source accuracy better" in lines[0] and "source accuracy DIITO better" in lines[1]
+    table = downstream_table(r)
+    assert "| teacher (BERT) | 90.0 ± 0.0 | - |" in table and "| DIITO minus standard distillation | +5.0" in table
+
+
+MAIN_ARMS = [n for n, a in quickstart_mlm.MlmQuickstart.arms.items() if a.main]

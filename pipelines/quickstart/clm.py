@@ -30,7 +30,7 @@ from utils import CliError
 
 CLM_FAMILIES = ("llama", "gpt2")
 SPECIALS = ["<pad>", "<s>", "</s>"]
-N_STAGES = 9
+N_STAGES = 10
 # The default objective (standard distillation; DIITO adds causal_ce 0.25), chosen from the ablation of the
 # `small` preset (docs/quickstart.md). The seed's recipe (ce + clm + cos, 0.25 each, learning rate 5e-4) stays a
 # reported arm.

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from pipelines.quickstart.arms import (NAMES, Arm, ablation_rows, build_arms, init_name, learning_rate,
                                        misaligned_layers, run_name, teacher_name, tuning_arms)
+from pipelines.quickstart.downstream import DownstreamStages
 from pipelines.quickstart.pipeline import RANDOM_STUDENT_SEED, Quickstart
 from pipelines.quickstart.report import write_report
 from pipelines.stages import fingerprint, format_seconds
 from atomic_files import atomic_write_text
 
 
-class DistillQuickstart(Quickstart):
+class DistillQuickstart(DownstreamStages, Quickstart):
     """Stages 5 to 9 of both families; a family sets `lm`, `arms`, `student_common`, `data_stage` and `extract_flags`."""
 
     lm = ""  # the family's LM loss: mlm or clm
@@ -309,14 +310,14 @@ class DistillQuickstart(Quickstart):
         return {(n if g == "diito" else f"{n}@{g}"): d for (n, _, g), d in zip(jobs, done)}
 
     # --- stage 9: report ----------------------------------------------------------------------------
-    def report(self, stages: dict, runs: dict, evals: dict, alignment: dict) -> dict:
-        self.banner(9, "report: verdict, tables, curves and plots")
-        settings = self.report_settings(9, stages={k: v for k, v in stages.items() if "key" in v}, runs=runs,
-                                        evals=evals, alignment=alignment)
+    def report(self, stages: dict, runs: dict, evals: dict, alignment: dict, downstream: dict) -> dict:
+        self.banner(10, "report: verdict, tables, curves and plots")
+        settings = self.report_settings(10, stages={k: v for k, v in stages.items() if "key" in v}, runs=runs,
+                                        evals=evals, alignment=alignment, downstream=downstream)
         settings["choice"] = {k: v for k, v in stages["tuning"].items() if k != "arms"}
 
         def work(folder: Path) -> dict:
-            summary = write_report(self, stages, runs, evals, alignment)
+            summary = write_report(self, stages, runs, evals, alignment, downstream)
             print(f"  {self.out / 'report.md'}", flush=True)
             return {"verdict": summary["verdict"]}
 
@@ -328,6 +329,9 @@ class DistillQuickstart(Quickstart):
         self.trained = {}
         stages = {}
         stages["corpus"] = corpus = self.corpus()
+        tasks = self.tasks(corpus)
+        if tasks is not None:
+            stages["tasks"] = tasks
         stages["tokenizer"] = tokenizer = self.tokenizer(corpus)
         ks = list(range(1, self.n_teachers + 1))
         teachers = dict(zip(ks, self.pipe.parallel([lambda k=k: self.teacher(corpus, tokenizer, k) for k in ks])))
@@ -344,7 +348,19 @@ class DistillQuickstart(Quickstart):
         runs.update(main_runs)
         evals.update(more)
         alignment = self.alignment(teachers, refs, main_runs)
-        return self.report(stages, runs, evals, alignment)
+        downstream = self.downstream(tasks, self.downstream_models(teachers, refs, main_runs))
+        return self.report(stages, runs, evals, alignment, downstream)
+
+    def downstream_models(self, teachers: dict, refs: dict, runs: dict) -> dict:
+        """The models stage 9 fine-tunes: the teachers, initialisations and random student once per seed, each main
+        run with its own seed."""
+        seeds = list(self.seeds)[:self.preset.downstream_seeds]
+        models = {teacher_name(k): (self.out / teacher_name(k), t, seeds) for k, t in teachers.items()}
+        models.update({init_name(k): (self.out / init_name(k) / "model", refs[init_name(k)], seeds) for k in teachers})
+        models["random_student"] = (self.out / "random_student", refs["random_student"], seeds)
+        models.update({name: (Path(rec["folder"]), rec, [rec["seed"]]) for name, rec in runs.items()
+                       if rec["seed"] in seeds})
+        return models
 
     def data_stage(self, corpus: dict, tokenizer: dict) -> dict:
         raise NotImplementedError

@@ -124,3 +124,91 @@ def write_tasks(out: Path, tasks: dict[str, dict[str, list[dict]]], record: dict
             manifest["tasks"][task][name] = {"file": f"{task}/{name}.jsonl", **balance(rows)}
     atomic_write_text(out / "tasks.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def usable_tasks(tasks: dict[str, dict[str, list[dict]]]) -> tuple[dict, list[str]]:
+    """(the tasks with at least two classes in every part, the names of the others): a corpus with one source
+    (the `test` preset's first paragraphs are all the standard library's) cannot pose `source`."""
+    ok = {t: parts for t, parts in tasks.items() if all(len({str(r["label"]) for r in rows}) >= 2
+                                                       for rows in parts.values())}
+    return ok, sorted(set(tasks) - set(ok))
+
+
+class DownstreamStages:
+    """The quickstart's downstream stages (a mixin of `DistillQuickstart`): the tasks, built from the shipped corpus
+    with the quickstart's split (stage 1), and every model fine-tuned on each with `run_glue.py` and scored on the
+    test part (stage 9). References (teachers, initialisations, the random student) are fine-tuned with every
+    student seed, so that each run pairs with its reference fine-tuned under the same seed."""
+
+    def tasks(self, corpus: dict) -> dict | None:
+        """The downstream tasks (`tasks/`), or None when there are none to build (why is printed)."""
+        from doc_corpus import CorpusError, shipped_corpus
+        from pipelines.quickstart.pipeline import SPLIT_SEED
+        from utils import CliError
+
+        p, args = self.preset, self.args
+        why = ("--no_downstream" if args.no_downstream else "your --text corpus has no sources or documents to pose "
+               "them" if self.user_docs is not None else f"preset {args.preset}" if not p.downstream_steps else None)
+        if why:
+            print(f"  downstream tasks: not built ({why})", flush=True)
+            return None
+        fractions = (args.validation_fraction, args.heldout_fraction)
+        sizes = {"train": p.downstream_examples[0], "validation": p.downstream_examples[1],
+                 "test": p.downstream_examples[1]}
+        settings = {"corpus": corpus["key"], "sizes": sizes, "seed": 0, "tasks": 1}
+
+        def work(folder: Path) -> dict:
+            try:
+                lines, documents, manifest = shipped_corpus(p.max_documents)
+            except CorpusError as err:
+                raise CliError(str(err)) from None
+            groups = [name for name, n in documents for _ in range(n)]
+            built, skipped = usable_tasks(build_tasks(split_parts(lines, groups, fractions), sizes, 0))
+            record = {"corpus_sha256": manifest["sha256"], "split": SPLIT_SEED, "fractions": list(fractions), "seed": 0}
+            written = write_tasks(folder, built, record)["tasks"]
+            print("  downstream tasks: " + "; ".join(
+                f"{t} ({written[t]['train']['examples']} train, {written[t]['test']['examples']} test, majority "
+                f"{100 * written[t]['test']['majority_accuracy']:.1f}%)" for t in built)
+                + (f"; not posed by this corpus: {', '.join(skipped)}" if skipped else ""), flush=True)
+            return {"tasks": sorted(built), "skipped": skipped, "balance": written}
+
+        return self.pipe.unit("tasks", self.out / "tasks", settings, work, ("tasks.json",))
+
+    def downstream(self, tasks: dict | None, models: dict[str, tuple[Path, dict, list[int]]]) -> dict:
+        """Stage 9: each model (name -> (folder, record, fine-tuning seeds)) fine-tuned on each task and scored on
+        its test part. Returns {"<task>/<name>_ft<seed>": record with `accuracy`}."""
+        p = self.preset
+        if not tasks or not tasks.get("tasks"):
+            self.banner(9, "downstream tasks: not run (no tasks)")
+            return {}
+        names = tasks["tasks"]
+        jobs = [(task, name, folder, rec, seed) for task in names for name, (folder, rec, seeds) in models.items()
+                for seed in seeds]
+        self.banner(9, f"downstream tasks: {', '.join(names)}; {len(models)} models fine-tuned with run_glue.py, "
+                       f"{p.downstream_steps} steps each ({len(jobs)} runs), accuracy on the test part")
+
+        def one(task: str, name: str, folder_in: Path, rec: dict, seed: int) -> dict:
+            data = self.out / "tasks" / task
+            argv = ["--model_name_or_path", folder_in, "--tokenizer_name", self.out / "tokenizer",
+                    "--train_file", data / "train.jsonl", "--validation_file", data / "test.jsonl",
+                    "--do_train", "--do_eval", "--max_steps", p.downstream_steps, "--learning_rate", p.downstream_lr,
+                    "--per_device_train_batch_size", p.student_batch, "--per_device_eval_batch_size", p.eval_batch,
+                    "--max_seq_length", p.max_seq_length, "--warmup_steps", max(1, p.downstream_steps // 10),
+                    "--seed", seed, "--save_strategy", "no", "--report_to", "none", "--dataloader_num_workers", 0,
+                    *(["--use_cpu", "--no_dataloader_pin_memory"] if not p.gpu else ["--bf16"])]
+            settings = {"model": rec["key"], "tasks": tasks["key"], "argv": [str(a) for a in argv]}
+            label = f"{name}_ft{seed}"
+
+            def work(folder: Path) -> dict:
+                self.pipe.command(f"ft_{task}_{label}", "run_glue.py", [*argv, "--output_dir", folder])
+                metrics = json.loads((folder / "eval_results.json").read_text())
+                for heavy in folder.glob("model.safetensors"):  # the score is what the report needs, not the model
+                    heavy.unlink()
+                print(f"  {task} {label}: accuracy {100 * metrics['eval_accuracy']:.1f}%", flush=True)
+                return {"accuracy": metrics["eval_accuracy"], "task": task, "seed": seed}
+
+            return self.pipe.unit(f"downstream {task} {label}", self.out / "downstream" / task / label, settings, work,
+                                  ("eval_results.json",))
+
+        done = self.pipe.parallel([lambda j=j: one(*j) for j in jobs])
+        return {f"{task}/{name}_ft{seed}": d for (task, name, _, _, seed), d in zip(jobs, done)}

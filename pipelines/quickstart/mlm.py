@@ -15,7 +15,7 @@ from pipelines.quickstart.distill import DistillQuickstart
 from pipelines.quickstart.pipeline import load_fast_tokenizer
 from utils import CliError
 
-N_STAGES = 9
+N_STAGES = 10
 EVAL_MASK_SEED = 12345
 # The default objective (standard distillation; DIITO adds causal_ce 0.25), chosen from the ablation of the
 # `small` preset (docs/quickstart.md): soft targets and the masked-LM loss with uniform masking. The seed's

@@ -56,7 +56,7 @@ def _cell(values, fmt: str = "{:.2f}") -> str:
 class Results:
     """Every number of a finished quickstart, by arm and by (teacher, seed), and the report's comparisons."""
 
-    def __init__(self, q, stages: dict, runs: dict, evals: dict, alignment: dict):
+    def __init__(self, q, stages: dict, runs: dict, evals: dict, alignment: dict, downstream: dict | None = None):
         self.q = q
         self.teachers = list(range(1, q.n_teachers + 1))
         self.arms = {name: arm for name, arm in q.arms.items() if any(r["objective"] == name for r in runs.values())}
@@ -89,14 +89,46 @@ class Results:
         validation = evals.get(f"{init_name(1)}@validation")
         self.init_validation = validation["perplexity"] if validation else None
         self.curves = self._curves(evals, alignment, stages.get("flops") or {})
+        self._downstream(stages.get("tasks") or {}, downstream or {})
         self.comparisons = holm({k: c for k, c in self._comparisons().items() if c is not None})
 
+    def _downstream(self, tasks: dict, downstream: dict) -> None:
+        """Downstream accuracy (test part of each task) by arm and (teacher, seed); the references (teachers,
+        initialisations, the random student) fine-tuned with each seed, keyed the same way."""
+        self.tasks = [t for t in tasks.get("tasks", []) if any(k.startswith(f"{t}/") for k in downstream)]
+        self.task_balance = tasks.get("balance", {})
+        self.down = {t: {} for t in self.tasks}
+        self.ref_down = {t: {} for t in self.tasks}
+        for t in self.tasks:
+            def acc(name, seed):
+                rec = downstream.get(f"{t}/{name}_ft{seed}")
+                return rec["accuracy"] if rec else None
+
+            for a in self.arms:
+                found = {key: acc(run_name(a, *key), key[1]) for key in self.keys[a]}
+                self.down[t][a] = {k: v for k, v in found.items() if v is not None}
+            refs = {"teacher": teacher_name, "init": init_name, "random": lambda k: "random_student"}
+            for ref, name_of in refs.items():
+                found = {(k, s): acc(name_of(k), s) for k in (self.teachers if ref != "random" else [1])
+                         for s in self.q.seeds}
+                self.ref_down[t][ref] = {k: v for k, v in found.items() if v is not None}
+
     def values(self, arm: str, metric: str) -> dict:
+        if metric.startswith("task:"):
+            return self.down[metric[5:]].get(arm, {})
         return self.ppl[arm] if metric == "perplexity" else self.eff[arm] if metric == "effective_iia" else \
             self.iia[arm]
 
+    def metrics(self) -> dict:
+        """The comparisons' metrics (name: lower is better): perplexity, effective IIA, each downstream task."""
+        return {**METRICS, **{f"task:{t}": False for t in self.tasks}}
+
     def vs_init(self, arm: str, metric: str) -> Comparison | None:
-        data, init = self.values(arm, metric), self.ref["init"][metric]
+        data = self.values(arm, metric)
+        if metric.startswith("task:"):  # the initialisation fine-tuned with the same seed: paired by (teacher, seed)
+            init = self.ref_down[metric[5:]]["init"]
+            return compare(data, init, False) if data and all(k in init for k in data) else None
+        init = self.ref["init"][metric]
         if not data or any(init.get(k[0]) is None for k in data):
             return None
         return against_reference(data, init, METRICS.get(metric, False))
@@ -105,7 +137,7 @@ class Results:
         data_a, data_b = self.values(a, metric), self.values(b, metric)
         if not data_a or any(k not in data_b for k in data_a):
             return None
-        return compare(data_a, data_b, METRICS.get(metric, False))
+        return compare(data_a, data_b, self.metrics()[metric])
 
     def _comparisons(self) -> dict:
         """The report's family of comparisons (Holm-corrected together), by name `arm|metric` or
@@ -113,12 +145,12 @@ class Results:
         out = {}
         for arm in MAIN_ROWS:
             if arm in self.arms:
-                for metric in METRICS:
+                for metric in self.metrics():
                     out[f"{arm}|{metric}"] = self.vs_init(arm, metric)
         if "diito" in self.arms:
             for other in AGAINST:
                 if other in self.arms:
-                    for metric in METRICS:
+                    for metric in self.metrics():
                         out[f"diito-{other}|{metric}"] = self.between("diito", other, metric)
             if "standard" in self.arms:
                 a, b = self.untrained["diito"]["effective_iia"], self.untrained["standard"]["effective_iia"]
@@ -218,6 +250,46 @@ def _words(c: Comparison | None) -> str:
     return f"{head[c.result]} ({c.evidence()})"
 
 
+def downstream_table(r: Results) -> str:
+    """Downstream accuracy on each task's test part: the references, then each main arm and control, each arm's
+    change from the initialisation fine-tuned with the same seed, and DIITO against standard distillation."""
+    if not r.tasks:
+        return ""
+    q = r.q
+    head = "| model | " + " | ".join(f"{t}: accuracy % | change from initialisation [95% CI]" for t in r.tasks) + " |"
+    rows = [head, "|---|" + "---|---|" * len(r.tasks)]
+    for ref, label in (("teacher", q.labels["teacher"]), ("init", "student at initialisation (no distillation)"),
+                       ("random", "random student of the same shape")):
+        rows.append(f"| {label} | " + " | ".join(f"{_ref_cell(r.ref_down[t][ref], '{:.1f}', 100)} | -"
+                                                 for t in r.tasks) + " |")
+    for arm in MAIN_ROWS:
+        if arm in r.arms and any(r.down[t].get(arm) for t in r.tasks):
+            rows.append(f"| {q.labels[arm]} | " + " | ".join(
+                f"{_cell(_pct(r.down[t][arm].values()), '{:.1f}')} | {_change(r.get(f'{arm}|task:{t}'), '{:+.1f}', 100)}"
+                for t in r.tasks) + " |")
+    for other in AGAINST:
+        cells = [r.get(f"diito-{other}|task:{t}") for t in r.tasks]
+        if any(cells):
+            rows.append(f"| DIITO minus {q.labels[other]} | " + " | ".join(
+                f"{_change(c, '{:+.1f}', 100)} | {_words(c)}" for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def downstream_notes(r: Results) -> str:
+    """What each task's accuracy is read against: its majority-class baseline, and the room between the random
+    student and the teacher (little room: the task cannot tell the students apart)."""
+    notes = []
+    for t in r.tasks:
+        test = r.task_balance.get(t, {}).get("test", {})
+        teacher = mean_std(list(r.ref_down[t]["teacher"].values()))[0] if r.ref_down[t]["teacher"] else None
+        random = mean_std(list(r.ref_down[t]["random"].values()))[0] if r.ref_down[t]["random"] else None
+        room = (f"; room between the random student and the teacher {100 * (teacher - random):+.1f} points"
+                if teacher is not None and random is not None else "")
+        notes.append(f"- `{t}`: {test.get('examples', '?')} test examples, majority-class baseline "
+                     f"{100 * (test.get('majority_accuracy') or 0):.1f}%{room}.")
+    return "\n".join(notes) + "\n"
+
+
 def curves_table(r: Results) -> str:
     """The learning curves: each arm's mean test perplexity and effective IIA at each evaluated point."""
     q = r.q
@@ -297,14 +369,18 @@ def verdict(r: Results) -> str:
         return f"{word} ({c.interval(fmt, scale)}; {c.evidence()})"
 
     std = r.get("standard|perplexity")
+    tasks = "".join(f"; {t} accuracy " + said(r.get(f"standard|task:{t}"), "better", "worse", "{:+.1f}", 100)
+                    for t in r.tasks)
     line1 = "1. Distillation: standard distillation against its initialisation, test perplexity " + \
-        said(std, "better", "worse") + "."
+        said(std, "better", "worse") + tasks + "."
     parts = []
     for other, setting in (("standard", "equal steps"), ("standard_eqc", "equal compute")):
         parts.append(f"at {setting}, perplexity " + said(r.get(f"diito-{other}|perplexity"), "DIITO better",
                                                          "DIITO worse")
                      + ", effective IIA " + said(r.get(f"diito-{other}|effective_iia"), "DIITO better", "DIITO worse",
-                                                 "{:+.1f}", 100))
+                                                 "{:+.1f}", 100)
+                     + "".join(f", {t} accuracy " + said(r.get(f"diito-{other}|task:{t}"), "DIITO better",
+                                                         "DIITO worse", "{:+.1f}", 100) for t in r.tasks))
     line2 = "2. DIITO against standard distillation: " + "; ".join(parts) + "."
     beats = {m: [CONTROL_NAMES[c] for c in CONTROLS
                  if (x := r.get(f"diito-{c}|{m}")) is not None and x.result == "better"] for m in METRICS}
@@ -316,7 +392,7 @@ def verdict(r: Results) -> str:
     return "\n".join([line1, line2, line3])
 
 
-def write_report(q, stages: dict, runs: dict, evals: dict, alignment: dict) -> dict:
+def write_report(q, stages: dict, runs: dict, evals: dict, alignment: dict, downstream: dict | None = None) -> dict:
     """Write `report.md`, `report_table.md`, `summary.json` and the plots; return the summary."""
     import matplotlib
 
@@ -328,7 +404,7 @@ def write_report(q, stages: dict, runs: dict, evals: dict, alignment: dict) -> d
     from iia import draw_heatmaps
 
     out = q.out
-    r = Results(q, stages, runs, evals, alignment)
+    r = Results(q, stages, runs, evals, alignment, downstream)
     vocab = stages["tokenizer"]["vocab_size"]
     flops = stages["flops"]
     q.teacher_steps = stages["teacher"]["steps"]
@@ -338,7 +414,9 @@ def write_report(q, stages: dict, runs: dict, evals: dict, alignment: dict) -> d
               "student": count_parameters(Path(runs[run_name("standard", 1, q.seeds[0])]["folder"]))}
     env = environment(q.pipe.env)
     tables = {"main": results_table(r, params, flops), "diito": diito_table(r), "curves": curves_table(r),
-              "untrained": untrained_table(r), "tuning": tuning_table(r, stages["tuning"]), "ablation": ablation_table(r)}
+              "untrained": untrained_table(r), "tuning": tuning_table(r, stages["tuning"]), "ablation": ablation_table(r),
+              "downstream": downstream_table(r)}
+    tables["downstream_notes"] = downstream_notes(r) if r.tasks else ""
     sentence = verdict(r)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
@@ -362,12 +440,12 @@ def write_report(q, stages: dict, runs: dict, evals: dict, alignment: dict) -> d
     draw_heatmaps([(t, json.loads((f / "iia_results.json").read_text())["sweep"]) for t, f in panels],
                   plots / "iia_heatmaps.png")
 
-    machine, stage_rows, stage_seconds = _stage_times(q, stages, runs, evals, alignment)
+    machine, stage_rows, stage_seconds = _stage_times(q, stages, runs, evals, alignment, downstream or {})
     corpus = stages["corpus"]
 
     atomic_write_text(out / "report.md", report_markdown(q, r, machine, tables, sentence, corpus, vocab, flops,
                                                          stages, stage_rows, sum(stage_seconds.values()), env))
-    atomic_write_text(out / "report_table.md", "\n".join(t for t in tables.values() if t))
+    atomic_write_text(out / "report_table.md", "\n".join(t for n, t in tables.items() if t and n != "downstream_notes"))
     summary = _summary(q, r, stages, params, flops, vocab, sentence, stage_seconds, env)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
@@ -409,6 +487,10 @@ def _summary(q, r: Results, stages, params, flops, vocab, sentence, stage_second
                                "base_agreement": keyed(r.base[a]),
                                "untrained_site": {f: keyed(v) for f, v in r.untrained[a].items() if v}})
     summary["comparisons"] = {name: comparison(c) for name, c in r.comparisons.items()}
+    if r.tasks:
+        summary["downstream"] = {t: {"balance": r.task_balance.get(t),
+                                     **{ref: keyed(v) for ref, v in r.ref_down[t].items()},
+                                     **{a: keyed(v) for a, v in r.down[t].items() if v}} for t in r.tasks}
     summary["curves"] = {a: [{"step": st, "tflop": x, "perplexity": y, "effective_iia": e} for x, y, e, st in pts]
                          for a, pts in r.curves.items()}
     summary["flops_per_step"] = {k: v for k, v in flops.items() if k not in ("key", "settings", "seconds", "finished",
@@ -426,9 +508,10 @@ def _versions() -> str:
         return ""
 
 
-def _stage_times(q, stages: dict, runs: dict, evals: dict, alignment: dict):
+def _stage_times(q, stages: dict, runs: dict, evals: dict, alignment: dict, downstream: dict):
     """(the machine in words, the rows of the stage-time table, the stages' seconds by name)."""
-    groups = (("", stages), ("students: ", runs), ("evaluation: ", evals), ("alignment: ", alignment))
+    groups = (("", stages), ("students: ", runs), ("evaluation: ", evals), ("alignment: ", alignment),
+              ("downstream: ", downstream))
     stage_rows = [f"| {prefix}{k} | {format_seconds(v['seconds'])} | {v['finished']} |"
                   for prefix, records in groups for k, v in records.items() if "seconds" in v and "same_as" not in v]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -437,7 +520,7 @@ def _stage_times(q, stages: dict, runs: dict, evals: dict, alignment: dict):
                + f", Python {platform.python_version()}, {_versions()}"
                + (f"; load average {load:.1f} when the report was written" if load is not None else ""))
     stage_seconds = {k: v["seconds"] for k, v in stages.items() if "seconds" in v}
-    for group, records in (("students", runs), ("eval", evals), ("iia", alignment)):
+    for group, records in (("students", runs), ("eval", evals), ("iia", alignment), ("downstream", downstream)):
         stage_seconds.update({f"{group}/{k}": v["seconds"] for k, v in records.items() if "same_as" not in v})
     return machine, stage_rows, stage_seconds
 

@@ -31,6 +31,25 @@ def _edge(p, choice: dict) -> str:
             f"recipe may not be the best of its kind.") if edges else ""
 
 
+def _downstream_section(q, tables: dict) -> str:
+    """Each model fine-tuned on the downstream tasks (`scripts/make_downstream_tasks.py`), accuracy on the test part."""
+    if not tables.get("downstream"):
+        return ""
+    p = q.preset
+    return f"""## Downstream tasks (test part)
+
+{tables['downstream']}
+{tables['downstream_notes']}
+Each model fine-tuned with `run_glue.py` ({p.downstream_steps} steps of {p.student_batch}, learning rate
+{p.downstream_lr:g}, a fresh classification head) on the task's train part and scored on its test part, both drawn
+from the quickstart's split by document: `source` asks which documentation a paragraph comes from, `same_document`
+whether two paragraphs share a document. The teachers, the initialisations and the random student are fine-tuned
+once per student seed, and each run is paired with its initialisation fine-tuned under the same seed. The
+comparisons are in the Holm correction with the others.
+
+"""
+
+
 def _tuning_section(q, r, tables: dict, choice: dict) -> str:
     """The tuning and ablation section (validation part)."""
     p = q.preset
@@ -162,7 +181,7 @@ def report_markdown(q, r, machine: str, tables: dict, sentence: str, corpus: dic
 The per-seed view is the paired t-test over every (teacher, seed) pair, without the correction: with several
 teachers it treats seeds of one teacher as independent, which they are not, so the verdict does not use it.
 
-## Learning curves (first teacher, mean over seeds)
+{_downstream_section(q, tables)}## Learning curves (first teacher, mean over seeds)
 
 {tables['curves']}
 ![learning curves](plots/curves.png)
