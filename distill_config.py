@@ -61,6 +61,7 @@ class DistillConfig(Runtime):
     data_augment: bool
     include_crossway: bool
     source_kd: bool
+    data_fraction: float
     restrict_ce_to_mask: bool
     no_shared_prefix: bool
     freeze_pos_embs: bool

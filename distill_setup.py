@@ -116,6 +116,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
            "draw (the same pairing), with no intervention; each loss is the mean over the base and source "
            "sequences. It gives standard distillation DIITO's extra sequences without its interchange. Not with "
            "the causal losses or --on_policy_fraction.")
+    a("--data_fraction", type=float, default=1.0,
+      help="Train on this share of --data_file's sequences, in (0, 1] (default 1: all): the same part for every "
+           "--seed and run (a fixed draw), to study distillation with little data.")
     a("--restrict_ce_to_mask", action="store_true", help="Soft-target losses only on MLM-masked tokens.")
     a("--no_shared_prefix", action="store_true",
       help="Run three full forwards per model (plain path, for checking) instead of sharing the base run's prefix.")
@@ -259,6 +262,7 @@ def sanity_checks(args) -> None:
         ("n_epoch", args.n_epoch >= 1, ">= 1"),
         ("max_steps", args.max_steps == -1 or args.max_steps >= 1, "-1 (all epochs) or >= 1"),
         ("warmup_prop", 0.0 <= args.warmup_prop <= 1.0, "in [0, 1]"),
+        ("data_fraction", 0.0 < args.data_fraction <= 1.0, "in (0, 1]"),
         ("learning_rate", args.learning_rate > 0, "> 0"),
         ("log_interval", args.log_interval is None or args.log_interval >= 1, ">= 1"),
         ("checkpoint_interval", args.checkpoint_interval >= 0, ">= 0"),
@@ -543,6 +547,7 @@ def build(args, runtime: Runtime) -> Run:
         cls_id=ids["cls_token"], sep_id=ids["sep_token"], pad_id=ids["pad_token"], unk_id=ids["unk_token"],
         seed=config.seed,
         paired=config.alpha_causal_ce > 0 or config.alpha_causal_cos > 0 or config.source_kd,
+        fraction=config.data_fraction,
     )
     return build_from_models(config, teacher, student, dataset, token_probs, mappings)
 

@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from binarized_io import Corpus, InMemoryCorpus, load_corpus
 from utils import CliError, logger
 
+DATA_FRACTION_SEED = 20220710  # the part --data_fraction keeps does not depend on --seed
+
 
 def derangement(n: int, seed: int, epoch: int) -> np.ndarray:
     """A permutation `p` of range(n) with `p[i] != i` for every i, drawn from `(seed, epoch)` only.
@@ -87,6 +89,7 @@ class LmSeqsDataset(Dataset):
         seed: int = 0,
         paired: bool = True,
         min_length: int = 12,
+        fraction: float = 1.0,
     ):
         if max_model_input_size < 3:
             raise ValueError(f"max_model_input_size must be at least 3, not {max_model_input_size}")
@@ -107,6 +110,10 @@ class LmSeqsDataset(Dataset):
         self._split_long_sequences()
         self._remove_short_sequences()
         self._remove_unknown_sequences()
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must lie in (0, 1], not {fraction}")
+        if fraction < 1.0:
+            self._keep_fraction(fraction)
         self.lengths = self._item_lengths()
         logger.info("%d sequences, %d tokens after cleaning %s", len(self), int(self.lengths.sum()), corpus.describe())
         if len(self) < (2 if self.paired else 1):
@@ -181,6 +188,16 @@ class LmSeqsDataset(Dataset):
         keep = n_unk / self._item_lengths() < 0.5
         logger.info("removing %d sequences with 50%% or more unknown tokens", int((~keep).sum()))
         self._keep(keep)
+
+    def _keep_fraction(self, fraction: float) -> None:
+        """Keep the items of a share `fraction` of the corpus's sequences (all chunks of a kept one): the first of a
+        permutation drawn from a fixed seed, not the run's, so that every run, arm and seed trains on the same part."""
+        n = len(self.corpus.lengths)
+        chosen = np.random.default_rng(DATA_FRACTION_SEED).permutation(n)[:max(1, round(fraction * n))]
+        before = len(self.seq_index)
+        self._keep(np.isin(self.seq_index, chosen))
+        logger.info("--data_fraction %g: %d of %d corpus sequences kept, %d of %d items", fraction, len(chosen), n,
+                    len(self.seq_index), before)
 
     # ---- access
 

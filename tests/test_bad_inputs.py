@@ -413,6 +413,8 @@ CASES = [
      "--source_kd is standard distillation on the base and source sequences: drop the causal losses"),
     ("train-snapshot-interval-negative", "causal_train.py", lambda w, o: _train(w, o, "--snapshot_interval", "-1"),
      "--snapshot_interval must be >= 0, not -1"),
+    ("train-data-fraction-zero", "causal_train.py", lambda w, o: _train(w, o, "--data_fraction", "0"),
+     r"--data_fraction must be in \(0, 1\], not 0.0"),
     ("counts-empty-corpus", "scripts/token_counts.py",
      lambda w, o: ["--data_file", str(w["empty_corpus"]), "--token_counts_dump", str(o / "c.pickle")],
      "--data_file .*empty.pickle holds no token"),

@@ -70,6 +70,21 @@ def test_short_and_unknown_heavy_sequences_are_dropped():
     assert len(make(data, paired=False, min_length=0)) == 3
 
 
+def test_data_fraction_keeps_the_same_whole_sequences_for_every_seed(corpus_seqs):
+    """--data_fraction keeps a share of the corpus's sequences, all chunks of each, drawn independently of --seed."""
+    full = make(corpus_seqs, paired=False)
+    tenth = [make(corpus_seqs, paired=False, seed=s, fraction=0.1) for s in (0, 1)]
+    assert items(tenth[0]) == items(tenth[1])
+    kept = set(tenth[0].seq_index.tolist())
+    assert len(kept) == 6  # a tenth of the 60 sequences
+    # every chunk of a kept sequence, and nothing else: the full dataset's items of those sequences, in order
+    assert items(tenth[0]) == [it for it, i in zip(items(full), full.seq_index.tolist()) if i in kept]
+    assert len(make(corpus_seqs, paired=False, fraction=0.5).seq_index) > len(tenth[0].seq_index)
+    assert items(make(corpus_seqs, paired=False, fraction=1.0)) == items(full)
+    with pytest.raises(ValueError, match="fraction must lie in"):
+        make(corpus_seqs, fraction=0.0)
+
+
 def test_memory_mapped_and_list_data_clean_the_same(tmp_path, corpus_seqs):
     path = tmp_path / "c.bin"
     with CorpusWriter(path, vocab_size=30522, shuffle=False) as writer:

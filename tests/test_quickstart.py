@@ -26,7 +26,9 @@ SCRIPT = ROOT / "scripts" / "quickstart.py"
 SEEDS = 1  # the smallest run; the ± of several seeds is tested on the report function
 # The end-to-end runs skip the ablation (about half the runs); test_ablation_stage_adds_only_its_runs adds it.
 FAST = ("--preset", "test", "--seeds", str(SEEDS), "--jobs", "2", "--no_ablation")
-MAIN = [a.name for a in quickstart_mlm.MlmQuickstart.arms.values() if a.main]
+# the test preset's main arms, the low-resource pair included
+MAIN = [a.name for a in build_arms(True, quickstart_mlm.DEFAULT_OBJECTIVE, quickstart_mlm.DEFAULT_SMOOTHING,
+                                   low_resource=quickstart.PRESETS["test"].low_resource).values() if a.main]
 ABLATION = [a.name for a in quickstart_mlm.MlmQuickstart.arms.values()
             if not a.main and a.name in quickstart.PRESETS["test"].ablation_arms]  # the test preset's subset
 
@@ -128,6 +130,31 @@ def test_downstream_stage_fine_tunes_every_model_on_its_corpus_tasks(test_run):
         in commands
     assert {"standard|task:same_document", "diito-standard|task:same_document"} <= set(summary["comparisons"])
     assert "## Downstream tasks (test part)" in (out / "report.md").read_text()
+
+
+@pytest.mark.e2e
+def test_low_resource_arms_train_on_the_same_tenth_of_the_data(test_run):
+    """standard_low and diito_low: --data_fraction on every run, the same part of the data for both, their own rows,
+    and the comparison of DIITO's advantage with less data against the same with all of it."""
+    out, _ = test_run
+    summary = json.loads((out / "summary.json").read_text())
+    fraction = quickstart.PRESETS["test"].low_resource
+    commands = (out / "commands.sh").read_text().splitlines()
+    for arm in ("standard_low", "diito_low"):
+        line = next(c for c in commands if f"--dump_path {out}/students/{arm}_seed1" in c)
+        assert f"--data_fraction {fraction:g}" in line
+        assert summary[arm]["main"] and summary[arm]["split"] == "test"
+    kept = [next(m for m in (out / "logs" / f"student_{arm}_seed1.log").read_text().splitlines()
+                 if "corpus sequences kept" in m).split("kept")[0].split(": ")[-1] for arm in ("standard_low", "diito_low")]
+    assert kept[0] == kept[1]  # "29 of 292 corpus sequences": the same part for both
+    other = [c for c in commands if f"--dump_path {out}/students/ctl_weight_seed1 " in c]
+    assert len(other) == 1 and "--data_fraction" not in other[0]
+    assert {"diito_low-standard_low|perplexity", "low_vs_full|perplexity", "low_vs_full|effective_iia"} <= \
+        set(summary["comparisons"])
+    # the gap change is (diito_low - standard_low) - (diito - standard), paired by seed
+    gap = summary["comparisons"]["low_vs_full|perplexity"]["diff"]
+    p = {a: summary[a]["perplexity"]["seed 1"] for a in ("diito_low", "standard_low", "diito", "standard")}
+    assert gap == pytest.approx((p["diito_low"] - p["standard_low"]) - (p["diito"] - p["standard"]))
 
 
 @pytest.mark.e2e
@@ -235,7 +262,7 @@ def test_report_numbers_are_finite(test_run):
     result = report.split("## Result")[1].split("\n## ")[0]
     table = [line for line in result.splitlines() if line.startswith("| ") and "perplexity" not in line]
     labels = build_arms(True, quickstart_mlm.DEFAULT_OBJECTIVE, quickstart_mlm.DEFAULT_SMOOTHING,
-                        weight=summary["tuning"]["weight"])
+                        weight=summary["tuning"]["weight"], low_resource=quickstart.PRESETS["test"].low_resource)
     rows = {"teacher (BERT)": "teacher", "student at initialisation (no distillation)": "init",
             "random student of the same shape": "random", **{labels[a].label: a for a in MAIN}}
     assert [line.split("|")[1].strip() for line in table if line.split("|")[1].strip() in rows] == list(rows)

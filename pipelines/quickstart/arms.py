@@ -13,6 +13,9 @@ family's language-model loss (`mlm` for BERT, `clm` for causal LMs) in place of 
     ctl_weight     weight-matched: DIITO's causal_ce weight given to ce instead
     ctl_source_kd  standard distillation also on the source sequences DIITO sees (--source_kd)
     ctl_misaligned DIITO with a mapping whose sites do not correspond (`misaligned_layers`)
+  and, with a preset's `low_resource` fraction, the low-resource regime (the same part of the data for each):
+    standard_low   standard distillation on that fraction of the training sequences (--data_fraction)
+    diito_low      DIITO on the same fraction
 - tuning arms (`tuning_arms`), first teacher, every seed, read on the validation part: the
   standard objective at each of the preset's `tune_lrs`, then DIITO at the chosen rate with each of
   its `tune_weights`: the same number of tries for each;
@@ -81,9 +84,11 @@ def weight_matched(objective: tuple[tuple[str, float], ...], weight: float) -> t
 
 
 def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smoothing: float | None,
-               lr: str | float = "default", weight: float = DIITO_WEIGHT) -> dict[str, Arm]:
+               lr: str | float = "default", weight: float = DIITO_WEIGHT,
+               low_resource: float | None = None) -> dict[str, Arm]:
     """The arms of one family, by name (main arms first). `default`: the standard objective, as (loss, weight);
-    `lr` and `weight`: the standard arm's learning rate and DIITO's causal_ce weight (tuned: `tuning_arms`)."""
+    `lr` and `weight`: the standard arm's learning rate and DIITO's causal_ce weight (tuned: `tuning_arms`);
+    `low_resource`: the share of the data the low-resource arms train on (None: no such arms)."""
     seed_combo = (("ce", 0.25), ("lm", 0.25), ("cos", 0.25))
     s_seed = SEED_SMOOTHING if mlm else None
     s_default = default_smoothing if mlm else None
@@ -100,6 +105,15 @@ def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smooth
             lr=lr, flags=("--source_kd",)),
         Arm("ctl_misaligned", "control: DIITO with a misaligned mapping", diito, s_default, lr=lr,
             mapping="misaligned"),
+    ]
+    if low_resource:
+        flags = ("--data_fraction", f"{low_resource:g}")
+        arms += [
+            Arm("standard_low", f"standard distillation, {low_resource:g} of the data", default, s_default, lr=lr,
+                flags=flags),
+            Arm("diito_low", f"DIITO, {low_resource:g} of the data", diito, s_default, lr=lr, flags=flags),
+        ]
+    arms += [
         # ablation: every term alone and the seed's combination at the ablation's rate
         Arm("abl_ce", "ce alone", (("ce", 0.25),), s_seed, lr="ablation", main=False),
         Arm("abl_lm", f"{lm} alone", (("lm", 0.25),), s_seed, lr="ablation", main=False),

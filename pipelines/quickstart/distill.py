@@ -24,7 +24,7 @@ from atomic_files import atomic_write_text
 
 
 class DistillQuickstart(DownstreamStages, Quickstart):
-    """Stages 5 to 9 of both families; a family sets `lm`, `arms`, `student_common`, `data_stage` and `extract_flags`."""
+    """Stages 5 to 10 of both families; a family sets `lm`, `arms`, `student_common`, `data_stage` and `extract_flags`."""
 
     lm = ""  # the family's LM loss: mlm or clm
     arms: dict[str, Arm] = {}  # the arms before tuning (the preset's student_lr, DIITO_WEIGHT)
@@ -309,7 +309,7 @@ class DistillQuickstart(DownstreamStages, Quickstart):
         done = self.pipe.parallel([lambda n=n, m=m, g=g: one(n, *m, g) for n, m, g in jobs])
         return {(n if g == "diito" else f"{n}@{g}"): d for (n, _, g), d in zip(jobs, done)}
 
-    # --- stage 9: report ----------------------------------------------------------------------------
+    # --- stage 10: report ---------------------------------------------------------------------------
     def report(self, stages: dict, runs: dict, evals: dict, alignment: dict, downstream: dict) -> dict:
         self.banner(10, "report: verdict, tables, curves and plots")
         settings = self.report_settings(10, stages={k: v for k, v in stages.items() if "key" in v}, runs=runs,
@@ -342,7 +342,8 @@ class DistillQuickstart(DownstreamStages, Quickstart):
         choice, runs, more = self.tuning(data, refs)
         evals.update(more)
         self.arms = {**build_arms(self.lm == "mlm", self.default_objective, self.default_smoothing,
-                                  lr=choice["lr"], weight=choice["weight"]), **choice.get("arms", {})}
+                                  lr=choice["lr"], weight=choice["weight"], low_resource=self.preset.low_resource),
+                     **choice.get("arms", {})}
         stages["tuning"] = choice
         stages["flops"], main_runs, more = self.students(data, refs)
         runs.update(main_runs)

@@ -81,6 +81,7 @@ class Preset:
     downstream_lr: float = 1e-3
     downstream_examples: tuple[int, int] = (2000, 500)
     downstream_seeds: int | None = None  # fine-tune with the first N student seeds only (None: all)
+    low_resource: float | None = None  # the low-resource arms' share of the training data (None: no such arms)
 
 
 # Sizes measured on a 2-core CPU shared with other jobs (docs/quickstart.md): a 128-wide teacher gets
@@ -96,7 +97,7 @@ PRESETS = {
     "study": Preset(vocab_size=2000, teacher_layers=4, hidden=128, heads=4, ffn=512, max_seq_length=128,
                     teacher_steps=1500, teacher_batch=32, teacher_lr=2e-3,
                     student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64,
-                    teachers=5, seeds=2, ablation=False, downstream_steps=100),
+                    teachers=5, seeds=2, ablation=False, downstream_steps=100, low_resource=0.1),
     "gpu": Preset(vocab_size=8000, teacher_layers=6, hidden=512, heads=8, ffn=2048, max_seq_length=128,
                   teacher_steps=6000, teacher_batch=128, teacher_lr=5e-4,
                   student_layers=3, student_steps=3000, student_batch=64, student_lr=5e-4, eval_batch=256,
@@ -106,7 +107,7 @@ PRESETS = {
                    teacher_steps=20, teacher_batch=16, teacher_lr=2e-3,
                    student_layers=1, student_steps=6, student_batch=8, student_lr=5e-4, eval_batch=64,
                    iia_pairs=32, max_documents=400, downstream_steps=4, downstream_examples=(48, 24),
-                   downstream_seeds=1, ablation_arms=("abl_lm", "abl_lm_s0", "abl_jsd", "abl_on_policy"),
+                   downstream_seeds=1, low_resource=0.1, ablation_arms=("abl_lm", "abl_lm_s0", "abl_jsd", "abl_on_policy"),
                    tune_lrs=(5e-4, 2e-3), tune_weights=(0.25, 0.5), curve_points=3),
 }
 

@@ -31,7 +31,7 @@ from pipelines.quickstart.stats import TEST_NAME, Comparison, against_reference,
 from pipelines.stages import format_seconds
 from atomic_files import atomic_write_text
 
-MAIN_ROWS = ("standard", "diito", "standard_eqc", "seed_standard", *CONTROLS)
+MAIN_ROWS = ("standard", "diito", "standard_eqc", "seed_standard", *CONTROLS, "standard_low", "diito_low")
 METRICS = {"perplexity": True, "effective_iia": False}  # metric: lower is better
 AGAINST = ("standard", "standard_eqc", *CONTROLS)  # what DIITO is compared with
 
@@ -155,7 +155,22 @@ class Results:
             if "standard" in self.arms:
                 a, b = self.untrained["diito"]["effective_iia"], self.untrained["standard"]["effective_iia"]
                 out["diito-standard|untrained"] = compare(a, b, False) if a and all(k in b for k in a) else None
+        if {"diito_low", "standard_low", "diito", "standard"} <= set(self.arms):
+            for metric, lower in self.metrics().items():
+                out[f"diito_low-standard_low|{metric}"] = self.between("diito_low", "standard_low", metric)
+                out[f"low_vs_full|{metric}"] = self.gap_change(metric, lower)
         return out
+
+    def gap_change(self, metric: str, lower_is_better: bool) -> Comparison | None:
+        """DIITO's advantage over standard distillation with little data against the same with all of it: per
+        (teacher, seed), (diito_low - standard_low) - (diito - standard). "better": DIITO gains more with less data."""
+        low = {k: v - self.values("standard_low", metric)[k] for k, v in self.values("diito_low", metric).items()
+               if k in self.values("standard_low", metric)}
+        full = {k: v - self.values("standard", metric)[k] for k, v in self.values("diito", metric).items()
+                if k in self.values("standard", metric)}
+        if not low or any(k not in full for k in low):
+            return None
+        return compare(low, full, lower_is_better)
 
     def get(self, name: str) -> Comparison | None:
         return self.comparisons.get(name)
@@ -240,6 +255,13 @@ def diito_table(r: Results) -> str:
             continue
         rows.append(f"| {q.labels[other]} | {cp.interval()} | {_words(cp)} | {_change(ce, '{:+.1f}', 100)} | "
                     f"{_words(ce)} | {cp.per_seed()}; {ce.per_seed() if ce else '-'} |")
+    low = q.preset.low_resource
+    for name, label in (("diito_low-standard_low", f"{q.labels.get('standard_low')} (DIITO with the same data)"),
+                        ("low_vs_full", f"(its advantage with {low:g} of the data minus with all of it)")):
+        cp, ce = r.get(f"{name}|perplexity"), r.get(f"{name}|effective_iia")
+        if cp is not None:
+            rows.append(f"| {label} | {cp.interval()} | {_words(cp)} | {_change(ce, '{:+.1f}', 100)} | "
+                        f"{_words(ce)} | {cp.per_seed()}; {ce.per_seed() if ce else '-'} |")
     return "\n".join(rows) + "\n"
 
 
@@ -381,6 +403,11 @@ def verdict(r: Results) -> str:
                                                  "{:+.1f}", 100)
                      + "".join(f", {t} accuracy " + said(r.get(f"diito-{other}|task:{t}"), "DIITO better",
                                                          "DIITO worse", "{:+.1f}", 100) for t in r.tasks))
+    if r.get("low_vs_full|perplexity") is not None:
+        parts.append(f"with {r.q.preset.low_resource:g} of the data, perplexity " + said(r.get("diito_low-standard_low|perplexity"),
+                                                                     "DIITO better", "DIITO worse")
+                     + ", and DIITO's advantage in perplexity with less data than with all of it: "
+                     + said(r.get("low_vs_full|perplexity"), "larger", "smaller"))
     line2 = "2. DIITO against standard distillation: " + "; ".join(parts) + "."
     beats = {m: [CONTROL_NAMES[c] for c in CONTROLS
                  if (x := r.get(f"diito-{c}|{m}")) is not None and x.result == "better"] for m in METRICS}
