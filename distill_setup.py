@@ -258,6 +258,21 @@ def sanity_checks(args) -> None:
         raise CliError("choose one of --fp16 and --bf16")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1:
         raise CliError("--batch_size and --gradient_accumulation_steps must be >= 1")
+    range_checks(args)
+    if args.interchange_masked_token_only and not args.mlm:
+        raise CliError("--interchange_masked_token_only needs --mlm")
+    if args.compile:
+        if args.n_gpu > 0 and torch.cuda.is_available():
+            import importlib.util
+
+            if importlib.util.find_spec("triton") is None:
+                raise CliError("--compile on CUDA needs triton (pip install triton), or drop --compile")
+        elif not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            raise CliError("--compile on the CPU needs a C++ compiler on PATH (c++, g++ or clang++), or drop --compile")
+
+
+def range_checks(args) -> None:
+    """Each numeric flag within its range: CliError naming the flag and the value."""
     for flag, ok, what in (
         ("n_epoch", args.n_epoch >= 1, ">= 1"),
         ("max_steps", args.max_steps == -1 or args.max_steps >= 1, "-1 (all epochs) or >= 1"),
@@ -281,16 +296,6 @@ def sanity_checks(args) -> None:
     ):
         if not ok:
             raise CliError(f"--{flag} must be {what}, not {getattr(args, flag)}")
-    if args.interchange_masked_token_only and not args.mlm:
-        raise CliError("--interchange_masked_token_only needs --mlm")
-    if args.compile:
-        if args.n_gpu > 0 and torch.cuda.is_available():
-            import importlib.util
-
-            if importlib.util.find_spec("triton") is None:
-                raise CliError("--compile on CUDA needs triton (pip install triton), or drop --compile")
-        elif not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-            raise CliError("--compile on the CPU needs a C++ compiler on PATH (c++, g++ or clang++), or drop --compile")
 
 
 def on_policy_checks(args) -> None:
