@@ -24,19 +24,14 @@ from pathlib import Path
 
 from doc_corpus import CorpusError, shipped_corpus
 from pipelines.quickstart.downstream import TASKS, build_tasks, split_parts, write_tasks
-from pipelines.quickstart.pipeline import SPLIT_SEED, SPLITS
+from pipelines.quickstart.pipeline import SPLIT_SEED, SPLITS, add_split_args, check_split_args
 from utils import CliError, check_output_parent, logger, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="Folder to write the tasks into (made if missing).")
-    parser.add_argument("--validation_fraction", type=float, default=0.1,
-                        help="Share of the corpus's paragraphs (whole documents) in the validation part; the "
-                             "quickstart's --validation_fraction (default 0.1).")
-    parser.add_argument("--heldout_fraction", type=float, default=0.1,
-                        help="Share of the paragraphs (whole documents) in the test part; the quickstart's "
-                             "--heldout_fraction (default 0.1).")
+    add_split_args(parser)  # the quickstart's: give the same values to get its split
     parser.add_argument("--train_examples", type=int, default=4000,
                         help="Examples per task in the train part (source: at most this many paragraphs; "
                              "same_document: this many pairs). Default 4000.")
@@ -47,9 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: all).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the example draws (default 0).")
     args = parser.parse_args(argv)
-    for flag in ("validation_fraction", "heldout_fraction"):
-        if not 0.0 < getattr(args, flag) <= 0.3:
-            raise CliError(f"--{flag} must lie in (0, 0.3], got {getattr(args, flag)}")
+    check_split_args(args)
     for flag in ("train_examples", "eval_examples"):
         if getattr(args, flag) < 2:
             raise CliError(f"--{flag} must be at least 2, got {getattr(args, flag)}")

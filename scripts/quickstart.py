@@ -56,7 +56,8 @@ from pathlib import Path
 from pipelines.quickstart import clm
 from pipelines.quickstart.mlm import MlmQuickstart
 from pipelines.quickstart.environment import PINNED_KERNELS
-from pipelines.quickstart.pipeline import PRESETS, QUICKSTART_ENV, read_text_files, split_corpus
+from pipelines.quickstart.pipeline import (PRESETS, QUICKSTART_ENV, add_split_args, check_split_args,
+                                          read_text_files, split_corpus)
 from pipelines.stages import Interrupted, StageFailed, check_inputs_outside, check_out, lock_out
 from atomic_files import atomic_write_text
 from utils import CliError, logger, run_cli
@@ -87,12 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None,
                         help="Use this tokenizer (local folder, or a hub name already in the cache) instead of "
                              "training one.")
-    parser.add_argument("--heldout_fraction", type=float, default=0.1,
-                        help="Share of the paragraphs (whole documents) in the test part, on which every reported "
-                             "figure is measured (default 0.1).")
-    parser.add_argument("--validation_fraction", type=float, default=0.1,
-                        help="Share of the paragraphs (whole documents) in the validation part, on which the tuning "
-                             "and the ablation are read (default 0.1).")
+    add_split_args(parser)
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="Threads per training process (default: half the cores; two processes fighting "
                              "over the same cores run several times slower).")
@@ -126,9 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CliError(f"--{flag} must be at least 1, got {value}")
-    for flag in ("heldout_fraction", "validation_fraction"):
-        if not 0.0 < getattr(args, flag) <= 0.3:
-            raise CliError(f"--{flag} must lie in (0, 0.3], got {getattr(args, flag)}")
+    check_split_args(args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise CliError(f"--out {args.out} is a file, not a folder")
     return args

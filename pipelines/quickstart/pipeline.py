@@ -151,6 +151,23 @@ def read_text_files(paths: list[str]) -> list[str]:
     return docs
 
 
+def add_split_args(parser) -> None:
+    """The flags of the split by document (the quickstart's and the downstream tasks', which must agree)."""
+    parser.add_argument("--heldout_fraction", type=float, default=0.1,
+                        help="Share of the paragraphs (whole documents) in the test part, on which every reported "
+                             "figure is measured (default 0.1).")
+    parser.add_argument("--validation_fraction", type=float, default=0.1,
+                        help="Share of the paragraphs (whole documents) in the validation part, on which the tuning "
+                             "and the ablation are read (default 0.1).")
+
+
+def check_split_args(args) -> None:
+    """CliError unless each fraction of `add_split_args` lies in (0, 0.3]."""
+    for flag in ("heldout_fraction", "validation_fraction"):
+        if not 0.0 < getattr(args, flag) <= 0.3:
+            raise CliError(f"--{flag} must lie in (0, 0.3], got {getattr(args, flag)}")
+
+
 def split_corpus(docs: list[str], fractions: tuple[float, float], source: str,
                  groups: list[str] | None = None) -> tuple[list[str], list[str], list[str]]:
     """Deduplicate `docs` and split them into (train, validation, test), sharing no document.
