@@ -164,3 +164,51 @@ def test_inputs_inside_out_are_found_through_links_and_dots(tmp_path):
     with pytest.raises(CliError, match="--text"):
         check_inputs_outside(out, [("--text", str(out / "sub" / ".." / "t.txt"))])
     check_inputs_outside(out, [("--text", str(tmp_path / "out2" / "t.txt"))])  # a sibling with a common prefix
+
+
+class FakeCommand:
+    """A command that prints one line and exits with a scripted status; forked unless run fresh."""
+
+    statuses: list[int] = []
+    calls: list[bool] = []
+
+    def __init__(self, script, args, env, cwd, preload):
+        self.forked = preload
+        FakeCommand.calls.append(preload)
+        self._status = FakeCommand.statuses.pop(0)
+        self._r, w = os.pipe()
+        os.write(w, f"ran {script} forked={preload}\n".encode())
+        os.close(w)
+
+    def fileno(self):
+        return self._r
+
+    def wait(self):
+        os.close(self._r)
+        return self._status
+
+    def terminate(self):
+        pass
+
+
+@pytest.mark.parametrize("statuses, forked_first, expect_calls, ok", [
+    ([255, 0], True, [True, False], True),   # status lost by the forkserver: rerun fresh, once
+    ([255, 255], True, [True, False], False),  # still 255 when fresh: a real failure
+    ([255], False, [False], False),          # a fresh python's 255 is the script's own
+    ([2], True, [True], False),              # any other failure is not retried
+])
+def test_a_forked_command_whose_status_was_lost_runs_again_fresh(tmp_path, monkeypatch, statuses, forked_first,
+                                                                 expect_calls, ok):
+    from pipelines.quickstart import pipeline as qp
+
+    monkeypatch.setattr(qp, "Command", FakeCommand)
+    FakeCommand.statuses, FakeCommand.calls = list(statuses), []
+    pipe = Pipeline(tmp_path / "out", force=False, env=dict(os.environ), preload=forked_first)
+    if ok:
+        pipe.command("x", "run_mlm.py", ["--a"])
+        log = (tmp_path / "out" / "logs" / "x.log").read_text()
+        assert "lost this command's exit status" in log and log.count("ran run_mlm.py") == 2
+    else:
+        with pytest.raises(qp.StageFailed, match=f"exited with status {statuses[-1]}"):
+            pipe.command("x", "run_mlm.py", ["--a"])
+    assert FakeCommand.calls == expect_calls

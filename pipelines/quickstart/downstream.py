@@ -200,7 +200,8 @@ class DownstreamStages:
             label = f"{name}_ft{seed}"
 
             def work(folder: Path) -> dict:
-                self.pipe.command(f"ft_{task}_{label}", "run_glue.py", [*argv, "--output_dir", folder])
+                self.pipe.command(f"ft_{task}_{label}", "run_glue.py",
+                                  [*argv, "--output_dir", folder, "--overwrite_output_dir"])
                 metrics = json.loads((folder / "eval_results.json").read_text())
                 for heavy in folder.glob("model.safetensors"):  # the score is what the report needs, not the model
                     heavy.unlink()

@@ -37,6 +37,7 @@ MIN_DOCUMENTS = 20  # fewer cannot be split into train, validation and test part
 SPLITS = ("train", "validation", "test")
 SPLIT_SEED = "quickstart-split-v1"
 STARTED = ".{}.started"  # beside a stage's folder, written first: the quickstart made it (removed with `.done`)
+LOST_STATUS = 255  # multiprocessing's exit status for a forked process whose status was lost
 TEACHER_SEED = 0  # teacher k (1-based) trains with seed TEACHER_SEED + k - 1
 RANDOM_STUDENT_SEED = 0
 
@@ -350,34 +351,45 @@ class Pipeline:
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
         with open(log_path, "wb") as log:
             log.write(f"$ {shown}\n".encode())
-            proc = Command(script, [*map(str, args)], self.env, str(REPO_ROOT), self.preload and not fresh)
-            with self._lock:
-                self._running.add(proc)
-            try:
-                while chunk := os.read(proc.fileno(), 65536):
-                    log.write(chunk)
-                    log.flush()  # `tail -f` on the log shows the command's output as it comes
-                    found = PROGRESS.findall(chunk)
-                    if found:
-                        done, total = (int(x) for x in found[-1])
-                        if bar.total != total:
-                            bar.reset(total=total)
-                        bar.n = min(done, total)
-                        bar.refresh()
-                rc = proc.wait()
-            except BaseException:
-                proc.terminate()
-                proc.wait()
-                raise
-            finally:
-                bar.close()
-                with self._lock:
-                    self._running.discard(proc)
+            rc, forked = self._run_once(script, args, fresh, log, bar)
+            if rc == LOST_STATUS and forked:
+                # the forkserver lost the command's exit status (multiprocessing reports 255 when its status pipe
+                # closes unread; no script of ours exits 255): run it again as a fresh python, once
+                log.write(b"\n[quickstart] the preloaded server lost this command's exit status; running it again "
+                          b"as a fresh python\n")
+                rc, _ = self._run_once(script, args, True, log, bar)
+            bar.close()
         if rc != 0:
             tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
             raise StageFailed(f"{script} exited with status {rc}; its output is in {log_path}, ending with:\n"
                               + "\n".join("    " + line[-300:] for line in tail) + f"\nThe command was:\n  {shown}")
         return time.time() - start
+
+    def _run_once(self, script: str, args: list[str], fresh: bool, log, bar) -> tuple[int, bool]:
+        """Run the command once, its output into `log` and its progress into `bar`: (exit status, forked)."""
+        proc = Command(script, [*map(str, args)], self.env, str(REPO_ROOT), self.preload and not fresh)
+        with self._lock:
+            self._running.add(proc)
+        try:
+            while chunk := os.read(proc.fileno(), 65536):
+                log.write(chunk)
+                log.flush()  # `tail -f` on the log shows the command's output as it comes
+                found = PROGRESS.findall(chunk)
+                if found:
+                    done, total = (int(x) for x in found[-1])
+                    if bar.total != total:
+                        bar.reset(total=total)
+                    bar.n = min(done, total)
+                    bar.refresh()
+            return proc.wait(), proc.forked
+        except BaseException:
+            proc.terminate()
+            proc.wait()
+            bar.close()
+            raise
+        finally:
+            with self._lock:
+                self._running.discard(proc)
 
     def parallel(self, tasks: list) -> list:
         """Run the zero-argument callables `tasks` (each its own units and commands), `jobs` at a time; their
