@@ -331,3 +331,24 @@ def test_downstream_accuracy_pairs_each_run_with_its_init_fine_tuned_under_the_s
 
 
 MAIN_ARMS = [n for n, a in quickstart_mlm.MlmQuickstart.arms.items() if a.main]
+
+
+def test_diito_table_with_and_without_the_low_resource_arms():
+    """A preset without low-resource arms (small) gets no low-resource rows; one with them gets both."""
+    from pipelines.quickstart.report import diito_table
+
+    q = fake_quickstart(quickstart_mlm.MlmQuickstart.arms)
+    assert q.preset.low_resource is None
+    runs, evals, alignment = fake_records(q, lambda a, s: 270.0 + s, lambda a, s: 0.6)
+    table = diito_table(Results(q, {}, runs, evals, alignment))
+    assert "of the data" not in table and "| standard distillation |" in table
+    arms = build_arms(True, quickstart_mlm.DEFAULT_OBJECTIVE, quickstart_mlm.DEFAULT_SMOOTHING, low_resource=0.1)
+    q2 = fake_quickstart(arms)
+    q2.preset = replace_preset(q2.preset, low_resource=0.1)
+    runs, evals, alignment = fake_records(q2, lambda a, s: 270.0 + s - (1.0 if a == "diito_low" else 0.0),
+                                          lambda a, s: 0.6)
+    r = Results(q2, {}, runs, evals, alignment)
+    table = diito_table(r)
+    assert "| standard distillation, 0.1 of the data (DIITO with the same data) | -1.00" in table
+    assert "(its advantage with 0.1 of the data minus with all of it) | -1.00" in table
+    assert r.get("low_vs_full|perplexity").diff == pytest.approx(-1.0)
