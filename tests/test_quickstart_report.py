@@ -316,8 +316,17 @@ def test_downstream_accuracy_pairs_each_run_with_its_init_fine_tuned_under_the_s
                 down[f"source/{run_name(arm, k, s)}_ft{s}"] = {"accuracy": init[(k, s)] + gain}
     for s in (1, 2):
         down[f"source/random_student_ft{s}"] = {"accuracy": 0.3}
-    tasks = {"tasks": ["source"], "balance": {"source": {"test": {"examples": 500, "majority_accuracy": 0.444}}}}
+    # a second task without room: the teacher fine-tuned is no better than the random student
+    for key, rec in list(down.items()):
+        down["same_document/" + key.split("/", 1)[1]] = {"accuracy": 0.5 + (0.01 if "_ft2" in key else 0.0)}
+    tasks = {"tasks": ["same_document", "source"],
+             "balance": {"source": {"test": {"examples": 500, "majority_accuracy": 0.444}}}}
     r = Results(q, {"tasks": tasks}, runs, evals, alignment, down)
+    assert r.has_room("source") and not r.has_room("same_document")
+    assert not any("same_document" in name for name in r.comparisons)
+    assert "same_document" not in verdict(r)
+    from pipelines.quickstart.report import downstream_notes
+    assert "**no room**" in downstream_notes(r).split("`source`")[0]
     c = r.get("standard|task:source")
     # paired by (teacher, seed): the gain is exactly 0.10 + 0.001 k, whatever the seed did to the initialisation
     assert c.unit == "teacher" and c.n == 5 and c.diff == pytest.approx(0.103)
@@ -327,7 +336,8 @@ def test_downstream_accuracy_pairs_each_run_with_its_init_fine_tuned_under_the_s
     lines = verdict(r).splitlines()
     assert len(lines) == 3 and "source accuracy better" in lines[0] and "source accuracy DIITO better" in lines[1]
     table = downstream_table(r)
-    assert "| teacher (BERT) | 90.0 ± 0.0 | - |" in table and "| DIITO minus standard distillation | +5.0" in table
+    assert "| teacher (BERT) | 50.5 ± 0.5 | - | 90.0 ± 0.0 | - |" in table
+    assert "| DIITO minus standard distillation | - | - | +5.0" in table  # no comparison in a task without room
 
 
 MAIN_ARMS = [n for n, a in quickstart_mlm.MlmQuickstart.arms.items() if a.main]
