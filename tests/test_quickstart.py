@@ -128,8 +128,12 @@ def test_downstream_stage_fine_tunes_every_model_on_its_corpus_tasks(test_run):
     assert f"run_glue.py --model_name_or_path {out}/students/diito_seed1 " in commands
     assert f"--train_file {out}/tasks/same_document/train.jsonl --validation_file {out}/tasks/same_document/test.jsonl" \
         in commands
-    assert {"standard|task:same_document", "diito-standard|task:same_document"} <= set(summary["comparisons"])
-    assert "## Downstream tasks (test part)" in (out / "report.md").read_text()
+    # the task joins the verdict only with room: the teacher fine-tuned beats the random student (one seed: no spread)
+    room = down["teacher"]["seed 1"] > down["random"]["seed 1"]
+    assert ("standard|task:same_document" in summary["comparisons"]) == room
+    assert ("diito-standard|task:same_document" in summary["comparisons"]) == room
+    report = (out / "report.md").read_text()
+    assert "## Downstream tasks (test part)" in report and ("**no room**" in report) == (not room)
 
 
 @pytest.mark.e2e
