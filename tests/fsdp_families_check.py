@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from batching import BatchPreparer
 from causal_distiller import _usable_outside_inference, compute_losses, needs_from_alphas
+from devices import end_process_group
 from clm_helpers import tiny_causal
 from interventions import FAMILIES, LLAMA_LAYOUT, model_outputs
 from sharding import StudentLosses, TeacherRuns, shard
@@ -129,7 +130,9 @@ def main() -> None:
         checks = check_family(family, mesh)
         if dist.get_rank() == 0:
             print(f"OK {family} {checks}", flush=True)
-    dist.destroy_process_group()
+    # the FSDP models must be freed before the group goes (end_process_group): freed after it, at exit, a rank
+    # now and then aborted in their destructors ("terminate called without an active exception")
+    end_process_group()
 
 
 if __name__ == "__main__":
