@@ -22,9 +22,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from doc_corpus import CorpusError, shipped_corpus
 from pipelines.quickstart.downstream import TASKS, build_tasks, split_parts, write_tasks
-from pipelines.quickstart.pipeline import SPLIT_SEED, SPLITS, add_split_args, check_split_args
+from pipelines.quickstart.pipeline import SPLIT_SEED, SPLITS, add_split_args, check_split_args, read_shipped
 from utils import CliError, check_output_parent, logger, run_cli
 
 
@@ -57,11 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     check_output_parent(out / "tasks.json", "--out")
-    try:
-        lines, documents, manifest = shipped_corpus(args.max_documents)
-    except CorpusError as err:
-        raise CliError(str(err)) from None
-    groups = [name for name, n in documents for _ in range(n)]
+    lines, groups, manifest = read_shipped(args.max_documents)
     parts = split_parts(lines, groups, (args.validation_fraction, args.heldout_fraction))
     sizes = {"train": args.train_examples, "validation": args.eval_examples, "test": args.eval_examples}
     tasks = build_tasks(parts, sizes, args.seed)

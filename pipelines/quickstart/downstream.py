@@ -142,9 +142,7 @@ class DownstreamStages:
 
     def tasks(self, corpus: dict) -> dict | None:
         """The downstream tasks (`tasks/`), or None when there are none to build (why is printed)."""
-        from doc_corpus import CorpusError, shipped_corpus
-        from pipelines.quickstart.pipeline import SPLIT_SEED
-        from utils import CliError
+        from pipelines.quickstart.pipeline import SPLIT_SEED, read_shipped
 
         p, args = self.preset, self.args
         why = ("--no_downstream" if args.no_downstream else "your --text corpus has no sources or documents to pose "
@@ -158,11 +156,7 @@ class DownstreamStages:
         settings = {"corpus": corpus["key"], "sizes": sizes, "seed": 0, "tasks": 1}
 
         def work(folder: Path) -> dict:
-            try:
-                lines, documents, manifest = shipped_corpus(p.max_documents)
-            except CorpusError as err:
-                raise CliError(str(err)) from None
-            groups = [name for name, n in documents for _ in range(n)]
+            lines, groups, manifest = read_shipped(p.max_documents)
             built, skipped = usable_tasks(build_tasks(split_parts(lines, groups, fractions), sizes, 0))
             record = {"corpus_sha256": manifest["sha256"], "split": SPLIT_SEED, "fractions": list(fractions), "seed": 0}
             written = write_tasks(folder, built, record)["tasks"]

@@ -206,6 +206,16 @@ def split_corpus(docs: list[str], fractions: tuple[float, float], source: str,
     return out["train"], out["validation"], out["test"]
 
 
+def read_shipped(max_documents: int | None) -> tuple[list[str], list[str], dict]:
+    """(paragraphs, the document of each, manifest) of the shipped corpus (its first `max_documents` paragraphs),
+    its SHA-256 checked; a missing or damaged copy is a CliError naming it."""
+    try:
+        lines, documents, manifest = shipped_corpus(max_documents)
+    except CorpusError as err:
+        raise CliError(str(err)) from None
+    return lines, [name for name, n in documents for _ in range(n)], manifest
+
+
 def shipped_sha256() -> str:
     """The SHA-256 the shipped corpus's manifest records (the corpus stage's key: checked when it is read)."""
     from doc_corpus import SHIPPED
@@ -500,11 +510,7 @@ class Quickstart:
             if self.user_docs is not None:
                 docs, groups, origin = self.user_docs, None, "your --text files: " + ", ".join(args.text)
             else:
-                try:
-                    docs, documents, manifest = shipped_corpus(p.max_documents)
-                except CorpusError as err:
-                    raise CliError(str(err)) from None
-                groups = [name for name, n in documents for _ in range(n)]
+                docs, groups, manifest = read_shipped(p.max_documents)
                 record["versions"] = {"python": manifest["python"], **manifest["packages"]}
                 record["corpus_sha256"] = manifest["sha256"]
                 origin = corpus_origin(manifest, manifest.get("pydoc_topics", False))

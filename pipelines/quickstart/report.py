@@ -119,16 +119,21 @@ class Results:
         return self.ppl[arm] if metric == "perplexity" else self.eff[arm] if metric == "effective_iia" else \
             self.iia[arm]
 
-    def has_room(self, task: str) -> bool:
-        """Whether `task` can tell models apart here: the teacher fine-tuned beats the random student fine-tuned by
-        more than the larger of their spreads over seeds. Read off the references alone, never off the arms compared,
-        so the rule cannot favour one arm; a task without room is reported but kept out of the verdicts and Holm's
-        family (it would only dilute them)."""
+    def room(self, task: str) -> tuple[float, float] | None:
+        """(the fine-tuned teacher's mean accuracy minus the fine-tuned random student's, the larger of their spreads
+        over seeds) on `task`; None without both references."""
         teacher, random = list(self.ref_down[task]["teacher"].values()), list(self.ref_down[task]["random"].values())
         if not teacher or not random:
-            return False
-        spreads = [sd for sd in (mean_std(teacher)[1], mean_std(random)[1]) if sd is not None]
-        return mean_std(teacher)[0] - mean_std(random)[0] > max(spreads, default=0.0)
+            return None
+        (t_mean, t_sd), (r_mean, r_sd) = mean_std(teacher), mean_std(random)
+        return t_mean - r_mean, max((sd for sd in (t_sd, r_sd) if sd is not None), default=0.0)
+
+    def has_room(self, task: str) -> bool:
+        """Whether `task` can tell models apart here: the teacher beats the random student by more than their spread
+        (`room`). Read off the references alone, never off the arms compared, so the rule cannot favour one arm; a
+        task without room is reported but kept out of the verdicts and Holm's family (it would only dilute them)."""
+        room = self.room(task)
+        return room is not None and room[0] > room[1]
 
     def metrics(self) -> dict:
         """The comparisons' metrics (name: lower is better): perplexity, effective IIA, each downstream task with
@@ -316,10 +321,8 @@ def downstream_notes(r: Results) -> str:
     notes = []
     for t in r.tasks:
         test = r.task_balance.get(t, {}).get("test", {})
-        teacher = mean_std(list(r.ref_down[t]["teacher"].values()))[0] if r.ref_down[t]["teacher"] else None
-        random = mean_std(list(r.ref_down[t]["random"].values()))[0] if r.ref_down[t]["random"] else None
-        room = (f"; room between the random student and the teacher {100 * (teacher - random):+.1f} points"
-                if teacher is not None and random is not None else "")
+        gap = r.room(t)
+        room = f"; room between the random student and the teacher {100 * gap[0]:+.1f} points" if gap else ""
         room += ("" if r.has_room(t) else ": **no room** (the teacher does not beat the random student beyond their "
                  "spread over seeds), so this task is reported but kept out of the verdict and the correction")
         notes.append(f"- `{t}`: {test.get('examples', '?')} test examples, majority-class baseline "
