@@ -1,20 +1,26 @@
 """Build offline downstream tasks from the quickstart's shipped corpus, for fine-tuning distilled students.
 
-Two tasks, split by document exactly as the quickstart splits the corpus (same fractions, same rule), so a
+Three tasks, split by document exactly as the quickstart splits the corpus (same fractions, same rule), so a
 task's test examples come only from documents no student was distilled on and no task trained on:
 
   source         which documentation a paragraph comes from (8 classes: torch, numpy, scipy, scikit-learn,
                  transformers, datasets, stdlib, pydoc_topics): sequence classification;
   same_document  do two paragraphs come from the same document? (sentence pairs, balanced; negatives from
-                 another document of the same source where there is one).
+                 another document of the same source where there is one);
+  replaced       which words of a paragraph were swapped for another word of the same part's text (each
+                 with probability one half, drawn from the same word frequencies, so only context tells):
+                 token classification.
 
 Output: OUT/<task>/{train,validation,test}.jsonl in the columns run_glue.py reads from local files (no
---task_name), and OUT/tasks.json: sizes, class balance and the majority-class baseline of every part. The same
-settings give the same bytes. Fine-tune a student on one:
+--task_name; run_ner.py's `tokens` and `ner_tags` for `replaced`), and OUT/tasks.json: sizes, class balance
+and the majority-class baseline of every part (over words for `replaced`). The same settings give the same
+bytes. Fine-tune a student on one:
 
   python scripts/make_downstream_tasks.py --out tasks
   python run_glue.py --model_name_or_path STUDENT --train_file tasks/source/train.jsonl \\
       --validation_file tasks/source/test.jsonl --do_train --do_eval --output_dir ft/source
+  python run_ner.py --model_name_or_path STUDENT --train_file tasks/replaced/train.jsonl \\
+      --validation_file tasks/replaced/test.jsonl --do_train --do_eval --output_dir ft/replaced
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipelines.quickstart.downstream import TASKS, build_tasks, split_parts, write_tasks
+from pipelines.quickstart.downstream import TASKS, build_tasks, labels_of, split_parts, write_tasks
 from pipelines.quickstart.pipeline import SPLIT_SEED, SPLITS, add_split_args, check_split_args, read_shipped
 from utils import CliError, check_output_parent, logger, run_cli
 
@@ -32,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="Folder to write the tasks into (made if missing).")
     add_split_args(parser)  # the quickstart's: give the same values to get its split
     parser.add_argument("--train_examples", type=int, default=4000,
-                        help="Examples per task in the train part (source: at most this many paragraphs; "
-                             "same_document: this many pairs). Default 4000.")
+                        help="Examples per task in the train part (source, replaced: at most this many "
+                             "paragraphs; same_document: this many pairs). Default 4000.")
     parser.add_argument("--eval_examples", type=int, default=1000,
                         help="Examples per task in the validation and test parts each (default 1000).")
     parser.add_argument("--max_documents", type=int, default=None,
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = build_tasks(parts, sizes, args.seed)
     for task in TASKS:
         for name in SPLITS:
-            if len({str(r["label"]) for r in tasks[task][name]}) < 2:
+            if len(set(labels_of(tasks[task][name]))) < 2:
                 raise CliError(f"the {name} part has too few documents for the {task} task (one class or none); "
                                f"raise --max_documents or the fractions")
     record = {"corpus_sha256": manifest["sha256"], "max_documents": args.max_documents, "split": SPLIT_SEED,

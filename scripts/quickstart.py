@@ -71,10 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="./quickstart_out", help="Output folder (default: ./quickstart_out).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                        help="small (default): the size measured in docs/quickstart.md; study: a deeper teacher trained "
-                             "longer, two teachers (BERT: about 70 min with the ablation on 2 shared cores; Llama: "
-                             "69 min, plus 25 min for the ablation, on 2 idle cores; docs/quickstart.md); gpu: bigger "
-                             "models and longer runs with --n_gpu 1 --bf16; test: the smallest size, for the test suite.")
+                        help="small (default): the size measured in docs/quickstart.md; study: five teachers, the unit of "
+                             "its verdicts, two student seeds each, DIITO's controls, the low-resource arms and the "
+                             "`replaced` task, no ablation (times in docs/quickstart.md); gpu: bigger models and "
+                             "longer runs with --n_gpu 1 --bf16; test: the smallest size, for the test suite.")
     parser.add_argument("--family", choices=("bert", "llama", "gpt2"), default="bert",
                         help="Teacher family: bert (masked LM, the default), or a causal LM, llama or gpt2 "
                              "(run_clm.py; pipelines/quickstart/clm.py).")

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 from doc_corpus import shipped_corpus
-from pipelines.quickstart.downstream import TASKS, source_of
+from pipelines.quickstart.downstream import REPLACED_TAGS, TASKS, TOKEN_TASKS, labels_of, source_of
 
 SCRIPT = ROOT / "scripts" / "make_downstream_tasks.py"
 PARAGRAPHS = 6000  # the corpus's first paragraphs: enough documents of several sources, built in a second
@@ -48,7 +48,27 @@ def texts_in(rows: list[dict]) -> set[str]:
     return {text for r in rows for key in ("sentence", "sentence1", "sentence2") if key in r for text in [r[key]]}
 
 
-@pytest.mark.parametrize("task", TASKS)
+SENTENCE_TASKS = [t for t in TASKS if t not in TOKEN_TASKS]
+
+
+@pytest.fixture(scope="module")
+def parts() -> dict[str, list[str]]:
+    """The quickstart's split of the corpus's first PARAGRAPHS: the paragraphs of each part."""
+    from pipelines.quickstart.pipeline import split_corpus
+
+    lines, documents, _ = shipped_corpus(PARAGRAPHS)
+    groups = [name for name, n in documents for _ in range(n)]
+    return dict(zip(("train", "validation", "test"), split_corpus(lines, (0.1, 0.1), "the corpus", groups)))
+
+
+def kept_words_match(row: dict, words: list[str]) -> bool:
+    """Whether `row` (a `replaced` example) is `words` with some words swapped: same length, the same word at every
+    position tagged O, another word at every swapped one."""
+    return len(words) == len(row["tokens"]) and all(
+        (w == t) == (tag == "O") for w, t, tag in zip(words, row["tokens"], row["ner_tags"]))
+
+
+@pytest.mark.parametrize("task", SENTENCE_TASKS)
 def test_no_document_is_in_two_parts(tasks, document_of, task):
     """Every paragraph of a part (both of a pair's) comes from documents no other part draws on."""
     docs = {}
@@ -58,6 +78,39 @@ def test_no_document_is_in_two_parts(tasks, document_of, task):
     assert not docs["train"] & docs["test"]
     assert not docs["train"] & docs["validation"]
     assert not docs["validation"] & docs["test"]
+
+
+@pytest.mark.parametrize("part", ["train", "validation", "test"])
+def test_replaced_rows_come_from_their_own_part(tasks, parts, part):
+    """Each `replaced` example is a paragraph of its own part (cut to 48 words) with words swapped for words of
+    that part: none is drawn from another part's documents."""
+    by_length: dict[int, list[list[str]]] = {}
+    for text in parts[part]:
+        words = text.split()[:48]
+        by_length.setdefault(len(words), []).append(words)
+    own_words = {w for text in parts[part] for w in text.split()[:48]}
+    rows = read_rows(tasks / "replaced" / f"{part}.jsonl")
+    assert rows
+    for r in rows:
+        assert any(kept_words_match(r, words) for words in by_length.get(len(r["tokens"]), [])), r
+        assert set(r["tokens"]) <= own_words
+
+
+def test_a_replaced_words_identity_tells_nothing(tasks):
+    """Half the words are swapped, and a frequent word is swapped in as often as it is kept: the swapped-in words
+    follow the text's own frequencies, so only context can tell (drawing from the vocabulary instead would leave
+    frequent words almost always original)."""
+    rows = read_rows(tasks / "replaced" / "train.jsonl")
+    tags = labels_of(rows)
+    assert set(tags) == set(REPLACED_TAGS)
+    assert 0.45 < tags.count("B-REPLACED") / len(tags) < 0.55
+    seen: dict[str, list[bool]] = {}
+    for r in rows:
+        for word, tag in zip(r["tokens"], r["ner_tags"]):
+            seen.setdefault(word, []).append(tag != "O")
+    frequent = {w: sum(v) / len(v) for w, v in seen.items() if len(v) >= 100}
+    assert len(frequent) >= 5
+    assert all(0.35 < share < 0.65 for share in frequent.values()), frequent
 
 
 def test_the_parts_are_the_quickstarts_split(tasks, document_of, tmp_path):
@@ -95,9 +148,10 @@ def test_manifest_counts_and_baselines_match_the_files(tasks):
     for task in TASKS:
         for part, entry in manifest["tasks"][task].items():
             rows = read_rows(tasks / entry["file"])
-            counts = Counter(str(r["label"]) for r in rows)
+            # a token-level task counts its words' tags
+            counts = Counter(str(t) for r in rows for t in r.get("ner_tags", [r.get("label")]))
             assert entry["examples"] == len(rows) and entry["classes"] == dict(counts)
-            assert math.isclose(entry["majority_accuracy"], max(counts.values()) / len(rows))
+            assert math.isclose(entry["majority_accuracy"], max(counts.values()) / sum(counts.values()))
     assert manifest["corpus_sha256"] == json.loads((ROOT / "data" / "quickstart_corpus.json").read_text())["sha256"]
 
 
@@ -124,11 +178,13 @@ def test_bad_settings_name_the_flag(tmp_path, extra, fragment):
     assert not (tmp_path / "t" / "tasks.json").exists()
 
 
-def test_run_glue_fine_tunes_on_both_tasks(tmp_path, tasks, tokenizer_dir):
-    """The files are what run_glue.py reads without --task_name: one sentence or a pair, string or int labels."""
+def test_run_glue_and_run_ner_fine_tune_on_every_task(tmp_path, tasks, tokenizer_dir):
+    """The files are what run_glue.py reads without --task_name (one sentence or a pair, string or int labels) and
+    what run_ner.py reads (words and their tags)."""
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
     import run_glue
+    import run_ner
 
     model = tmp_path / "bert"
     config = BertConfig(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), hidden_size=32,
@@ -136,7 +192,7 @@ def test_run_glue_fine_tunes_on_both_tasks(tmp_path, tasks, tokenizer_dir):
     BertForMaskedLM(config).save_pretrained(model)
     for task in TASKS:
         out = tmp_path / task
-        results = run_glue.main(
+        results = (run_ner if task in TOKEN_TASKS else run_glue).main(
             ["--model_name_or_path", str(model), "--train_file", str(tasks / task / "train.jsonl"),
              "--validation_file", str(tasks / task / "test.jsonl"), "--do_train", "--do_eval", "--max_steps", "2",
              "--max_seq_length", "64", "--save_strategy", "no", "--output_dir", str(out),
@@ -144,5 +200,37 @@ def test_run_glue_fine_tunes_on_both_tasks(tmp_path, tasks, tokenizer_dir):
              "--per_device_train_batch_size", "8", "--seed", "0"])
         assert 0.0 <= results["eval_accuracy"] <= 1.0
         labels = json.loads((out / "config.json").read_text())["label2id"]
-        expected = {str(r["label"]) for r in read_rows(tasks / task / "train.jsonl")}
+        expected = set(labels_of(read_rows(tasks / task / "train.jsonl")))
         assert set(labels) == expected
+
+
+def test_the_stage_fine_tunes_the_presets_tasks_each_with_its_script(tmp_path):
+    """Stage 9 fine-tunes only the tasks the preset names (the study preset: `replaced`), a token-level task with
+    run_ner.py and the others with run_glue.py, every model with each of its seeds."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from pipelines.quickstart.downstream import DownstreamStages
+    from pipelines.quickstart.pipeline import PRESETS
+
+    class Pipe:
+        def unit(self, name, folder, settings, work, outputs=()):
+            return {"name": name, "script": settings["script"], "argv": settings["argv"]}
+
+        def parallel(self, jobs):
+            return [job() for job in jobs]
+
+    def stage(preset):
+        q = DownstreamStages()
+        q.preset, q.out, q.pipe, q.banner = preset, tmp_path, Pipe(), lambda *a: None
+        models = {"teacher": (tmp_path / "teacher", {"key": "t"}, [1, 2]), "diito_seed1": (tmp_path / "d", {"key": "d"}, [1])}
+        return q.downstream({"tasks": ["replaced", "same_document"], "key": "k"}, models)
+
+    study = stage(PRESETS["study"])
+    assert PRESETS["study"].downstream_tasks == ("replaced",)
+    assert sorted(study) == ["replaced/diito_seed1_ft1", "replaced/teacher_ft1", "replaced/teacher_ft2"]
+    assert {r["script"] for r in study.values()} == {"run_ner.py"}
+    every = stage(replace(PRESETS["study"], downstream_tasks=None))
+    assert sorted({k.split("/")[0] for k in every}) == ["replaced", "same_document"]
+    assert {every[k]["script"] for k in every if k.startswith("same_document/")} == {"run_glue.py"}
+    assert stage(replace(PRESETS["study"], downstream_tasks=("source",))) == {}

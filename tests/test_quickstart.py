@@ -115,25 +115,29 @@ def test_downstream_stage_fine_tunes_every_model_on_its_corpus_tasks(test_run):
     summary = json.loads((out / "summary.json").read_text())
     tasks = json.loads((out / "tasks" / ".done").read_text())
     # the test preset's corpus (its first 400 paragraphs, all the standard library's) cannot pose `source`
-    assert tasks["tasks"] == ["same_document"] and tasks["skipped"] == ["source"]
+    assert tasks["tasks"] == ["replaced", "same_document"] and tasks["skipped"] == ["source"]
     assert "not posed by this corpus: source" in proc.stdout
-    down = summary["downstream"]["same_document"]
-    assert down["balance"]["test"]["majority_accuracy"] == 0.5
-    for name in ("teacher", "init", "random", *MAIN):
-        assert set(down[name]) == {"seed 1"}, name
-    for arm in MAIN:
-        found = json.loads((out / "downstream" / "same_document" / f"{arm}_seed1_ft1" / "eval_results.json").read_text())
-        assert down[arm]["seed 1"] == found["eval_accuracy"]
+    assert summary["downstream"]["same_document"]["balance"]["test"]["majority_accuracy"] == 0.5
     commands = (out / "commands.sh").read_text()
     assert f"run_glue.py --model_name_or_path {out}/students/diito_seed1 " in commands
-    assert f"--train_file {out}/tasks/same_document/train.jsonl --validation_file {out}/tasks/same_document/test.jsonl" \
-        in commands
-    # the task joins the verdict only with room: the teacher fine-tuned beats the random student (one seed: no spread)
-    room = down["teacher"]["seed 1"] > down["random"]["seed 1"]
-    assert ("standard|task:same_document" in summary["comparisons"]) == room
-    assert ("diito-standard|task:same_document" in summary["comparisons"]) == room
+    assert f"run_ner.py --model_name_or_path {out}/students/diito_seed1 " in commands
     report = (out / "report.md").read_text()
-    assert "## Downstream tasks (test part)" in report and ("**no room**" in report) == (not room)
+    assert "## Downstream tasks (test part)" in report
+    for task in ("same_document", "replaced"):
+        down = summary["downstream"][task]
+        for name in ("teacher", "init", "random", *MAIN):
+            assert set(down[name]) == {"seed 1"}, name
+        for arm in MAIN:
+            found = json.loads((out / "downstream" / task / f"{arm}_seed1_ft1" / "eval_results.json").read_text())
+            assert down[arm]["seed 1"] == found["eval_accuracy"]
+        assert f"--train_file {out}/tasks/{task}/train.jsonl --validation_file {out}/tasks/{task}/test.jsonl" \
+            in commands
+        # a task joins the verdict only with room: the teacher fine-tuned beats the random student (one seed: no
+        # spread)
+        room = down["teacher"]["seed 1"] > down["random"]["seed 1"]
+        assert (f"standard|task:{task}" in summary["comparisons"]) == room
+        assert (f"diito-standard|task:{task}" in summary["comparisons"]) == room
+        assert ("**no room**" in report.split(f"- `{task}`:")[1].split("\n")[0]) == (not room)
 
 
 @pytest.mark.e2e

@@ -82,6 +82,7 @@ class Preset:
     downstream_lr: float = 1e-3
     downstream_examples: tuple[int, int] = (2000, 500)
     downstream_seeds: int | None = None  # fine-tune with the first N student seeds only (None: all)
+    downstream_tasks: tuple[str, ...] | None = None  # the tasks fine-tuned on (None: every one the corpus poses)
     low_resource: float | None = None  # the low-resource arms' share of the training data (None: no such arms)
 
 
@@ -94,11 +95,14 @@ PRESETS = {
                     student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64),
     # study: five teachers (seeds 0 to 4), the unit of its verdicts, two student seeds each, with DIITO's
     # controls and without the ablation; the `small` teacher's shape (the earlier study's were 6 blocks, 4000 steps)
-    # and 2 seeds so that a family should run in about 100 min on 2 idle cores: an estimate (docs/quickstart.md)
+    # and 2 seeds so that a family runs in about 100 min on 2 idle cores (docs/quickstart.md). Downstream, only
+    # `replaced`: `source` and `same_document` left every model of `small` at chance (no room), and each task costs
+    # about 15 min of fine-tuning here
     "study": Preset(vocab_size=2000, teacher_layers=4, hidden=128, heads=4, ffn=512, max_seq_length=128,
                     teacher_steps=1500, teacher_batch=32, teacher_lr=2e-3,
                     student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64,
-                    teachers=5, seeds=2, ablation=False, downstream_steps=100, low_resource=0.1),
+                    teachers=5, seeds=2, ablation=False, downstream_steps=100, downstream_tasks=("replaced",),
+                    low_resource=0.1),
     "gpu": Preset(vocab_size=8000, teacher_layers=6, hidden=512, heads=8, ffn=2048, max_seq_length=128,
                   teacher_steps=6000, teacher_batch=128, teacher_lr=5e-4,
                   student_layers=3, student_steps=3000, student_batch=64, student_lr=5e-4, eval_batch=256,

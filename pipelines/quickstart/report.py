@@ -26,6 +26,7 @@ import struct
 from pathlib import Path
 
 from pipelines.quickstart.arms import CONTROL_NAMES, CONTROLS, init_name, key_text, learning_rate, run_name, teacher_name
+from pipelines.quickstart.downstream import TOKEN_TASKS
 from pipelines.quickstart.report_text import report_markdown
 from pipelines.quickstart.stats import TEST_NAME, Comparison, against_reference, compare, holm, mean_std, plus_minus
 from pipelines.stages import format_seconds
@@ -325,7 +326,8 @@ def downstream_notes(r: Results) -> str:
         room = f"; room between the random student and the teacher {100 * gap[0]:+.1f} points" if gap else ""
         room += ("" if r.has_room(t) else ": **no room** (the teacher does not beat the random student beyond their "
                  "spread over seeds), so this task is reported but kept out of the verdict and the correction")
-        notes.append(f"- `{t}`: {test.get('examples', '?')} test examples, majority-class baseline "
+        words = f" ({test['labels']} words)" if t in TOKEN_TASKS and test.get("labels") else ""
+        notes.append(f"- `{t}`: {test.get('examples', '?')} test examples{words}, majority-class baseline "
                      f"{100 * (test.get('majority_accuracy') or 0):.1f}%{room}.")
     return "\n".join(notes) + "\n"
 

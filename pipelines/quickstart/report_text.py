@@ -40,12 +40,14 @@ def _downstream_section(q, tables: dict) -> str:
 
 {tables['downstream']}
 {tables['downstream_notes']}
-Each model fine-tuned with `run_glue.py` ({p.downstream_steps} steps of {p.student_batch}, learning rate
-{p.downstream_lr:g}, a fresh classification head) on the task's train part and scored on its test part, both drawn
-from the quickstart's split by document: `source` asks which documentation a paragraph comes from, `same_document`
-whether two paragraphs share a document. The teachers, the initialisations and the random student are fine-tuned
-once per student seed, and each run is paired with its initialisation fine-tuned under the same seed. The
-comparisons are in the Holm correction with the others.
+Each model fine-tuned with `run_glue.py` (`run_ner.py` for `replaced`; {p.downstream_steps} steps of
+{p.student_batch}, learning rate {p.downstream_lr:g}, a fresh classification head) on the task's train part and
+scored on its test part, both drawn from the quickstart's split by document: `source` asks which documentation a
+paragraph comes from, `same_document` whether two paragraphs share a document, `replaced` which words were swapped
+for other words of the same frequencies (accuracy over words; only context tells). The teachers, the
+initialisations and the random student are fine-tuned once per student seed, and each run is paired with its
+initialisation fine-tuned under the same seed. The tasks with room are in the Holm correction with the other
+comparisons.
 
 """
 
