@@ -37,15 +37,12 @@ N_STAGES = 10
 DEFAULT_OBJECTIVE = (("ce", 0.25), ("lm", 0.25))
 
 
-# Teacher steps of a causal-LM teacher per preset. Until issue 20 the corpus was the standard library's prose
-# alone (~130k tokens): the BERT presets' 1200 steps (~38 passes) let a causal LM memorise it, so `small` took
-# 600 (the held-out optimum then, docs/causal_lm.md). The corpus now holds about five times as much text
-# (installed packages' documentation too), ~7 passes in 1200 steps: see docs/quickstart.md for the curve.
-# `study` keeps 1200 too: the BERT study's 4000 steps were sized for masked-LM batches of short paragraphs, while
-# run_clm.py packs every 32-sequence batch into full 128-token blocks, several times the tokens per step (a 6-block
-# Llama teacher runs at 1.33 s a step on one of 2 idle cores: 4000 steps would be about 90 min per teacher), and 1200
-# steps leave ample room (measured: teachers 44.56 and 42.95, their initialisations 210.16 and 208.31).
-TEACHER_STEPS = {"small": 1200, "gpu": 300, "test": PRESETS["test"].teacher_steps, "study": 1200}
+# Teacher steps of a causal-LM teacher per preset. run_clm.py packs every 32-sequence batch into full 128-token
+# blocks, several times the tokens of a masked-LM batch of short paragraphs: a 4-block Llama teacher runs at about
+# 1.3 steps a second on one of 2 idle cores, so 1200 steps take 15 min, about 7 passes over the corpus (the curve is
+# in docs/quickstart.md). `study` trains its five teachers for 600 steps, two at a time (three rounds of about 8
+# min), so that the family's study fits its 100 min; they still leave the initialisations far behind.
+TEACHER_STEPS = {"small": 1200, "gpu": 300, "test": PRESETS["test"].teacher_steps, "study": 600}
 
 
 def preset_for(name: str) -> Preset:
