@@ -223,7 +223,8 @@ def test_the_stage_fine_tunes_the_presets_tasks_each_with_its_script(tmp_path):
     def stage(preset):
         q = DownstreamStages()
         q.preset, q.out, q.pipe, q.banner = preset, tmp_path, Pipe(), lambda *a: None
-        models = {"teacher": (tmp_path / "teacher", {"key": "t"}, [1, 2]), "diito_seed1": (tmp_path / "d", {"key": "d"}, [1])}
+        models = {"teacher": (tmp_path / "teacher", {"key": "t"}, [1, 2]),
+                  "diito_seed1": (tmp_path / "d", {"key": "d"}, [1])}
         return q.downstream({"tasks": ["replaced", "same_document"], "key": "k"}, models)
 
     study = stage(PRESETS["study"])

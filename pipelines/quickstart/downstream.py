@@ -178,9 +178,10 @@ def usable_tasks(tasks: dict[str, dict[str, list[dict]]]) -> tuple[dict, list[st
 
 class DownstreamStages:
     """The quickstart's downstream stages (a mixin of `DistillQuickstart`): the tasks, built from the shipped corpus
-    with the quickstart's split (stage 1), and every model fine-tuned on each of the preset's tasks with `run_glue.py`
-    (`run_ner.py` for a token-level task) and scored on the test part (stage 9). References (teachers, initialisations, the random student) are fine-tuned with every
-    student seed, so that each run pairs with its reference fine-tuned under the same seed."""
+    with the quickstart's split (stage 1), and every model fine-tuned on each of the preset's tasks with
+    `run_glue.py` (`run_ner.py` for a token-level task) and scored on the test part (stage 9). References
+    (teachers, initialisations, the random student) are fine-tuned with every student seed, so that each run
+    pairs with its reference fine-tuned under the same seed."""
 
     def tasks(self, corpus: dict) -> dict | None:
         """The downstream tasks (`tasks/`), or None when there are none to build (why is printed)."""
@@ -237,7 +238,8 @@ class DownstreamStages:
             label = f"{name}_ft{seed}"
 
             def work(folder: Path) -> dict:
-                self.pipe.command(f"ft_{task}_{label}", script, [*argv, "--output_dir", folder, "--overwrite_output_dir"])
+                self.pipe.command(f"ft_{task}_{label}", script,
+                                  [*argv, "--output_dir", folder, "--overwrite_output_dir"])
                 # run_ner.py's accuracy is seqeval's: over the words, each scored on its first sub-token
                 metrics = json.loads((folder / "eval_results.json").read_text())
                 for heavy in folder.glob("model.safetensors"):  # the score is what the report needs, not the model
