@@ -365,14 +365,16 @@ class Pipeline:
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
         with open(log_path, "wb") as log:
             log.write(f"$ {shown}\n".encode())
-            rc, forked = self._run_once(script, args, fresh, log, bar)
-            if rc == LOST_STATUS and forked:
-                # the forkserver lost the command's exit status (multiprocessing reports 255 when its status pipe
-                # closes unread; no script of ours exits 255): run it again as a fresh python, once
-                log.write(b"\n[quickstart] the preloaded server lost this command's exit status; running it again "
-                          b"as a fresh python\n")
-                rc, _ = self._run_once(script, args, True, log, bar)
-            bar.close()
+            try:
+                rc, forked = self._run_once(script, args, fresh, log, bar)
+                if rc == LOST_STATUS and forked:
+                    # the forkserver lost the command's exit status (multiprocessing reports 255 when its status
+                    # pipe closes unread; no script of ours exits 255): run it again as a fresh python, once
+                    log.write(b"\n[quickstart] the preloaded server lost this command's exit status; running it "
+                              b"again as a fresh python\n")
+                    rc, _ = self._run_once(script, args, True, log, bar)
+            finally:
+                bar.close()
         if rc != 0:
             tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
             raise StageFailed(f"{script} exited with status {rc}; its output is in {log_path}, ending with:\n"
@@ -399,7 +401,6 @@ class Pipeline:
         except BaseException:
             proc.terminate()
             proc.wait()
-            bar.close()
             raise
         finally:
             with self._lock:

@@ -274,11 +274,12 @@ def diito_table(r: Results) -> str:
         rows.append(f"| {q.labels[other]} | {cp.interval()} | {_words(cp)} | {_change(ce, '{:+.1f}', 100)} | "
                     f"{_words(ce)} | {cp.per_seed()}; {ce.per_seed() if ce else '-'} |")
     low = q.preset.low_resource
-    for name, label in (("diito_low-standard_low", lambda: f"{q.labels['standard_low']} (DIITO with the same data)"),
-                        ("low_vs_full", lambda: f"(its advantage with {low:g} of the data minus with all of it)")):
+    low_rows = () if low is None else (
+        ("diito_low-standard_low", f"{q.labels.get('standard_low')} (DIITO with the same data)"),
+        ("low_vs_full", f"(its advantage with {low:g} of the data minus with all of it)"))
+    for name, label in low_rows:  # only with the low-resource arms (a preset's `low_resource`)
         cp, ce = r.get(f"{name}|perplexity"), r.get(f"{name}|effective_iia")
-        if cp is not None:  # only with the low-resource arms (a preset's `low_resource`)
-            label = label()
+        if cp is not None:
             rows.append(f"| {label} | {cp.interval()} | {_words(cp)} | {_change(ce, '{:+.1f}', 100)} | "
                         f"{_words(ce)} | {cp.per_seed()}; {ce.per_seed() if ce else '-'} |")
     return "\n".join(rows) + "\n"
