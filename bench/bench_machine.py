@@ -27,14 +27,14 @@ class Yardstick:
         if device == "cuda":
             name = torch.cuda.get_device_name()
             self.datasheet = next((p for key, p in GPU_BF16_PEAK.items() if key in name and dtype == "bf16"), None)
-        self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
         self.n = 8192 if device == "cuda" else 2048
 
     def sample(self, reps: int | None = None) -> None:
         import torch
 
         if reps is None:  # about 0.1-0.2 s per sample on a small CPU (bf16 matmuls run faster)
-            reps = 12 if self.dtype == torch.bfloat16 else 3
+            reps = 3 if self.dtype == torch.float32 else 12
         # Allocated per sample, so that the matrices are not part of the step's peak memory.
         gen = torch.Generator(device=self.device).manual_seed(len(self.samples))
         a = torch.randn(self.n, self.n, dtype=self.dtype, device=self.device, generator=gen)

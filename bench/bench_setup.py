@@ -40,6 +40,11 @@ MODES = {
 }
 
 
+def preset_of(args) -> dict:
+    """The sizes of `args.preset`, with `args.batch_size` in place of its batch when given."""
+    return {**PRESETS[args.preset], **({"batch": args.batch_size} if args.batch_size else {})}
+
+
 def synthetic_sequences(n: int, vocab: int, seed: int, first: int = 101, last: int = 102,
                          length: int | None = None):
     """Lengths like the WikiText fixture (log-normal, mean about 62, 12..466 tokens), or all `length` long."""
@@ -115,7 +120,8 @@ def train_args(args, cfg: dict, mlm: bool):
             "--n_epoch", "1", "--seed", "0", "--batch_size", str(cfg["batch"]),
             "--max_model_input_size", str(cfg["max_len"]), "--learning_rate", "1e-4", "--warmup_prop", "0.0",
             "--num_workers", "0", "--log_interval", str(10**9), "--checkpoint_interval", "0", "--no_progress"]
-    argv += ["--mlm"] * mlm + ["--bf16"] * (args.dtype == "bf16") + ["--compile"] * bool(args.compile)
+    argv += ["--mlm"] * mlm + ["--compile"] * bool(args.compile)
+    argv += {"bf16": ["--bf16"], "fp16": ["--fp16"]}.get(args.dtype, [])
     argv += ["--no_shared_prefix"] * mode["no_shared_prefix"]
     if mode.get("on_policy"):
         argv += ["--on_policy_fraction", str(mode["on_policy"])]

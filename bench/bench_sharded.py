@@ -118,7 +118,7 @@ def run_sharded(args) -> dict | None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = bench.PRESETS[args.preset]
+    cfg = bench.preset_of(args)
     device = torch.device(args.device)
     mlm = cfg.get("family") is None
     ids = bench.SPECIAL_IDS["bert" if mlm else cfg["family"]]

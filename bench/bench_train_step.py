@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from bench_machine import Yardstick, cpu_description, describe_exit
-from bench_setup import PRESETS, SPECIAL_IDS, build_dataset, build_models, train_args
+from bench_setup import PRESETS, SPECIAL_IDS, build_dataset, build_models, preset_of, train_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def run_single(args) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = PRESETS[args.preset]
+    cfg = preset_of(args)
     device = torch.device(args.device)
     mlm = cfg.get("family") is None
     ids = SPECIAL_IDS["bert" if mlm else cfg["family"]]
@@ -238,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default="kd,diito_plain,diito_shared",
                         help="Comma-separated modes: kd, diito_plain, diito_shared; kd_on_policy (causal-LM presets: KD "
                              "on the student's own samples for every batch, the cost of --on_policy_fraction 1).")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="Comma-separated precisions (fp32, bf16).")
+    parser.add_argument("--dtypes", default="fp32,bf16",
+                        help="Comma-separated precisions (fp32, bf16; fp16 on CUDA only, with the grad scaler).")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="Sequences per step (default: the preset's; the paper's is 40).")
     parser.add_argument("--steps", type=int, default=8, help="Timed steps per mode.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
@@ -279,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Flags a child process takes from its parent as they are (flag, value or None for a switch).
-FORWARDED = ("data_file", "threads", "seq_len", "profile", "pad_to_multiple_of", "head_align")
+FORWARDED = ("data_file", "batch_size", "threads", "seq_len", "profile", "pad_to_multiple_of", "head_align")
 FORWARDED_SWITCHES = ("compile", "max_batch", "no_cudnn_sdp")
 
 
@@ -322,6 +325,9 @@ def main() -> None:
         return main_sharded(args)
 
     dtypes = args.dtypes.split(",")
+    unknown = [d for d in dtypes if d not in ("fp32", "bf16", "fp16")]
+    if unknown or (args.device == "cpu" and "fp16" in dtypes):
+        sys.exit(f"--dtypes {args.dtypes}: the precisions are fp32, bf16 and fp16, and fp16 needs --device cuda")
     if args.device == "cpu" and "bf16" in dtypes and not args.force_bf16:
         from devices import cpu_bf16_warning
 

@@ -15,7 +15,7 @@
 #   torchrun     torchrun --nproc_per_node 1 (NCCL), SIGTERM to the process group, then --resume
 #   bench_*      bench/bench_train_step.py on CUDA in bf16: the base preset (WikiText-like lengths and
 #                all-512), the largest batch at length 512, the base_clm preset (Llama, vocabulary
-#                128,256), a torch.profiler table per mode
+#                128,256), a torch.profiler table per mode; fp16 beside bf16 at length 512
 #   quickstart   scripts/quickstart.py --preset gpu, shortened (QUICKSTART_ARGS), when time is left
 #
 # Environment: GPU_CHECK_BUDGET (seconds for the whole check, default 3600: a stage that would not
@@ -33,6 +33,8 @@ QUICKSTART_ARGS=${QUICKSTART_ARGS:---seeds 1 --steps 300 --teacher_steps 1500}
 TORCHRUN_SHAPE=${TORCHRUN_SHAPE:-base}
 TRAIN_EXTRA=${TRAIN_EXTRA:-}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
+# The repository's modules, importable where it is not pip-installed (a bare GPU box)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 SUMMARY=$DIR/summary.md
 START=$SECONDS
@@ -180,9 +182,11 @@ stage bench_base_clm_512 420 120 "${BENCH[@]}" --preset base_clm --seq_len 512 -
     --json_out "$DIR/bench_base_clm_512.json"
 stage bench_max_batch 420 120 "${BENCH[@]}" --preset base --seq_len 512 --modes kd,diito_shared --max_batch \
     --json_out "$DIR/bench_max_batch.json"
+stage bench_fp16_512 240 60 "${BENCH[@]}" --preset base --seq_len 512 --modes diito_shared --dtypes bf16,fp16 \
+    --json_out "$DIR/bench_fp16_512.json"
 
 # shellcheck disable=SC2086
-stage quickstart 1800 300 "$PY" scripts/quickstart.py --preset gpu --out "$W/quickstart" $QUICKSTART_ARGS
+stage quickstart 1800 120 "$PY" scripts/quickstart.py --preset gpu --out "$W/quickstart" $QUICKSTART_ARGS
 if [[ -f $W/quickstart/report.md ]]; then cp "$W/quickstart/report.md" "$DIR/quickstart_report.md"; fi
 
 {

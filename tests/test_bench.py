@@ -42,3 +42,30 @@ def test_synthetic_sequences_of_a_large_vocabulary_keep_their_ids():
     assert max(int(s.max()) for s in seqs) > 65535
     small = bench_setup.synthetic_sequences(50, 30522, 0)
     assert all(s.dtype == np.uint16 and 12 <= len(s) <= 466 for s in small)
+
+
+def test_precision_and_batch_reach_the_training_step():
+    """--dtypes fp16 trains with the grad scaler's flag (--fp16), --batch_size replaces the preset's batch, and
+    both travel to the child process that runs the step."""
+    from argparse import Namespace
+
+    bench = load_bench()
+    args = Namespace(preset="base", batch_size=None, mode="kd", dtype="fp16", compile=False, pad_to_multiple_of=None,
+                     tmp="/tmp/x", data_file=None)
+    cfg = bench_setup.preset_of(args)
+    assert cfg["batch"] == bench_setup.PRESETS["base"]["batch"]
+    params = bench_setup.train_args(args, cfg, mlm=True)
+    assert params.fp16 and not params.bf16
+    args.batch_size, args.dtype = 160, "bf16"
+    params = bench_setup.train_args(args, bench_setup.preset_of(args), mlm=True)
+    assert params.batch_size == 160 and params.bf16 and not params.fp16
+    parent = bench.build_parser().parse_args(["--preset", "base", "--batch_size", "160"])
+    child = bench.child_command(parent, "kd", "fp16")
+    assert child[child.index("--batch_size") + 1] == "160" and child[child.index("--dtype") + 1] == "fp16"
+
+
+@pytest.mark.parametrize("dtypes", ["fp16", "bf16,fp8"])
+def test_an_unusable_precision_is_a_clear_error(dtypes, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["bench_train_step.py", "--dtypes", dtypes])
+    with pytest.raises(SystemExit, match="the precisions are fp32, bf16 and fp16, and fp16 needs --device cuda"):
+        load_bench().main()

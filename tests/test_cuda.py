@@ -221,19 +221,43 @@ def test_causal_train_on_cuda_mixed_precision_tracks_fp32(setup, tmp_path, caplo
 
 @CUDA
 def test_causal_train_on_cuda_llama_pair_bf16(tmp_path, corpus_lines, caplog):
-    from test_llama_family import _argv as llama_argv
-    from test_llama_family import _distil_setup
+    from clm_helpers import llama_distill_setup, llama_train_argv
     from transformers import AutoModelForCausalLM
 
-    data, _ = _distil_setup(tmp_path, corpus_lines)
+    data, _ = llama_distill_setup(tmp_path, corpus_lines)
     caplog.set_level("INFO")
-    argv = llama_argv(tmp_path, data, "--bf16", "--max_steps", "6", "--log_interval", "1")
+    argv = llama_train_argv(tmp_path, data, "--bf16", "--max_steps", "6", "--log_interval", "1")
     argv[argv.index("--n_gpu") + 1] = "1"
     causal_train.main(argv)
     losses = _step_losses(caplog)
     assert sorted(losses) == list(range(1, 7)) and all(v == v for v in losses.values())
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
     assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+@CUDA
+@pytest.mark.parametrize("flags", [("--fsdp",), ("--fsdp", "--fsdp_teacher", "--fsdp_cpu_offload")],
+                         ids=["fsdp", "fsdp-teacher-offload"])
+def test_fsdp_under_torchrun_on_cuda_tracks_one_gpu_bf16(setup, tmp_path, caplog, flags):
+    """One rank of torchrun on the GPU (NCCL): FSDP2 with the bf16 policy (the student offloaded to pinned host
+    memory in the second case) gives the losses of the plain one-GPU bf16 run, and saves a plain fp32 folder."""
+    from test_fsdp import step_losses, torchrun
+    from transformers import AutoModelForMaskedLM
+
+    caplog.set_level("INFO")
+    causal_train.main(_argv(setup, tmp_path / "one", "--max_steps", "8", "--bf16"))
+    ref = _step_losses(caplog)
+    out = torchrun(_argv(setup, tmp_path / "fsdp", "--max_steps", "8", "--bf16", *flags), nproc=1)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "device cuda" in log, log[-4000:]
+    got = {step: values["loss"] for step, values in step_losses(log).items()}
+    assert sorted(got) == sorted(ref) == list(range(1, 9))
+    for step in ref:  # bf16 both ways; FSDP reduces and casts in its own order
+        assert abs(got[step] - ref[step]) <= 0.03 * ref[step], (step, got[step], ref[step])
+    assert (tmp_path / "fsdp" / "checkpoint-8" / ".metadata").is_file()  # the checkpoint is sharded (DCP)
+    student = AutoModelForMaskedLM.from_pretrained(tmp_path / "fsdp")
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in student.parameters())
 
 
 def _sigterm_after(monkeypatch, step: int):
