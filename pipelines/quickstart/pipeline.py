@@ -96,8 +96,8 @@ PRESETS = {
     # study: five teachers (seeds 0 to 4), the unit of its verdicts, two student seeds each, with DIITO's
     # controls and without the ablation; the `small` teacher's shape (the earlier study's were 6 blocks, 4000 steps)
     # and 2 seeds, sized for about 100 min a family on 2 cores (measured in docs/quickstart.md: BERT about 87 min;
-    # Llama 109 min before its downstream stage, which does not fit yet). Downstream, only `replaced`: `source` and
-    # `same_document` left every model of `small` at chance (no room), and a task costs BERT about 15 min here
+    # Llama about 126, its stages 1-8 under load). Downstream, only `replaced`: `source` and `same_document` left
+    # every model of `small` at chance (no room), and a task costs BERT about 15 min here (Llama 17 at 40 steps)
     "study": Preset(vocab_size=2000, teacher_layers=4, hidden=128, heads=4, ffn=512, max_seq_length=128,
                     teacher_steps=1500, teacher_batch=32, teacher_lr=2e-3,
                     student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64,
