@@ -116,7 +116,8 @@ def test_causal_lm_presets_differ_from_bert_only_in_teacher_and_fine_tuning_step
         assert clm.teacher_steps == quickstart_clm.TEACHER_STEPS[name]
         assert replace(clm, teacher_steps=bert.teacher_steps, downstream_steps=bert.downstream_steps) == bert
     assert quickstart_clm.checked_preset("study", "llama").downstream_steps == 40
-    assert quickstart_clm.checked_preset("small", "llama").downstream_steps == quickstart.PRESETS["small"].downstream_steps
+    assert quickstart_clm.checked_preset("small", "llama").downstream_steps == 40
+    assert quickstart_clm.checked_preset("test", "llama").downstream_steps == quickstart.PRESETS["test"].downstream_steps
 
 
 def test_causal_lm_quickstart_on_user_text_keeps_every_document(tmp_path, monkeypatch):

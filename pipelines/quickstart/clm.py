@@ -43,10 +43,11 @@ DEFAULT_OBJECTIVE = (("ce", 0.25), ("lm", 0.25))
 # in docs/quickstart.md). `study` trains its five teachers for 600 steps, two at a time (three rounds of about 8
 # min), so that the family's study fits its 100 min; they still leave the initialisations far behind.
 TEACHER_STEPS = {"small": 1200, "gpu": 300, "test": PRESETS["test"].teacher_steps, "study": 600}
-# Fine-tuning steps on the downstream tasks where a causal LM needs fewer than the BERT preset's. At `study`'s 100
-# steps its 112 fine-tunes took about 40 min (33 of a random student's 41 s were training); at 40 steps a teacher
-# still reached 53.8% on `replaced` against the random student's 52.2% (one seed each), and the stage about 20 min.
-DOWNSTREAM_STEPS = {"study": 40}
+# Fine-tuning steps on the downstream tasks, fewer than the BERT presets': a causal-LM fine-tune step costs about
+# twice a BERT one here. At `study`'s 100 steps its 112 fine-tunes took about 40 min (33 of a random student's 41 s
+# were training); at 40 steps a teacher still reached 53.8% on `replaced` against the random student's 52.2% (one
+# seed each), and the stage took 17 min.
+DOWNSTREAM_STEPS = {"small": 40, "study": 40}
 
 
 def preset_for(name: str) -> Preset:
