@@ -182,7 +182,7 @@ stage bench_base_clm_512 420 120 "${BENCH[@]}" --preset base_clm --seq_len 512 -
     --json_out "$DIR/bench_base_clm_512.json"
 stage bench_max_batch 420 120 "${BENCH[@]}" --preset base --seq_len 512 --modes kd,diito_shared --max_batch \
     --json_out "$DIR/bench_max_batch.json"
-stage bench_fp16_512 240 60 "${BENCH[@]}" --preset base --seq_len 512 --modes diito_shared --dtypes bf16,fp16 \
+stage bench_fp16_512 300 60 "${BENCH[@]}" --preset base --seq_len 512 --modes kd,diito_shared --dtypes bf16,fp16 \
     --json_out "$DIR/bench_fp16_512.json"
 
 # shellcheck disable=SC2086
