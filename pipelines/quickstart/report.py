@@ -275,7 +275,7 @@ def diito_table(r: Results) -> str:
                     f"{_words(ce)} | {cp.per_seed()}; {ce.per_seed() if ce else '-'} |")
     low = q.preset.low_resource
     low_rows = () if low is None else (
-        ("diito_low-standard_low", f"{q.labels.get('standard_low')} (DIITO with the same data)"),
+        ("diito_low-standard_low", f"{q.labels['standard_low']} (DIITO with the same data)"),
         ("low_vs_full", f"(its advantage with {low:g} of the data minus with all of it)"))
     for name, label in low_rows:  # only with the low-resource arms (a preset's `low_resource`)
         cp, ce = r.get(f"{name}|perplexity"), r.get(f"{name}|effective_iia")
