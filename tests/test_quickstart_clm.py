@@ -107,17 +107,21 @@ def test_family_flag_is_checked():
     assert quickstart_clm.config_overrides("llama", quickstart.PRESETS["small"]).count("num_key_value_heads=2") == 1
 
 
-def test_causal_lm_presets_differ_from_bert_only_in_teacher_and_fine_tuning_steps():
+def test_causal_lm_presets_differ_from_bert_only_in_teacher_fine_tuning_and_iia_sizes():
     # A causal LM memorises the small corpus in far fewer steps than the masked LM the BERT presets
-    # were sized for; the causal-LM quickstart (and only it) trains its teacher for its own count, and
-    # `small` and `study` fine-tune for fewer steps (a causal-LM fine-tune step costs about twice a BERT one).
+    # were sized for; the causal-LM quickstart (and only it) trains its teacher for its own count,
+    # `small` and `study` fine-tune for fewer steps (a causal-LM fine-tune step costs about twice a BERT one),
+    # and `study` measures IIA on fewer pairs (to fit its time).
     for name, bert in quickstart.PRESETS.items():
         clm = quickstart_clm.checked_preset(name, "llama")
         assert clm.teacher_steps == quickstart_clm.TEACHER_STEPS[name]
-        assert replace(clm, teacher_steps=bert.teacher_steps, downstream_steps=bert.downstream_steps) == bert
+        assert replace(clm, teacher_steps=bert.teacher_steps, downstream_steps=bert.downstream_steps,
+                       iia_pairs=bert.iia_pairs) == bert
     assert quickstart_clm.checked_preset("study", "llama").downstream_steps == 40
     assert quickstart_clm.checked_preset("small", "llama").downstream_steps == 40
     assert quickstart_clm.checked_preset("test", "llama").downstream_steps == quickstart.PRESETS["test"].downstream_steps
+    assert quickstart_clm.checked_preset("study", "llama").iia_pairs == 128
+    assert quickstart_clm.checked_preset("small", "llama").iia_pairs == quickstart.PRESETS["small"].iia_pairs
 
 
 def test_causal_lm_quickstart_on_user_text_keeps_every_document(tmp_path, monkeypatch):

@@ -48,13 +48,19 @@ TEACHER_STEPS = {"small": 1200, "gpu": 300, "test": PRESETS["test"].teacher_step
 # were training); at 40 steps a teacher still reached 53.8% on `replaced` against the random student's 52.2% (one
 # seed each), and the stage took 17 min.
 DOWNSTREAM_STEPS = {"small": 40, "study": 40}
+# Test pairs of the alignment stage. `study` measures IIA for about 200 (model, mapping) pairs; at 256 pairs a
+# 4-block Llama teacher and its student took 12 s of compute each (30 min of the study's 126); 128 halves that. The
+# verdicts pair arms on the same pairs, and the spread between teachers is several times the pairs' own.
+IIA_PAIRS = {"study": 128}
 
 
 def preset_for(name: str) -> Preset:
-    """The BERT quickstart's preset of that name, with the causal-LM teacher's step count (`TEACHER_STEPS`) and
-    fine-tuning steps (`DOWNSTREAM_STEPS`)."""
-    return replace(PRESETS[name], teacher_steps=TEACHER_STEPS[name],
-                   downstream_steps=DOWNSTREAM_STEPS.get(name, PRESETS[name].downstream_steps))
+    """The BERT quickstart's preset of that name, with the causal-LM teacher's step count (`TEACHER_STEPS`),
+    fine-tuning steps (`DOWNSTREAM_STEPS`) and IIA pairs (`IIA_PAIRS`)."""
+    bert = PRESETS[name]
+    return replace(bert, teacher_steps=TEACHER_STEPS[name],
+                   downstream_steps=DOWNSTREAM_STEPS.get(name, bert.downstream_steps),
+                   iia_pairs=IIA_PAIRS.get(name, bert.iia_pairs))
 
 
 def config_overrides(family: str, p: Preset) -> str:
