@@ -104,12 +104,13 @@ class DistillQuickstart(DownstreamStages, Quickstart):
         return ()
 
     # --- stage 5: references ------------------------------------------------------------------------
-    def references(self, teachers: dict[int, dict], extract_flags: tuple[str, ...] = ()) -> tuple[dict, dict]:
-        """Each teacher's extracted student, the random student, and their held-out perplexity with the teachers'.
-        Returns (stage records by name, evaluation records by name)."""
+    def references(self, teachers: dict[int, dict], extract_flags: tuple[str, ...] = (),
+                   made: dict | None = None) -> tuple[dict, dict]:
+        """Each teacher's extracted student (those in `made` already made), the random student, and their held-out
+        perplexity with the teachers'. Returns (stage records by name, evaluation records by name)."""
         stages, evals = {}, {}
         for k, teacher in teachers.items():
-            stages[init_name(k)] = self.student_init(teacher, extract_flags, k)
+            stages[init_name(k)] = (made or {}).get(init_name(k)) or self.student_init(teacher, extract_flags, k)
         stages["random_student"] = self.random_student(stages["student_init"])
         models = {teacher_name(k): (self.out / teacher_name(k), teacher) for k, teacher in teachers.items()}
         models.update({init_name(k): (self.out / init_name(k) / "model", stages[init_name(k)]) for k in teachers})
@@ -334,15 +335,21 @@ class DistillQuickstart(DownstreamStages, Quickstart):
             stages["tasks"] = tasks
         stages["tokenizer"] = tokenizer = self.tokenizer(corpus)
         ks = list(range(1, self.n_teachers + 1))
-        teachers = dict(zip(ks, self.pipe.parallel([lambda k=k: self.teacher(corpus, tokenizer, k) for k in ks])))
+        with self.pipe.started([lambda k=k: self.teacher(corpus, tokenizer, k) for k in ks]) as pending:
+            # the tuning needs only the first teacher: its runs take the core that the last of five teachers on
+            # two would leave idle (a quarter of the teachers' stage)
+            data = self.data_stage(corpus, tokenizer)
+            first = {init_name(1): self.student_init(pending[0].result(), self.extract_flags(), 1)}
+            choice, runs, tuning_evals = self.tuning(data, first)
+            teachers = dict(zip(ks, (f.result() for f in pending)))
         stages.update({teacher_name(k): t for k, t in teachers.items()})
-        stages["data"] = data = self.data_stage(corpus, tokenizer)
-        refs, evals = self.references(teachers, self.extract_flags())
+        stages["data"] = data
+        refs, evals = self.references(teachers, self.extract_flags(), first)
         stages.update(refs)
-        choice, runs, more = self.tuning(data, refs)
-        evals.update(more)
+        evals.update(tuning_evals)
         self.arms = {**build_arms(self.lm == "mlm", self.default_objective, self.default_smoothing,
-                                  lr=choice["lr"], weight=choice["weight"], low_resource=self.preset.low_resource),
+                                  lr=choice["lr"], weight=choice["weight"], low_resource=self.preset.low_resource,
+                                  seed_recipe=self.preset.seed_recipe),
                      **choice.get("arms", {})}
         stages["tuning"] = choice
         stages["flops"], main_runs, more = self.students(data, refs)

@@ -18,6 +18,8 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +86,7 @@ class Preset:
     downstream_seeds: int | None = None  # fine-tune with the first N student seeds only (None: all)
     downstream_tasks: tuple[str, ...] | None = None  # the tasks fine-tuned on (None: every one the corpus poses)
     low_resource: float | None = None  # the low-resource arms' share of the training data (None: no such arms)
+    seed_recipe: bool = True  # the seed's recipe as a main arm (with every teacher), beside standard distillation
 
 
 # Sizes measured on a 2-core CPU shared with other jobs (docs/quickstart.md): a 128-wide teacher gets
@@ -94,15 +97,15 @@ PRESETS = {
                     teacher_steps=1200, teacher_batch=32, teacher_lr=2e-3,
                     student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64),
     # study: five teachers (seeds 0 to 4), the unit of its verdicts, two student seeds each, with DIITO's
-    # controls and without the ablation; the `small` teacher's shape (the earlier study's were 6 blocks, 4000 steps)
-    # and 2 seeds, sized for about 100 min a family on 2 cores (measured in docs/quickstart.md: BERT about 87 min;
-    # Llama about 126, its stages 1-8 under load). Downstream, only `replaced`: `source` and `same_document` left
-    # every model of `small` at chance (no room), and a task costs BERT about 15 min here (Llama 17 at 40 steps)
+    # controls and without the ablation or the seed's recipe (both left to `small`); the `small` teacher's shape
+    # (the earlier study's were 6 blocks, 4000 steps) and 2 seeds, sized for about 100 min a family on 2 cores
+    # (measured in docs/quickstart.md). Downstream, only `replaced`: `source` and `same_document` left every
+    # model of `small` at chance (no room), and a task costs BERT about 15 min here (Llama 17 at 40 steps)
     "study": Preset(vocab_size=2000, teacher_layers=4, hidden=128, heads=4, ffn=512, max_seq_length=128,
                     teacher_steps=1500, teacher_batch=32, teacher_lr=2e-3,
                     student_layers=2, student_steps=200, student_batch=32, student_lr=5e-4, eval_batch=64,
                     teachers=5, seeds=2, ablation=False, downstream_steps=100, downstream_tasks=("replaced",),
-                    low_resource=0.1),
+                    low_resource=0.1, seed_recipe=False),
     "gpu": Preset(vocab_size=8000, teacher_layers=6, hidden=512, heads=8, ffn=2048, max_seq_length=128,
                   teacher_steps=6000, teacher_batch=128, teacher_lr=5e-4,
                   student_layers=3, student_steps=3000, student_batch=64, student_lr=5e-4, eval_batch=256,
@@ -275,6 +278,10 @@ class Pipeline:
         self.force = force
         self.env = env
         self.jobs = jobs  # commands run at once (`parallel`); with more than one, no progress bars
+        # every command takes one of `jobs` slots, whichever thread runs it: tasks started with `started` and
+        # the caller's own `parallel` share the cores, never oversubscribe them
+        self._slots = threading.BoundedSemaphore(max(1, jobs))
+        self._waits = threading.local()
         self._lock = threading.Lock()
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -311,9 +318,10 @@ class Pipeline:
         folder.mkdir(parents=True, exist_ok=True)
         # beside the folder, not in it: a stage's command may want an empty folder (causal_train.py --force)
         atomic_write_text(started(folder), name + "\n")  # the folder is ours from now on (`clear`)
-        start = time.time()
+        start, waited = time.time(), self.waited()
         result = work(folder) or {}
-        marker = {"name": name, "key": key, "settings": settings, "seconds": round(time.time() - start, 2),
+        seconds = time.time() - start - (self.waited() - waited)  # not the time its commands queued for a core
+        marker = {"name": name, "key": key, "settings": settings, "seconds": round(seconds, 2),
                   "finished": dt.datetime.now().isoformat(timespec="seconds"), **result,
                   "files": sorted(p.name for p in folder.iterdir() if p.name != ".done")}
         atomic_write_text(folder / ".done", json.dumps(marker, indent=2, default=str))
@@ -359,27 +367,42 @@ class Pipeline:
         with self._lock, open(self.commands, "a", encoding="utf-8") as fh:
             fh.write(shown + "\n")
         log_path = self.logs / f"{log_name}.log"
-        start = time.time()
         bar = tqdm(total=None, desc=f"  {log_name}", leave=False, dynamic_ncols=True, file=sys.stderr,
                    disable=None if self.jobs == 1 else True,
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
         with open(log_path, "wb") as log:
             log.write(f"$ {shown}\n".encode())
             try:
-                rc, forked = self._run_once(script, args, fresh, log, bar)
-                if rc == LOST_STATUS and forked:
-                    # the forkserver lost the command's exit status (multiprocessing reports 255 when its status
-                    # pipe closes unread; no script of ours exits 255): run it again as a fresh python, once
-                    log.write(b"\n[quickstart] the preloaded server lost this command's exit status; running it "
-                              b"again as a fresh python\n")
-                    rc, _ = self._run_once(script, args, True, log, bar)
+                with self.slot():
+                    start = time.time()
+                    rc, forked = self._run_once(script, args, fresh, log, bar)
+                    if rc == LOST_STATUS and forked:
+                        # the forkserver lost the command's exit status (multiprocessing reports 255 when its status
+                        # pipe closes unread; no script of ours exits 255): run it again as a fresh python, once
+                        log.write(b"\n[quickstart] the preloaded server lost this command's exit status; running "
+                                  b"it again as a fresh python\n")
+                        rc, _ = self._run_once(script, args, True, log, bar)
+                    seconds = time.time() - start
             finally:
                 bar.close()
         if rc != 0:
             tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
             raise StageFailed(f"{script} exited with status {rc}; its output is in {log_path}, ending with:\n"
                               + "\n".join("    " + line[-300:] for line in tail) + f"\nThe command was:\n  {shown}")
-        return time.time() - start
+        return seconds
+
+    @contextmanager
+    def slot(self):
+        """Hold one of the `jobs` command slots; the time spent waiting for it is this thread's (`waited`), so
+        that a unit's seconds count its commands' running time, not the queue."""
+        start = time.time()
+        with self._slots:
+            self._waits.seconds = self.waited() + time.time() - start
+            yield
+
+    def waited(self) -> float:
+        """Seconds this thread has waited for command slots so far."""
+        return getattr(self._waits, "seconds", 0.0)
 
     def _run_once(self, script: str, args: list[str], fresh: bool, log, bar) -> tuple[int, bool]:
         """Run the command once, its output into `log` and its progress into `bar`: (exit status, forked)."""
@@ -409,18 +432,43 @@ class Pipeline:
     def parallel(self, tasks: list) -> list:
         """Run the zero-argument callables `tasks` (each its own units and commands), `jobs` at a time; their
         results in order. Every command is its own seeded process, so the numbers do not depend on `jobs`."""
+        with self.started(tasks) as futures:
+            return [f.result() for f in futures]
+
+    @contextmanager
+    def started(self, tasks: list):
+        """Start `tasks` as `parallel` runs them and yield their futures while the caller goes on: a slot the tasks
+        leave idle (five teachers on two cores) runs the caller's commands. With one job the tasks run first, in
+        order, and the futures are done. If the caller or a task fails, every command still running stops."""
         if self.jobs == 1 or len(tasks) < 2:
-            return [task() for task in tasks]
-        from concurrent.futures import ThreadPoolExecutor
+            futures = []
+            for task in tasks:
+                futures.append(Future())
+                futures[-1].set_result(task())
+            yield futures
+            return
+        first_failure: list[BaseException] = []
+
+        def failed(future: Future) -> None:  # a failed task stops the other commands at once, the caller's too
+            if not future.cancelled() and future.exception() is not None:
+                with self._lock:
+                    first_failure.append(future.exception())
+                self.stop_running()
 
         pool = ThreadPoolExecutor(max_workers=self.jobs)
         try:
             futures = [pool.submit(task) for task in tasks]
-            return [f.result() for f in futures]
-        except BaseException:
+            for future in futures:
+                future.add_done_callback(failed)
+            yield futures
+        except BaseException as stopped:
             # Ctrl-C, SIGTERM or a failed task: the commands of the other threads stop too, rather than run on
             # (for hours, at the study preset) while the pool waits for them
+            with self._lock:
+                cause = first_failure[0] if first_failure else None
             self.stop_running()
+            if cause is not None and cause is not stopped and not isinstance(stopped, KeyboardInterrupt):
+                raise cause from None  # what failed first, not a command it stopped
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
