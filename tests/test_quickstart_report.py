@@ -362,3 +362,25 @@ def test_diito_table_with_and_without_the_low_resource_arms():
     assert "| standard distillation, 0.1 of the data (DIITO with the same data) | -1.00" in table
     assert "(its advantage with 0.1 of the data minus with all of it) | -1.00" in table
     assert r.get("low_vs_full|perplexity").diff == pytest.approx(-1.0)
+
+
+def test_the_study_leaves_the_seeds_recipe_to_small_and_out_of_holms_family():
+    from pipelines.quickstart.report_text import _seed_recipe
+
+    assert quickstart.PRESETS["small"].seed_recipe and not quickstart.PRESETS["study"].seed_recipe
+    every = build_arms(True, quickstart_mlm.DEFAULT_OBJECTIVE, quickstart_mlm.DEFAULT_SMOOTHING, low_resource=0.1)
+    study = build_arms(True, quickstart_mlm.DEFAULT_OBJECTIVE, quickstart_mlm.DEFAULT_SMOOTHING, low_resource=0.1,
+                       seed_recipe=False)
+    assert [name for name in every if name != "seed_standard"] == list(study)
+    results = {}
+    for name, arms in (("every", every), ("study", study)):
+        q = fake_quickstart(arms, teachers=5, seeds=(1, 2))
+        q.preset = quickstart.PRESETS["study"]
+        results[name] = Results(q, {}, *fake_records(q, lambda a, s: 270.0 + s, lambda a, s: 0.6))
+    assert set(results["every"].comparisons) - set(results["study"].comparisons) == {
+        "seed_standard|perplexity", "seed_standard|effective_iia"}
+    assert "the seed's recipe" not in verdict(results["study"])
+    p = quickstart.PRESETS["study"]
+    assert _seed_recipe(study, "mlm", p) == ""
+    assert _seed_recipe(every, "mlm", p) == f" The seed's recipe: `ce 0.25 + mlm 0.25 + cos 0.25 (smoothing 0.7)`, " \
+                                          f"learning rate {p.seed_lr:g}."

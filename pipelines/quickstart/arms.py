@@ -85,10 +85,11 @@ def weight_matched(objective: tuple[tuple[str, float], ...], weight: float) -> t
 
 def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smoothing: float | None,
                lr: str | float = "default", weight: float = DIITO_WEIGHT,
-               low_resource: float | None = None) -> dict[str, Arm]:
+               low_resource: float | None = None, seed_recipe: bool = True) -> dict[str, Arm]:
     """The arms of one family, by name (main arms first). `default`: the standard objective, as (loss, weight);
     `lr` and `weight`: the standard arm's learning rate and DIITO's causal_ce weight (tuned: `tuning_arms`);
-    `low_resource`: the share of the data the low-resource arms train on (None: no such arms)."""
+    `low_resource`: the share of the data the low-resource arms train on (None: no such arms); `seed_recipe`: the
+    seed's recipe as a main arm."""
     seed_combo = (("ce", 0.25), ("lm", 0.25), ("cos", 0.25))
     s_seed = SEED_SMOOTHING if mlm else None
     s_default = default_smoothing if mlm else None
@@ -98,7 +99,7 @@ def build_arms(mlm: bool, default: tuple[tuple[str, float], ...], default_smooth
         Arm("standard", "standard distillation", default, s_default, lr=lr),
         Arm("diito", "DIITO", diito, s_default, lr=lr),
         Arm("standard_eqc", "standard distillation, DIITO's compute", default, s_default, lr=lr, equal_compute=True),
-        Arm("seed_standard", "the seed's recipe (standard)", seed_combo, s_seed, lr="seed"),
+        *([Arm("seed_standard", "the seed's recipe (standard)", seed_combo, s_seed, lr="seed")] if seed_recipe else []),
         Arm("ctl_weight", f"control: weight-matched (ce + {weight:g} instead of causal_ce)",
             weight_matched(default, weight), s_default, lr=lr),
         Arm("ctl_source_kd", "control: source-KD (standard also on DIITO's source sequences)", default, s_default,

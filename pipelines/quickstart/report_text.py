@@ -85,6 +85,13 @@ far more often than they occur, while evaluation masks uniformly; with 0 every t
     return f"## Tuning and ablation (validation part)\n\n{tuning}\n{ablation}"
 
 
+def _seed_recipe(arms: dict, lm: str, p) -> str:
+    """The seed's recipe in the method notes, where the preset runs it."""
+    if "seed_standard" not in arms:
+        return ""
+    return f" The seed's recipe: `{arms['seed_standard'].objective(lm)}`, learning rate {p.seed_lr:g}."
+
+
 def _method_notes(q, r, corpus: dict, vocab: int, flops: dict, mapping, covers: str, choice: dict) -> str:
     """The bullets under the result: how each figure is measured and what its ± covers."""
     p, lm, n_t, arms = q.preset, q.lm, len(r.teachers), q.arms
@@ -105,8 +112,7 @@ def _method_notes(q, r, corpus: dict, vocab: int, flops: dict, mapping, covers: 
   `causal_ce {choice['weight']:g}` with the mapping above (both tuned on the validation part, below). Controls, with
   DIITO's initialisation, data and steps: weight-matched (`{arms['ctl_weight'].objective(lm)}`), source-KD (the
   standard objective on the base and the source sequences a DIITO step draws, `--source_kd`), misaligned (DIITO
-  with the misaligned mapping). The seed's recipe: `{arms['seed_standard'].objective(lm)}`, learning rate
-  {p.seed_lr:g}. Batches of {p.student_batch} sequences.
+  with the misaligned mapping).{_seed_recipe(arms, lm, p)} Batches of {p.student_batch} sequences.
 - Equal compute: `scripts/count_step_flops.py` counts the FLOPs of the first training steps of each objective
   (every matmul, forward and backward): {flops['standard'] / 1e9:.3g} GFLOP per standard step,
   {flops['diito'] / 1e9:.3g} per DIITO step, a ratio of {flops['ratio']:.2f}. The equal-compute arm runs
