@@ -9,6 +9,7 @@ family's language-model loss (`mlm` for BERT, `clm` for causal LMs) in place of 
     diito          the default objective + DIITO's causal_ce term, its weight tuned on the validation part
     standard_eqc   the default objective given a DIITO run's compute (steps x counted FLOPs ratio)
     seed_standard  the seed's recipe: ce + lm + cos, 0.25 each, masking smoothed (0.7), the seed's rate
+                   (not in the study preset: `Preset.seed_recipe`)
   and DIITO's controls (same initialisation, data and steps as DIITO):
     ctl_weight     weight-matched: DIITO's causal_ce weight given to ce instead
     ctl_source_kd  standard distillation also on the source sequences DIITO sees (--source_kd)
