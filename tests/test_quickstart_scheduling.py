@@ -111,7 +111,7 @@ def test_the_tuning_runs_while_the_last_teachers_train_and_each_init_is_made_onc
     class Fake(DistillQuickstart):
         def __init__(self):  # only what run_stages touches
             self.pipe, self.out = pipe, tmp_path
-            self.preset = SimpleNamespace(teachers=3, low_resource=None)
+            self.preset = SimpleNamespace(teachers=3, low_resource=None, seed_recipe=True)
             self.lm, self.default_objective, self.default_smoothing = "clm", (("ce", 0.25),), None
 
         def corpus(self):
