@@ -336,8 +336,8 @@ class DistillQuickstart(DownstreamStages, Quickstart):
         stages["tokenizer"] = tokenizer = self.tokenizer(corpus)
         ks = list(range(1, self.n_teachers + 1))
         with self.pipe.started([lambda k=k: self.teacher(corpus, tokenizer, k) for k in ks]) as pending:
-            # the tuning needs only the first teacher: its runs take the core that the last of five teachers on
-            # two would leave idle (a quarter of the teachers' stage)
+            # the tuning needs only the first teacher: its runs take the core that five teachers on two cores
+            # would leave idle while the fifth trains alone
             data = self.data_stage(corpus, tokenizer)
             first = {init_name(1): self.student_init(pending[0].result(), self.extract_flags(), 1)}
             choice, runs, tuning_evals = self.tuning(data, first)

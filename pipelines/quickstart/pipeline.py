@@ -438,8 +438,8 @@ class Pipeline:
     @contextmanager
     def started(self, tasks: list):
         """Start `tasks` as `parallel` runs them and yield their futures while the caller goes on: a slot the tasks
-        leave idle (five teachers on two cores) runs the caller's commands. With one job the tasks run first, in
-        order, and the futures are done. If the caller or a task fails, every command still running stops."""
+        leave idle (five teachers on two cores) runs the caller's commands. With one job (or one task) the tasks run
+        first, in order, and the futures are done. If the caller or a task fails, every command still running stops."""
         if self.jobs == 1 or len(tasks) < 2:
             futures = []
             for task in tasks:
