@@ -32,6 +32,12 @@ def make_pipe(tmp_path, jobs):
     return pipe, sleep, spans
 
 
+def teacher_2_fails():
+    """A task that fails half a second in, while another still runs."""
+    time.sleep(0.5)
+    raise StageFailed("teacher 2 failed")
+
+
 def most_at_once(spans: dict[str, tuple[float, float]]) -> int:
     edges = sorted([(s, 1) for s, _ in spans.values()] + [(e, -1) for _, e in spans.values()])
     running = peak = 0
@@ -67,12 +73,8 @@ def test_a_failed_task_stops_the_callers_command(tmp_path):
     # a teacher that fails must not leave the tuning running for its many minutes
     pipe, sleep, _ = make_pipe(tmp_path, jobs=2)
 
-    def broken():
-        time.sleep(0.5)
-        raise StageFailed("teacher 2 failed")
-
     start = time.time()
-    with pytest.raises(StageFailed, match="teacher 2 failed"), pipe.started([lambda: sleep("t1", 0), broken]):
+    with pytest.raises(StageFailed, match="teacher 2 failed"), pipe.started([lambda: sleep("t1", 0), teacher_2_fails]):
         sleep("tuning", 300)
     assert time.time() - start < 60
 
@@ -92,13 +94,9 @@ def test_a_units_seconds_leave_out_the_time_its_command_queued_for_a_slot(tmp_pa
 def test_parallel_reports_the_task_that_failed_not_one_it_stopped(tmp_path):
     pipe, sleep, _ = make_pipe(tmp_path, jobs=2)
 
-    def broken():
-        time.sleep(0.5)
-        raise StageFailed("teacher 2 failed")
-
     start = time.time()
     with pytest.raises(StageFailed, match="teacher 2 failed"):
-        pipe.parallel([lambda: sleep("t1", 300), broken])
+        pipe.parallel([lambda: sleep("t1", 300), teacher_2_fails])
     assert time.time() - start < 60
 
 
