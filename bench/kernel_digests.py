@@ -3,12 +3,13 @@
     python bench/kernel_digests.py              # with this process's kernel settings
     ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT python bench/kernel_digests.py   # the quickstart's pin
 
-Prints one line per operation (matrix products at the quickstart's shapes, layer norm, softmax,
-log-softmax, GELU, scaled dot-product attention, cross-entropy with its gradient, AdamW steps plain and
-fused, gradient clipping, dropout's draws, float32 sqrt, a whole forward and backward pass of a small BERT
-built from a config, and five training steps of it) with the SHA-256 of its output,
-on fixed seeded inputs, one thread. The same line on two machines means the same bits; run it on both
-with the same packages and the same settings, and compare (`diff`).
+Prints one line per operation (matrix products at the quickstart's shapes, layer norm, softmax, log-
+softmax, GELU, scaled dot-product attention, cross-entropy with its gradient, AdamW steps plain and
+fused, gradient clipping, dropout's draws, float32 sqrt, exp, cos and sin, cosine similarity, a whole
+forward and backward pass of a small BERT and of a small Llama built from configs, and five training
+steps of the BERT) with the SHA-256 of its output, on fixed seeded inputs, one thread. The same line on
+two machines means the same bits; run it on both with the same packages and the same settings, and
+compare (`diff`).
 """
 from __future__ import annotations
 
@@ -71,7 +72,12 @@ def operations() -> dict[str, str]:
     exact = torch.sqrt(sqrt_input.double()).float()
     off = int((torch.sqrt(sqrt_input) != exact).sum())
     out[f"sqrt float32 ({off} of {1 << 20} not correctly rounded)"] = digest(torch.sqrt(sqrt_input))
+    angles = torch.rand(1 << 16, generator=g) * 100
+    out["cos and sin float32 (rotary embeddings)"] = digest(angles.cos(), angles.sin())
+    out["exp float32"] = digest(torch.exp(randn(1 << 16)))
+    out["cosine_similarity 4096x128 (alpha_cos)"] = digest(torch.nn.functional.cosine_similarity(x, randn(4096, 128)))
     out["BERT 4x128 forward and backward"] = _bert_step(dropout=0.0, steps=0)
+    out["Llama 2x128 forward and backward"] = _llama_step()
     out["BERT 4x128, dropout 0.1, 5 steps of fused AdamW with clipping"] = _bert_step(dropout=0.1, steps=5)
     return out
 
@@ -101,6 +107,20 @@ def _bert_step(dropout: float, steps: int) -> str:
         opt.step()
         opt.zero_grad()
     return digest(*model.parameters())
+
+
+def _llama_step() -> str:
+    """A 2-block Llama (RMSNorm, rotary embeddings, SiLU, grouped-query attention): loss and gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=256, max_position_embeddings=128)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 2000, (16, 128), generator=torch.Generator().manual_seed(2))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return digest(loss, *(p.grad for p in model.parameters() if p.grad is not None))
 
 
 def main() -> None:

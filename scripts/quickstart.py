@@ -107,8 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Skip the tuning on the validation part: standard distillation at the preset's learning "
                              "rate, DIITO at causal_ce 0.25. The report then says the recipes were not tuned.")
     parser.add_argument("--cpu_kernels", choices=("pinned", "native"), default="pinned",
-                        help="pinned (default): PyTorch's and MKL's CPU kernels at their AVX2 level on x86-64, so that "
-                             "any x86-64 CPU with AVX2 gives the same numbers (pipelines/quickstart/environment.py); "
+                        help="pinned (default): PyTorch's and MKL's CPU kernels at their AVX2 level on x86-64, the code "
+                             "paths every x86-64 CPU with AVX2 has (pipelines/quickstart/environment.py; how far that "
+                             "carries the numbers to another CPU kind: docs/quickstart.md); "
                              "native: the CPU's own fastest code paths (AVX-512 where it has it): the numbers then "
                              "depend on the CPU kind (docs/quickstart.md measures by how much).")
     parser.add_argument("--no_preload", action="store_true",

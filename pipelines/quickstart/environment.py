@@ -6,10 +6,11 @@ The same command gives the same numbers only with the same packages and the same
   applies it); `version_warnings` names every package the report should warn about;
 - on x86-64, every command runs with PINNED_KERNELS: PyTorch's own kernels at their AVX2 level and
   MKL's conditional numerical reproducibility at AVX2, strict. Left alone, both pick their code path
-  by CPU (AVX-512 on one machine, AVX2 on another) and the sums come out in another order: the same
-  command then moves every figure a little (docs/quickstart.md measures how much). Any x86-64 CPU
-  with AVX2 runs the pinned paths, so they give the same bits; the price is the speed AVX-512 would
-  have given.
+  by CPU (AVX-512 on one machine, AVX2 on another) and the sums come out in another order; training
+  amplifies that into other figures (docs/quickstart.md measures how much). Pinned, the forward and
+  backward passes gave the same bits on an AMD EPYC and an Intel Xeon (bench/kernel_digests.py);
+  the unfused AdamW step did not: its float32 sqrt goes through MKL's vector math, correctly rounded
+  on the Intel CPU with the pin, not on the AMD one with or without it.
 """
 from __future__ import annotations
 

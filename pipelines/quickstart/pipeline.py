@@ -32,7 +32,7 @@ from atomic_files import atomic_write_text
 from utils import CliError, REPO_ROOT
 
 # Every command of the quickstart runs offline with these (and the quickstart itself, for its own loading), its
-# CPU kernels pinned so that another CPU kind gives the same numbers (pipelines/quickstart/environment.py).
+# CPU kernels pinned to the code paths every x86-64 CPU with AVX2 has (pipelines/quickstart/environment.py).
 QUICKSTART_ENV = {**OFFLINE_ENV, **CHILD_ENV, **kernel_env()}
 PROGRESS = re.compile(rb"(\d+)/(\d+) \[")  # a tqdm bar's `n/total [` in a command's output
 MIN_DOCUMENTS = 20  # fewer cannot be split into train, validation and test parts worth evaluating on
