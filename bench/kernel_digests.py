@@ -3,8 +3,8 @@
     python bench/kernel_digests.py              # with this process's kernel settings
     ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT python bench/kernel_digests.py   # the quickstart's pin
 
-Prints one line per operation (matrix products at the quickstart's shapes, layer norm, softmax, log-
-softmax, GELU, scaled dot-product attention, cross-entropy with its gradient, AdamW steps plain and
+Prints one line per operation (matrix products at the quickstart's shapes, layer norm, softmax,
+log-softmax, GELU, scaled dot-product attention, cross-entropy with its gradient, AdamW steps plain and
 fused, gradient clipping, dropout's draws, float32 sqrt, exp, cos and sin, cosine similarity, a whole
 forward and backward pass of a small BERT and of a small Llama built from configs, and five training
 steps of the BERT) with the SHA-256 of its output, on fixed seeded inputs, one thread. The same line on
