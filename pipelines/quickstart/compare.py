@@ -15,7 +15,7 @@ from pathlib import Path
 
 # keys whose values are clocks or machine facts, not results
 _NOT_A_FIGURE = re.compile(r"seconds|time|load|wall|started|finished|^environment/|^corpus/versions/")
-_NUMBER = re.compile(r"[-+]?\d[\d,]*\.?\d*(?:e[-+]?\d+)?")
+_NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:e[-+]?\d+)?")  # 1,234.5e-3; not the comma after "Holm 1,"
 SIGNIFICANT = 0.05
 
 
