@@ -283,6 +283,7 @@ def test_report_numbers_are_finite(test_run):
     assert "equal steps" in summary["verdict"] and "equal compute" in summary["verdict"]
     assert "initialisation" in summary["verdict"] and "controls" in summary["verdict"]
     assert "does not cover" in report and "The ablation was not run" in report and "Holm" in report
+    assert "about this teacher only" in report and "another CPU kind" in report
     assert summary["corpus"]["origin"] in report and summary["corpus"]["corpus_sha256"][:12] in report
     env = summary["environment"]
     assert f"torch {env['packages']['torch']}" in report and env["cpu"] in report

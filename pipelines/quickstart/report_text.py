@@ -85,6 +85,11 @@ far more often than they occur, while evaluation masks uniformly; with 0 every t
     return f"## Tuning and ablation (validation part)\n\n{tuning}\n{ablation}"
 
 
+# measured in docs/quickstart.md: the same seed on native kernels trained another teacher and moved 3 verdicts
+_ONE_TEACHER = ("With one teacher the claims are about this teacher only: another teacher (another seed, or the same "
+                "seed computed on another CPU kind) can give other verdicts.")
+
+
 def _seed_recipe(arms: dict, lm: str, p) -> str:
     """The seed's recipe in the method notes, where the preset runs it."""
     if "seed_standard" not in arms:
@@ -121,7 +126,7 @@ def _method_notes(q, r, corpus: dict, vocab: int, flops: dict, mapping, covers: 
 - Verdicts: {TEST_NAME}, runs with the same teacher and seed paired; Holm's correction over the
   {len(r.comparisons)} comparisons of the tables above; a difference counts only with a corrected p < 0.05 and when
   it exceeds the seeds' spread (the larger standard deviation over seeds within a teacher); otherwise "no clear
-  difference". {'With one teacher the claims are about this teacher only.' if n_t == 1 else ''}
+  difference". {_ONE_TEACHER if n_t == 1 else ''}
 - ± is the sample standard deviation over {covers}. It does not cover what is fixed in a run: the corpus and its
   split, the tokenizer and the evaluation masking{' and the teacher' if n_t == 1 else ''} are the same for every
   student.
