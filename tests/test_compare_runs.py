@@ -36,6 +36,8 @@ def test_figures_are_the_results_not_the_clocks_or_the_machine():
     assert not [k for k in found if "seconds" in k or k.startswith("environment/")]
     assert cmp.kind_of("standard/perplexity/seed 2") == "perplexity"
     assert cmp.kind_of("comparisons/standard|perplexity/ci95/1") == "ci95"
+    assert cmp.kind_of("diito/perplexity/teacher 3 seed 1") == "perplexity"
+    assert cmp.kind_of("teacher/per_teacher/1") == "per_teacher"
 
 
 def test_the_same_run_compares_equal_throughout():

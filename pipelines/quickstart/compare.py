@@ -17,6 +17,7 @@ from pathlib import Path
 _NOT_A_FIGURE = re.compile(r"seconds|time|load|wall|started|finished|^environment/|^corpus/versions/")
 _NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:e[-+]?\d+)?")  # 1,234.5e-3; not the comma after "Holm 1,"
 SIGNIFICANT = 0.05
+_RUN = re.compile(r"(teacher \d+ ?)?(seed \d+)?$")  # a run's key under a figure: "seed 2", "teacher 3 seed 1", "1"
 
 
 def figures(summary: dict) -> dict[str, float]:
@@ -39,7 +40,7 @@ def figures(summary: dict) -> dict[str, float]:
 
 def kind_of(path: str) -> str:
     """The figure's kind, for grouping: the last named part of its path (`seed 1` and indices dropped)."""
-    parts = [p for p in path.split("/") if not p.isdigit() and not p.startswith("seed ")]
+    parts = [p for p in path.split("/") if not p.isdigit() and not _RUN.match(p)]
     return parts[-1] if parts else path
 
 
