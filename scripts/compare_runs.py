@@ -8,8 +8,8 @@ Reads each folder's summary.json (every figure at full precision) and the SHA-25
 
 prints how many figures are bit for bit equal, the largest relative difference of each kind of figure
 (perplexity, effective_iia, p, ...), how many weight files are byte for byte equal, the comparisons
-whose Holm-corrected verdict (p < 0.05) is significant in one run and not in the other, and the verdict
-lines that read differently once their numbers are taken out. Clocks (seconds, load) are not compared.
+whose verdict, as the report decided it (better, worse, no clear difference), differs between the runs,
+and the verdict lines that read differently once their numbers are taken out. Clocks (seconds, load) are not compared.
 --write_digests FOLDER writes FOLDER/weights.sha256.json, so that the folder's figures and digests can
 travel without its weights. Exit status 0 either way: differences are a finding, not an error.
 """

@@ -20,8 +20,10 @@ def summary():
         "teacher": {"perplexity": 429.135, "train_seconds": 143.0, "steps": 1200},
         "standard": {"perplexity": {"seed 1": 424.42, "seed 2": 423.95}, "train_seconds": {"seed 1": 20.0}},
         "comparisons": {
-            "standard|perplexity": {"diff": -18.25, "ci95": [-21.59, -14.92], "p": 0.0018, "p_holm": 0.0052},
-            "diito|perplexity": {"diff": 0.61, "ci95": [-3.47, 4.69], "p": 0.587, "p_holm": 1.0},
+            "standard|perplexity": {"diff": -18.25, "ci95": [-21.59, -14.92], "p": 0.0018, "p_holm": 0.0052,
+                                    "spread": 1.4, "result": "better"},
+            "diito|perplexity": {"diff": 0.61, "ci95": [-3.47, 4.69], "p": 0.587, "p_holm": 1.0, "spread": 4.1,
+                                 "result": "no clear difference"},
         },
         "corpus": {"versions": {"torch": "2.13.0+cpu"}, "train_documents": 18743},
     }
@@ -60,9 +62,11 @@ def test_a_moved_figure_is_counted_with_its_relative_difference():
     assert (result.weights_common, result.weights_equal) == (2, 1)
 
 
-def test_a_holm_verdict_crossing_the_threshold_is_a_flip_and_numbers_alone_are_not():
+def test_a_verdict_the_report_changed_is_a_flip_and_numbers_alone_are_not():
     other = summary()
-    other["comparisons"]["standard|perplexity"]["p_holm"] = 0.051  # significant in one run only
+    other["comparisons"]["standard|perplexity"].update(p_holm=0.051, result="no clear difference")
+    # significant now, but within the seeds' spread: the report still says "no clear difference", no flip
+    other["comparisons"]["diito|perplexity"]["p_holm"] = 0.01
     other["verdict"] = other["verdict"].replace("-18.25", "-18.31").replace("Holm 1,", "Holm 0.244,")  # numbers only
     result = cmp.compare(summary(), other)
     assert result.flipped == ["standard|perplexity"]

@@ -1,8 +1,8 @@
 """Two quickstart folders side by side: which figures moved, by how much, and whether a verdict changed.
 
 Used to measure how far the numbers move from one machine (CPU kind, packages, kernel pin) to another
-(`scripts/compare_runs.py`, docs/quickstart.md). Reads only what a finished or partly finished run left:
-`summary.json` (every figure, at full precision) and the weight files (`*.safetensors`).
+(`scripts/compare_runs.py`, docs/quickstart.md). Reads what a run left: `summary.json` (every figure at full
+precision, each comparison's verdict as the report decided it) and the weight files (`*.safetensors`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from pathlib import Path
 # keys whose values are clocks or machine facts, not results
 _NOT_A_FIGURE = re.compile(r"seconds|time|load|wall|started|finished|^environment/|^corpus/versions/")
 _NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:e[-+]?\d+)?")  # 1,234.5e-3; not the comma after "Holm 1,"
-SIGNIFICANT = 0.05
 _RUN = re.compile(r"(teacher \d+ ?)?(seed \d+)?$")  # a run's key under a figure: "seed 2", "teacher 3 seed 1", "1"
 
 
@@ -58,14 +57,10 @@ def verdict_shape(verdict: str) -> list[str]:
     return [" ".join(_NUMBER.sub("#", line).split()) for line in verdict.splitlines() if line.strip()]
 
 
-def significant_comparisons(summary: dict, alpha: float = SIGNIFICANT) -> dict[str, bool]:
-    """Each comparison's verdict after Holm's correction: significant or not (comparisons without p_holm left out)."""
-    out = {}
-    for name, comparison in (summary.get("comparisons") or {}).items():
-        p = comparison.get("p_holm") if isinstance(comparison, dict) else None
-        if isinstance(p, (int, float)) and math.isfinite(p):
-            out[name] = p < alpha
-    return out
+def verdicts(summary: dict) -> dict[str, str]:
+    """Each comparison's verdict as the report decided it (`better`, `worse`, `no clear difference`)."""
+    return {name: c["result"] for name, c in (summary.get("comparisons") or {}).items()
+            if isinstance(c, dict) and "result" in c}
 
 
 def weight_digests(folder: Path) -> dict[str, str]:
@@ -81,8 +76,8 @@ def weight_digests(folder: Path) -> dict[str, str]:
 
 
 @dataclass
-class Comparison:
-    """What two runs share: figures (equal, moved, by kind), verdict lines, Holm verdicts, weight files."""
+class RunComparison:
+    """What two runs share: figures (equal, moved, by kind), verdict lines, comparisons' verdicts, weight files."""
 
     common: int = 0
     equal: int = 0
@@ -90,7 +85,7 @@ class Comparison:
     largest: dict[str, tuple[float, str]] = field(default_factory=dict)  # kind -> (relative difference, path)
     moved: dict[str, int] = field(default_factory=dict)  # kind -> how many figures of that kind moved
     verdict_changes: list[tuple[str, str]] = field(default_factory=list)
-    flipped: list[str] = field(default_factory=list)  # comparisons significant in one run and not the other
+    flipped: list[str] = field(default_factory=list)  # comparisons whose verdict differs between the runs
     weights_common: int = 0
     weights_equal: int = 0
 
@@ -101,7 +96,7 @@ class Comparison:
             rel, path = self.largest[kind]
             out.append(f"  - `{kind}`: {self.moved[kind]} moved, largest relative difference {rel:.3g} (`{path}`)")
         out.append(f"- weight files in both: {self.weights_common}; byte for byte equal: {self.weights_equal}")
-        out.append(f"- comparisons whose Holm-corrected verdict (p < {SIGNIFICANT}) differs: "
+        out.append("- comparisons whose verdict (better, worse, no clear difference) differs: "
                    + (", ".join(f"`{name}`" for name in self.flipped) or "none"))
         if self.verdict_changes:
             out.append("- verdict lines that read differently (numbers aside):")
@@ -112,9 +107,9 @@ class Comparison:
 
 
 def compare(summary_a: dict, summary_b: dict, weights_a: dict[str, str] | None = None,
-            weights_b: dict[str, str] | None = None) -> Comparison:
+            weights_b: dict[str, str] | None = None) -> RunComparison:
     """Compare two runs' summaries (and optionally their weight digests)."""
-    result = Comparison()
+    result = RunComparison()
     fa, fb = figures(summary_a), figures(summary_b)
     common = fa.keys() & fb.keys()
     result.common, result.only_in_one = len(common), len(fa.keys() ^ fb.keys())
@@ -131,7 +126,7 @@ def compare(summary_a: dict, summary_b: dict, weights_a: dict[str, str] | None =
     result.verdict_changes = [(a, b) for a, b in zip(va, vb) if a != b]
     if len(va) != len(vb):
         result.verdict_changes.append((f"{len(va)} lines", f"{len(vb)} lines"))
-    sa, sb = significant_comparisons(summary_a), significant_comparisons(summary_b)
+    sa, sb = verdicts(summary_a), verdicts(summary_b)
     result.flipped = sorted(name for name in sa.keys() & sb.keys() if sa[name] != sb[name])
     if weights_a is not None and weights_b is not None:
         shared = weights_a.keys() & weights_b.keys()
