@@ -7,6 +7,8 @@ exits non-zero on the first difference."""
 from __future__ import annotations
 
 import copy
+import faulthandler
+import os
 import sys
 
 import torch
@@ -90,6 +92,7 @@ def check_family(family: str, mesh) -> int:
         where = f"{family}, sites {sorted(t_sites)} -> {sorted(s_sites)}, shared prefix {shared_prefix}"
         with torch.inference_mode():
             t_ref = model_outputs(ref_teacher, p, t_sites, needs, want_logits=True, shared_prefix=shared_prefix)
+        with torch.no_grad():  # as causal_train.py runs a sharded teacher (FsdpEngine.teacher_mode)
             t_out = t_root([p], t_sites, needs, False, shared_prefix)[0]
         ref_values, ref_total = compute_losses(
             model_outputs(ref_student, p, s_sites, needs, want_logits=True, shared_prefix=shared_prefix),
@@ -120,19 +123,29 @@ def compare_gradients(student, ref_student, where: str) -> None:
     ref_student.zero_grad(set_to_none=True)
 
 
-def main() -> None:
+def check_all(families: list[str]) -> None:
+    """Check each family on a mesh over every rank; the mesh (and its group) is freed on return."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    families = sys.argv[1:] or list(FAMILIES)
     for family in families:
         checks = check_family(family, mesh)
         if dist.get_rank() == 0:
             print(f"OK {family} {checks}", flush=True)
-    # the FSDP models must be freed before the group goes (end_process_group): freed after it, at exit, a rank
-    # now and then aborted in their destructors ("terminate called without an active exception")
+
+
+def main() -> None:
+    faulthandler.enable()  # a rank that crashes says where, in the test's output
+    dist.init_process_group("gloo")
+    check_all(sys.argv[1:] or list(FAMILIES))
+    # nothing may hold the group when it goes (end_process_group): a mesh or FSDP model freed only at interpreter exit
+    # leaves gloo's threads to free tensors without the GIL, and a rank aborts ("terminate called without an active
+    # exception"); a failed check exits with its error instead (a rank left waiting could hang the teardown)
     end_process_group()
+    # and none of it may run at interpreter exit: the checks are done and printed
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
