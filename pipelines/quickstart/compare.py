@@ -16,7 +16,7 @@ from pathlib import Path
 # keys whose values are clocks or machine facts, not results
 _NOT_A_FIGURE = re.compile(r"seconds|time|load|wall|started|finished|^environment/|^corpus/versions/")
 _NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:e[-+]?\d+)?")  # 1,234.5e-3; not the comma after "Holm 1,"
-_RUN = re.compile(r"(teacher \d+ ?)?(seed \d+)?$")  # a run's key under a figure: "seed 2", "teacher 3 seed 1", "1"
+_RUN = re.compile(r"(teacher \d+ ?)?(seed \d+)?$")  # a run's key under a figure: "seed 2", "teacher 3 seed 1"
 
 
 def figures(summary: dict) -> dict[str, float]:
