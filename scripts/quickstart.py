@@ -56,7 +56,7 @@ from pathlib import Path
 from pipelines.quickstart import clm
 from pipelines.quickstart.mlm import MlmQuickstart
 from pipelines.quickstart.environment import PINNED_KERNELS
-from pipelines.quickstart.pipeline import (PRESETS, QUICKSTART_ENV, add_split_args, check_split_args,
+from pipelines.quickstart.pipeline import (PRESETS, QUICKSTART_ENV, Preset, add_split_args, check_split_args,
                                           read_text_files, split_corpus)
 from pipelines.stages import Interrupted, StageFailed, check_inputs_outside, check_out, lock_out
 from atomic_files import atomic_write_text
@@ -80,6 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(run_clm.py; pipelines/quickstart/clm.py).")
     parser.add_argument("--seeds", type=int, default=None,
                         help="Student seeds per objective and teacher (default: the preset's, 3; 2 with --preset study).")
+    parser.add_argument("--teachers", type=int, default=None,
+                        help="Teachers trained with different seeds, each distilled by every main arm (default: the "
+                             "preset's, 1; 5 with --preset study). The report's verdicts are tests over teachers: with "
+                             "one it makes none and gives that teacher's figures; each teacher adds about a fifth of "
+                             "the study's time.")
     parser.add_argument("--steps", type=int, default=None, help="Optimiser steps per student run (default: the preset's).")
     parser.add_argument("--teacher_steps", type=int, default=None, help="Teacher training steps (default: the preset's).")
     parser.add_argument("--text", nargs="+", default=None, metavar="FILE",
@@ -119,7 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "are the same either way.")
     parser.add_argument("--force", action="store_true", help="Redo every stage, even those already done.")
     args = parser.parse_args(argv)
-    for flag in ("seeds", "steps", "teacher_steps", "threads", "jobs"):
+    for flag in ("seeds", "teachers", "steps", "teacher_steps", "threads", "jobs"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CliError(f"--{flag} must be at least 1, got {value}")
@@ -129,13 +134,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def chosen_preset(args: argparse.Namespace) -> Preset:
+    """The preset the flags ask for: the family's sizes, and --teachers in place of the preset's count."""
+    preset = PRESETS[args.preset] if args.family == "bert" else clm.checked_preset(args.preset, args.family)
+    return preset if args.teachers is None else replace(preset, teachers=args.teachers)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the quickstart as `argv` asks; returns what ran, what was skipped and the wall time."""
     args = parse_args(argv)
-    if args.family == "bert":
-        preset = PRESETS[args.preset]
-    else:
-        preset = clm.checked_preset(args.preset, args.family)
+    preset = chosen_preset(args)
     user_docs = None
     if args.text:  # bad input fails here, before anything is written or trained
         user_docs = read_text_files(args.text)

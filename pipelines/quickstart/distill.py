@@ -313,7 +313,7 @@ class DistillQuickstart(DownstreamStages, Quickstart):
     # --- stage 10: report ---------------------------------------------------------------------------
     def report(self, stages: dict, runs: dict, evals: dict, alignment: dict, downstream: dict) -> dict:
         self.banner(10, "report: verdict, tables, curves and plots")
-        settings = self.report_settings(12, stages={k: v for k, v in stages.items() if "key" in v}, runs=runs,
+        settings = self.report_settings(13, stages={k: v for k, v in stages.items() if "key" in v}, runs=runs,
                                         evals=evals, alignment=alignment, downstream=downstream)
         settings["choice"] = {k: v for k, v in stages["tuning"].items() if k != "arms"}
 

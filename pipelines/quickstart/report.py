@@ -11,9 +11,10 @@ It answers three questions at the quickstart's scale, on the test part, each aga
 3. Is the intervention what helps? DIITO against its controls: the same weight on the soft targets,
    the same extra source sequences without the interchange, and a misaligned mapping.
 
-Every comparison is two-sided and noise-aware (`pipelines.quickstart.stats`): over teachers when there
-are several, Holm-corrected over the report's comparisons, and "no clear difference" unless it is
-significant and beyond the seeds' spread. The tuning and the ablation are read on the validation part,
+Every comparison is two-sided and noise-aware (`pipelines.quickstart.stats`): over teachers,
+Holm-corrected over the report's comparisons, and "no clear difference" unless it is significant and
+beyond the seeds' spread. With one teacher nothing is decided: the report gives that teacher's figures
+over its seeds, and says a verdict needs several teachers. The tuning and the ablation are read on the validation part,
 which decides the learning rate and DIITO's weight; they are not claims and are not in the correction.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 from pipelines.quickstart.arms import CONTROL_NAMES, CONTROLS, init_name, key_text, learning_rate, run_name, teacher_name
 from pipelines.quickstart.downstream import TOKEN_TASKS
 from pipelines.quickstart.report_text import report_markdown
-from pipelines.quickstart.stats import TEST_NAME, Comparison, against_reference, compare, holm, mean_std, plus_minus
+from pipelines.quickstart.stats import (NO_VERDICT, TEST_NAME, Comparison, against_reference, compare, holm, mean_std,
+                                       plus_minus)
 from pipelines.stages import format_seconds
 from atomic_files import atomic_write_text
 
@@ -289,7 +291,8 @@ def _words(c: Comparison | None) -> str:
     if c is None:
         return "-"
     head = {"better": "DIITO better", "worse": "DIITO worse", "no clear difference": "no clear difference"}
-    return f"{head[c.result]} ({c.evidence()})"
+    text = f"{head[c.outcome]} ({c.evidence()})"
+    return text if c.result != NO_VERDICT else f"{NO_VERDICT}; its seeds: {text}"
 
 
 def downstream_table(r: Results) -> str:
@@ -394,16 +397,51 @@ def ablation_table(r: Results) -> str:
     for a in names:
         arm = r.arms[a]
         first = {k: v for k, v in r.ppl[a].items() if k[0] == 1}
-        c = against_reference(first, {1: r.init_validation}, True)
+        c = against_reference(first, {1: r.init_validation}, True, claim=False)
         lr = learning_rate(arm, q.preset)
         rows.append(f"| {arm.label} | {arm.objective(q.lm)} | {lr:g} | {plus_minus(first.values())} | "
                     f"{', '.join(f'{v:.2f}' for v in first.values())} | {c.interval()} | {c.result} ({c.evidence()}) |")
     return "\n".join(rows) + "\n"
 
 
+def one_teacher_verdict(r: Results) -> str:
+    """The short verdict with one teacher: none is made (a claim about the method is a test over teachers), and
+    the three lines give that teacher's differences over its seeds instead. No word in them comes from a test, so
+    another teacher (another seed, another CPU kind) changes their numbers, never what they say."""
+
+    def fig(c: Comparison | None, fmt="{:+.2f}", scale=1.0) -> str:
+        return "not measured" if c is None else c.interval(fmt, scale)
+
+    tasks = [t for t in r.tasks if r.has_room(t)]
+
+    def task_figs(name: str) -> str:
+        return "".join(f", {t} accuracy {fig(r.get(f'{name}|task:{t}'), '{:+.1f}', 100)} points" for t in tasks)
+
+    head = f"{NO_VERDICT}: verdicts are tests over teachers (`--preset study`, or `--teachers 5`)"
+    line1 = (f"1. Distillation: {head}; this teacher's {len(r.q.seeds)} seeds, standard distillation minus its "
+             f"initialisation: test perplexity {fig(r.get('standard|perplexity'))}" + task_figs("standard") + ".")
+    parts = []
+    for other, setting in (("standard", "equal steps"), ("standard_eqc", "equal compute")):
+        parts.append(f"at {setting}, perplexity {fig(r.get(f'diito-{other}|perplexity'))}, effective IIA "
+                     f"{fig(r.get(f'diito-{other}|effective_iia'), '{:+.1f}', 100)} points" + task_figs(f"diito-{other}"))
+    if r.get("low_vs_full|perplexity") is not None:
+        parts.append(f"with {r.q.preset.low_resource:g} of the data, perplexity "
+                     f"{fig(r.get('diito_low-standard_low|perplexity'))}, minus the same with all of it "
+                     f"{fig(r.get('low_vs_full|perplexity'))}")
+    line2 = f"2. DIITO against standard distillation: {NO_VERDICT}; DIITO minus standard " + "; ".join(parts) + "."
+    controls = [c for c in CONTROLS if c in r.arms]
+    line3 = f"3. Is the intervention the cause: {NO_VERDICT}; " + ("no control was run." if not controls else (
+        f"DIITO minus {', '.join(CONTROL_NAMES[c] for c in controls)}: perplexity "
+        f"{', '.join(fig(r.get(f'diito-{c}|perplexity')) for c in controls)}; effective IIA "
+        f"{', '.join(fig(r.get(f'diito-{c}|effective_iia'), '{:+.1f}', 100) for c in controls)} points."))
+    return "\n".join([line1, line2, line3])
+
+
 def verdict(r: Results) -> str:
     """The short verdict, three lines: does distillation help; DIITO against standard at equal steps and compute;
-    is the intervention the cause (DIITO against its controls)."""
+    is the intervention the cause (DIITO against its controls). With one teacher: `one_teacher_verdict`."""
+    if len(r.teachers) == 1:
+        return one_teacher_verdict(r)
 
     def said(c: Comparison | None, better: str, worse: str, fmt="{:+.2f}", scale=1.0) -> str:
         if c is None:
@@ -508,7 +546,8 @@ def _summary(q, r: Results, stages, params, flops, vocab, sentence, stage_second
 
     def comparison(c: Comparison) -> dict:
         return {"diff": c.diff, "ci95": [c.lo, c.hi], "p": c.p, "p_holm": c.p_holm, "unit": c.unit, "n": c.n,
-                "p_per_seed": c.p_seed, "pairs": c.pairs, "spread": c.spread, "result": c.result}
+                "p_per_seed": c.p_seed, "pairs": c.pairs, "spread": c.spread, "result": c.result,
+                "outcome": c.outcome}
 
     choice = {k: v for k, v in stages["tuning"].items() if k != "arms"}
     summary = {

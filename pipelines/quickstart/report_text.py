@@ -85,9 +85,11 @@ far more often than they occur, while evaluation masks uniformly; with 0 every t
     return f"## Tuning and ablation (validation part)\n\n{tuning}\n{ablation}"
 
 
-# measured in docs/quickstart.md: the same seed on native kernels trained another teacher and moved 3 verdicts
-_ONE_TEACHER = ("With one teacher the claims are about this teacher only: another teacher (another seed, or the same "
-                "seed computed on another CPU kind) can give other verdicts.")
+# measured in docs/quickstart.md: the same seed on native kernels trained another teacher, and 3 of the 10
+# differences its seeds called clear were not clear with it
+_ONE_TEACHER = ("With one teacher no verdict is made: a test over its seeds measures that teacher only, and another "
+                "teacher (another seed, or the same seed computed on another CPU kind) can say otherwise. Its "
+                "outcome is shown after \"its seeds\"; for verdicts, `--preset study` or `--teachers 5`.")
 
 
 def _seed_recipe(arms: dict, lm: str, p) -> str:

@@ -4,9 +4,10 @@ Two sets of runs are compared pair by pair: runs that share a teacher and a seed
 order, masks and interchange positions) form a pair. The unit of the test is the teacher when there
 are several: a claim about the method at this scale is a claim over teachers, and the seeds of one
 teacher share it, so they are not independent evidence. Then the test is a one-sample t-test of the
-per-teacher means of the paired differences (n = teachers); with one teacher it is the paired t-test
-over seeds (n = seeds), and the claim is about that teacher only. The test over every pair (the
-per-seed view) is kept as a secondary figure.
+per-teacher means of the paired differences (n = teachers). With one teacher the paired t-test over
+its seeds is made and shown, but it decides nothing (`NO_VERDICT`): it measures that teacher only,
+and another teacher (another seed, or the same seed computed on another CPU kind, docs/quickstart.md)
+can say otherwise. The test over every pair (the per-seed view) is kept as a secondary figure.
 
 A difference counts only when all of these hold:
 
@@ -15,8 +16,9 @@ A difference counts only when all of these hold:
   *within a teacher* (pooled over teachers). The spread between teachers is not noise of the
   comparison: the pairs share their teacher, so it cancels in the differences.
 
-Otherwise the verdict is "no clear difference": with one seed (and one teacher) nothing can be
-told, and a difference within the spread is not claimed even when it is consistent. The 95%
+Otherwise the verdict is "no clear difference": with one seed nothing can be told, and a difference
+within the spread is not claimed even when it is consistent. A comparison that only describes (the
+ablation's, `claim=False`) reads its one teacher's seeds as its units and keeps their outcome. The 95%
 interval of the mean difference is Student's t over the units. Against the student at
 initialisation (one model per teacher) the same test is made on the differences from it.
 """
@@ -27,6 +29,7 @@ import statistics
 from dataclasses import dataclass, replace
 
 ALPHA = 0.05
+NO_VERDICT = "no verdict (one teacher)"
 TEST_NAME = "two-sided t-test over teachers (per-teacher means of paired differences; over seeds with one teacher)"
 
 
@@ -48,6 +51,7 @@ class Comparison:
     pairs: int = 0  # (teacher, seed) pairs
     p_seed: float | None = None  # the paired t-test over every pair (the per-seed view; secondary)
     p_holm: float | None = None  # p after Holm's correction over the report's comparisons (`holm`)
+    claim: bool = True  # a claim about the method: decided over teachers only (one teacher: NO_VERDICT)
 
     @property
     def p_used(self) -> float | None:
@@ -59,11 +63,16 @@ class Comparison:
                 and abs(self.diff) > self.spread)
 
     @property
-    def result(self) -> str:
-        """'better', 'worse' (a against b) or 'no clear difference'."""
+    def outcome(self) -> str:
+        """What the test over the units says: 'better', 'worse' (a against b) or 'no clear difference'."""
         if not self.clear:
             return "no clear difference"
         return "better" if (self.diff < 0) == self.lower_is_better else "worse"
+
+    @property
+    def result(self) -> str:
+        """The verdict: the outcome, or NO_VERDICT for a claim tested over one teacher's seeds."""
+        return NO_VERDICT if self.claim and self.unit == "seed" else self.outcome
 
     def interval(self, fmt: str = "{:+.2f}", scale: float = 1.0) -> str:
         """`+1.23 [0.50, 1.96]` (the change and its 95% interval), or the change alone with one unit."""
@@ -131,8 +140,9 @@ def _unit_values(diffs: dict) -> tuple[str, list[float]]:
     return "seed", list(diffs.values())
 
 
-def compare(a: dict, b: dict, lower_is_better: bool) -> Comparison:
-    """`a` against `b`, paired by key (a key of `a` missing from `b` is an error)."""
+def compare(a: dict, b: dict, lower_is_better: bool, claim: bool = True) -> Comparison:
+    """`a` against `b`, paired by key (a key of `a` missing from `b` is an error); `claim=False` for a comparison
+    that describes one teacher's runs rather than claims something of the method."""
     keys = sorted(a)
     missing = [k for k in keys if k not in b]
     if missing or not keys:
@@ -147,11 +157,11 @@ def compare(a: dict, b: dict, lower_is_better: bool) -> Comparison:
     diff = statistics.fmean(units)
     if n < 2:
         return Comparison(n, mean_a, mean_b, diff, None, None, None, None, wins, lower_is_better, unit, len(diffs),
-                          p_seed if unit == "teacher" else None)
+                          p_seed if unit == "teacher" else None, claim=claim)
     half = t_quantile(n - 1) * _sd(units) / math.sqrt(n)
     spreads = [s for s in (seed_spread(a), seed_spread({k: b[k] for k in keys})) if s is not None]
     return Comparison(n, mean_a, mean_b, diff, diff - half, diff + half, paired_p(units),
-                      max(spreads) if spreads else None, wins, lower_is_better, unit, len(diffs), p_seed)
+                      max(spreads) if spreads else None, wins, lower_is_better, unit, len(diffs), p_seed, claim=claim)
 
 
 def holm(comparisons: dict) -> dict:
@@ -164,9 +174,9 @@ def holm(comparisons: dict) -> dict:
     return out
 
 
-def against_reference(a: dict, reference: dict, lower_is_better: bool) -> Comparison:
+def against_reference(a: dict, reference: dict, lower_is_better: bool, claim: bool = True) -> Comparison:
     """`a` (keyed by (teacher, seed)) against one reference value per teacher (keyed by teacher)."""
-    return compare(a, {k: reference[k[0]] for k in a}, lower_is_better)
+    return compare(a, {k: reference[k[0]] for k in a}, lower_is_better, claim)
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
