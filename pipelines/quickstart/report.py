@@ -14,8 +14,9 @@ It answers three questions at the quickstart's scale, on the test part, each aga
 Every comparison is two-sided and noise-aware (`pipelines.quickstart.stats`): over teachers,
 Holm-corrected over the report's comparisons, and "no clear difference" unless it is significant and
 beyond the seeds' spread. With one teacher nothing is decided: the report gives that teacher's figures
-over its seeds, and says a verdict needs several teachers. The tuning and the ablation are read on the validation part,
-which decides the learning rate and DIITO's weight; they are not claims and are not in the correction.
+over its seeds, and says a verdict needs several teachers. The tuning and the ablation are read on the
+validation part, which decides the learning rate and DIITO's weight; they are not claims and are not in
+the correction.
 """
 from __future__ import annotations
 
