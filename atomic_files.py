@@ -128,7 +128,13 @@ def writing_into(folder: str | os.PathLike, what: str) -> Iterator[None]:
 
 def file_blake2b(path: str | os.PathLike, skip: int = 0, chunk: int = 8 << 20) -> str:
     """Hex blake2b digest (16 bytes) of a file's bytes from offset `skip` on, read in `chunk`-byte blocks."""
-    digest = hashlib.blake2b(digest_size=16)
+    return file_digest(path, hashlib.blake2b(digest_size=16), skip, chunk)
+
+
+def file_digest(path: str | os.PathLike, digest=None, skip: int = 0, chunk: int = 8 << 20) -> str:
+    """Hex digest of a file's bytes from offset `skip` on with `digest` (a fresh hashlib object; SHA-256 when
+    None), read in `chunk`-byte blocks."""
+    digest = hashlib.sha256() if digest is None else digest
     with open(path, "rb") as fh:
         fh.seek(skip)
         while block := fh.read(chunk):

@@ -6,12 +6,13 @@ precision, each comparison's verdict as the report decided it) and the weight fi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from atomic_files import file_digest
 
 # keys whose values are clocks or machine facts, not results
 _NOT_A_FIGURE = re.compile(r"seconds|time|load|wall|started|finished|^environment/|^corpus/versions/")
@@ -65,14 +66,7 @@ def verdicts(summary: dict) -> dict[str, str]:
 
 def weight_digests(folder: Path) -> dict[str, str]:
     """SHA-256 of every `*.safetensors` file under a run folder, by its path relative to the folder."""
-    digests = {}
-    for path in sorted(folder.rglob("*.safetensors")):
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        digests[path.relative_to(folder).as_posix()] = digest.hexdigest()
-    return digests
+    return {path.relative_to(folder).as_posix(): file_digest(path) for path in sorted(folder.rglob("*.safetensors"))}
 
 
 @dataclass
