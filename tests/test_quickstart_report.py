@@ -286,6 +286,37 @@ def test_ablation_and_tuning_tables_read_the_validation_part():
     assert [row.endswith("| yes |") for row in rows] == [False, True, False, True]
 
 
+def test_one_standard_error_rule_takes_the_most_preferred_candidate_within_one_error_of_the_best():
+    from pipelines.quickstart.stats import one_standard_error
+    # the Llama study's weights 0.1, 0.25, 0.5 on the validation part, two seeds: with the pinned kernels the
+    # lowest mean was 0.5's, with native ones 0.25's (by 0.05 and 0.005 perplexity): the rule takes 0.25 in both
+    pinned = [[79.5425, 79.0406], [79.3242, 78.8933], [79.2309, 78.8806]]
+    native = [[81.0196, 80.7225], [80.8488, 80.5961], [80.8471, 80.6063]]
+    assert one_standard_error(pinned) == (1, 2)
+    assert one_standard_error(native) == (1, 1)
+    # the bound is the best's mean plus its standard deviation over sqrt(seeds): here 10 + sqrt(2) / sqrt(2)
+    assert one_standard_error([[10.9, 10.9], [9.0, 11.0]]) == (0, 1)
+    assert one_standard_error([[11.1, 11.1], [9.0, 11.0]]) == (1, 1)
+    # a preferred candidate is chosen before a later one within the bound; one seed: no error, the lowest mean
+    assert one_standard_error([[10.5, 10.5], [10.2, 10.2], [9.0, 11.0]]) == (0, 2)
+    assert one_standard_error([[10.1], [10.0]]) == (1, 1)
+
+
+def test_tuning_takes_the_smallest_weight_within_one_error_whatever_order_the_grid_lists():
+    from pipelines.quickstart.distill import DistillQuickstart
+    q = fake_quickstart(quickstart_mlm.MlmQuickstart.arms)
+    arms = tuning_arms(q.arms, (1e-3,), (0.5, 0.1, 0.25), 1e-3)
+    weights = {k: a for k, a in arms.items() if k.startswith("tune_w")}
+    # 0.5 lowest, its seeds 399.5 and 400.5: one error is 0.5; 0.25 within it, 0.1 not
+    means = {"tune_w1": 400.0, "tune_w2": 400.9, "tune_w3": 400.3}
+    evals = {run_name(k, 1, s): {"perplexity": m + (s - 1.5)} for k, m in means.items() for s in (1, 2)}
+    this = SimpleNamespace(seeds=(1, 2))
+    assert DistillQuickstart._weight(this, weights, evals) == (0.25, 0.5)
+    means["tune_w2"] = 400.4  # 0.1 now within too: the smallest weight
+    evals = {run_name(k, 1, s): {"perplexity": m + (s - 1.5)} for k, m in means.items() for s in (1, 2)}
+    assert DistillQuickstart._weight(this, weights, evals) == (0.1, 0.5)
+
+
 def test_two_teachers_pair_each_run_with_its_own_teacher():
     q = fake_quickstart(quickstart_mlm.MlmQuickstart.arms, teachers=2)
     runs, evals, alignment = fake_records(q, lambda a, s: 270.0 + s, lambda a, s: 0.6)

@@ -19,6 +19,7 @@ from pipelines.quickstart.arms import (NAMES, Arm, ablation_rows, build_arms, in
 from pipelines.quickstart.downstream import DownstreamStages
 from pipelines.quickstart.pipeline import RANDOM_STUDENT_SEED, Quickstart
 from pipelines.quickstart.report import write_report
+from pipelines.quickstart.stats import one_standard_error
 from pipelines.stages import fingerprint, format_seconds
 from atomic_files import atomic_write_text
 
@@ -185,9 +186,12 @@ class DistillQuickstart(DownstreamStages, Quickstart):
                                                       lambda arm: steps, data, inits, split="validation")
             runs.update(more_runs)
             evals.update(more)
-            weight = p.tune_weights[self._best(weights, evals)]
-            choice = {"lr": lr, "weight": weight, "tuned": True, "arms": {**rates, **weights}}
-            print(f"  chosen on the validation part: learning rate {lr:g}, DIITO's weight {weight:g}", flush=True)
+            weight, lowest = self._weight(weights, evals)
+            choice = {"lr": lr, "weight": weight, "lowest_mean_weight": lowest, "tuned": True,
+                      "arms": {**rates, **weights}}
+            print(f"  chosen on the validation part: learning rate {lr:g}, DIITO's weight {weight:g}"
+                  + ("" if lowest == weight else f" (the lowest mean at {lowest:g}; {weight:g} is within one "
+                                                 f"standard error of it)"), flush=True)
         abl_runs, abl_evals = self.ablation(data, inits)
         return choice, {**runs, **abl_runs}, {**evals, **abl_evals}
 
@@ -195,6 +199,18 @@ class DistillQuickstart(DownstreamStages, Quickstart):
         """The index of the arm with the lowest mean validation perplexity over the seeds (the first on a tie)."""
         means = [sum(evals[run_name(name, 1, s)]["perplexity"] for s in self.seeds) / len(self.seeds) for name in arms]
         return means.index(min(means))
+
+    def _weight(self, arms: dict[str, Arm], evals: dict) -> tuple[float, float]:
+        """DIITO's weight by the one-standard-error rule: the smallest weight whose mean validation perplexity is
+        within one standard error of the lowest mean (the smallest departs least from standard distillation; the
+        weights' perplexities tend to differ by less than their spread over seeds, and then the lowest mean is a
+        draw). Returns (the weight chosen, the weight with the lowest mean)."""
+        weights = [dict(arm.alphas)["causal_ce"] for arm in arms.values()]
+        order = sorted(range(len(weights)), key=weights.__getitem__)
+        names = list(arms)
+        scores = [[evals[run_name(names[j], 1, s)]["perplexity"] for s in self.seeds] for j in order]
+        chosen, lowest = one_standard_error(scores)
+        return weights[order[chosen]], weights[order[lowest]]
 
     def ablation(self, data: dict, inits: dict) -> tuple[dict, dict]:
         """Stage 6: the ablation arms (first teacher, every seed), read on the validation part."""
@@ -313,7 +329,7 @@ class DistillQuickstart(DownstreamStages, Quickstart):
     # --- stage 10: report ---------------------------------------------------------------------------
     def report(self, stages: dict, runs: dict, evals: dict, alignment: dict, downstream: dict) -> dict:
         self.banner(10, "report: verdict, tables, curves and plots")
-        settings = self.report_settings(13, stages={k: v for k, v in stages.items() if "key" in v}, runs=runs,
+        settings = self.report_settings(14, stages={k: v for k, v in stages.items() if "key" in v}, runs=runs,
                                         evals=evals, alignment=alignment, downstream=downstream)
         settings["choice"] = {k: v for k, v in stages["tuning"].items() if k != "arms"}
 

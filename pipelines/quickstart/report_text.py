@@ -25,10 +25,17 @@ def _edge(p, choice: dict) -> str:
     """A warning when a choice is at the edge of its grid: beyond it might be better still."""
     edges = [f"the learning rate ({choice['lr']:g})" for grid, v in ((p.tune_lrs, choice["lr"]),)
              if len(grid) > 1 and v in (min(grid), max(grid))]
-    edges += [f"DIITO's weight ({choice['weight']:g})" for grid, v in ((p.tune_weights, choice["weight"]),)
-              if len(grid) > 1 and v in (min(grid), max(grid))]
+    # the weight with the lowest mean says where a better weight may lie, not the one the rule chose beside it
+    lowest = choice.get("lowest_mean_weight", choice["weight"])
+    edges += [f"DIITO's weight ({lowest:g}" + ("" if lowest == choice["weight"] else ", the lowest mean") + ")"
+              for grid, v in ((p.tune_weights, lowest),) if len(grid) > 1 and v in (min(grid), max(grid))]
     return (f" **At the edge of its grid**: {' and '.join(edges)}; a value beyond it might do better, so the tuned "
             f"recipe may not be the best of its kind.") if edges else ""
+
+
+def _lowest(choice: dict) -> str:
+    lowest = choice.get("lowest_mean_weight", choice["weight"])
+    return "" if lowest == choice["weight"] else f" (the lowest mean: {lowest:g})"
 
 
 def _downstream_section(q, tables: dict) -> str:
@@ -59,9 +66,12 @@ def _tuning_section(q, r, tables: dict, choice: dict) -> str:
         tuning = f"""{tables['tuning']}
 First teacher, every seed, {r.steps['standard']} steps, read on the validation part (never on the test part). The
 standard objective's learning rate is chosen first ({len(p.tune_lrs)} tries), then DIITO's causal_ce weight at that
-rate ({len(p.tune_weights)} tries): the same budget for each, by the lowest mean validation perplexity. Chosen:
-learning rate {choice['lr']:g}, DIITO's weight {choice['weight']:g}. The main runs of the first teacher at the chosen
-values are these runs (the same command, copied), evaluated on the test part.{_edge(p, choice)}
+rate ({len(p.tune_weights)} tries): the same budget for each. The rate with the lowest mean validation perplexity is
+chosen; DIITO's weight by the one-standard-error rule: the smallest weight whose mean is within one standard error
+(over the seeds) of the lowest mean, since the weights' perplexities tend to differ by less than their spread over
+seeds, where the lowest mean is a draw, and the smallest weight departs least from standard distillation. Chosen:
+learning rate {choice['lr']:g}, DIITO's weight {choice['weight']:g}{_lowest(choice)}. The main runs of the first
+teacher at the chosen values are these runs (the same command, copied), evaluated on the test part.{_edge(p, choice)}
 """
     else:
         tuning = (f"Not run (`--no_tuning`): learning rate {choice['lr']:g} and DIITO's weight {choice['weight']:g}, "

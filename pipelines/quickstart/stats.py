@@ -179,6 +179,19 @@ def against_reference(a: dict, reference: dict, lower_is_better: bool, claim: bo
     return compare(a, {k: reference[k[0]] for k in a}, lower_is_better, claim)
 
 
+def one_standard_error(scores: list[list[float]]) -> tuple[int, int]:
+    """The one-standard-error rule (Hastie, Tibshirani and Friedman, *The Elements of Statistical Learning*, 7.10).
+    `scores`: each candidate's scores over seeds (lower is better), from the most preferred candidate to the least.
+    Returns (the first candidate whose mean is at most the lowest mean plus that best candidate's standard error,
+    the candidate with the lowest mean). The standard error is the best candidate's standard deviation over its
+    seeds over the square root of their number; with one seed there is none, and the lowest mean is chosen."""
+    means = [statistics.fmean(s) for s in scores]
+    best = means.index(min(means))
+    n = len(scores[best])
+    bound = means[best] + (statistics.stdev(scores[best]) / math.sqrt(n) if n > 1 else 0.0)
+    return next(i for i, m in enumerate(means) if m <= bound), best
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
