@@ -20,6 +20,7 @@ the correction.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -223,8 +224,8 @@ def _ref_cell(values: dict, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
     return plus_minus(vals, fmt) if vals else "-"
 
 
-def _change(c: Comparison | None, fmt: str = "{:+.2f}", scale: float = 1.0) -> str:
-    return "-" if c is None else c.interval(fmt, scale)
+def _change(c: Comparison | None, fmt: str = "{:+.2f}", scale: float = 1.0, missing: str = "-") -> str:
+    return missing if c is None else c.interval(fmt, scale)
 
 
 def results_table(r: Results, params: dict, flops: dict) -> str:
@@ -410,8 +411,7 @@ def one_teacher_verdict(r: Results) -> str:
     the three lines give that teacher's differences over its seeds instead. No word in them comes from a test, so
     another teacher (another seed, another CPU kind) changes their numbers, never what they say."""
 
-    def fig(c: Comparison | None, fmt="{:+.2f}", scale=1.0) -> str:
-        return "not measured" if c is None else c.interval(fmt, scale)
+    fig = functools.partial(_change, missing="not measured")
 
     tasks = [t for t in r.tasks if r.has_room(t)]
 
