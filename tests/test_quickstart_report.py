@@ -317,6 +317,17 @@ def test_tuning_takes_the_smallest_weight_within_one_error_whatever_order_the_gr
     assert DistillQuickstart._weight(this, weights, evals) == (0.1, 0.5)
 
 
+def test_the_edge_warning_follows_the_lowest_mean_not_the_rules_choice():
+    from pipelines.quickstart.report_text import _edge
+    p = SimpleNamespace(tune_lrs=(2.5e-4, 5e-4, 1e-3), tune_weights=(0.1, 0.25, 0.5))
+    # the rule took the grid's smallest weight beside an inner lowest mean: nothing suggests going lower
+    assert "weight" not in _edge(p, {"lr": 5e-4, "weight": 0.1, "lowest_mean_weight": 0.25})
+    assert _edge(p, {"lr": 5e-4, "weight": 0.25, "lowest_mean_weight": 0.25}) == ""
+    # the lowest mean at the edge: a larger weight might do better, whichever weight the rule took
+    assert "DIITO's weight (0.5, the lowest mean)" in _edge(p, {"lr": 5e-4, "weight": 0.25, "lowest_mean_weight": 0.5})
+    assert "DIITO's weight (0.1)" in _edge(p, {"lr": 5e-4, "weight": 0.1, "lowest_mean_weight": 0.1})
+
+
 def test_two_teachers_pair_each_run_with_its_own_teacher():
     q = fake_quickstart(quickstart_mlm.MlmQuickstart.arms, teachers=2)
     runs, evals, alignment = fake_records(q, lambda a, s: 270.0 + s, lambda a, s: 0.6)
