@@ -2,12 +2,14 @@
 """Compare two quickstart runs: which figures moved, by how much, and whether any verdict changed.
 
 Reads each folder's summary.json (every figure at full precision) and the SHA-256 of its weight files
-(`*.safetensors`, or the `weights.sha256.json` a folder brought back from another machine carries):
+(`*.safetensors`) and trained tokenizer, or the `weights.sha256.json` a folder brought back from another
+machine carries:
 
     python scripts/compare_runs.py ./run_on_amd ./run_on_intel
 
 prints how many figures are bit for bit equal, the largest relative difference of each kind of figure
-(perplexity, effective_iia, p, ...), how many weight files are byte for byte equal, the comparisons
+(perplexity, effective_iia, p, ...), how many weight files are byte for byte equal (the differing ones
+earliest stage first: where the runs parted), the comparisons
 whose verdict, as the report decided it (better, worse, no clear difference), differs between the runs,
 and the verdict lines that read differently once their numbers are taken out. Clocks (seconds, load) are not compared.
 --write_digests FOLDER writes FOLDER/weights.sha256.json, so that the folder's figures and digests can

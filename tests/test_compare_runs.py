@@ -118,3 +118,19 @@ def test_a_folder_without_a_summary_is_named_and_exits_2(tmp_path):
     assert run.returncode == 2
     assert "half has no summary.json" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_differing_files_are_listed_earliest_stage_first(tmp_path):
+    """Where two runs parted: the tokenizer before the teachers, the teachers before the students."""
+    a = {"students/diito_seed1/model.safetensors": "1", "teacher_t2/model.safetensors": "2",
+         "tokenizer/tokenizer.json": "3", "student_init/model/model.safetensors": "4", "random_student/model.safetensors": "5"}
+    b = {k: v + "x" for k, v in a.items()} | {"random_student/model.safetensors": "5"}
+    result = cmp.compare(summary(), summary(), a, b)
+    assert result.weights_differing == ["tokenizer/tokenizer.json", "teacher_t2/model.safetensors",
+                                        "student_init/model/model.safetensors", "students/diito_seed1/model.safetensors"]
+    assert "differing, earliest stage first: `tokenizer/tokenizer.json`, `teacher_t2" in "\n".join(result.lines())
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text("{}")
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "model.safetensors").write_bytes(b"w")
+    assert list(cmp.weight_digests(tmp_path)) == ["tokenizer/tokenizer.json", "teacher/model.safetensors"]

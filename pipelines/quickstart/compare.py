@@ -2,7 +2,8 @@
 
 Used to measure how far the numbers move from one machine (CPU kind, packages, kernel pin) to another
 (`scripts/compare_runs.py`, docs/quickstart.md). Reads what a run left: `summary.json` (every figure at full
-precision, each comparison's verdict as the report decided it) and the weight files (`*.safetensors`).
+precision, each comparison's verdict as the report decided it) and the files each stage builds on: the trained
+tokenizer (`tokenizer/tokenizer.json`) and the weight files (`*.safetensors`).
 """
 from __future__ import annotations
 
@@ -65,8 +66,22 @@ def verdicts(summary: dict) -> dict[str, str]:
 
 
 def weight_digests(folder: Path) -> dict[str, str]:
-    """SHA-256 of every `*.safetensors` file under a run folder, by its path relative to the folder."""
-    return {path.relative_to(folder).as_posix(): file_digest(path) for path in sorted(folder.rglob("*.safetensors"))}
+    """SHA-256 of the trained tokenizer and of every `*.safetensors` file under a run folder, by path relative to
+    the folder: the first of them that differs between two runs is the stage where they parted."""
+    files = sorted(folder.rglob("*.safetensors"))
+    tokenizer = folder / "tokenizer" / "tokenizer.json"
+    if tokenizer.is_file():
+        files.insert(0, tokenizer)
+    return {path.relative_to(folder).as_posix(): file_digest(path) for path in files}
+
+
+# the order in which the quickstart's stages write their files: the tokenizer, the teachers, the students they
+# initialise, then every trained student
+_STAGE_ORDER = ("tokenizer/", "teacher", "student_init", "random_student")
+
+
+def pipeline_order(path: str) -> tuple[int, str]:
+    return next((i for i, prefix in enumerate(_STAGE_ORDER) if path.startswith(prefix)), len(_STAGE_ORDER)), path
 
 
 @dataclass
@@ -82,6 +97,7 @@ class RunComparison:
     flipped: list[str] = field(default_factory=list)  # comparisons whose verdict differs between the runs
     weights_common: int = 0
     weights_equal: int = 0
+    weights_differing: list[str] = field(default_factory=list)  # in pipeline order: the earliest stage first
 
     def lines(self) -> list[str]:
         """A short markdown account."""
@@ -90,6 +106,10 @@ class RunComparison:
             rel, path = self.largest[kind]
             out.append(f"  - `{kind}`: {self.moved[kind]} moved, largest relative difference {rel:.3g} (`{path}`)")
         out.append(f"- weight files in both: {self.weights_common}; byte for byte equal: {self.weights_equal}")
+        if self.weights_differing:
+            shown = ", ".join(f"`{p}`" for p in self.weights_differing[:4])
+            more = len(self.weights_differing) - 4
+            out.append(f"  - differing, earliest stage first: {shown}" + (f" and {more} more" if more > 0 else ""))
         out.append("- comparisons whose verdict (better, worse, no clear difference) differs: "
                    + (", ".join(f"`{name}`" for name in self.flipped) or "none"))
         if self.verdict_changes:
@@ -126,6 +146,7 @@ def compare(summary_a: dict, summary_b: dict, weights_a: dict[str, str] | None =
         shared = weights_a.keys() & weights_b.keys()
         result.weights_common = len(shared)
         result.weights_equal = sum(weights_a[k] == weights_b[k] for k in shared)
+        result.weights_differing = sorted((k for k in shared if weights_a[k] != weights_b[k]), key=pipeline_order)
     return result
 
 
