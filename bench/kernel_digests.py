@@ -9,9 +9,10 @@ fused, gradient clipping, dropout's draws, float32 sqrt, exp, cos and sin, cosin
 forward and backward pass of a small BERT and of a small Llama built from configs, and five training
 steps of the BERT) with the SHA-256 of its output, on fixed seeded inputs, one thread. The same line on
 two machines means the same bits; run it on both with the same packages and the same settings, and
-compare (`diff`). `bench/digests/` keeps the lines of machines measured so far, to compare with:
+compare (`diff`). `bench/digests/` keeps the lines of machines measured so far, pinned as the quickstart
+pins them (`amd-epyc-zen2.txt`: AMD EPYC family 23 model 49, torch 2.13.0; no AVX-512, so native is the same):
 
-    python bench/kernel_digests.py | diff bench/digests/amd-epyc-zen2.txt -
+    ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT python bench/kernel_digests.py | diff bench/digests/amd-epyc-zen2.txt -
 """
 from __future__ import annotations
 
