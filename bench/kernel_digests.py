@@ -12,7 +12,8 @@ two machines means the same bits; run it on both with the same packages and the 
 compare (`diff`). `bench/digests/` keeps the lines of machines measured so far, pinned as the quickstart
 pins them (`amd-epyc-zen2.txt`: AMD EPYC family 23 model 49, torch 2.13.0; no AVX-512, so native is the same):
 
-    ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT python bench/kernel_digests.py | diff bench/digests/amd-epyc-zen2.txt -
+    ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT python bench/kernel_digests.py \\
+        | diff bench/digests/amd-epyc-zen2.txt -
 """
 from __future__ import annotations
 
