@@ -30,20 +30,20 @@ def in_order(wanted: list[str], found: list[str]) -> bool:
 def docs_sections(name: str) -> str:
     """The sections of docs/quickstart.md (between headings) that name `docs/runs/<name>`: the run's tables."""
     text = (REPO_ROOT / "docs" / "quickstart.md").read_text(encoding="utf-8")
-    naming = [s for s in re.split(r"\n(?=#{2,3} )", text) if f"docs/runs/{name}" in s]
+    naming = [s for s in re.split(r"\n(?=#{2,4} )", text) if f"docs/runs/{name}" in s]
     assert naming, f"docs/quickstart.md names docs/runs/{name} nowhere"
     return "\n".join(naming)
 
 
 def test_there_are_references():
-    assert {p.name for p in REFERENCES} >= {"llama_study"}
+    assert {p.name for p in REFERENCES} >= {"llama_study", "bert_study_zen2"}
 
 
 @pytest.mark.parametrize("ref", REFERENCES, ids=lambda p: p.name)
 def test_every_docs_table_row_is_the_shipped_report(ref):
     report = table_rows((ref / "report.md").read_text(encoding="utf-8"))
     rows = table_rows(docs_sections(ref.name))
-    assert len(rows) >= 20, "the section should hold the run's tables"
+    assert len(rows) >= 10, "the section should hold the run's tables"
     for row in rows:
         same_label = [r for r in report if r[0] == row[0]]
         assert same_label, f"docs row {row[0]!r} is in no table of {ref.name}/report.md"
