@@ -134,3 +134,10 @@ def test_differing_files_are_listed_earliest_stage_first(tmp_path):
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "model.safetensors").write_bytes(b"w")
     assert list(cmp.weight_digests(tmp_path)) == ["tokenizer/tokenizer.json", "teacher/model.safetensors"]
+
+
+def test_two_experiments_are_flagged_before_their_figures():
+    other = copy.deepcopy(summary()) | {"family": "llama"}
+    lines = cmp.compare(summary() | {"family": "bert"}, other).lines()
+    assert lines[0].startswith("- **not the same experiment** (family: bert / llama)")
+    assert not cmp.compare(summary(), copy.deepcopy(summary())).setup_differs

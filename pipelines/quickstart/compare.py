@@ -75,6 +75,9 @@ def weight_digests(folder: Path) -> dict[str, str]:
     return {path.relative_to(folder).as_posix(): file_digest(path) for path in files}
 
 
+# what a run was asked to do: two runs that differ here are two experiments, not one on two machines
+_SETUP = ("family", "preset", "seeds", "teachers")
+
 # the order in which the quickstart's stages write their files: the tokenizer, the teachers, the students they
 # initialise, then every trained student
 _STAGE_ORDER = ("tokenizer/", "teacher", "student_init", "random_student")
@@ -98,10 +101,13 @@ class RunComparison:
     weights_common: int = 0
     weights_equal: int = 0
     weights_differing: list[str] = field(default_factory=list)  # in pipeline order: the earliest stage first
+    setup_differs: list[str] = field(default_factory=list)  # "family: bert / llama": not the same experiment
 
     def lines(self) -> list[str]:
         """A short markdown account."""
-        out = [f"- figures in both runs: {self.common} ({self.only_in_one} in one only); bit for bit equal: {self.equal}"]
+        out = [f"- **not the same experiment** ({', '.join(self.setup_differs)}): what differs is not the machine's doing"
+               ] if self.setup_differs else []
+        out += [f"- figures in both runs: {self.common} ({self.only_in_one} in one only); bit for bit equal: {self.equal}"]
         for kind in sorted(self.largest, key=lambda k: -self.largest[k][0]):
             rel, path = self.largest[kind]
             out.append(f"  - `{kind}`: {self.moved[kind]} moved, largest relative difference {rel:.3g} (`{path}`)")
@@ -124,6 +130,8 @@ def compare(summary_a: dict, summary_b: dict, weights_a: dict[str, str] | None =
             weights_b: dict[str, str] | None = None) -> RunComparison:
     """Compare two runs' summaries (and optionally their weight digests)."""
     result = RunComparison()
+    result.setup_differs = [f"{key}: {summary_a.get(key)} / {summary_b.get(key)}" for key in _SETUP
+                            if summary_a.get(key) != summary_b.get(key)]
     fa, fb = figures(summary_a), figures(summary_b)
     common = fa.keys() & fb.keys()
     result.common, result.only_in_one = len(common), len(fa.keys() ^ fb.keys())
